@@ -1,0 +1,9 @@
+"""Attention kinds, one per file. Each kind is an ``nn.Module`` class that also declares, as
+static methods, what its layer caches (``cache_spec``), how many parameters it has
+(``param_count``) and the matmul FLOPs of one decoded token (``decode_flops``)."""
+
+from .gqa import GQAttention
+
+ATTENTION_KINDS = {"gqa": GQAttention}
+
+__all__ = ["ATTENTION_KINDS", "GQAttention"]

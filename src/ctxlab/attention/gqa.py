@@ -1,0 +1,97 @@
+"""Grouped-query attention (Ainslie et al. 2023): MHA, GQA and MQA by the ratio of query to KV heads.
+
+Optional per-head q/k RMSNorm before RoPE (Qwen3, HF ``Qwen3Attention``), optional QKV bias,
+a per-layer sliding window, and cross-layer KV sharing: a layer with ``kv_source`` has no K/V
+projections and attends over the K/V its producer computed in the same forward.
+K/V are cached with ``H_kv`` heads and expanded to the query heads only inside attention
+(``enable_gqa``), so the cache stays small.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache.spec import CacheSpec
+from ..config import LayerSpec
+from ..nn.norms import RMSNorm
+from ..nn.rope import Rotary
+from .context import ForwardContext, attention_mask
+
+
+class GQAttention(nn.Module):
+    def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        h, hq, hkv, d, bias = hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.attention_bias
+        self.q_proj = nn.Linear(h, hq * d, bias=bias)
+        self.o_proj = nn.Linear(hq * d, h, bias=False)
+        self.q_norm = RMSNorm(d, norm_eps) if spec.qk_norm else None
+        self.produces_kv = spec.kv_source is None
+        if self.produces_kv:
+            self.k_proj = nn.Linear(h, hkv * d, bias=bias)
+            self.v_proj = nn.Linear(h, hkv * d, bias=bias)
+            self.k_norm = RMSNorm(d, norm_eps) if spec.qk_norm else None
+        self.rotary = Rotary(spec)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        s = self.spec
+        cos, sin = ctx.rope_tables(self.rotary, x.dtype)
+        q = self.q_proj(x).view(B, T, s.num_heads, s.head_dim)
+        if self.q_norm is not None:
+            q = self.q_norm(q)
+        q = self.rotary.apply(q.transpose(1, 2), cos, sin)  # [B, H_q, T, D]
+
+        if self.produces_kv:
+            k, v, k_pos = self._new_kv(x, ctx, cos, sin)
+            if self.layer_idx in ctx.sources:
+                ctx.shared_kv[self.layer_idx] = (k, v, k_pos)
+        else:
+            k, v, k_pos = ctx.shared_kv[s.kv_source]
+
+        mask = attention_mask(ctx.positions, k_pos, s.window)  # [B, 1, T, S]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+
+    def _new_kv(self, x, ctx: ForwardContext, cos, sin):
+        """K/V of the new tokens, appended to this layer's cache; returns what to attend over."""
+        B, T, _ = x.shape
+        s = self.spec
+        k = self.k_proj(x).view(B, T, s.num_kv_heads, s.head_dim)
+        if self.k_norm is not None:
+            k = self.k_norm(k)
+        k = self.rotary.apply(k.transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
+        v = self.v_proj(x).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        if ctx.cache is None:
+            return k, v, ctx.positions
+        kv, k_pos = ctx.cache[self.layer_idx].update({"k": k, "v": v}, ctx.cache)
+        return kv["k"], kv["v"], k_pos
+
+    # --- declarations read by the cache planner and the accounting -----------------------
+
+    @staticmethod
+    def cache_spec(spec: LayerSpec) -> CacheSpec:
+        shape = (spec.num_kv_heads, spec.head_dim)
+        kind = "full" if spec.window is None else "ring"
+        return CacheSpec(kind=kind, token_shapes=(("k", shape), ("v", shape)), window=spec.window)
+
+    @staticmethod
+    def param_count(hidden_size: int, spec: LayerSpec) -> int:
+        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        n = 2 * hidden_size * q_out  # q_proj, o_proj
+        n += q_out if spec.attention_bias else 0
+        n += spec.head_dim if spec.qk_norm else 0
+        if spec.kv_source is None:
+            n += 2 * hidden_size * kv_out + (2 * kv_out if spec.attention_bias else 0)
+            n += spec.head_dim if spec.qk_norm else 0
+        return n
+
+    @staticmethod
+    def decode_flops(hidden_size: int, spec: LayerSpec, keys: int) -> dict[str, int]:
+        """Matmul FLOPs (2 per multiply-add) of one new token attending over ``keys`` keys."""
+        q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        proj = 2 * hidden_size * (2 * q_out + (2 * kv_out if spec.kv_source is None else 0))
+        scores_and_mix = 2 * 2 * spec.num_heads * spec.head_dim * keys  # q.k^T and p.v
+        return {"projections": proj, "attention": scores_and_mix}

@@ -1,0 +1,38 @@
+"""Full KV cache: every token of the sequence, written in place into buffers allocated once."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from .spec import CacheSpec
+
+if TYPE_CHECKING:
+    from .planner import Cache
+
+
+class FullCache:
+    """Buffers ``[B, H_kv, max_tokens, D]`` per stored tensor; slot ``s`` holds step ``s``."""
+
+    def __init__(self, spec: CacheSpec, batch_size: int, max_tokens: int, dtype: torch.dtype, device):
+        self.spec = spec
+        self.buffers = {
+            name: torch.zeros(batch_size, *shape[:-1], max_tokens, shape[-1], dtype=dtype, device=device)
+            for name, shape in spec.token_shapes
+        }
+
+    def update(self, new: dict[str, torch.Tensor], cache: Cache) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Write ``new`` (each ``[B, H, T, D]``) at the cache's current length.
+
+        Returns every stored token so far (views, no copy) and their positions ``[B, S]``.
+        """
+        start = cache.length
+        stop = start + next(iter(new.values())).shape[-2]
+        for name, x in new.items():
+            self.buffers[name][..., start:stop, :] = x
+        steps = torch.arange(stop, device=cache.pad.device)
+        return {n: b[..., :stop, :] for n, b in self.buffers.items()}, cache.step_positions(steps)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return list(self.buffers.values())

@@ -1,0 +1,99 @@
+"""The planner: layer specs -> per-layer cache specs -> a :class:`Cache` allocated once."""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LayerSpec, ModelConfig
+from ..errors import CacheOverflowError
+from .alias import AliasCache
+from .full import FullCache
+from .ring import RingCache
+from .spec import CacheSpec
+
+CACHE_CLASSES = {"full": FullCache, "ring": RingCache, "alias": AliasCache}
+
+
+def layer_cache_spec(layer: LayerSpec) -> CacheSpec:
+    """What one layer stores: an alias if it reads another layer's K/V, else what its attention kind declares."""
+    from ..attention import ATTENTION_KINDS  # attention kinds import cache specs, not the planner
+
+    if layer.kv_source is not None:
+        return CacheSpec.alias(layer.kv_source)
+    return ATTENTION_KINDS[layer.attention].cache_spec(layer)
+
+
+def plan(cfg: ModelConfig) -> list[CacheSpec]:
+    return [layer_cache_spec(layer) for layer in cfg.layers]
+
+
+def allocate(cfg: ModelConfig, batch_size: int, max_tokens: int, dtype: torch.dtype, device=None) -> Cache:
+    if not (isinstance(batch_size, int) and batch_size > 0):
+        raise ValueError(f"batch_size = {batch_size!r}: must be a positive integer")
+    if not (isinstance(max_tokens, int) and max_tokens > 0):
+        raise ValueError(f"max_tokens = {max_tokens!r}: must be a positive integer")
+    layers = []
+    for spec in plan(cfg):
+        cls = CACHE_CLASSES[spec.kind]
+        layers.append(cls(spec) if spec.kind == "alias" else cls(spec, batch_size, max_tokens, dtype, device))
+    return Cache(layers, batch_size, max_tokens, device)
+
+
+class Cache:
+    """Per-layer caches of one batch of sequences, plus where the sequences are.
+
+    ``length`` counts the steps written so far (the same for every row). ``pad[b]`` is the
+    number of left-padding steps of row ``b``: the token at step ``s`` has position
+    ``s - pad[b]``, and negative positions are padding that real tokens never attend to.
+    """
+
+    def __init__(self, layers: list, batch_size: int, max_tokens: int, device=None):
+        self.layers = layers
+        self.batch_size = batch_size
+        self.max_tokens = max_tokens
+        self.length = 0
+        self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        return self.layers[i]
+
+    def set_left_padding(self, pad: torch.Tensor) -> None:
+        """Declare how many leading steps of each row are padding (only on an empty cache)."""
+        if self.length:
+            raise RuntimeError("set_left_padding() must be called before anything is written to the cache")
+        if pad.shape != (self.batch_size,):
+            raise ValueError(f"pad has shape {tuple(pad.shape)}; expected ({self.batch_size},)")
+        self.pad = pad.to(device=self.pad.device, dtype=torch.long)
+
+    def step_positions(self, steps: torch.Tensor) -> torch.Tensor:
+        """Positions [B, S] of the tokens at ``steps`` [S] (left padding subtracted)."""
+        return steps[None, :] - self.pad[:, None]
+
+    def reserve(self, n_new: int, batch_size: int) -> torch.Tensor:
+        """Check ``n_new`` more tokens fit; return their positions [B, n_new]."""
+        if batch_size != self.batch_size:
+            raise ValueError(f"input has batch size {batch_size}, the cache was allocated for {self.batch_size}")
+        if self.length + n_new > self.max_tokens:
+            raise CacheOverflowError(
+                f"cache capacity exceeded: it holds max_tokens={self.max_tokens} tokens, "
+                f"{self.length} are written and {n_new} more were given (steps {self.length}.."
+                f"{self.length + n_new - 1}); allocate a larger cache with model.new_cache(batch_size, max_tokens)"
+            )
+        return self.step_positions(torch.arange(self.length, self.length + n_new, device=self.pad.device))
+
+    def advance(self, n_new: int) -> None:
+        self.length += n_new
+
+    def nbytes(self) -> int:
+        """Bytes the cache's tensors really hold, each storage counted once (aliases add nothing)."""
+        seen, total = set(), 0
+        for layer in self.layers:
+            for t in layer.tensors():
+                storage = t.untyped_storage()
+                if storage.data_ptr() not in seen:
+                    seen.add(storage.data_ptr())
+                    total += storage.nbytes()
+        return total

@@ -1,0 +1,43 @@
+"""What one layer's cache holds, declared by its attention kind (and nothing else)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+CACHE_KINDS = ("full", "ring", "alias")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Storage one layer needs, per sequence.
+
+    ``token_shapes``: named tensors stored for every cached token, e.g.
+    ``(("k", (H_kv, D)), ("v", (H_kv, D)))``; a cache allocates each as ``[B, *lead, S, last]``.
+    ``window``: a ring buffer keeps only the last ``window`` tokens.
+    ``source``: an alias reads layer ``source``'s cache and holds nothing itself.
+    """
+
+    kind: str
+    token_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    window: int | None = None
+    source: int | None = None
+
+    @staticmethod
+    def alias(source: int) -> CacheSpec:
+        return CacheSpec(kind="alias", source=source)
+
+    def tokens_held(self, max_tokens: int) -> int:
+        """How many token slots this layer allocates for a cache of ``max_tokens``."""
+        if self.kind == "alias":
+            return 0
+        return max_tokens if self.window is None else min(self.window, max_tokens)
+
+    def elements_per_token(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.token_shapes)
+
+    def nbytes(self, batch_size: int, max_tokens: int, dtype: torch.dtype) -> int:
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return batch_size * self.tokens_held(max_tokens) * self.elements_per_token() * itemsize

@@ -1,0 +1,243 @@
+"""Model configuration as data: one :class:`LayerSpec` per layer inside a :class:`ModelConfig`.
+
+A family file (``ctxlab.families``) turns an HF ``config.json`` into this; the model, the cache
+planner and the accounting all read the same specs, so they cannot disagree. Nothing in a
+``forward`` looks at the model's name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "none")
+ATTENTION_KINDS = ("gqa",)
+MLP_KINDS = ("gated",)
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary position embedding of one layer (HF ``rope_parameters``).
+
+    ``partial_rotary_factor`` < 1 rotates only the first ``int(head_dim * factor)`` dims of each
+    head (NeoX-style partial rotary, as HF's ``_compute_*_rope_parameters`` size ``dim``).
+    The scaling fields are used by the rope type named in ``type`` and ignored otherwise.
+    """
+
+    type: str = "default"
+    theta: float = 10_000.0
+    partial_rotary_factor: float = 1.0
+    factor: float | None = None  # linear / llama3 / yarn
+    low_freq_factor: float | None = None  # llama3
+    high_freq_factor: float | None = None  # llama3
+    original_max_position_embeddings: int | None = None  # llama3 / yarn
+    beta_fast: float | None = None  # yarn
+    beta_slow: float | None = None  # yarn
+    attention_factor: float | None = None  # yarn (None: derived from factor / mscale)
+    mscale: float | None = None  # yarn
+    mscale_all_dim: float | None = None  # yarn
+    truncate: bool = True  # yarn
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """Everything that distinguishes one decoder layer from another.
+
+    ``window`` is the number of keys a query sees *including itself* (HF's
+    ``kv_idx > q_idx - sliding_window``); ``None`` means global attention.
+    ``kv_source`` names an earlier layer whose K/V this layer reads instead of computing its
+    own (cross-layer KV sharing); such a layer has no K/V projections and no cache storage.
+    """
+
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    attention: str = "gqa"
+    window: int | None = None
+    rope: RopeSpec = field(default_factory=RopeSpec)
+    qk_norm: bool = False
+    attention_bias: bool = False
+    attn_scale: float | None = None  # None: 1 / sqrt(head_dim)
+    kv_source: int | None = None
+    mlp: str = "gated"
+    mlp_bias: bool = False
+    activation: str = "silu"
+
+    @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim**-0.5
+
+    @property
+    def rotary_dim(self) -> int:
+        return 0 if self.rope.type == "none" else int(self.head_dim * self.rope.partial_rotary_factor)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only LM: global fields plus ``layers``, one :class:`LayerSpec` per layer.
+
+    ``family`` names the HF ``model_type`` the config came from (used for checkpoint export
+    and display only). ``name`` is the preset name or the path it was loaded from.
+    """
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    layers: tuple[LayerSpec, ...]
+    norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    final_logit_softcap: float | None = None
+    max_position_embeddings: int = 4096
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    name: str = ""
+
+    def __post_init__(self):
+        if isinstance(self.layers, list):
+            object.__setattr__(self, "layers", tuple(self.layers))
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        elif isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        problems = _validate(self)
+        if problems:
+            raise ConfigError(problems, where=f"config {self.name!r}" if self.name else "config")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def replace(self, **changes: Any) -> ModelConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict (ctxlab's native config format)."""
+        return dataclasses.asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> ModelConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are an error."""
+        d = dict(d)
+        layers = []
+        for i, ld in enumerate(d.pop("layers", ())):
+            ld = dict(ld)
+            rope = RopeSpec(**_only_known(RopeSpec, ld.pop("rope", {}), f"layers[{i}].rope"))
+            layers.append(LayerSpec(rope=rope, **_only_known(LayerSpec, ld, f"layers[{i}]")))
+        d = _only_known(ModelConfig, d, "config")
+        d["eos_token_id"] = tuple(d.get("eos_token_id") or ())
+        return ModelConfig(layers=tuple(layers), **d)
+
+
+def _only_known(cls, d: dict, where: str) -> dict:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError([f"{where}: unknown field(s) {unknown}; allowed: {sorted(known)}"])
+    return d
+
+
+def _validate(cfg: ModelConfig) -> list[str]:
+    """Every problem with ``cfg``, each naming the field, its value and what is allowed."""
+    p: list[str] = []
+
+    def positive(name: str, value: Any) -> None:
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            p.append(f"{name} = {value!r}: must be a positive integer")
+
+    positive("vocab_size", cfg.vocab_size)
+    positive("hidden_size", cfg.hidden_size)
+    positive("max_position_embeddings", cfg.max_position_embeddings)
+    if not cfg.layers:
+        p.append("layers = (): a model needs at least one layer")
+    if not (isinstance(cfg.norm_eps, (int, float)) and cfg.norm_eps > 0):
+        p.append(f"norm_eps = {cfg.norm_eps!r}: must be a positive number")
+    if cfg.final_logit_softcap is not None and not cfg.final_logit_softcap > 0:
+        p.append(f"final_logit_softcap = {cfg.final_logit_softcap!r}: must be > 0 or None (no softcap)")
+    for tok in ("bos_token_id", "pad_token_id"):
+        v = getattr(cfg, tok)
+        if v is not None and not (isinstance(v, int) and 0 <= v < cfg.vocab_size):
+            p.append(f"{tok} = {v!r}: must be None or a token id in [0, vocab_size={cfg.vocab_size})")
+    for v in cfg.eos_token_id:
+        if not (isinstance(v, int) and 0 <= v < cfg.vocab_size):
+            p.append(f"eos_token_id contains {v!r}: must be token ids in [0, vocab_size={cfg.vocab_size})")
+    for i, layer in enumerate(cfg.layers):
+        p.extend(_validate_layer(i, layer, cfg))
+    return p
+
+
+def _validate_layer(i: int, s: LayerSpec, cfg: ModelConfig) -> list[str]:
+    p: list[str] = []
+    at = f"layers[{i}]"
+    for name in ("num_heads", "num_kv_heads", "head_dim", "intermediate_size"):
+        v = getattr(s, name)
+        if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+            p.append(f"{at}.{name} = {v!r}: must be a positive integer")
+    if not p and s.num_heads % s.num_kv_heads:
+        p.append(
+            f"{at}.num_heads = {s.num_heads} is not divisible by num_kv_heads = {s.num_kv_heads}: "
+            f"every KV head must serve the same number of query heads "
+            f"(allowed num_kv_heads: divisors of {s.num_heads})"
+        )
+    if s.attention not in ATTENTION_KINDS:
+        p.append(f"{at}.attention = {s.attention!r}: unknown attention kind; allowed: {list(ATTENTION_KINDS)}")
+    if s.window is not None and (not isinstance(s.window, int) or s.window <= 0):
+        p.append(f"{at}.window = {s.window!r}: must be a positive number of tokens, or None for global attention")
+    if s.mlp not in MLP_KINDS:
+        p.append(f"{at}.mlp = {s.mlp!r}: unknown MLP kind; allowed: {list(MLP_KINDS)}")
+    if s.activation not in ACTIVATIONS:
+        p.append(f"{at}.activation = {s.activation!r}: allowed: {list(ACTIVATIONS)}")
+    if s.attn_scale is not None and not (isinstance(s.attn_scale, (int, float)) and s.attn_scale > 0):
+        p.append(f"{at}.attn_scale = {s.attn_scale!r}: must be > 0, or None for 1/sqrt(head_dim)")
+    p.extend(_validate_rope(at, s))
+    if s.kv_source is not None:
+        src = s.kv_source
+        if not isinstance(src, int) or not 0 <= src < i:
+            p.append(f"{at}.kv_source = {src!r}: must be the index of an earlier layer (0..{i - 1})")
+        else:
+            o = cfg.layers[src]
+            if o.kv_source is not None:
+                p.append(f"{at}.kv_source = {src}: layer {src} itself reads layer {o.kv_source}; point at the producer")
+            mismatched = [
+                f"{n} {getattr(s, n)!r} vs {getattr(o, n)!r}"
+                for n in ("attention", "num_kv_heads", "head_dim", "window", "rope")
+                if getattr(s, n) != getattr(o, n)
+            ]
+            if mismatched:
+                p.append(f"{at}.kv_source = {src}: a consumer must match its producer; differs in {', '.join(mismatched)}")
+    return p
+
+
+def _validate_rope(at: str, s: LayerSpec) -> list[str]:
+    r, p = s.rope, []
+    if r.type not in ROPE_TYPES:
+        return [f"{at}.rope.type = {r.type!r}: allowed: {list(ROPE_TYPES)}"]
+    if r.type == "none":
+        return []
+    if not r.theta > 0:
+        p.append(f"{at}.rope.theta = {r.theta!r}: must be > 0")
+    if not 0 < r.partial_rotary_factor <= 1:
+        p.append(f"{at}.rope.partial_rotary_factor = {r.partial_rotary_factor!r}: must be in (0, 1]")
+    elif s.rotary_dim % 2 or s.rotary_dim == 0:
+        p.append(
+            f"{at}.rope: head_dim {s.head_dim} x partial_rotary_factor {r.partial_rotary_factor} = "
+            f"{s.rotary_dim} rotary dims; must be a positive even number"
+        )
+    needs = {
+        "linear": ("factor",),
+        "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+        "yarn": ("factor", "original_max_position_embeddings"),
+    }.get(r.type, ())
+    for n in needs:
+        if getattr(r, n) is None:
+            p.append(f"{at}.rope.{n} is missing: rope type {r.type!r} needs {list(needs)}")
+    if r.factor is not None and not (isinstance(r.factor, (int, float)) and math.isfinite(r.factor) and r.factor > 0):
+        p.append(f"{at}.rope.factor = {r.factor!r}: must be > 0")
+    return p

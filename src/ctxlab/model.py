@@ -1,0 +1,134 @@
+"""The decoder: embeddings -> blocks -> final norm -> head (optional logit softcap).
+
+Module and parameter names follow HF checkpoints (``model.layers.3.self_attn.q_proj.weight``),
+so loading is a strict ``load_state_dict``. Every layer is built from its own
+:class:`~ctxlab.config.LayerSpec`; nothing here branches on the model's name.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import cache as cache_lib
+from .attention import ATTENTION_KINDS
+from .attention.context import ForwardContext
+from .config import LayerSpec, ModelConfig
+from .nn.mlp import MLP_KINDS
+from .nn.norms import RMSNorm
+
+
+class DecoderBlock(nn.Module):
+    """Pre-norm block: ``x += attn(norm(x)); x += mlp(norm(x))`` (HF ``LlamaDecoderLayer``)."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
+        super().__init__()
+        h = cfg.hidden_size
+        self.input_layernorm = RMSNorm(h, cfg.norm_eps)
+        self.self_attn = ATTENTION_KINDS[spec.attention](h, spec, layer_idx, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, cfg.norm_eps)
+        self.mlp = MLP_KINDS[spec.mlp](h, spec)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H]
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DecoderStack(nn.Module):
+    """``model.*`` of an HF checkpoint: token embedding, blocks, final norm."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderBlock(cfg, spec, i) for i, spec in enumerate(cfg.layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+
+
+class CausalLM(nn.Module):
+    """A decoder-only language model built from a :class:`ModelConfig`.
+
+    ``model(ids)`` is a full causal forward; ``model(ids, cache=c)`` treats ``ids`` as the
+    next tokens after what ``c`` holds, appends them and returns their logits.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.model = DecoderStack(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self._kv_sources = frozenset(s.kv_source for s in cfg.layers if s.kv_source is not None)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lm_head.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm_head.weight.device
+
+    def forward(
+        self, input_ids: torch.Tensor, cache: cache_lib.Cache | None = None, last_only: bool = False
+    ) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``)."""
+        ids = self._check_ids(input_ids)
+        B, T = ids.shape
+        if cache is None:
+            positions = torch.arange(T, device=ids.device).expand(B, T)
+        else:
+            positions = cache.reserve(T, B)
+        ctx = ForwardContext(positions=positions, cache=cache, sources=self._kv_sources)
+        x = self.model.embed_tokens(ids)  # [B, T, H]
+        for block in self.model.layers:
+            x = block(x, ctx)
+        if cache is not None:
+            cache.advance(T)
+        if last_only:
+            x = x[:, -1:]
+        return self._head(self.model.norm(x))
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        cap = self.config.final_logit_softcap
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
+            got = f"{type(ids).__name__} {getattr(ids, 'dtype', '')} {tuple(getattr(ids, 'shape', ()))}"
+            raise ValueError(f"input_ids must be an integer tensor of shape [batch, tokens]; got {got}")
+        if ids.shape[1] == 0:
+            raise ValueError("input_ids has no tokens (shape [B, 0])")
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got ids in [{lo}, {hi}]")
+        return ids.long()
+
+    def new_cache(self, batch_size: int = 1, max_tokens: int = 4096) -> cache_lib.Cache:
+        """Allocate every layer's cache up front, in the model's dtype and device."""
+        return cache_lib.allocate(self.config, batch_size, max_tokens, self.dtype, self.device)
+
+    def save_pretrained(self, directory: str | Path, max_shard_bytes: int | None = None) -> None:
+        """Write ``config.json`` + safetensors in the HF layout (transformers loads it back)."""
+        from .io.checkpoint import save_pretrained
+
+        save_pretrained(self, directory, max_shard_bytes=max_shard_bytes)
+
+
+def build_model(
+    cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int | None = 0, device=None, init_std: float = 0.02
+) -> CausalLM:
+    """A randomly initialised model (normal(0, init_std) weights, unit norms) of ``cfg``."""
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    model = CausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.fill_(1.0)
+            elif name.endswith(".bias"):
+                p.zero_()
+            else:
+                p.normal_(0.0, init_std, generator=generator)
+    return model.to(dtype=dtype, device=device).eval()

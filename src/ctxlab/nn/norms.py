@@ -1,0 +1,29 @@
+"""RMSNorm (Zhang & Sennrich 2019), computed in fp32 as HF ``LlamaRMSNorm`` does."""
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``x / sqrt(mean(x^2) + eps) * weight`` over the last dim.
+
+    The statistic is computed in fp32 and the normalised input cast back to its dtype before
+    the weight multiplies (HF ``LlamaRMSNorm.forward``). ``with_scale=False`` gives the
+    weight-less variant.
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = h.to(dtype)
+        return h if self.weight is None else self.weight * h
+
+    def extra_repr(self) -> str:
+        shape = None if self.weight is None else tuple(self.weight.shape)
+        return f"{shape}, eps={self.eps}"

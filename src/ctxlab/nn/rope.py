@@ -1,0 +1,107 @@
+"""Rotary position embeddings (Su et al. 2021, RoFormer) and their long-context variants.
+
+Frequencies follow HF ``modeling_rope_utils``: ``_compute_default_rope_parameters``,
+``_compute_linear_scaling_rope_parameters``, ``_compute_llama3_parameters`` (Llama 3.1 report)
+and ``_compute_yarn_parameters`` (Peng et al. 2023, YaRN). Rotation is the rotate-half layout
+(dim ``j`` paired with ``j + rot/2``); a partial rotary factor rotates the first
+``int(head_dim * factor)`` dims and passes the rest through.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import LayerSpec, RopeSpec
+
+
+def inv_frequencies(rope: RopeSpec, rotary_dim: int) -> tuple[torch.Tensor, float]:
+    """``(inv_freq [rotary_dim / 2] fp32, attention_factor)`` for a rope spec."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
+    inv_freq = 1.0 / (rope.theta**exponents)
+    if rope.type in ("default", "none"):
+        return inv_freq, 1.0
+    if rope.type == "linear":
+        return inv_freq / rope.factor, 1.0
+    if rope.type == "llama3":
+        return _llama3(inv_freq, rope), 1.0
+    if rope.type == "yarn":
+        return _yarn(rope, rotary_dim)
+    raise ValueError(f"unknown rope type {rope.type!r}")
+
+
+def _llama3(inv_freq: torch.Tensor, r: RopeSpec) -> torch.Tensor:
+    """Llama 3.1 frequency smoothing: long wavelengths divided by ``factor``, a ramp between."""
+    low_wavelen = r.original_max_position_embeddings / r.low_freq_factor
+    high_wavelen = r.original_max_position_embeddings / r.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / r.factor, inv_freq)
+    smooth = (r.original_max_position_embeddings / wavelen - r.low_freq_factor) / (
+        r.high_freq_factor - r.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / r.factor + smooth * scaled
+    is_medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+def _yarn(r: RopeSpec, dim: int) -> tuple[torch.Tensor, float]:
+    """YaRN: interpolate low frequencies, extrapolate high ones, linear ramp between (§3.2)."""
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    factor = r.factor
+    attention_factor = r.attention_factor
+    if attention_factor is None:
+        if r.mscale and r.mscale_all_dim:
+            attention_factor = float(mscale(factor, r.mscale) / mscale(factor, r.mscale_all_dim))
+        else:
+            attention_factor = mscale(factor)
+    beta_fast, beta_slow = r.beta_fast or 32, r.beta_slow or 1
+    original = r.original_max_position_embeddings
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(r.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if r.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    pos_freqs = r.theta ** (torch.arange(0, dim, 2, device="cpu").float() / dim)
+    extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
+    keep = 1 - ramp  # 1 where frequencies are extrapolated (kept as trained)
+    return interpolation * (1 - keep) + extrapolation * keep, attention_factor
+
+
+class Rotary:
+    """Cos/sin tables for one layer's rope and their application to ``[B, H, T, D]`` tensors.
+
+    ``inv_freq`` is kept in fp32 as a plain attribute (not a buffer), so casting the model to
+    bf16 cannot round it (a trap HF's own ``.to(bf16)`` falls into).
+    """
+
+    def __init__(self, spec: LayerSpec):
+        self.rotary_dim = spec.rotary_dim
+        self.inv_freq, self.attention_factor = inv_frequencies(spec.rope, max(self.rotary_dim, 2))
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [B, T] (int) -> cos, sin [B, 1, T, rotary_dim] in ``dtype``."""
+        freqs = positions[..., None].float() * self.inv_freq.to(positions.device)  # [B, T, rot/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_factor).to(dtype)
+        sin = (emb.sin() * self.attention_factor).to(dtype)
+        return cos[:, None], sin[:, None]
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate the first ``rotary_dim`` dims of x [B, H, T, D]; the rest pass through."""
+        if self.rotary_dim == 0:
+            return x
+        rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+        half = self.rotary_dim // 2
+        rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
+        out = rot * cos + rotated * sin
+        return out if rest.shape[-1] == 0 else torch.cat((out, rest), dim=-1)
