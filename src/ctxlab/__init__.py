@@ -1,3 +1,46 @@
-"""ctxlab: long-context-efficient LLM architectures, their caches and their costs."""
+"""ctxlab: long-context-efficient LLM architectures, their caches and what they cost.
+
+Public API (see docs/architecture.md)::
+
+    cfg = ctxlab.load_config("llama-3-8b")          # preset, config.json path or checkpoint dir
+    model = ctxlab.build_model(cfg, dtype=torch.float32, seed=0)
+    model = ctxlab.from_pretrained("dir", dtype=torch.float32)
+    logits = model(ids); cache = model.new_cache(1, 4096); logits = model(ids, cache=cache)
+    ctxlab.kv_cache_bytes(cfg, 131072, "bfloat16"); ctxlab.count_params(cfg); ctxlab.decode_flops(cfg, n)
+    ctxlab.generate(model, ids, max_new_tokens=32)
+"""
+
+from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
 from .config import LayerSpec, ModelConfig, RopeSpec
+from .errors import CacheOverflowError, CheckpointError, ConfigError, CtxlabError
+from .generate import generate, sample, stream
+from .io.checkpoint import from_pretrained, save_pretrained
+from .io.config_file import load_config
 from .model import CausalLM, build_model
+from .presets import preset_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CacheOverflowError",
+    "CausalLM",
+    "CheckpointError",
+    "ConfigError",
+    "CtxlabError",
+    "LayerSpec",
+    "ModelConfig",
+    "RopeSpec",
+    "build_model",
+    "count_params",
+    "decode_flops",
+    "decode_flops_terms",
+    "from_pretrained",
+    "generate",
+    "kv_cache_bytes",
+    "kv_cache_bytes_per_layer",
+    "load_config",
+    "preset_names",
+    "sample",
+    "save_pretrained",
+    "stream",
+]

@@ -1,6 +1,7 @@
 """Grouped-query attention (Ainslie et al. 2023): MHA, GQA and MQA by the ratio of query to KV heads.
 
-Optional per-head q/k RMSNorm before RoPE (Qwen3, HF ``Qwen3Attention``), optional QKV bias,
+Optional per-head q/k RMSNorm before RoPE (Qwen3, HF ``Qwen3Attention``), optional projection
+biases (HF ``attention_bias``: q, k, v and o),
 a per-layer sliding window, and cross-layer KV sharing: a layer with ``kv_source`` has no K/V
 projections and attends over the K/V its producer computed in the same forward.
 K/V are cached with ``H_kv`` heads and expanded to the query heads only inside attention
@@ -26,7 +27,7 @@ class GQAttention(nn.Module):
         self.spec, self.layer_idx = spec, layer_idx
         h, hq, hkv, d, bias = hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.attention_bias
         self.q_proj = nn.Linear(h, hq * d, bias=bias)
-        self.o_proj = nn.Linear(hq * d, h, bias=False)
+        self.o_proj = nn.Linear(hq * d, h, bias=bias)
         self.q_norm = RMSNorm(d, norm_eps) if spec.qk_norm else None
         self.produces_kv = spec.kv_source is None
         if self.produces_kv:
@@ -81,7 +82,7 @@ class GQAttention(nn.Module):
     def param_count(hidden_size: int, spec: LayerSpec) -> int:
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         n = 2 * hidden_size * q_out  # q_proj, o_proj
-        n += q_out if spec.attention_bias else 0
+        n += q_out + hidden_size if spec.attention_bias else 0
         n += spec.head_dim if spec.qk_norm else 0
         if spec.kv_source is None:
             n += 2 * hidden_size * kv_out + (2 * kv_out if spec.attention_bias else 0)

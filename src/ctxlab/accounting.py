@@ -1,0 +1,121 @@
+"""What a model costs, derived from the same layer specs and cache specs that build it.
+
+* :func:`kv_cache_bytes`: cache bytes at a context length, under a named *convention*:
+  ``"realized"`` is what :meth:`CausalLM.new_cache` really allocates (sliding layers capped at
+  their window, layers that share K/V hold nothing); ``"naive"`` counts every layer's
+  per-token bytes for every token (no window cap, no sharing), the convention of most
+  published per-token figures (e.g. Raschka's LLM Architecture Gallery).
+* :func:`count_params`: total, embedding, non-embedding ("effective") and active parameters.
+* :func:`decode_flops`: matmul FLOPs of decoding one token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from .attention import ATTENTION_KINDS
+from .cache import layer_cache_spec
+from .config import ModelConfig
+from .nn.mlp import MLP_KINDS
+
+KV_CONVENTIONS = ("realized", "naive")
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype = {dtype!r}: allowed: {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def kv_cache_bytes_per_layer(
+    cfg: ModelConfig,
+    context_len: int,
+    dtype: str | torch.dtype = "bfloat16",
+    batch_size: int = 1,
+    convention: str = "realized",
+) -> list[int]:
+    """Cache bytes of each layer for ``batch_size`` sequences of ``context_len`` tokens."""
+    if convention not in KV_CONVENTIONS:
+        raise ValueError(f"convention = {convention!r}: allowed: {list(KV_CONVENTIONS)}")
+    if not (isinstance(context_len, int) and context_len > 0):
+        raise ValueError(f"context_len = {context_len!r}: must be a positive integer")
+    dt = as_dtype(dtype)
+    out = []
+    for layer in cfg.layers:
+        if convention == "naive":  # as if the layer had its own K/V and no window
+            layer = dataclasses.replace(layer, kv_source=None, window=None)
+        out.append(layer_cache_spec(layer).nbytes(batch_size, context_len, dt))
+    return out
+
+
+def kv_cache_bytes(
+    cfg: ModelConfig,
+    context_len: int,
+    dtype: str | torch.dtype = "bfloat16",
+    batch_size: int = 1,
+    convention: str = "realized",
+) -> int:
+    """Total cache bytes; with ``convention="realized"`` equals ``new_cache(batch_size, context_len).nbytes()``."""
+    return sum(kv_cache_bytes_per_layer(cfg, context_len, dtype, batch_size, convention))
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts from the config alone (no model is built).
+
+    ``embedding``: the input token table. ``head``: the output projection when untied (0 when
+    tied, since it is the embedding table). ``effective``: total minus embedding tables
+    (nanoGPT's ``non_embedding``). ``active``: parameters used per token (= total for dense models).
+    """
+    h = cfg.hidden_size
+    embedding = cfg.vocab_size * h
+    head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
+    blocks = sum(
+        ATTENTION_KINDS[s.attention].param_count(h, s) + MLP_KINDS[s.mlp].param_count(h, s) + 2 * h
+        for s in cfg.layers
+    )
+    total = embedding + head + blocks + h  # + final norm
+    return {
+        "total": total,
+        "embedding": embedding,
+        "head": head,
+        "blocks": blocks,
+        "effective": total - embedding,
+        "active": total,
+    }
+
+
+def decode_flops_terms(cfg: ModelConfig, context_len: int) -> dict[str, int]:
+    """Matmul FLOPs of decoding the token at position ``context_len``, by term.
+
+    Convention: 2 FLOPs per multiply-add of every matmul (projections, q·kᵀ, p·v, MLP, LM head),
+    the way ``torch.utils.flop_counter.FlopCounterMode`` counts; elementwise work (norms, RoPE,
+    softmax, activations) and the embedding lookup are not counted. The token attends to
+    ``context_len + 1`` keys (itself included), capped at a sliding layer's window.
+    """
+    if not (isinstance(context_len, int) and context_len >= 0):
+        raise ValueError(f"context_len = {context_len!r}: must be a non-negative integer")
+    h = cfg.hidden_size
+    terms = {"projections": 0, "attention": 0, "mlp": 0, "lm_head": 2 * h * cfg.vocab_size}
+    for s in cfg.layers:
+        keys = context_len + 1 if s.window is None else min(context_len + 1, s.window)
+        for name, value in ATTENTION_KINDS[s.attention].decode_flops(h, s, keys).items():
+            terms[name] += value
+        terms["mlp"] += MLP_KINDS[s.mlp].flops_per_token(h, s)
+    return terms
+
+
+def decode_flops(cfg: ModelConfig, context_len: int) -> int:
+    """Total of :func:`decode_flops_terms`."""
+    return sum(decode_flops_terms(cfg, context_len).values())

@@ -1,0 +1,83 @@
+"""Shared parsing for the standard GQA decoders (Llama 3, Qwen3): one uniform layer spec,
+with an optional sliding window on selected layers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import LayerSpec, ModelConfig
+from ..errors import ConfigError
+from ..io.hf_config import legacy_rope_params, parse_rope, require, rope_to_hf, token_ids
+
+REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
+LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def base_layer(d: dict[str, Any], where: str, **overrides: Any) -> LayerSpec:
+    heads = d["num_attention_heads"]
+    return LayerSpec(
+        num_heads=heads,
+        num_kv_heads=d.get("num_key_value_heads") or heads,
+        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        intermediate_size=d["intermediate_size"],
+        rope=parse_rope(legacy_rope_params(d), f"{where}.rope_parameters"),
+        attention_bias=bool(d.get("attention_bias", False)),
+        mlp_bias=bool(d.get("mlp_bias", False)),
+        activation=d.get("hidden_act", "silu"),
+        **overrides,
+    )
+
+
+def check_layer_types(layer_types: list[str], num_layers: int, where: str) -> None:
+    problems = []
+    if len(layer_types) != num_layers:
+        problems.append(
+            f"{where}.layer_types has {len(layer_types)} entries; num_hidden_layers is {num_layers} (one per layer)"
+        )
+    unknown = sorted({t for t in layer_types if t not in LAYER_TYPES})
+    if unknown:
+        problems.append(f"{where}.layer_types contains {unknown}: allowed layer types are {list(LAYER_TYPES)}")
+    if problems:
+        raise ConfigError(problems)
+
+
+def model_config(d: dict[str, Any], family: str, layers: list[LayerSpec], name: str) -> ModelConfig:
+    return ModelConfig(
+        family=family,
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        layers=tuple(layers),
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_position_embeddings=d.get("max_position_embeddings") or 4096,
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=token_ids(d.get("eos_token_id")),
+        pad_token_id=d.get("pad_token_id"),
+        name=name,
+    )
+
+
+def uniform_to_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
+    """The HF fields every GQA decoder shares, from layer 0 (the families check uniformity)."""
+    s = cfg.layers[0]
+    eos = list(cfg.eos_token_id)
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "intermediate_size": s.intermediate_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": s.num_heads,
+        "num_key_value_heads": s.num_kv_heads,
+        "head_dim": s.head_dim,
+        "hidden_act": s.activation,
+        "rms_norm_eps": cfg.norm_eps,
+        "attention_bias": s.attention_bias,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "rope_parameters": rope_to_hf(s.rope),
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+    }

@@ -1,0 +1,24 @@
+"""Llama 3 (Meta 2024) and every Llama-shaped GQA decoder (HF ``LlamaForCausalLM``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ModelConfig
+from .gqa_decoder import REQUIRED, base_layer, model_config, require, uniform_to_hf
+
+MODEL_TYPE = "llama"
+ARCHITECTURE = "LlamaForCausalLM"
+
+
+def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
+    where = name or "llama config"
+    require(d, REQUIRED, where)
+    layer = base_layer(d, where)
+    return model_config(d, MODEL_TYPE, [layer] * d["num_hidden_layers"], name)
+
+
+def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    out = uniform_to_hf(cfg, MODEL_TYPE, ARCHITECTURE)
+    out["mlp_bias"] = cfg.layers[0].mlp_bias
+    return out

@@ -1,0 +1,144 @@
+"""Text generation: chunked prefill into a pre-allocated cache, then a one-token decode loop.
+
+``prefill`` / ``decode_step`` / ``sample`` are small functions in the gpt-fast manner;
+``stream`` yields each step's tokens, ``generate`` collects them. Prompts of different
+lengths are left-padded; padding gets negative positions, so no real token attends to it and
+every row's positions start at 0, exactly as if each prompt ran alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from .cache import Cache
+from .model import CausalLM
+
+Prompts = torch.Tensor | Sequence[Sequence[int]]
+
+
+def sample(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
+    if temperature < 0:
+        raise ValueError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+    if top_k is not None and top_k <= 0:
+        raise ValueError(f"top_k = {top_k}: must be a positive integer or None")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p = {top_p}: must be in (0, 1] or None")
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(before >= top_p, float("-inf"))  # the top token always stays
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def left_pad(prompts: Prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids [B, T_max] left-padded, pad [B]) from a tensor or a list of token-id lists."""
+    if isinstance(prompts, torch.Tensor):
+        if prompts.dim() != 2:
+            raise ValueError(f"input_ids must have shape [batch, tokens]; got {tuple(prompts.shape)}")
+        return prompts, torch.zeros(prompts.shape[0], dtype=torch.long)
+    rows = [list(p) for p in prompts]
+    if not rows or any(len(r) == 0 for r in rows):
+        raise ValueError("every prompt needs at least one token")
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
+    return ids, torch.tensor([width - len(r) for r in rows], dtype=torch.long)
+
+
+@torch.no_grad()
+def prefill(model: CausalLM, ids: torch.Tensor, cache: Cache, chunk_size: int | None = None) -> torch.Tensor:
+    """Feed the prompt in chunks of ``chunk_size`` tokens; return the last position's logits [B, V]."""
+    step = chunk_size or ids.shape[1]
+    if step <= 0:
+        raise ValueError(f"chunk_size = {chunk_size}: must be a positive number of tokens")
+    for start in range(0, ids.shape[1], step):
+        logits = model(ids[:, start : start + step], cache=cache, last_only=True)
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def decode_step(model: CausalLM, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+    """One token per row [B] -> next-token logits [B, V]."""
+    return model(tokens[:, None], cache=cache)[:, -1]
+
+
+@torch.no_grad()
+def stream(
+    model: CausalLM,
+    prompts: Prompts,
+    max_new_tokens: int = 32,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    prefill_chunk: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(tokens [B], finished [B])`` once per generated position.
+
+    Rows that have produced an EOS token keep yielding the pad token (``finished`` True);
+    the stream ends when every row has finished or after ``max_new_tokens`` steps.
+    """
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
+    cfg = model.config
+    eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
+    eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
+    pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
+    ids, pad = left_pad(prompts, pad_id)
+    ids, device = ids.to(model.device), model.device
+    if max_new_tokens == 0:
+        return
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
+    cache.set_left_padding(pad)
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    logits = prefill(model, ids, cache, prefill_chunk)
+    for i in range(max_new_tokens):
+        tokens = sample(logits, temperature, top_k, top_p, generator)
+        tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
+        finished = finished | torch.isin(tokens, eos.to(device))
+        yield tokens, finished.clone()
+        if bool(finished.all()) or i == max_new_tokens - 1:
+            return
+        logits = decode_step(model, tokens, cache)
+
+
+def generate(model: CausalLM, prompts: Prompts, max_new_tokens: int = 32, **kwargs) -> torch.Tensor | list[list[int]]:
+    """Prompts followed by up to ``max_new_tokens`` generated tokens.
+
+    A ``[B, T]`` tensor gives a ``[B, T + n]`` tensor (rows that stopped early padded with the
+    pad token). A list of token-id lists (any lengths) gives a list of lists, each its prompt
+    plus its own tokens up to and including the first EOS. Keyword arguments as :func:`stream`.
+    """
+    steps = list(stream(model, prompts, max_new_tokens, **kwargs))
+    new = torch.stack([t for t, _ in steps], dim=1) if steps else torch.empty(0, 0, dtype=torch.long)
+    if isinstance(prompts, torch.Tensor):
+        return torch.cat((prompts, new.to(prompts.device).reshape(prompts.shape[0], -1)), dim=1)
+    out = []
+    for b, prompt in enumerate(prompts):
+        row = list(prompt)
+        for t, finished in steps:
+            row.append(int(t[b]))
+            if finished[b]:
+                break
+        out.append(row)
+    return out

@@ -1,0 +1,1 @@
+"""Reading and writing HF-format files: config.json, safetensors checkpoints, tokenizers."""

@@ -1,0 +1,77 @@
+"""``load_config``: a preset name, a ``config.json`` path or a checkpoint directory -> ModelConfig.
+
+Also the inverse, :func:`export_config`: the HF ``config.json`` dict of a family when the
+config is expressible in it, else ctxlab's native format (``"model_type": "ctxlab"``).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from ..config import ModelConfig
+from ..errors import ConfigError
+from ..presets import preset_names, preset_path
+
+NATIVE_MODEL_TYPE = "ctxlab"
+
+
+def load_config(source: str | Path | ModelConfig) -> ModelConfig:
+    """A :class:`ModelConfig` from a preset name, a ``config.json`` file or a checkpoint dir."""
+    if isinstance(source, ModelConfig):
+        return source
+    preset = preset_path(str(source))
+    if preset is not None:
+        return config_from_dict(_read_json(preset), name=str(source))
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+        if not path.is_file():
+            raise ConfigError([f"{source}: a checkpoint directory needs a config.json; none found"])
+    if path.is_file():
+        return config_from_dict(_read_json(path), name=str(source))
+    raise ConfigError(
+        [
+            f"{source!r} is neither a preset nor an existing config.json / checkpoint directory; "
+            f"presets: {', '.join(preset_names())}"
+        ]
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError([f"{path}: not valid JSON ({e})"]) from None
+
+
+def config_from_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
+    """Dispatch on ``model_type`` to the family that parses it."""
+    from ..families import FAMILIES
+
+    model_type = d.get("model_type")
+    if model_type == NATIVE_MODEL_TYPE:
+        native = dict(d["ctxlab"])
+        native["name"] = name or native.get("name", "")
+        return ModelConfig.from_dict(native)
+    if model_type not in FAMILIES:
+        raise ConfigError(
+            [f"{name or 'config'}: model_type = {model_type!r} is not supported; supported: {sorted(FAMILIES)}"]
+        )
+    return FAMILIES[model_type].from_hf(d, name=name)
+
+
+def export_config(cfg: ModelConfig) -> dict[str, Any]:
+    """The family's HF config if it reproduces ``cfg`` exactly, else the native format."""
+    from ..families import FAMILIES
+
+    family = FAMILIES.get(cfg.family)
+    if family is not None:
+        hf = family.to_hf(cfg)
+        try:
+            if family.from_hf(hf, name=cfg.name) == cfg:
+                return hf
+        except ConfigError:
+            pass
+    return {"model_type": NATIVE_MODEL_TYPE, "ctxlab": cfg.to_dict()}

@@ -1,0 +1,79 @@
+"""Helpers for reading HF ``config.json`` dicts: required fields, rope parameters, token ids."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import ROPE_TYPES, RopeSpec
+from ..errors import ConfigError
+
+_ROPE_FIELDS = {
+    "rope_theta": "theta",
+    "partial_rotary_factor": "partial_rotary_factor",
+    "factor": "factor",
+    "low_freq_factor": "low_freq_factor",
+    "high_freq_factor": "high_freq_factor",
+    "original_max_position_embeddings": "original_max_position_embeddings",
+    "beta_fast": "beta_fast",
+    "beta_slow": "beta_slow",
+    "attention_factor": "attention_factor",
+    "mscale": "mscale",
+    "mscale_all_dim": "mscale_all_dim",
+    "truncate": "truncate",
+}
+
+
+def require(d: dict[str, Any], fields: list[str], where: str) -> None:
+    """Raise one ConfigError naming every required field that is missing."""
+    missing = [f for f in fields if d.get(f) is None]
+    if missing:
+        raise ConfigError([f"{where}: required field {f!r} is missing" for f in missing])
+
+
+def parse_rope(params: dict[str, Any] | None, where: str, default_theta: float = 10_000.0) -> RopeSpec:
+    """A :class:`RopeSpec` from HF ``rope_parameters`` (transformers 5) or ``rope_scaling`` (4.x).
+
+    Fails loudly on rope types that change the math and are not implemented here.
+    """
+    params = dict(params or {})
+    rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    if rope_type not in ROPE_TYPES:
+        raise ConfigError([f"{where}.rope_type = {rope_type!r}: not supported; allowed: {list(ROPE_TYPES)}"])
+    kwargs: dict[str, Any] = {"type": rope_type, "theta": float(params.pop("rope_theta", default_theta))}
+    for hf_name, field in _ROPE_FIELDS.items():
+        if params.get(hf_name) is not None and field != "theta":
+            kwargs[field] = params.pop(hf_name)
+    return RopeSpec(**kwargs)
+
+
+def legacy_rope_params(d: dict[str, Any]) -> dict[str, Any] | None:
+    """``rope_parameters`` of a config, also for 4.x files with ``rope_theta`` + ``rope_scaling``."""
+    if d.get("rope_parameters") is not None:
+        return d["rope_parameters"]
+    params = dict(d.get("rope_scaling") or {})
+    if d.get("rope_theta") is not None:
+        params["rope_theta"] = d["rope_theta"]
+    if d.get("partial_rotary_factor") is not None:
+        params.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+    return params or None
+
+
+def rope_to_hf(rope: RopeSpec) -> dict[str, Any]:
+    """Inverse of :func:`parse_rope` (only the fields that are set)."""
+    out: dict[str, Any] = {"rope_type": rope.type, "rope_theta": rope.theta}
+    for hf_name, field in _ROPE_FIELDS.items():
+        value = getattr(rope, field)
+        if field in ("theta", "truncate") or value is None:
+            continue
+        if field == "partial_rotary_factor" and value == 1.0:
+            continue
+        out[hf_name] = value
+    if not rope.truncate:
+        out["truncate"] = False
+    return out
+
+
+def token_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
