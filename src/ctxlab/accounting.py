@@ -75,8 +75,11 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts from the config alone (no model is built).
 
     ``embedding``: the input token table. ``head``: the output projection when untied (0 when
-    tied, since it is the embedding table). ``effective``: total minus embedding tables
-    (nanoGPT's ``non_embedding``). ``active``: parameters used per token (= total for dense models).
+    tied, since it is then the embedding table). ``non_embedding``: total minus both tables
+    (Kaplan et al. 2020; the "Non-Embedding" figure of the Qwen3 model cards). ``effective``:
+    the parameters that compute per token besides table lookups; for these families the same
+    as ``non_embedding`` (families with per-layer embedding tables subtract those too).
+    ``active``: parameters used per token (= total for dense models).
     """
     h = cfg.hidden_size
     embedding = cfg.vocab_size * h
@@ -91,7 +94,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
         "embedding": embedding,
         "head": head,
         "blocks": blocks,
-        "effective": total - embedding,
+        "non_embedding": total - embedding - head,
+        "effective": total - embedding - head,
         "active": total,
     }
 
