@@ -106,3 +106,18 @@ def test_sharded_checkpoint_round_trip(hf, tmp_path):
     again = ctxlab.from_pretrained(tmp_path / "ours")
     ids = torch.arange(10)[None]
     assert torch.equal(again(ids), ours(ids))
+
+
+def test_bfloat16_load_runs_close_to_float32(hf, tmp_path):
+    """dtype=bfloat16 loads, caches in bf16 (bytes as analytic) and stays close to the fp32 logits."""
+    ref = hf_model(hf, "qwen3-sliding-yarn")
+    ref.save_pretrained(tmp_path)
+    fp32, bf16 = ctxlab.from_pretrained(tmp_path), ctxlab.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert bf16.dtype == torch.bfloat16
+    ids = torch.randint(0, ref.config.vocab_size, (1, SEQ), generator=torch.Generator().manual_seed(5))
+    cache = bf16.new_cache(1, SEQ)
+    assert cache.nbytes() == ctxlab.kv_cache_bytes(bf16.config, SEQ, "bfloat16")
+    with torch.no_grad():
+        got = torch.cat([bf16(ids[:, :10], cache=cache)] + [bf16(ids[:, i : i + 1], cache=cache) for i in range(10, SEQ)], 1)
+        expected = fp32(ids)
+    assert (got.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -29,7 +30,8 @@ from .model import build_model
 from .presets import preset_names, preset_path
 
 UNITS_NOTE = (
-    "bytes in binary units (KiB/MiB/GiB = 2^10/2^20/2^30 bytes); params and FLOPs in decimal units (K/M/B = 10^3/10^6/10^9)"
+    "bytes in binary units (KiB/MiB/GiB = 2^10/2^20/2^30 bytes); "
+    "params and FLOPs in decimal units (K/M/B = 10^3/10^6/10^9)"
 )
 CONVENTIONS_NOTE = (
     "realized = what model.new_cache() allocates (sliding layers hold only their window, layers that "
@@ -66,16 +68,9 @@ def count(text: str, minimum: int = 1, suffixes: bool = False) -> int:
     return n
 
 
-def tokens(text: str) -> int:
-    return count(text, suffixes=True)
-
-
-def positive(text: str) -> int:
-    return count(text)
-
-
-def nonnegative(text: str) -> int:
-    return count(text, minimum=0)
+tokens = partial(count, suffixes=True)  # argparse types
+positive = partial(count, minimum=1)
+nonnegative = partial(count, minimum=0)
 
 
 def token_ids(text: str) -> list[int]:
@@ -96,19 +91,12 @@ def report_row(name: str, context: int, dtype: str, batch_size: int) -> dict:
     cfg = load_config(name)
     params = count_params(cfg)
     return {
-        "model": name,
-        "family": cfg.family,
-        "layers": cfg.num_layers,
-        "params_total": params["total"],
-        "params_effective": params["effective"],
-        "params_active": params["active"],
+        "model": name, "family": cfg.family, "num_layers": cfg.num_layers,
+        "params_total": params["total"], "params_effective": params["effective"], "params_active": params["active"],
         "kv_bytes_per_token_naive": kv_cache_bytes(cfg, 1, dtype, convention="naive"),
         "kv_bytes_realized": kv_cache_bytes(cfg, context, dtype, batch_size),
         "kv_bytes_naive": kv_cache_bytes(cfg, context, dtype, batch_size, convention="naive"),
-        "decode_flops": decode_flops(cfg, context),
-        "context": context,
-        "dtype": dtype,
-        "batch_size": batch_size,
+        "decode_flops": decode_flops(cfg, context), "context": context, "dtype": dtype, "batch_size": batch_size,
     }
 
 
@@ -122,7 +110,7 @@ def report_table(rows: list[dict], context: int, dtype: str, batch_size: int) ->
         table.add_column(header, justify="left" if header in ("Model", "Family") else "right")
     for r in rows:
         table.add_row(
-            escape(r["model"]), r["family"], str(r["layers"]), fmt_count(r["params_total"]),
+            escape(r["model"]), r["family"], str(r["num_layers"]), fmt_count(r["params_total"]),
             fmt_bytes(r["kv_bytes_per_token_naive"]), fmt_bytes(r["kv_bytes_realized"]),
             fmt_bytes(r["kv_bytes_naive"]), f"{r['decode_flops'] / 1e9:,.2f}",
         )
@@ -186,7 +174,7 @@ def cmd_inspect(args, console: Console) -> int:
         return 0
     console.print(
         f"[bold]{escape(args.model)}[/]: family {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"vocab {cfg.vocab_size}\nparams: total {fmt_count(params['total'])}, effective (no embedding) "
+        f"vocab {cfg.vocab_size}\nparams: total {fmt_count(params['total'])}, effective (no embedding/head tables) "
         f"{fmt_count(params['effective'])}, active {fmt_count(params['active'])}\n"
         f"KV cache at {args.context:,} tokens ({args.dtype}, batch 1): "
         f"realized {fmt_bytes(info['kv_bytes_realized'])}, naive {fmt_bytes(info['kv_bytes_naive'])}\n({UNITS_NOTE})"
@@ -242,7 +230,7 @@ def cmd_generate(args, console: Console) -> int:
                "text": decode(tok, new) if tok is not None else None}
         print(json.dumps(out))
     elif args.stream:
-        print(show(new)[len(printed):])
+        print(show(new)[len(printed) :])
     else:
         print(show(new))
     return 0
@@ -299,7 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, help="seed of the sampling generator (None = not reproducible when "
                    "--temperature > 0); the random weights of a preset always use seed 0")
     g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight and cache element type")
-    g.add_argument("--prefill-chunk", type=tokens, help="feed the prompt in chunks of this many tokens (None = at once)")
+    g.add_argument("--prefill-chunk", type=tokens, help="feed the prompt in chunks of this many tokens (None = all)")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they are generated")
     g.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, generated_ids, text)")

@@ -52,8 +52,8 @@ def sample(
 def left_pad(prompts: Prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(ids [B, T_max] left-padded, pad [B]) from a tensor or a list of token-id lists."""
     if isinstance(prompts, torch.Tensor):
-        if prompts.dim() != 2:
-            raise ValueError(f"input_ids must have shape [batch, tokens]; got {tuple(prompts.shape)}")
+        if prompts.dim() != 2 or prompts.shape[1] == 0:
+            raise ValueError(f"input_ids must have shape [batch, tokens] with tokens >= 1; got {tuple(prompts.shape)}")
         return prompts, torch.zeros(prompts.shape[0], dtype=torch.long)
     rows = [list(p) for p in prompts]
     if not rows or any(len(r) == 0 for r in rows):
@@ -66,9 +66,7 @@ def left_pad(prompts: Prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
 @torch.no_grad()
 def prefill(model: CausalLM, ids: torch.Tensor, cache: Cache, chunk_size: int | None = None) -> torch.Tensor:
     """Feed the prompt in chunks of ``chunk_size`` tokens; return the last position's logits [B, V]."""
-    step = chunk_size or ids.shape[1]
-    if step <= 0:
-        raise ValueError(f"chunk_size = {chunk_size}: must be a positive number of tokens")
+    step = ids.shape[1] if chunk_size is None else chunk_size
     for start in range(0, ids.shape[1], step):
         logits = model(ids[:, start : start + step], cache=cache, last_only=True)
     return logits[:, -1]
@@ -99,6 +97,8 @@ def stream(
     """
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
+    if prefill_chunk is not None and not (isinstance(prefill_chunk, int) and prefill_chunk > 0):
+        raise ValueError(f"prefill_chunk = {prefill_chunk!r}: must be a positive number of tokens, or None (whole prompt)")
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)

@@ -15,10 +15,11 @@ LAYER_TYPES = ("full_attention", "sliding_attention")
 
 def base_layer(d: dict[str, Any], where: str, **overrides: Any) -> LayerSpec:
     heads = d["num_attention_heads"]
+    derived_head_dim = d["hidden_size"] // heads if isinstance(heads, int) and heads > 0 else 0
     return LayerSpec(
         num_heads=heads,
         num_kv_heads=d.get("num_key_value_heads") or heads,
-        head_dim=d.get("head_dim") or d["hidden_size"] // heads,
+        head_dim=d.get("head_dim") or derived_head_dim,  # 0 is then reported by validation
         intermediate_size=d["intermediate_size"],
         rope=parse_rope(legacy_rope_params(d), f"{where}.rope_parameters"),
         attention_bias=bool(d.get("attention_bias", False)),

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
@@ -26,6 +28,16 @@ INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Tensors some published checkpoints carry that no forward uses (old Llama exports).
 DEAD_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+@contextmanager
+def open_safetensors(path: Path) -> Iterator:
+    """``safe_open`` whose failures (truncated or corrupt files) name the file, as CheckpointError."""
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -43,7 +55,7 @@ def weight_files(directory: Path) -> dict[str, Path]:
     candidates = [directory / SINGLE_FILE] if (directory / SINGLE_FILE).is_file() else []
     candidates = candidates or sorted(directory.glob("*.safetensors"))
     if len(candidates) == 1:
-        with safe_open(candidates[0], framework="pt") as f:
+        with open_safetensors(candidates[0]) as f:
             return {name: candidates[0] for name in f.keys()}
     pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
@@ -62,7 +74,7 @@ def weight_files(directory: Path) -> dict[str, Path]:
 def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     shapes: dict[str, tuple[int, ...]] = {}
     for path in sorted(set(files.values())):
-        with safe_open(path, framework="pt") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 if files.get(name) == path:
                     shapes[name] = tuple(f.get_slice(name).get_shape())
@@ -95,7 +107,7 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, d
 
     state = {}
     for path in sorted(set(files[n] for n in expected)):
-        with safe_open(path, framework="pt", device="cpu") as f:
+        with open_safetensors(path) as f:
             for name in f.keys():
                 if name in expected:
                     t = f.get_tensor(name)
