@@ -15,10 +15,10 @@ import dataclasses
 
 import torch
 
-from .attention import ATTENTION_KINDS
+from .blocks import BLOCK_KINDS
 from .cache import layer_cache_spec
 from .config import ModelConfig
-from .nn.mlp import MLP_KINDS
+from .nn import ple
 
 KV_CONVENTIONS = ("realized", "naive")
 _DTYPES = {
@@ -75,48 +75,53 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts from the config alone (no model is built).
 
     ``embedding``: the input token table. ``head``: the output projection when untied (0 when
-    tied, since it is then the embedding table). ``non_embedding``: total minus both tables
-    (Kaplan et al. 2020; the "Non-Embedding" figure of the Qwen3 model cards). ``effective``:
-    the parameters that compute per token besides table lookups; for these families the same
-    as ``non_embedding`` (families with per-layer embedding tables subtract those too).
-    ``active``: parameters used per token (= total for dense models).
+    tied, since it is then the embedding table). ``per_layer_embedding``: the packed PLE table
+    (Gemma 4 E2B/E4B). ``non_embedding``: total minus those tables (Kaplan et al. 2020; the
+    "Non-Embedding" figure of the Qwen3 model cards). ``non_text``: towers outside the text
+    decoder that published totals include (vision, audio; from the family's data).
+    ``effective``: text decoder plus towers minus every embedding table (Google's "effective
+    parameters" of Gemma 4 E2B/E4B; = non_embedding when there are no towers). ``active``:
+    parameters used per token (routed experts counted at top-k; = total for dense models).
     """
     h = cfg.hidden_size
     embedding = cfg.vocab_size * h
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
-    blocks = sum(
-        ATTENTION_KINDS[s.attention].param_count(h, s) + MLP_KINDS[s.mlp].param_count(h, s) + 2 * h
-        for s in cfg.layers
-    )
-    total = embedding + head + blocks + h  # + final norm
+    per_layer = [BLOCK_KINDS[s.block].param_count(cfg, s) for s in cfg.layers]
+    ple_counts = ple.stack_param_count(cfg)
+    total = embedding + head + sum(c["total"] for c in per_layer) + h + ple_counts["table"] + ple_counts["projection"]
+    tables = embedding + head + ple_counts["table"]
     return {
         "total": total,
         "embedding": embedding,
         "head": head,
-        "blocks": blocks,
-        "non_embedding": total - embedding - head,
-        "effective": total - embedding - head,
-        "active": total,
+        "per_layer_embedding": ple_counts["table"],
+        "blocks": sum(c["total"] for c in per_layer),
+        "non_embedding": total - tables,
+        "non_text": cfg.non_text_params,
+        "effective": total + cfg.non_text_params - tables,
+        "active": total - sum(c["total"] - c["active"] for c in per_layer),
     }
 
 
 def decode_flops_terms(cfg: ModelConfig, context_len: int) -> dict[str, int]:
     """Matmul FLOPs of decoding the token at position ``context_len``, by term.
 
-    Convention: 2 FLOPs per multiply-add of every matmul (projections, q·kᵀ, p·v, MLP, LM head),
-    the way ``torch.utils.flop_counter.FlopCounterMode`` counts; elementwise work (norms, RoPE,
-    softmax, activations) and the embedding lookup are not counted. The token attends to
+    Convention: 2 FLOPs per multiply-add of every matmul (projections, q·kᵀ, p·v, MLP, experts
+    at top-k plus router logits, PLE projections, LM head), the way
+    ``torch.utils.flop_counter.FlopCounterMode`` counts; elementwise work (norms, RoPE,
+    softmax, activations) and embedding lookups are not counted. The token attends to
     ``context_len + 1`` keys (itself included), capped at a sliding layer's window.
     """
     if not (isinstance(context_len, int) and context_len >= 0):
         raise ValueError(f"context_len = {context_len!r}: must be a non-negative integer")
     h = cfg.hidden_size
-    terms = {"projections": 0, "attention": 0, "mlp": 0, "lm_head": 2 * h * cfg.vocab_size}
+    terms = {"lm_head": 2 * h * cfg.vocab_size}
+    if cfg.per_layer_input_size:
+        terms["per_layer_embedding"] = 2 * ple.stack_param_count(cfg)["projection"] - 2 * cfg.per_layer_input_size
     for s in cfg.layers:
         keys = context_len + 1 if s.window is None else min(context_len + 1, s.window)
-        for name, value in ATTENTION_KINDS[s.attention].decode_flops(h, s, keys).items():
-            terms[name] += value
-        terms["mlp"] += MLP_KINDS[s.mlp].flops_per_token(h, s)
+        for name, value in BLOCK_KINDS[s.block].decode_flops(cfg, s, keys).items():
+            terms[name] = terms.get(name, 0) + value
     return terms
 
 

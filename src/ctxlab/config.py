@@ -14,9 +14,11 @@ from typing import Any
 
 from .errors import ConfigError
 
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "none")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "none")
 ATTENTION_KINDS = ("gqa",)
 MLP_KINDS = ("gated",)
+BLOCK_KINDS = ("pre_norm", "sandwich")
+ROUTERS = ("softmax_topk",)
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 
 
@@ -25,7 +27,9 @@ class RopeSpec:
     """Rotary position embedding of one layer (HF ``rope_parameters``).
 
     ``partial_rotary_factor`` < 1 rotates only the first ``int(head_dim * factor)`` dims of each
-    head (NeoX-style partial rotary, as HF's ``_compute_*_rope_parameters`` size ``dim``).
+    head (NeoX-style partial rotary, as HF's ``_compute_*_rope_parameters`` size ``dim``), except
+    for ``"proportional"`` (Gemma 4 global layers), which rotates the whole head with only the
+    first ``factor * head_dim / 2`` frequencies non-zero (HF ``_compute_proportional_rope_parameters``).
     The scaling fields are used by the rope type named in ``type`` and ignored otherwise.
     """
 
@@ -45,6 +49,18 @@ class RopeSpec:
 
 
 @dataclass(frozen=True)
+class MoESpec:
+    """A routed mixture of experts: ``num_experts`` gated MLPs of width ``intermediate_size``,
+    ``top_k`` per token, chosen by ``router`` (``"softmax_topk"``: softmax, top-k, renormalise,
+    per-expert scale; Gemma 4's ``Gemma4TextRouter``)."""
+
+    num_experts: int
+    top_k: int
+    intermediate_size: int
+    router: str = "softmax_topk"
+
+
+@dataclass(frozen=True)
 class LayerSpec:
     """Everything that distinguishes one decoder layer from another.
 
@@ -52,6 +68,11 @@ class LayerSpec:
     ``kv_idx > q_idx - sliding_window``); ``None`` means global attention.
     ``kv_source`` names an earlier layer whose K/V this layer reads instead of computing its
     own (cross-layer KV sharing); such a layer has no K/V projections and no cache storage.
+    ``v_norm`` applies a weight-less RMSNorm to V; ``k_eq_v`` drops ``v_proj`` and takes V from
+    the raw K projection (Gemma 4 global layers). ``block`` is the residual wiring: ``pre_norm``
+    (Llama) or ``sandwich`` (norms before and after each sub-block, Gemma). ``layer_scalar``
+    multiplies the residual stream at the end of the layer by a stored scalar. ``moe`` adds a
+    routed expert branch beside the dense MLP (Gemma 4 26B-A4B).
     """
 
     num_heads: int
@@ -65,9 +86,14 @@ class LayerSpec:
     attention_bias: bool = False
     attn_scale: float | None = None  # None: 1 / sqrt(head_dim)
     kv_source: int | None = None
+    v_norm: bool = False
+    k_eq_v: bool = False
     mlp: str = "gated"
     mlp_bias: bool = False
     activation: str = "silu"
+    block: str = "pre_norm"
+    layer_scalar: bool = False
+    moe: MoESpec | None = None
 
     @property
     def scale(self) -> float:
@@ -75,7 +101,12 @@ class LayerSpec:
 
     @property
     def rotary_dim(self) -> int:
-        return 0 if self.rope.type == "none" else int(self.head_dim * self.rope.partial_rotary_factor)
+        """Dims the rotation touches (proportional RoPE spans the head, with zero frequencies)."""
+        if self.rope.type == "none":
+            return 0
+        if self.rope.type == "proportional":
+            return self.head_dim
+        return int(self.head_dim * self.rope.partial_rotary_factor)
 
 
 @dataclass(frozen=True)
@@ -84,6 +115,11 @@ class ModelConfig:
 
     ``family`` names the HF ``model_type`` the config came from (used for checkpoint export
     and display only). ``name`` is the preset name or the path it was loaded from.
+    ``embedding_scale`` multiplies the token embeddings (Gemma: sqrt(hidden), rounded to the
+    weight dtype). ``per_layer_input_size`` > 0 switches on per-layer embeddings (PLE, Gemma 4
+    E2B/E4B) with a table of ``per_layer_vocab_size`` rows. ``float16_ok=False`` refuses fp16
+    (Gemma overflows). ``non_text_params``: parameters of towers outside the text decoder
+    (vision, audio) that published totals include; accounting only.
     """
 
     family: str
@@ -97,6 +133,11 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    embedding_scale: float | None = None
+    per_layer_input_size: int = 0
+    per_layer_vocab_size: int | None = None
+    float16_ok: bool = True
+    non_text_params: int = 0
     name: str = ""
 
     def __post_init__(self):
@@ -130,7 +171,9 @@ class ModelConfig:
         for i, ld in enumerate(d.pop("layers", ())):
             ld = dict(ld)
             rope = RopeSpec(**_only_known(RopeSpec, ld.pop("rope", {}), f"layers[{i}].rope"))
-            layers.append(LayerSpec(rope=rope, **_only_known(LayerSpec, ld, f"layers[{i}]")))
+            moe = ld.pop("moe", None)
+            moe = MoESpec(**_only_known(MoESpec, moe, f"layers[{i}].moe")) if moe else None
+            layers.append(LayerSpec(rope=rope, moe=moe, **_only_known(LayerSpec, ld, f"layers[{i}]")))
         d = _only_known(ModelConfig, d, "config")
         d["eos_token_id"] = tuple(d.get("eos_token_id") or ())
         return ModelConfig(layers=tuple(layers), **d)
@@ -165,6 +208,13 @@ def _validate(cfg: ModelConfig) -> list[str]:
         v = getattr(cfg, tok)
         if v is not None and not (isinstance(v, int) and 0 <= v < cfg.vocab_size):
             p.append(f"{tok} = {v!r}: must be None or a token id in [0, vocab_size={cfg.vocab_size})")
+    if cfg.per_layer_input_size < 0 or (cfg.per_layer_input_size and not (cfg.per_layer_vocab_size or 0) > 0):
+        p.append(
+            f"per_layer_input_size = {cfg.per_layer_input_size}, per_layer_vocab_size = {cfg.per_layer_vocab_size}: "
+            "per-layer embeddings need a size >= 0 and, when on, a positive table size"
+        )
+    if cfg.embedding_scale is not None and not cfg.embedding_scale > 0:
+        p.append(f"embedding_scale = {cfg.embedding_scale!r}: must be > 0, or None for no scaling")
     for v in cfg.eos_token_id:
         if not (isinstance(v, int) and 0 <= v < cfg.vocab_size):
             p.append(f"eos_token_id contains {v!r}: must be token ids in [0, vocab_size={cfg.vocab_size})")
@@ -190,6 +240,16 @@ def _validate_layer(i: int, s: LayerSpec, cfg: ModelConfig) -> list[str]:
         p.append(f"{at}.attention = {s.attention!r}: unknown attention kind; allowed: {list(ATTENTION_KINDS)}")
     if s.window is not None and (not isinstance(s.window, int) or s.window <= 0):
         p.append(f"{at}.window = {s.window!r}: must be a positive number of tokens, or None for global attention")
+    if s.block not in BLOCK_KINDS:
+        p.append(f"{at}.block = {s.block!r}: unknown block kind; allowed: {list(BLOCK_KINDS)}")
+    if s.moe is not None:
+        m = s.moe
+        if not (0 < m.top_k <= m.num_experts and m.intermediate_size > 0):
+            p.append(f"{at}.moe = {m}: need 0 < top_k <= num_experts and intermediate_size > 0")
+        if m.router not in ROUTERS:
+            p.append(f"{at}.moe.router = {m.router!r}: allowed: {list(ROUTERS)}")
+        if s.block != "sandwich":
+            p.append(f"{at}.moe: an expert branch beside the dense MLP needs block = 'sandwich' (got {s.block!r})")
     if s.mlp not in MLP_KINDS:
         p.append(f"{at}.mlp = {s.mlp!r}: unknown MLP kind; allowed: {list(MLP_KINDS)}")
     if s.activation not in ACTIVATIONS:
@@ -207,7 +267,7 @@ def _validate_layer(i: int, s: LayerSpec, cfg: ModelConfig) -> list[str]:
                 p.append(f"{at}.kv_source = {src}: layer {src} itself reads layer {o.kv_source}; point at the producer")
             mismatched = [
                 f"{n} {getattr(s, n)!r} vs {getattr(o, n)!r}"
-                for n in ("attention", "num_kv_heads", "head_dim", "window", "rope")
+                for n in ("attention", "num_kv_heads", "head_dim", "window", "rope", "v_norm")
                 if getattr(s, n) != getattr(o, n)
             ]
             if mismatched:

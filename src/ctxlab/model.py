@@ -13,37 +13,34 @@ import torch
 from torch import nn
 
 from . import cache as cache_lib
-from .attention import ATTENTION_KINDS
 from .attention.context import ForwardContext
-from .config import LayerSpec, ModelConfig
-from .nn.mlp import MLP_KINDS
+from .blocks import BLOCK_KINDS
+from .config import ModelConfig
+from .nn import ple
 from .nn.norms import RMSNorm
 
 
-class DecoderBlock(nn.Module):
-    """Pre-norm block: ``x += attn(norm(x)); x += mlp(norm(x))`` (HF ``LlamaDecoderLayer``)."""
-
-    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
-        super().__init__()
-        h = cfg.hidden_size
-        self.input_layernorm = RMSNorm(h, cfg.norm_eps)
-        self.self_attn = ATTENTION_KINDS[spec.attention](h, spec, layer_idx, cfg.norm_eps)
-        self.post_attention_layernorm = RMSNorm(h, cfg.norm_eps)
-        self.mlp = MLP_KINDS[spec.mlp](h, spec)
-
-    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H]
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
 class DecoderStack(nn.Module):
-    """``model.*`` of an HF checkpoint: token embedding, blocks, final norm."""
+    """``model.*`` of an HF checkpoint: token embedding (+ PLE tables), blocks, final norm."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderBlock(cfg, spec, i) for i, spec in enumerate(cfg.layers))
+        self.layers = nn.ModuleList(BLOCK_KINDS[spec.block](cfg, spec, i) for i, spec in enumerate(cfg.layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        if cfg.per_layer_input_size:
+            for name, module in ple.stack_modules(cfg).items():
+                self.add_module(name, module)
+
+    def embed(self, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        """ids [B, T] -> embeddings [B, T, H]; fills ``ctx.per_layer_inputs`` for PLE models."""
+        x = self.embed_tokens(ids)
+        if self.config.embedding_scale is not None:  # rounded to the weight dtype, as HF does
+            x = x * torch.tensor(self.config.embedding_scale, dtype=self.embed_tokens.weight.dtype)
+        if self.config.per_layer_input_size:
+            ctx.per_layer_inputs = ple.per_layer_inputs(self, ids, x, self.config)
+        return x
 
 
 class CausalLM(nn.Module):
@@ -81,7 +78,7 @@ class CausalLM(nn.Module):
         else:
             positions = cache.reserve(T, B)
         ctx = ForwardContext(positions=positions, cache=cache, sources=self._kv_sources)
-        x = self.model.embed_tokens(ids)  # [B, T, H]
+        x = self.model.embed(ids, ctx)  # [B, T, H]
         for block in self.model.layers:
             x = block(x, ctx)
         if cache is not None:
@@ -121,14 +118,24 @@ def build_model(
     cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int | None = 0, device=None, init_std: float = 0.02
 ) -> CausalLM:
     """A randomly initialised model (normal(0, init_std) weights, unit norms) of ``cfg``."""
+    check_dtype(cfg, dtype)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     model = CausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
+            if name.endswith(("norm.weight", ".scale", "per_expert_scale")) or "layernorm" in name:
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()
             else:
                 p.normal_(0.0, init_std, generator=generator)
     return model.to(dtype=dtype, device=device).eval()
+
+
+def check_dtype(cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """Refuse float16 for configs that overflow in it (Gemma: large norms and activations)."""
+    if dtype == torch.float16 and not cfg.float16_ok:
+        raise ValueError(
+            f"{cfg.name or cfg.family}: float16 is refused for {cfg.family} models (activations overflow "
+            "float16's range, HF transformers #36822); use torch.bfloat16 or torch.float32"
+        )

@@ -16,10 +16,12 @@ class ForwardContext:
     ``shared_kv``: K/V (and key positions) that producer layers hand to consumer layers in
     this forward (cross-layer KV sharing works the same with and without a cache).
     ``sources``: the layers whose K/V some consumer reads (only those are kept).
+    ``per_layer_inputs`` [B, T, L, Dp]: per-layer embeddings (PLE), when the model has them.
     """
 
     positions: torch.Tensor
     cache: object | None = None
+    per_layer_inputs: torch.Tensor | None = None
     sources: frozenset[int] = frozenset()
     shared_kv: dict[int, tuple] = field(default_factory=dict)
     _rope_tables: dict = field(default_factory=dict)

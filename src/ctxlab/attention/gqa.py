@@ -32,8 +32,9 @@ class GQAttention(nn.Module):
         self.produces_kv = spec.kv_source is None
         if self.produces_kv:
             self.k_proj = nn.Linear(h, hkv * d, bias=bias)
-            self.v_proj = nn.Linear(h, hkv * d, bias=bias)
+            self.v_proj = None if spec.k_eq_v else nn.Linear(h, hkv * d, bias=bias)
             self.k_norm = RMSNorm(d, norm_eps) if spec.qk_norm else None
+            self.v_norm = RMSNorm(d, norm_eps, with_scale=False) if spec.v_norm else None
         self.rotary = Rotary(spec)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
@@ -61,10 +62,13 @@ class GQAttention(nn.Module):
         B, T, _ = x.shape
         s = self.spec
         k = self.k_proj(x).view(B, T, s.num_kv_heads, s.head_dim)
+        v = k if self.v_proj is None else self.v_proj(x).view(B, T, s.num_kv_heads, s.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = self.rotary.apply(k.transpose(1, 2), cos, sin)  # [B, H_kv, T, D]
-        v = self.v_proj(x).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)  # [B, H_kv, T, D]
+        if self.v_norm is not None:
+            v = self.v_norm(v)
+        v = v.transpose(1, 2)  # [B, H_kv, T, D]
         if ctx.cache is None:
             return k, v, ctx.positions
         kv, k_pos = ctx.cache[self.layer_idx].update({"k": k, "v": v}, ctx.cache)
@@ -85,7 +89,8 @@ class GQAttention(nn.Module):
         n += q_out + hidden_size if spec.attention_bias else 0
         n += spec.head_dim if spec.qk_norm else 0
         if spec.kv_source is None:
-            n += 2 * hidden_size * kv_out + (2 * kv_out if spec.attention_bias else 0)
+            kv_projections = 1 if spec.k_eq_v else 2
+            n += kv_projections * (hidden_size * kv_out + (kv_out if spec.attention_bias else 0))
             n += spec.head_dim if spec.qk_norm else 0
         return n
 
@@ -93,6 +98,7 @@ class GQAttention(nn.Module):
     def decode_flops(hidden_size: int, spec: LayerSpec, keys: int) -> dict[str, int]:
         """Matmul FLOPs (2 per multiply-add) of one new token attending over ``keys`` keys."""
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        proj = 2 * hidden_size * (2 * q_out + (2 * kv_out if spec.kv_source is None else 0))
+        kv_projections = 0 if spec.kv_source is not None else (1 if spec.k_eq_v else 2)
+        proj = 2 * hidden_size * (2 * q_out + kv_projections * kv_out)
         scores_and_mix = 2 * 2 * spec.num_heads * spec.head_dim * keys  # q.k^T and p.v
         return {"projections": proj, "attention": scores_and_mix}

@@ -1,9 +1,10 @@
 """Families are wiring: HF ``config.json`` <-> :class:`~ctxlab.config.ModelConfig`, plus true
-checkpoint-key quirks. Each family module exposes ``MODEL_TYPE``, ``ARCHITECTURE``,
-``from_hf(dict, name) -> ModelConfig`` and ``to_hf(ModelConfig) -> dict``."""
+checkpoint-key quirks. Each family module exposes ``MODEL_TYPE`` (and ``MODEL_TYPES`` when it
+reads several), ``ARCHITECTURE``, ``from_hf(dict, name) -> ModelConfig``,
+``to_hf(ModelConfig) -> dict`` and optionally ``checkpoint_key(name) -> name | None``."""
 
-from . import llama, qwen3
+from . import gemma4, llama, qwen3
 
-FAMILIES = {f.MODEL_TYPE: f for f in (llama, qwen3)}
+FAMILIES = {t: f for f in (llama, qwen3, gemma4) for t in getattr(f, "MODEL_TYPES", (f.MODEL_TYPE,))}
 
 __all__ = ["FAMILIES"]

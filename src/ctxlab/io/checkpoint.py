@@ -18,7 +18,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..errors import CheckpointError
-from ..model import CausalLM
+from ..families import FAMILIES
+from ..model import CausalLM, check_dtype
 from .config_file import export_config, load_config
 
 log = logging.getLogger("ctxlab")
@@ -93,29 +94,76 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, d
     files = weight_files(directory)
     found = _headers(files)
 
+    check_dtype(cfg, dtype)
     with torch.device("meta"):
         model = CausalLM(cfg)
     expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     if cfg.tie_word_embeddings:
         expected.pop("lm_head.weight")
-    ignored = sorted(
-        n for n in found if n.endswith(DEAD_KEY_SUFFIXES) or (cfg.tie_word_embeddings and n == "lm_head.weight")
-    )
-    if ignored:
-        log.info("ignoring %d tensor(s) no forward uses: %s", len(ignored), ", ".join(ignored))
-    check_tensor_names(expected, {n: s for n, s in found.items() if n not in ignored}, directory)
+    names = checkpoint_names(cfg, found)
+    check_tensor_names(expected, {ours: found[theirs] for ours, theirs in names.items()}, directory)
 
+    theirs_to_ours = {theirs: ours for ours, theirs in names.items()}
     state = {}
-    for path in sorted(set(files[n] for n in expected)):
+    for path in sorted(set(files[n] for n in theirs_to_ours)):
         with open_safetensors(path) as f:
             for name in f.keys():
-                if name in expected:
+                if name in theirs_to_ours and files[name] == path:
                     t = f.get_tensor(name)
-                    state[name] = t.to(dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+                    state[theirs_to_ours[name]] = t.to(dtype=dtype if t.is_floating_point() else t.dtype, device=device)
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def checkpoint_names(cfg, found: dict[str, tuple]) -> dict[str, str]:
+    """Our tensor name -> the checkpoint's, for every tensor to load.
+
+    Drops, with one info line per reason, what no forward uses: tensors a family maps away
+    (e.g. vision/audio towers of a multimodal checkpoint), K/V weights of layers that read
+    another layer's K/V (published Gemma 4 checkpoints still carry them), a tied model's
+    ``lm_head.weight``, and old exports' ``rotary_emb.inv_freq``. Anything else unexpected
+    stays, so ``check_tensor_names`` reports it.
+    """
+    family = FAMILIES.get(cfg.family)
+    rename = getattr(family, "checkpoint_key", lambda n: n)
+    consumers = {i for i, s in enumerate(cfg.layers) if s.kv_source is not None}
+    dropped: dict[str, list[str]] = {}
+    names = {}
+    for theirs in found:
+        ours = rename(theirs)
+        reason = None
+        if ours is None:
+            reason = "not part of the text decoder"
+        elif _is_consumer_kv(ours, consumers):
+            reason = "K/V weights of layers that read another layer's K/V"
+        elif ours.endswith(DEAD_KEY_SUFFIXES) or (cfg.tie_word_embeddings and ours == "lm_head.weight"):
+            reason = "unused by the forward (tied head, rotary buffers)"
+        if reason:
+            dropped.setdefault(reason, []).append(theirs)
+        else:
+            names[ours] = theirs
+    for reason, items in dropped.items():
+        log.info("skipping %d checkpoint tensor(s), %s: %s", len(items), reason, _abbreviate(items))
+    return names
+
+
+def _is_consumer_kv(name: str, consumers: set[int]) -> bool:
+    parts = name.split(".")  # model.layers.{i}.self_attn.{k_proj,v_proj,k_norm,v_norm}.*
+    return (
+        len(parts) > 4
+        and parts[:2] == ["model", "layers"]
+        and parts[2].isdigit()
+        and int(parts[2]) in consumers
+        and parts[3] == "self_attn"
+        and parts[4] in ("k_proj", "v_proj", "k_norm", "v_norm")
+    )
+
+
+def _abbreviate(items: list[str], keep: int = 4) -> str:
+    items = sorted(items)
+    return ", ".join(items[:keep]) + (f", ... ({len(items) - keep} more)" if len(items) > keep else "")
 
 
 def check_tensor_names(expected: dict[str, tuple], found: dict[str, tuple], where: Path | str) -> None:

@@ -18,6 +18,8 @@ from ..config import LayerSpec, RopeSpec
 
 def inv_frequencies(rope: RopeSpec, rotary_dim: int) -> tuple[torch.Tensor, float]:
     """``(inv_freq [rotary_dim / 2] fp32, attention_factor)`` for a rope spec."""
+    if rope.type == "proportional":
+        return _proportional(rope, rotary_dim), 1.0
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
     inv_freq = 1.0 / (rope.theta**exponents)
     if rope.type in ("default", "none"):
@@ -29,6 +31,16 @@ def inv_frequencies(rope: RopeSpec, rotary_dim: int) -> tuple[torch.Tensor, floa
     if rope.type == "yarn":
         return _yarn(rope, rotary_dim)
     raise ValueError(f"unknown rope type {rope.type!r}")
+
+
+def _proportional(r: RopeSpec, head_dim: int) -> torch.Tensor:
+    """Gemma 4 global layers: the first ``factor * head_dim / 2`` frequencies of a full-head RoPE
+    (exponent denominator = head_dim), the remaining ones zero (position-free dims)."""
+    angles = int(r.partial_rotary_factor * head_dim // 2)
+    exponents = torch.arange(0, 2 * angles, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    rotated = 1.0 / (r.theta**exponents)
+    inv_freq = torch.cat((rotated, torch.zeros(head_dim // 2 - angles, dtype=torch.float32, device="cpu")))
+    return inv_freq / (r.factor or 1.0)
 
 
 def _llama3(inv_freq: torch.Tensor, r: RopeSpec) -> torch.Tensor:

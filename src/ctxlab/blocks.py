@@ -1,0 +1,118 @@
+"""Decoder blocks: how one layer wires attention, feed-forward and the residual stream.
+
+* ``pre_norm`` (Llama, Qwen3; HF ``LlamaDecoderLayer``): ``x += attn(norm(x)); x += mlp(norm(x))``.
+* ``sandwich`` (Gemma 4; HF ``Gemma4TextDecoderLayer``): every sub-block is normed before and
+  after: ``x += norm(attn(norm(x)))``; ``x += norm(ffn(x))`` where ``ffn`` is the dense MLP, or
+  with ``moe`` the sum of the normed dense MLP and the normed routed experts, both reading the
+  same residual.
+
+Both then apply the optional per-layer-embedding gate (PLE) and ``layer_scalar``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import ATTENTION_KINDS
+from .attention.context import ForwardContext
+from .config import LayerSpec, ModelConfig
+from .nn import ple
+from .nn.mlp import MLP_KINDS
+from .nn.moe import ROUTERS, Experts
+from .nn.norms import RMSNorm
+
+
+class Block(nn.Module):
+    """What every block kind shares: attention, MLP, and the optional PLE gate and layer scalar."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        h = cfg.hidden_size
+        self.input_layernorm = RMSNorm(h, cfg.norm_eps)
+        self.self_attn = ATTENTION_KINDS[spec.attention](h, spec, layer_idx, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(h, cfg.norm_eps)
+        self.mlp = MLP_KINDS[spec.mlp](h, spec)
+        self.has_ple = bool(cfg.per_layer_input_size)
+        if self.has_ple:
+            for name, module in ple.block_modules(cfg).items():
+                self.add_module(name, module)
+        if spec.layer_scalar:
+            self.register_buffer("layer_scalar", torch.ones(1))
+
+    def finish(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        if self.has_ple:
+            x = ple.gate(self, x, ctx.per_layer_inputs[:, :, self.layer_idx], self.spec.activation)
+        if self.spec.layer_scalar:
+            x = x * self.layer_scalar
+        return x
+
+    @staticmethod
+    def param_count(cfg: ModelConfig, spec: LayerSpec) -> dict[str, int]:
+        """Parameters of one layer of this kind: ``total`` and ``active`` (per token)."""
+        h = cfg.hidden_size
+        n = ATTENTION_KINDS[spec.attention].param_count(h, spec) + MLP_KINDS[spec.mlp].param_count(h, spec)
+        n += 2 * h + ple.block_param_count(cfg)  # input / post-attention norms, PLE gate
+        return {"total": n, "active": n}
+
+    @staticmethod
+    def decode_flops(cfg: ModelConfig, spec: LayerSpec, keys: int) -> dict[str, int]:
+        """Matmul FLOPs of one token through this layer, attending over ``keys`` keys."""
+        h = cfg.hidden_size
+        terms = dict(ATTENTION_KINDS[spec.attention].decode_flops(h, spec, keys))
+        terms["mlp"] = MLP_KINDS[spec.mlp].flops_per_token(h, spec)
+        terms["per_layer_embedding"] = 2 * ple.block_param_count(cfg) - 2 * h if cfg.per_layer_input_size else 0
+        if spec.moe is not None:
+            m = spec.moe
+            terms["experts"] = 2 * Experts.active_param_count(h, m) + 2 * h * m.num_experts  # + router logits
+        return terms
+
+
+class PreNormBlock(Block):
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H]
+        x = x + self.self_attn(self.input_layernorm(x), ctx)
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return self.finish(x, ctx)
+
+
+class SandwichBlock(Block):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
+        super().__init__(cfg, spec, layer_idx)
+        h, eps = cfg.hidden_size, cfg.norm_eps
+        self.pre_feedforward_layernorm = RMSNorm(h, eps)
+        self.post_feedforward_layernorm = RMSNorm(h, eps)
+        if spec.moe is not None:
+            self.router = ROUTERS[spec.moe.router](h, spec.moe, eps)
+            self.experts = Experts(h, spec.moe, spec.activation)
+            self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
+            self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
+            self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H]
+        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
+        f = self.mlp(self.pre_feedforward_layernorm(x))
+        if self.spec.moe is not None:
+            f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(self._experts(x))
+        x = x + self.post_feedforward_layernorm(f)
+        return self.finish(x, ctx)
+
+    def _experts(self, residual: torch.Tensor) -> torch.Tensor:
+        """Routed experts on the residual [B, T, H]; the router reads it un-normed."""
+        flat = residual.reshape(-1, residual.shape[-1])  # [N, H]
+        index, weight = self.router(flat)
+        return self.experts(self.pre_feedforward_layernorm_2(flat), index, weight).reshape(residual.shape)
+
+    @staticmethod
+    def param_count(cfg: ModelConfig, spec: LayerSpec) -> dict[str, int]:
+        h = cfg.hidden_size
+        counts = Block.param_count(cfg, spec)
+        counts = {k: v + 2 * h for k, v in counts.items()}  # pre/post feed-forward norms
+        if spec.moe is not None:
+            router = ROUTERS[spec.moe.router].param_count(h, spec.moe) + 3 * h  # + three branch norms
+            counts["total"] += router + Experts.param_count(h, spec.moe)
+            counts["active"] += router + Experts.active_param_count(h, spec.moe)
+        return counts
+
+
+BLOCK_KINDS = {"pre_norm": PreNormBlock, "sandwich": SandwichBlock}
