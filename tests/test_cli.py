@@ -59,7 +59,7 @@ def greedy(model_dir: Path, prompt: list[int], n: int) -> list[int]:
 def test_report_json_equals_accounting(capsys):
     code, out, _ = run(capsys, "report", "--json", "--models", "llama-3-8b", "qwen3-8b", "--context", "131072")
     assert code == 0
-    rows = {r["model"]: r for r in json.loads(out)}
+    rows = {r["model"]: r for r in json.loads(out)["models"]}
     assert set(rows) == {"llama-3-8b", "qwen3-8b"}
     llama = rows["llama-3-8b"]
     cfg = ctxlab.load_config("llama-3-8b")
@@ -76,7 +76,7 @@ def test_report_json_sliding_batch_dtype(capsys):
     code, out, _ = run(capsys, "report", "--json", "--models", "tiny-qwen3-sliding",
                        "--context", "4k", "--dtype", "float32", "--batch-size", "3")
     assert code == 0
-    (row,) = json.loads(out)
+    (row,) = json.loads(out)["models"]
     cfg = ctxlab.load_config("tiny-qwen3-sliding")
     assert row["context"] == 4096 and row["batch_size"] == 3 and row["dtype"] == "float32"
     assert row["kv_bytes_realized"] == ctxlab.kv_cache_bytes(cfg, 4096, "float32", 3)
@@ -88,9 +88,25 @@ def test_report_json_sliding_batch_dtype(capsys):
 def test_report_default_models(capsys):
     code, out, _ = run(capsys, "report", "--json")
     assert code == 0
-    assert [r["model"] for r in json.loads(out)] == ctxlab.preset_names(include_tiny=False)
+    assert [r["model"] for r in json.loads(out)["models"]] == ctxlab.preset_names(include_tiny=False)
     code, out, _ = run(capsys, "report", "--json", "--all")
-    assert [r["model"] for r in json.loads(out)] == ctxlab.preset_names()
+    assert [r["model"] for r in json.loads(out)["models"]] == ctxlab.preset_names()
+
+
+def test_report_kv_sharing_conventions(capsys):
+    """The Gemma 4 sharing table: realized and uncapped savings, and the estimator reproducing the published figure."""
+    code, out, _ = run(capsys, "report", "--json", "--models", "gemma4-e2b", "gemma4-e4b", "llama-3-8b")
+    assert code == 0
+    rows = {r["model"]: r for r in json.loads(out)["kv_sharing"]}
+    assert set(rows) == {"gemma4-e2b", "gemma4-e4b"}  # llama shares nothing
+    e2b, e4b = rows["gemma4-e2b"], rows["gemma4-e4b"]
+    assert e2b["consumer_layers"] == list(range(15, 35))
+    assert (round(e2b["saving_realized"] / 1e9, 2), round(e4b["saving_realized"] / 1e9, 2)) == (1.08, 1.63)
+    assert (round(e2b["saving_uncapped"] / 1e9, 2), round(e4b["saving_uncapped"] / 1e9, 2)) == (3.22, 5.64)
+    assert e2b["saving_uniform_estimator"] == 2_684_354_560 and e2b["published"] == "2.7 GB"
+    assert e4b["saving_uniform_estimator"] == 6_039_797_760 and e4b["published"] == "~6 GB"
+    code, out, _ = run(capsys, "report", "--models", "gemma4-e2b")
+    assert "KV saved by cross-layer sharing" in out and "2.68 GB" in out
 
 
 def test_report_human(capsys):
@@ -254,6 +270,6 @@ def test_console_script_subprocess():
     base = [script] if script else [sys.executable, "-m", "ctxlab.cli"]
     done = subprocess.run([*base, "report", "--json", "--models", "llama-3-8b"], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)[0]["kv_bytes_realized"] == 17179869184
+    assert json.loads(done.stdout)["models"][0]["kv_bytes_realized"] == 17179869184
     bad = subprocess.run([sys.executable, "-m", "ctxlab.cli", "inspect", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "presets:" in bad.stderr and "Traceback" not in bad.stderr

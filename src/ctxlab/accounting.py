@@ -2,9 +2,10 @@
 
 * :func:`kv_cache_bytes`: cache bytes at a context length, under a named *convention*:
   ``"realized"`` is what :meth:`CausalLM.new_cache` really allocates (sliding layers capped at
-  their window, layers that share K/V hold nothing); ``"naive"`` counts every layer's
-  per-token bytes for every token (no window cap, no sharing), the convention of most
-  published per-token figures (e.g. Raschka's LLM Architecture Gallery).
+  their window, layers that share K/V hold nothing); ``"uncapped"`` keeps sharing but lets
+  sliding layers hold every token; ``"naive"`` counts every layer's per-token bytes for every
+  token (no window cap, no sharing), the convention of most published per-token figures
+  (e.g. Raschka's LLM Architecture Gallery).
 * :func:`count_params`: total, embedding, non-embedding ("effective") and active parameters.
 * :func:`decode_flops`: matmul FLOPs of decoding one token.
 """
@@ -20,7 +21,7 @@ from .cache import layer_cache_spec
 from .config import ModelConfig
 from .nn import ple
 
-KV_CONVENTIONS = ("realized", "naive")
+KV_CONVENTIONS = ("realized", "uncapped", "naive")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -54,8 +55,10 @@ def kv_cache_bytes_per_layer(
     dt = as_dtype(dtype)
     out = []
     for layer in cfg.layers:
-        if convention == "naive":  # as if the layer had its own K/V and no window
-            layer = dataclasses.replace(layer, kv_source=None, window=None)
+        if convention != "realized":  # as if the layer had no window
+            layer = dataclasses.replace(layer, window=None)
+        if convention == "naive":  # ... and its own K/V
+            layer = dataclasses.replace(layer, kv_source=None)
         out.append(layer_cache_spec(layer).nbytes(batch_size, context_len, dt))
     return out
 

@@ -21,6 +21,7 @@ from rich.table import Table
 from . import __version__
 from .accounting import as_dtype, count_params, decode_flops, kv_cache_bytes, kv_cache_bytes_per_layer
 from .cache import layer_cache_spec
+from .conventions import PUBLISHED_SHARING_ESTIMATES, kv_sharing_saving
 from .errors import ConfigError, CtxlabError
 from .generate import stream
 from .io.checkpoint import from_pretrained
@@ -117,13 +118,51 @@ def report_table(rows: list[dict], context: int, dtype: str, batch_size: int) ->
     return table
 
 
+def sharing_row(name: str, context: int, dtype: str) -> dict | None:
+    """KV bytes saved by cross-layer sharing under each convention (None: the model shares nothing)."""
+    cfg = load_config(name)
+    consumers = [i for i, s in enumerate(cfg.layers) if s.kv_source is not None]
+    if not consumers:
+        return None
+    estimate = PUBLISHED_SHARING_ESTIMATES.get(name)
+    return {
+        "model": name, "consumer_layers": consumers,
+        "saving_realized": kv_sharing_saving(cfg, context, dtype, "realized"),
+        "saving_uncapped": kv_sharing_saving(cfg, context, dtype, "uncapped"),
+        "saving_uniform_estimator": estimate.saving(cfg, context, dtype) if estimate else None,
+        "published": estimate.published if estimate else None, "source": estimate.source if estimate else None,
+    }
+
+
+def sharing_table(rows: list[dict], context: int, dtype: str) -> Table:
+    table = Table(
+        title=f"KV saved by cross-layer sharing at {context:,} tokens ({dtype}, per sequence, decimal GB = 10^9 B)",
+        caption="realized: this library's caches without vs with sharing (sliding layers hold their window); "
+        "true geometry: every layer holds every token; uniform estimator: head_dim = emb_dim / n_heads for every "
+        "layer, no window cap (the assumptions behind the published figure; see ctxlab.conventions)",
+    )
+    for header in ("Model", "Consumer layers", "Realized", "True geometry, no cap", "Uniform estimator", "Published"):
+        table.add_column(header, justify="left" if header in ("Model", "Consumer layers") else "right")
+    for r in rows:
+        uniform = r["saving_uniform_estimator"]
+        table.add_row(
+            escape(r["model"]), f"{len(r['consumer_layers'])} ({r['consumer_layers'][0]}-{r['consumer_layers'][-1]})",
+            f"{r['saving_realized'] / 1e9:.2f} GB", f"{r['saving_uncapped'] / 1e9:.2f} GB",
+            "-" if uniform is None else f"{uniform / 1e9:.2f} GB", r["published"] or "-",
+        )
+    return table
+
+
 def cmd_report(args, console: Console) -> int:
     names = args.models or preset_names(include_tiny=args.all)
     rows = [report_row(name, args.context, args.dtype, args.batch_size) for name in names]
+    sharing = [r for r in (sharing_row(name, args.context, args.dtype) for name in names) if r]
     if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
-        console.print(report_table(rows, args.context, args.dtype, args.batch_size))
+        print(json.dumps({"models": rows, "kv_sharing": sharing}, indent=2))
+        return 0
+    console.print(report_table(rows, args.context, args.dtype, args.batch_size))
+    if sharing:
+        console.print(sharing_table(sharing, args.context, args.dtype))
     return 0
 
 
@@ -159,6 +198,19 @@ def layer_table(rows: list[dict], context: int, dtype: str) -> Table:
     return table
 
 
+def kv_roles(cfg) -> str:
+    """One line: which layers produce K/V and which producer each group of consumers reads."""
+    readers: dict[int, list[int]] = {}
+    for i, s in enumerate(cfg.layers):
+        if s.kv_source is not None:
+            readers.setdefault(s.kv_source, []).append(i)
+    if not readers:
+        return "KV: every layer computes and caches its own K/V\n"
+    producers = [i for i, s in enumerate(cfg.layers) if s.kv_source is None]
+    reads = "; ".join(f"layers {', '.join(map(str, r))} read layer {src}" for src, r in sorted(readers.items()))
+    return f"KV producers: layers {producers[0]}-{producers[-1]}; consumers (no K/V weights, no cache): {reads}\n"
+
+
 def cmd_inspect(args, console: Console) -> int:
     cfg = load_config(args.model)
     params = count_params(cfg)
@@ -174,8 +226,9 @@ def cmd_inspect(args, console: Console) -> int:
         return 0
     console.print(
         f"[bold]{escape(args.model)}[/]: family {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
-        f"vocab {cfg.vocab_size}\nparams: total {fmt_count(params['total'])}, effective (no embedding/head tables) "
-        f"{fmt_count(params['effective'])}, active {fmt_count(params['active'])}\n"
+        f"vocab {cfg.vocab_size}\nparams: total {fmt_count(params['total'])}, effective {fmt_count(params['effective'])}"
+        f" (+ non-text towers {fmt_count(params['non_text'])} - embedding tables), active {fmt_count(params['active'])}\n"
+        f"{kv_roles(cfg)}"
         f"KV cache at {args.context:,} tokens ({args.dtype}, batch 1): "
         f"realized {fmt_bytes(info['kv_bytes_realized'])}, naive {fmt_bytes(info['kv_bytes_naive'])}\n({UNITS_NOTE})"
     )
