@@ -18,8 +18,7 @@ from .attention import ATTENTION_KINDS
 from .attention.context import ForwardContext
 from .config import LayerSpec, ModelConfig
 from .nn import ple
-from .nn.mlp import MLP_KINDS
-from .nn.moe import ROUTERS, Experts
+from .nn.moe import MLP_KINDS, ROUTERS, Experts
 from .nn.norms import RMSNorm
 
 
@@ -33,7 +32,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(h, cfg.norm_eps)
         self.self_attn = ATTENTION_KINDS[spec.attention](h, spec, layer_idx, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(h, cfg.norm_eps)
-        self.mlp = MLP_KINDS[spec.mlp](h, spec)
+        self.mlp = MLP_KINDS[spec.mlp].from_spec(h, spec, cfg.norm_eps)
         self.has_ple = bool(cfg.per_layer_input_size)
         if self.has_ple:
             for name, module in ple.block_modules(cfg).items():
@@ -52,9 +51,10 @@ class Block(nn.Module):
     def param_count(cfg: ModelConfig, spec: LayerSpec) -> dict[str, int]:
         """Parameters of one layer of this kind: ``total`` and ``active`` (per token)."""
         h = cfg.hidden_size
-        n = ATTENTION_KINDS[spec.attention].param_count(h, spec) + MLP_KINDS[spec.mlp].param_count(h, spec)
+        n = ATTENTION_KINDS[spec.attention].param_count(h, spec)
         n += 2 * h + ple.block_param_count(cfg)  # input / post-attention norms, PLE gate
-        return {"total": n, "active": n}
+        mlp = MLP_KINDS[spec.mlp].param_count(h, spec)
+        return {"total": n + mlp["total"], "active": n + mlp["active"]}
 
     @staticmethod
     def decode_flops(cfg: ModelConfig, spec: LayerSpec, keys: int) -> dict[str, int]:
@@ -63,7 +63,7 @@ class Block(nn.Module):
         terms = dict(ATTENTION_KINDS[spec.attention].decode_flops(h, spec, keys))
         terms["mlp"] = MLP_KINDS[spec.mlp].flops_per_token(h, spec)
         terms["per_layer_embedding"] = 2 * ple.block_param_count(cfg) - 2 * h if cfg.per_layer_input_size else 0
-        if spec.moe is not None:
+        if spec.moe is not None and spec.mlp == "gated":  # the expert branch beside the MLP
             m = spec.moe
             terms["experts"] = 2 * Experts.active_param_count(h, m) + 2 * h * m.num_experts  # + router logits
         return terms
@@ -82,7 +82,8 @@ class SandwichBlock(Block):
         h, eps = cfg.hidden_size, cfg.norm_eps
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
         self.post_feedforward_layernorm = RMSNorm(h, eps)
-        if spec.moe is not None:
+        self.has_expert_branch = spec.moe is not None and spec.mlp == "gated"
+        if self.has_expert_branch:
             self.router = ROUTERS[spec.moe.router](h, spec.moe, eps)
             self.experts = Experts(h, spec.moe, spec.activation)
             self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
@@ -92,7 +93,7 @@ class SandwichBlock(Block):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H]
         x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
         f = self.mlp(self.pre_feedforward_layernorm(x))
-        if self.spec.moe is not None:
+        if self.has_expert_branch:
             f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(self._experts(x))
         x = x + self.post_feedforward_layernorm(f)
         return self.finish(x, ctx)
@@ -108,7 +109,7 @@ class SandwichBlock(Block):
         h = cfg.hidden_size
         counts = Block.param_count(cfg, spec)
         counts = {k: v + 2 * h for k, v in counts.items()}  # pre/post feed-forward norms
-        if spec.moe is not None:
+        if spec.moe is not None and spec.mlp == "gated":
             router = ROUTERS[spec.moe.router].param_count(h, spec.moe) + 3 * h  # + three branch norms
             counts["total"] += router + Experts.param_count(h, spec.moe)
             counts["active"] += router + Experts.active_param_count(h, spec.moe)

@@ -19,9 +19,16 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .accounting import as_dtype, count_params, decode_flops, kv_cache_bytes, kv_cache_bytes_per_layer
+from .accounting import (
+    as_dtype,
+    count_params,
+    decode_flops,
+    decode_flops_terms,
+    kv_cache_bytes,
+    kv_cache_bytes_per_layer,
+)
 from .cache import layer_cache_spec
-from .conventions import PUBLISHED_SHARING_ESTIMATES, kv_sharing_saving
+from .conventions import PUBLISHED_SHARING_ESTIMATES, kv_sharing_saving, uniform_head_budget
 from .errors import ConfigError, CtxlabError
 from .generate import stream
 from .io.checkpoint import from_pretrained
@@ -153,16 +160,49 @@ def sharing_table(rows: list[dict], context: int, dtype: str) -> Table:
     return table
 
 
+def head_budget_row(name: str, context: int) -> dict | None:
+    """Decode attention FLOPs of a per-layer head budget vs the same heads spread evenly (None: uniform)."""
+    cfg = load_config(name)
+    uniform = uniform_head_budget(cfg)
+    if uniform is None:
+        return None
+    return {
+        "model": name, "heads_per_layer": [s.num_heads for s in cfg.layers],
+        "uniform_heads": uniform.layers[0].num_heads,
+        "attention_flops": decode_flops_terms(cfg, context)["attention"],
+        "attention_flops_uniform": decode_flops_terms(uniform, context)["attention"],
+    }
+
+
+def head_budget_table(rows: list[dict], context: int) -> Table:
+    table = Table(title=f"Per-layer query-head budgets: decode attention GFLOPs at position {context:,}",
+                  caption="q·kᵀ and p·v of one decoded token; 'uniform' spreads the same total of query heads "
+                  "evenly over the layers (ctxlab.conventions.uniform_head_budget)")
+    for header in ("Model", "Heads per layer", "Budgeted", "Uniform", "Saving"):
+        table.add_column(header, justify="left" if header in ("Model", "Heads per layer") else "right")
+    for r in rows:
+        counts = sorted(set(r["heads_per_layer"]))
+        mix = ", ".join(f"{r['heads_per_layer'].count(h)}x{h}" for h in counts)
+        table.add_row(
+            escape(r["model"]), f"{mix} (uniform {r['uniform_heads']})", f"{r['attention_flops'] / 1e9:,.2f}",
+            f"{r['attention_flops_uniform'] / 1e9:,.2f}", f"{1 - r['attention_flops'] / r['attention_flops_uniform']:.1%}",
+        )
+    return table
+
+
 def cmd_report(args, console: Console) -> int:
     names = args.models or preset_names(include_tiny=args.all)
     rows = [report_row(name, args.context, args.dtype, args.batch_size) for name in names]
     sharing = [r for r in (sharing_row(name, args.context, args.dtype) for name in names) if r]
+    budgets = [r for r in (head_budget_row(name, args.context) for name in names) if r]
     if args.json:
-        print(json.dumps({"models": rows, "kv_sharing": sharing}, indent=2))
+        print(json.dumps({"models": rows, "kv_sharing": sharing, "head_budgets": budgets}, indent=2))
         return 0
     console.print(report_table(rows, args.context, args.dtype, args.batch_size))
     if sharing:
         console.print(sharing_table(sharing, args.context, args.dtype))
+    if budgets:
+        console.print(head_budget_table(budgets, args.context))
     return 0
 
 
@@ -211,6 +251,16 @@ def kv_roles(cfg) -> str:
     return f"KV producers: layers {producers[0]}-{producers[-1]}; consumers (no K/V weights, no cache): {reads}\n"
 
 
+def head_budget_line(cfg, context: int) -> str:
+    uniform = uniform_head_budget(cfg)
+    if uniform is None:
+        return ""
+    ours, even = (decode_flops_terms(c, context)["attention"] / 1e9 for c in (cfg, uniform))
+    return (f"query heads per layer vary ({min(s.num_heads for s in cfg.layers)}-{max(s.num_heads for s in cfg.layers)}):"
+            f" decode attention {ours:,.2f} GFLOP at position {context:,} vs {even:,.2f} with "
+            f"{uniform.layers[0].num_heads} heads on every layer\n")
+
+
 def cmd_inspect(args, console: Console) -> int:
     cfg = load_config(args.model)
     params = count_params(cfg)
@@ -228,7 +278,7 @@ def cmd_inspect(args, console: Console) -> int:
         f"[bold]{escape(args.model)}[/]: family {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"vocab {cfg.vocab_size}\nparams: total {fmt_count(params['total'])}, effective {fmt_count(params['effective'])}"
         f" (+ non-text towers {fmt_count(params['non_text'])} - embedding tables), active {fmt_count(params['active'])}\n"
-        f"{kv_roles(cfg)}"
+        f"{kv_roles(cfg)}{head_budget_line(cfg, args.context)}"
         f"KV cache at {args.context:,} tokens ({args.dtype}, batch 1): "
         f"realized {fmt_bytes(info['kv_bytes_realized'])}, naive {fmt_bytes(info['kv_bytes_naive'])}\n({UNITS_NOTE})"
     )

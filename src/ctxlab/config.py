@@ -16,9 +16,10 @@ from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "none")
 ATTENTION_KINDS = ("gqa",)
-MLP_KINDS = ("gated",)
+MLP_KINDS = ("gated", "moe")
 BLOCK_KINDS = ("pre_norm", "sandwich")
-ROUTERS = ("softmax_topk",)
+ROUTERS = ("softmax_topk", "sigmoid_bias")
+OUTPUT_GATES = ("per_head", "per_element")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 
 
@@ -51,13 +52,23 @@ class RopeSpec:
 @dataclass(frozen=True)
 class MoESpec:
     """A routed mixture of experts: ``num_experts`` gated MLPs of width ``intermediate_size``,
-    ``top_k`` per token, chosen by ``router`` (``"softmax_topk"``: softmax, top-k, renormalise,
-    per-expert scale; Gemma 4's ``Gemma4TextRouter``)."""
+    ``top_k`` per token, chosen by ``router``:
+
+    * ``"softmax_topk"``: softmax, top-k, renormalise, per-expert scale (HF ``Gemma4TextRouter``);
+    * ``"sigmoid_bias"``: sigmoid scores, top-k of scores + a correction bias (used for choosing
+      only), renormalised (HF ``LagunaTopKRouter``; DeepSeek-V3's aux-loss-free routing).
+
+    ``routed_scaling`` multiplies the routed sum; ``shared_expert_size`` > 0 adds an always-on
+    gated MLP of that width; ``router_logit_softcap`` caps router logits with tanh.
+    """
 
     num_experts: int
     top_k: int
     intermediate_size: int
     router: str = "softmax_topk"
+    routed_scaling: float = 1.0
+    shared_expert_size: int = 0
+    router_logit_softcap: float | None = None
 
 
 @dataclass(frozen=True)
@@ -72,7 +83,9 @@ class LayerSpec:
     the raw K projection (Gemma 4 global layers). ``block`` is the residual wiring: ``pre_norm``
     (Llama) or ``sandwich`` (norms before and after each sub-block, Gemma). ``layer_scalar``
     multiplies the residual stream at the end of the layer by a stored scalar. ``moe`` adds a
-    routed expert branch beside the dense MLP (Gemma 4 26B-A4B).
+    routed expert branch beside the dense MLP (Gemma 4 26B-A4B) when ``mlp = "gated"``, or
+    replaces the MLP when ``mlp = "moe"`` (Laguna). ``output_gate`` multiplies each head's
+    attention output by ``softplus(g_proj(x))`` per head or per element (Laguna).
     """
 
     num_heads: int
@@ -88,6 +101,7 @@ class LayerSpec:
     kv_source: int | None = None
     v_norm: bool = False
     k_eq_v: bool = False
+    output_gate: str | None = None
     mlp: str = "gated"
     mlp_bias: bool = False
     activation: str = "silu"
@@ -248,8 +262,15 @@ def _validate_layer(i: int, s: LayerSpec, cfg: ModelConfig) -> list[str]:
             p.append(f"{at}.moe = {m}: need 0 < top_k <= num_experts and intermediate_size > 0")
         if m.router not in ROUTERS:
             p.append(f"{at}.moe.router = {m.router!r}: allowed: {list(ROUTERS)}")
-        if s.block != "sandwich":
-            p.append(f"{at}.moe: an expert branch beside the dense MLP needs block = 'sandwich' (got {s.block!r})")
+        if s.mlp == "gated" and s.block != "sandwich":
+            p.append(
+                f"{at}.moe with mlp = 'gated' (experts beside the dense MLP) needs block = 'sandwich', "
+                f"got {s.block!r}; use mlp = 'moe' to replace the MLP by the experts"
+            )
+    elif s.mlp == "moe":
+        p.append(f"{at}.mlp = 'moe' needs a MoESpec in {at}.moe")
+    if s.output_gate not in (None, *OUTPUT_GATES):
+        p.append(f"{at}.output_gate = {s.output_gate!r}: allowed: None, {', '.join(map(repr, OUTPUT_GATES))}")
     if s.mlp not in MLP_KINDS:
         p.append(f"{at}.mlp = {s.mlp!r}: unknown MLP kind; allowed: {list(MLP_KINDS)}")
     if s.activation not in ACTIVATIONS:

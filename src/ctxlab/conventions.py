@@ -8,6 +8,7 @@ report can reproduce a published figure *and* show the realized one.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 
 import torch
@@ -65,3 +66,25 @@ PUBLISHED_SHARING_ESTIMATES = {
     "gemma4-e2b": UniformEstimate(emb_dim=2048, n_heads=8, n_kv_heads=1, published="2.7 GB", source=_RASCHKA),
     "gemma4-e4b": UniformEstimate(emb_dim=2560, n_heads=8, n_kv_heads=2, published="~6 GB", source=_RASCHKA),
 }
+
+
+def uniform_head_budget(cfg: ModelConfig) -> ModelConfig | None:
+    """The same model with its query heads spread evenly over the layers (same total heads).
+
+    The baseline that per-layer head budgets (Laguna XS.2: 48 heads on global, 64 on sliding
+    layers) are compared against. KV heads become the largest count dividing the new head
+    number, which leaves the attention FLOPs (4·H·d per key) unchanged. None when the model's
+    heads are already uniform or the total does not split evenly.
+    """
+    heads = [s.num_heads for s in cfg.layers]
+    total = sum(heads)
+    if len(set(heads)) == 1 or total % len(heads):
+        return None
+    per_layer = total // len(heads)
+    return cfg.replace(
+        layers=tuple(
+            dataclasses.replace(s, num_heads=per_layer, num_kv_heads=math.gcd(per_layer, s.num_kv_heads))
+            for s in cfg.layers
+        ),
+        name=f"{cfg.name} (uniform {per_layer} heads)",
+    )

@@ -3,7 +3,9 @@
 Optional per-head q/k RMSNorm before RoPE (Qwen3, HF ``Qwen3Attention``), optional projection
 biases (HF ``attention_bias``: q, k, v and o),
 a per-layer sliding window, and cross-layer KV sharing: a layer with ``kv_source`` has no K/V
-projections and attends over the K/V its producer computed in the same forward.
+projections and attends over the K/V its producer computed in the same forward. An optional softplus output gate scales each
+head's output before ``o_proj``, per head or per element (HF ``LagunaAttention``). Query heads
+come from the layer's own spec, so layers may have different head budgets over the same KV heads.
 K/V are cached with ``H_kv`` heads and expanded to the query heads only inside attention
 (``enable_gqa``), so the cache stays small.
 """
@@ -36,6 +38,8 @@ class GQAttention(nn.Module):
             self.k_norm = RMSNorm(d, norm_eps) if spec.qk_norm else None
             self.v_norm = RMSNorm(d, norm_eps, with_scale=False) if spec.v_norm else None
         self.rotary = Rotary(spec)
+        if spec.output_gate is not None:
+            self.g_proj = nn.Linear(h, hq if spec.output_gate == "per_head" else hq * d, bias=False)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
@@ -55,7 +59,11 @@ class GQAttention(nn.Module):
 
         mask = attention_mask(ctx.positions, k_pos, s.window)  # [B, 1, T, S]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale, enable_gqa=True)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+        out = out.transpose(1, 2)  # [B, T, H_q, D]
+        if s.output_gate is not None:
+            gate = F.softplus(self.g_proj(x).float()).to(out.dtype)  # [B, T, H_q] or [B, T, H_q * D]
+            out = out * gate.view(B, T, s.num_heads, -1)
+        return self.o_proj(out.reshape(B, T, s.num_heads * s.head_dim))
 
     def _new_kv(self, x, ctx: ForwardContext, cos, sin):
         """K/V of the new tokens, appended to this layer's cache; returns what to attend over."""
@@ -88,6 +96,7 @@ class GQAttention(nn.Module):
         n = 2 * hidden_size * q_out  # q_proj, o_proj
         n += q_out + hidden_size if spec.attention_bias else 0
         n += spec.head_dim if spec.qk_norm else 0
+        n += GQAttention._gate_width(spec) * hidden_size
         if spec.kv_source is None:
             kv_projections = 1 if spec.k_eq_v else 2
             n += kv_projections * (hidden_size * kv_out + (kv_out if spec.attention_bias else 0))
@@ -95,10 +104,16 @@ class GQAttention(nn.Module):
         return n
 
     @staticmethod
+    def _gate_width(spec: LayerSpec) -> int:
+        if spec.output_gate is None:
+            return 0
+        return spec.num_heads * (1 if spec.output_gate == "per_head" else spec.head_dim)
+
+    @staticmethod
     def decode_flops(hidden_size: int, spec: LayerSpec, keys: int) -> dict[str, int]:
         """Matmul FLOPs (2 per multiply-add) of one new token attending over ``keys`` keys."""
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         kv_projections = 0 if spec.kv_source is not None else (1 if spec.k_eq_v else 2)
-        proj = 2 * hidden_size * (2 * q_out + kv_projections * kv_out)
+        proj = 2 * hidden_size * (2 * q_out + kv_projections * kv_out + GQAttention._gate_width(spec))
         scores_and_mix = 2 * 2 * spec.num_heads * spec.head_dim * keys  # q.k^T and p.v
         return {"projections": proj, "attention": scores_and_mix}

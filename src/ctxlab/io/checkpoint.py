@@ -20,6 +20,7 @@ from safetensors.torch import save_file
 from ..errors import CheckpointError
 from ..families import FAMILIES
 from ..model import CausalLM, check_dtype
+from . import layout
 from .config_file import export_config, load_config
 
 log = logging.getLogger("ctxlab")
@@ -97,28 +98,41 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, d
     check_dtype(cfg, dtype)
     with torch.device("meta"):
         model = CausalLM(cfg)
-    expected = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        expected.pop("lm_head.weight")
-    names = checkpoint_names(cfg, found)
-    check_tensor_names(expected, {ours: found[theirs] for ours, theirs in names.items()}, directory)
+    plan = layout.sources(model_tensor_shapes(model), FAMILIES.get(cfg.family))
+    expected = {n: s for src in plan.values() for n, s in zip(src.names, src.shapes)}
+    names = checkpoint_names(cfg, found)  # checkpoint-layout name -> name in the file
+    check_tensor_names(expected, {canonical: found[raw] for canonical, raw in names.items()}, directory)
 
-    theirs_to_ours = {theirs: ours for ours, theirs in names.items()}
-    state = {}
-    for path in sorted(set(files[n] for n in theirs_to_ours)):
-        with open_safetensors(path) as f:
-            for name in f.keys():
-                if name in theirs_to_ours and files[name] == path:
-                    t = f.get_tensor(name)
-                    state[theirs_to_ours[name]] = t.to(dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+    tensors = _read({names[n] for n in expected}, files, dtype, device)
+    state = {ours: src.combine([tensors.pop(names[n]) for n in src.names]) for ours, src in plan.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
 
 
+def model_tensor_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
+    """Every tensor a checkpoint of ``model`` holds (a tied head is not stored)."""
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def _read(wanted: set[str], files: dict[str, Path], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
+    """Read the named tensors, one at a time, cast floating-point ones to ``dtype``."""
+    out = {}
+    for path in sorted({files[n] for n in wanted}):
+        with open_safetensors(path) as f:
+            for name in f.keys():
+                if name in wanted and files[name] == path:
+                    t = f.get_tensor(name)
+                    out[name] = t.to(dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+    return out
+
+
 def checkpoint_names(cfg, found: dict[str, tuple]) -> dict[str, str]:
-    """Our tensor name -> the checkpoint's, for every tensor to load.
+    """Name in the family's checkpoint layout -> name in the file, for every tensor to load.
 
     Drops, with one info line per reason, what no forward uses: tensors a family maps away
     (e.g. vision/audio towers of a multimodal checkpoint), K/V weights of layers that read
@@ -190,9 +204,13 @@ def save_pretrained(model: CausalLM, directory: str | Path, max_shard_bytes: int
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config
-    state = {n: t.detach().contiguous().cpu() for n, t in model.state_dict().items()}
-    if cfg.tie_word_embeddings:
-        state.pop("lm_head.weight")
+    ours = model.state_dict()
+    plan = layout.sources(model_tensor_shapes(model), FAMILIES.get(cfg.family))
+    state = {
+        name: part.detach().cpu().contiguous().clone()
+        for ours_name, src in plan.items()
+        for name, part in zip(src.names, src.split(ours[ours_name]))
+    }
     config = export_config(cfg)
     config["dtype"] = str(model.dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -14,25 +14,29 @@ ACTIVATIONS = {
 
 
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, spec: LayerSpec):
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False):
         super().__init__()
-        inter, bias = spec.intermediate_size, spec.mlp_bias
-        self.gate_proj = nn.Linear(hidden_size, inter, bias=bias)
-        self.up_proj = nn.Linear(hidden_size, inter, bias=bias)
-        self.down_proj = nn.Linear(inter, hidden_size, bias=bias)
-        self.act = ACTIVATIONS[spec.activation]
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+        self.act = ACTIVATIONS[activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
+    @classmethod
+    def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float) -> "GatedMLP":
+        return cls(hidden_size, spec.intermediate_size, spec.activation, spec.mlp_bias)
+
     @staticmethod
-    def param_count(hidden_size: int, spec: LayerSpec) -> int:
-        bias = spec.intermediate_size * 2 + hidden_size if spec.mlp_bias else 0
-        return 3 * hidden_size * spec.intermediate_size + bias
+    def size(hidden_size: int, intermediate_size: int, bias: bool = False) -> int:
+        return 3 * hidden_size * intermediate_size + ((2 * intermediate_size + hidden_size) if bias else 0)
+
+    @staticmethod
+    def param_count(hidden_size: int, spec: LayerSpec) -> dict[str, int]:
+        n = GatedMLP.size(hidden_size, spec.intermediate_size, spec.mlp_bias)
+        return {"total": n, "active": n}
 
     @staticmethod
     def flops_per_token(hidden_size: int, spec: LayerSpec) -> int:
         return 2 * 3 * hidden_size * spec.intermediate_size
-
-
-MLP_KINDS = {"gated": GatedMLP}

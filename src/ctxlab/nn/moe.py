@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MoESpec
-from .mlp import ACTIVATIONS
+from ..config import LayerSpec, MoESpec
+from .mlp import ACTIVATIONS, GatedMLP
 from .norms import RMSNorm
 
 
@@ -69,4 +69,75 @@ class SoftmaxTopKRouter(nn.Module):
         return moe.num_experts * hidden_size + hidden_size + moe.num_experts
 
 
-ROUTERS = {"softmax_topk": SoftmaxTopKRouter}
+class SigmoidBiasRouter(nn.Module):
+    """Sigmoid routing with a selection-only correction bias (DeepSeek-V3 §2.1.2 "auxiliary-loss-free
+    load balancing"; HF ``LagunaTopKRouter``): logits (optionally tanh-capped) -> sigmoid scores;
+    experts chosen by top-k of ``scores + e_score_correction_bias``; weights are the chosen
+    *scores*, renormalised to sum to 1. Parameter names follow HF (``gate.weight``)."""
+
+    def __init__(self, hidden_size: int, moe: MoESpec, eps: float):
+        super().__init__()
+        self.top_k, self.softcap = moe.top_k, moe.router_logit_softcap
+        self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
+        self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (top_index [N, K], top_weight [N, K] in x's dtype)."""
+        logits = F.linear(x, self.weight).float()  # [N, E]
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        scores = torch.sigmoid(logits)
+        _, index = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k, dim=-1)
+        weight = scores.gather(-1, index)
+        return index, (weight / weight.sum(dim=-1, keepdim=True)).to(x.dtype)
+
+    @staticmethod
+    def param_count(hidden_size: int, moe: MoESpec) -> int:
+        return moe.num_experts * hidden_size + moe.num_experts
+
+
+ROUTERS = {"softmax_topk": SoftmaxTopKRouter, "sigmoid_bias": SigmoidBiasRouter}
+
+
+class SparseMoE(nn.Module):
+    """An MLP replaced by experts (HF ``LagunaSparseMoeBlock``): ``routed_scaling`` times the
+    routed experts' weighted sum, plus an always-on shared expert (not scaled, not gated).
+    Submodule names follow HF: ``gate`` (router), ``experts``, ``shared_experts``."""
+
+    def __init__(self, hidden_size: int, spec: LayerSpec, norm_eps: float):
+        super().__init__()
+        m = spec.moe
+        self.routed_scaling = m.routed_scaling
+        self.gate = ROUTERS[m.router](hidden_size, m, norm_eps)
+        self.experts = Experts(hidden_size, m, spec.activation)
+        self.shared_experts = GatedMLP(hidden_size, m.shared_expert_size, spec.activation) if m.shared_expert_size else None
+
+    @classmethod
+    def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float) -> "SparseMoE":
+        return cls(hidden_size, spec, norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
+        flat = x.reshape(-1, x.shape[-1])
+        index, weight = self.gate(flat)
+        out = self.experts(flat, index, weight) * self.routed_scaling
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(flat)
+        return out.reshape(x.shape)
+
+    @staticmethod
+    def param_count(hidden_size: int, spec: LayerSpec) -> dict[str, int]:
+        m = spec.moe
+        always = ROUTERS[m.router].param_count(hidden_size, m) + GatedMLP.size(hidden_size, m.shared_expert_size)
+        return {
+            "total": always + Experts.param_count(hidden_size, m),
+            "active": always + Experts.active_param_count(hidden_size, m),
+        }
+
+    @staticmethod
+    def flops_per_token(hidden_size: int, spec: LayerSpec) -> int:
+        m = spec.moe
+        router = 2 * hidden_size * m.num_experts
+        return router + 2 * Experts.active_param_count(hidden_size, m) + 2 * GatedMLP.size(hidden_size, m.shared_expert_size)
+
+
+MLP_KINDS = {"gated": GatedMLP, "moe": SparseMoE}

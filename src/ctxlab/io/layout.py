@@ -1,0 +1,69 @@
+"""How our tensors are laid out in a family's published checkpoints.
+
+Most tensors are stored under our own name. Some families publish MoE experts one tensor per
+expert and projection (``mlp.experts.{e}.gate_proj.weight``, Qwen2-MoE style, which transformers
+also writes back on save) while we keep them stacked ([E, 2·I, H] gate-then-up, [E, H, I]), and
+some rename a few submodules. A family declares ``CHECKPOINT_RENAMES`` (pairs of our name part,
+checkpoint name part) and ``EXPERTS_PER_TENSOR``; :func:`sources` turns that into, for each of our
+tensors, the checkpoint tensors it is made of and how to combine / split them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Source:
+    """The checkpoint tensors (names, shapes) one of our tensors is made of."""
+
+    names: list[str]
+    shapes: list[tuple[int, ...]]
+    combine: Callable[[list[torch.Tensor]], torch.Tensor] = lambda ts: ts[0]
+    split: Callable[[torch.Tensor], list[torch.Tensor]] = lambda t: [t]
+
+
+def sources(ours: dict[str, tuple[int, ...]], family) -> dict[str, Source]:
+    """Our tensor name -> its :class:`Source` in the family's checkpoint layout."""
+    renames = getattr(family, "CHECKPOINT_RENAMES", ())
+    per_expert = getattr(family, "EXPERTS_PER_TENSOR", False)
+
+    def theirs(name: str) -> str:
+        for our_part, their_part in renames:
+            name = name.replace(our_part, their_part)
+        return name
+
+    out = {}
+    for name, shape in ours.items():
+        if per_expert and name.endswith(".experts.gate_up_proj"):
+            out[name] = _gate_up(theirs(name.removesuffix("gate_up_proj")), shape)
+        elif per_expert and name.endswith(".experts.down_proj"):
+            out[name] = _down(theirs(name.removesuffix("down_proj")), shape)
+        else:
+            out[name] = Source([theirs(name)], [shape])
+    return out
+
+
+def _gate_up(prefix: str, shape: tuple[int, ...]) -> Source:
+    experts, two_i, hidden = shape
+    i = two_i // 2
+    names = [f"{prefix}{e}.{p}_proj.weight" for p in ("gate", "up") for e in range(experts)]
+    return Source(
+        names,
+        [(i, hidden)] * len(names),
+        combine=lambda ts: torch.cat((torch.stack(ts[:experts]), torch.stack(ts[experts:])), dim=1),
+        split=lambda t: [t[e, :i] for e in range(experts)] + [t[e, i:] for e in range(experts)],
+    )
+
+
+def _down(prefix: str, shape: tuple[int, ...]) -> Source:
+    experts, hidden, i = shape
+    return Source(
+        [f"{prefix}{e}.down_proj.weight" for e in range(experts)],
+        [(hidden, i)] * experts,
+        combine=torch.stack,
+        split=lambda t: list(t.unbind(0)),
+    )
