@@ -91,7 +91,8 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     head = 0 if cfg.tie_word_embeddings else cfg.vocab_size * h
     per_layer = [BLOCK_KINDS[s.block].param_count(cfg, s) for s in cfg.layers]
     ple_counts = ple.stack_param_count(cfg)
-    total = embedding + head + sum(c["total"] for c in per_layer) + h + ple_counts["table"] + ple_counts["projection"]
+    stack = h + (2 * h if cfg.input_affine else 0)  # final norm, embedding affine
+    total = embedding + head + sum(c["total"] for c in per_layer) + stack + ple_counts["table"] + ple_counts["projection"]
     tables = embedding + head + ple_counts["table"]
     return {
         "total": total,

@@ -5,6 +5,9 @@
   after: ``x += norm(attn(norm(x)))``; ``x += norm(ffn(x))`` where ``ffn`` is the dense MLP, or
   with ``moe`` the sum of the normed dense MLP and the normed routed experts, both reading the
   same residual.
+* ``scaled_residual`` (ZAYA1; HF ``ZayaDecoderLayer``): pre-norm, but each add is
+  ``(branch + b) * s + (residual + b') * s'`` with learned vectors; the norms read the residual
+  cast to the weights' dtype, so the stream itself may stay in float32.
 
 Both then apply the optional per-layer-embedding gate (PLE) and ``layer_scalar``.
 """
@@ -20,6 +23,7 @@ from .config import LayerSpec, ModelConfig
 from .nn import ple
 from .nn.moe import MLP_KINDS, ROUTERS, Experts
 from .nn.norms import RMSNorm
+from .nn.residual import ResidualScaling
 
 
 class Block(nn.Module):
@@ -72,7 +76,7 @@ class Block(nn.Module):
 class PreNormBlock(Block):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H]
         x = x + self.self_attn(self.input_layernorm(x), ctx)
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), ctx)
         return self.finish(x, ctx)
 
 
@@ -116,4 +120,22 @@ class SandwichBlock(Block):
         return counts
 
 
-BLOCK_KINDS = {"pre_norm": PreNormBlock, "sandwich": SandwichBlock}
+class ScaledResidualBlock(Block):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
+        super().__init__(cfg, spec, layer_idx)
+        self.post_attention_residual_scale = ResidualScaling(cfg.hidden_size)
+        self.post_mlp_residual_scale = ResidualScaling(cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H], maybe float32
+        dtype = self.input_layernorm.weight.dtype
+        x = self.post_attention_residual_scale(self.self_attn(self.input_layernorm(x.to(dtype)), ctx), x)
+        x = self.post_mlp_residual_scale(self.mlp(self.post_attention_layernorm(x.to(dtype)), ctx), x)
+        return self.finish(x, ctx)
+
+    @staticmethod
+    def param_count(cfg: ModelConfig, spec: LayerSpec) -> dict[str, int]:
+        extra = 2 * ResidualScaling.param_count(cfg.hidden_size)
+        return {k: v + extra for k, v in Block.param_count(cfg, spec).items()}
+
+
+BLOCK_KINDS = {"pre_norm": PreNormBlock, "sandwich": SandwichBlock, "scaled_residual": ScaledResidualBlock}

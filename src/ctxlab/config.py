@@ -15,10 +15,10 @@ from typing import Any
 from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "none")
-ATTENTION_KINDS = ("gqa",)
+ATTENTION_KINDS = ("gqa", "cca")
 MLP_KINDS = ("gated", "moe")
-BLOCK_KINDS = ("pre_norm", "sandwich")
-ROUTERS = ("softmax_topk", "sigmoid_bias")
+BLOCK_KINDS = ("pre_norm", "sandwich", "scaled_residual")
+ROUTERS = ("softmax_topk", "sigmoid_bias", "mlp_eda")
 OUTPUT_GATES = ("per_head", "per_element")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 
@@ -58,6 +58,11 @@ class MoESpec:
     * ``"sigmoid_bias"``: sigmoid scores, top-k of scores + a correction bias (used for choosing
       only), renormalised (HF ``LagunaTopKRouter``; DeepSeek-V3's aux-loss-free routing).
 
+    * ``"mlp_eda"``: ZAYA1's router (HF ``ZayaRouter``): down-projection to ``router_hidden_size``,
+      plus the previous layer's router state when ``router_state_in`` (depth recurrence), a small
+      MLP to ``num_experts + 1`` classes (the last one "skip": no expert), softmax, top-k of
+      probabilities + balancing biases; weights are the unbiased probabilities.
+
     ``routed_scaling`` multiplies the routed sum; ``shared_expert_size`` > 0 adds an always-on
     gated MLP of that width; ``router_logit_softcap`` caps router logits with tanh.
     """
@@ -69,6 +74,8 @@ class MoESpec:
     routed_scaling: float = 1.0
     shared_expert_size: int = 0
     router_logit_softcap: float | None = None
+    router_hidden_size: int = 0
+    router_state_in: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +109,7 @@ class LayerSpec:
     v_norm: bool = False
     k_eq_v: bool = False
     output_gate: str | None = None
+    conv_kernels: tuple[int, int] = (2, 2)
     mlp: str = "gated"
     mlp_bias: bool = False
     activation: str = "silu"
@@ -133,7 +141,9 @@ class ModelConfig:
     weight dtype). ``per_layer_input_size`` > 0 switches on per-layer embeddings (PLE, Gemma 4
     E2B/E4B) with a table of ``per_layer_vocab_size`` rows. ``float16_ok=False`` refuses fp16
     (Gemma overflows). ``non_text_params``: parameters of towers outside the text decoder
-    (vision, audio) that published totals include; accounting only.
+    (vision, audio) that published totals include; accounting only. ``input_affine`` adds a
+    learned bias and scale to the embeddings, and ``residual_fp32`` keeps the residual stream in
+    float32 whatever the weights' dtype (ZAYA).
     """
 
     family: str
@@ -152,6 +162,8 @@ class ModelConfig:
     per_layer_vocab_size: int | None = None
     float16_ok: bool = True
     non_text_params: int = 0
+    input_affine: bool = False
+    residual_fp32: bool = False
     name: str = ""
 
     def __post_init__(self):
@@ -187,6 +199,8 @@ class ModelConfig:
             rope = RopeSpec(**_only_known(RopeSpec, ld.pop("rope", {}), f"layers[{i}].rope"))
             moe = ld.pop("moe", None)
             moe = MoESpec(**_only_known(MoESpec, moe, f"layers[{i}].moe")) if moe else None
+            if "conv_kernels" in ld:
+                ld["conv_kernels"] = tuple(ld["conv_kernels"])
             layers.append(LayerSpec(rope=rope, moe=moe, **_only_known(LayerSpec, ld, f"layers[{i}]")))
         d = _only_known(ModelConfig, d, "config")
         d["eos_token_id"] = tuple(d.get("eos_token_id") or ())
@@ -269,6 +283,16 @@ def _validate_layer(i: int, s: LayerSpec, cfg: ModelConfig) -> list[str]:
             )
     elif s.mlp == "moe":
         p.append(f"{at}.mlp = 'moe' needs a MoESpec in {at}.moe")
+    if s.attention == "cca":
+        if s.kv_source is not None or s.k_eq_v or s.output_gate or s.qk_norm or s.v_norm:
+            p.append(f"{at}: CCA attention does not combine with kv_source, k_eq_v, output_gate, qk_norm or v_norm")
+        if (s.num_kv_heads * s.head_dim) % 2 or min(s.conv_kernels) < 1 or len(s.conv_kernels) != 2:
+            p.append(
+                f"{at}: CCA needs an even num_kv_heads * head_dim (half current, half delayed values) and "
+                f"two conv kernels >= 1; got {s.num_kv_heads} x {s.head_dim}, conv_kernels = {s.conv_kernels}"
+            )
+    if s.moe is not None and s.moe.router == "mlp_eda" and s.moe.router_hidden_size <= 0:
+        p.append(f"{at}.moe.router_hidden_size = {s.moe.router_hidden_size}: the mlp_eda router needs a positive width")
     if s.output_gate not in (None, *OUTPUT_GATES):
         p.append(f"{at}.output_gate = {s.output_gate!r}: allowed: None, {', '.join(map(repr, OUTPUT_GATES))}")
     if s.mlp not in MLP_KINDS:

@@ -32,6 +32,9 @@ class DecoderStack(nn.Module):
         if cfg.per_layer_input_size:
             for name, module in ple.stack_modules(cfg).items():
                 self.add_module(name, module)
+        if cfg.input_affine:  # HF names: ZayaModel.input_hidden_states_{scale,bias}
+            self.input_hidden_states_scale = nn.Parameter(torch.ones(cfg.hidden_size))
+            self.input_hidden_states_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
 
     def embed(self, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """ids [B, T] -> embeddings [B, T, H]; fills ``ctx.per_layer_inputs`` for PLE models."""
@@ -40,7 +43,9 @@ class DecoderStack(nn.Module):
             x = x * torch.tensor(self.config.embedding_scale, dtype=self.embed_tokens.weight.dtype)
         if self.config.per_layer_input_size:
             ctx.per_layer_inputs = ple.per_layer_inputs(self, ids, x, self.config)
-        return x
+        if self.config.input_affine:
+            x = (x + self.input_hidden_states_bias) * self.input_hidden_states_scale
+        return x.float() if self.config.residual_fp32 else x
 
 
 class CausalLM(nn.Module):
@@ -85,7 +90,7 @@ class CausalLM(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        return self._head(self.model.norm(x))
+        return self._head(self.model.norm(x.to(self.model.norm.weight.dtype)))
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)
@@ -123,7 +128,7 @@ def build_model(
     model = CausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", ".scale", "per_expert_scale")) or "layernorm" in name:
+            if name.endswith(("norm.weight", ".scale", "per_expert_scale", "_scale")) or "layernorm" in name:
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()

@@ -2,8 +2,9 @@
 static methods, what its layer caches (``cache_spec``), how many parameters it has
 (``param_count``) and the matmul FLOPs of one decoded token (``decode_flops``)."""
 
+from .cca import CCAttention
 from .gqa import GQAttention
 
-ATTENTION_KINDS = {"gqa": GQAttention}
+ATTENTION_KINDS = {"gqa": GQAttention, "cca": CCAttention}
 
-__all__ = ["ATTENTION_KINDS", "GQAttention"]
+__all__ = ["ATTENTION_KINDS", "CCAttention", "GQAttention"]

@@ -13,14 +13,12 @@ if TYPE_CHECKING:
 
 
 class FullCache:
-    """Buffers ``[B, H_kv, max_tokens, D]`` per stored tensor; slot ``s`` holds step ``s``."""
+    """Buffers ``[B, H_kv, max_tokens, D]`` per stored tensor; slot ``s`` holds step ``s``.
+    ``state`` holds the layer's fixed decode state, if its spec declares any."""
 
     def __init__(self, spec: CacheSpec, batch_size: int, max_tokens: int, dtype: torch.dtype, device):
         self.spec = spec
-        self.buffers = {
-            name: torch.zeros(batch_size, *shape[:-1], max_tokens, shape[-1], dtype=dtype, device=device)
-            for name, shape in spec.token_shapes
-        }
+        self.buffers, self.state = spec.allocate(batch_size, max_tokens, dtype, device)
 
     def update(self, new: dict[str, torch.Tensor], cache: Cache) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Write ``new`` (each ``[B, H, T, D]``) at the cache's current length.
@@ -35,4 +33,4 @@ class FullCache:
         return {n: b[..., :stop, :] for n, b in self.buffers.items()}, cache.step_positions(steps)
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self.buffers.values())
+        return [*self.buffers.values(), *self.state.values()]

@@ -26,10 +26,7 @@ class RingCache:
     def __init__(self, spec: CacheSpec, batch_size: int, max_tokens: int, dtype: torch.dtype, device):
         self.spec = spec
         self.capacity = spec.tokens_held(max_tokens)
-        self.buffers = {
-            name: torch.zeros(batch_size, *shape[:-1], self.capacity, shape[-1], dtype=dtype, device=device)
-            for name, shape in spec.token_shapes
-        }
+        self.buffers, self.state = spec.allocate(batch_size, self.capacity, dtype, device)
 
     def _slot_steps(self, written: int, device) -> torch.Tensor:
         """The step each slot holds after ``written`` steps; NEVER_WRITTEN for empty slots."""
@@ -59,4 +56,4 @@ class RingCache:
             self.buffers[name].index_copy_(-2, slots, x[..., x.shape[-2] - keep :, :])
 
     def tensors(self) -> list[torch.Tensor]:
-        return list(self.buffers.values())
+        return [*self.buffers.values(), *self.state.values()]

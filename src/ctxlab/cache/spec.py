@@ -18,12 +18,15 @@ class CacheSpec:
     ``(("k", (H_kv, D)), ("v", (H_kv, D)))``; a cache allocates each as ``[B, *lead, S, last]``.
     ``window``: a ring buffer keeps only the last ``window`` tokens.
     ``source``: an alias reads layer ``source``'s cache and holds nothing itself.
+    ``state_shapes``: fixed-size decode state per sequence, whatever the context (e.g. CCA's
+    convolution window and previous-token value), allocated as ``[B, *shape]``.
     """
 
     kind: str
     token_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
     window: int | None = None
     source: int | None = None
+    state_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     @staticmethod
     def alias(source: int) -> CacheSpec:
@@ -38,6 +41,20 @@ class CacheSpec:
     def elements_per_token(self) -> int:
         return sum(math.prod(shape) for _, shape in self.token_shapes)
 
+    def state_elements(self) -> int:
+        return sum(math.prod(shape) for _, shape in self.state_shapes)
+
     def nbytes(self, batch_size: int, max_tokens: int, dtype: torch.dtype) -> int:
+        """Token slots plus fixed state, for ``batch_size`` sequences."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return batch_size * self.tokens_held(max_tokens) * self.elements_per_token() * itemsize
+        elements = self.tokens_held(max_tokens) * self.elements_per_token() + self.state_elements()
+        return batch_size * elements * itemsize
+
+    def allocate(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> tuple[dict, dict]:
+        """Zeroed token buffers ``[B, *lead, capacity, last]`` and state buffers ``[B, *shape]``."""
+        tokens = {
+            name: torch.zeros(batch_size, *shape[:-1], capacity, shape[-1], dtype=dtype, device=device)
+            for name, shape in self.token_shapes
+        }
+        state = {name: torch.zeros(batch_size, *shape, dtype=dtype, device=device) for name, shape in self.state_shapes}
+        return tokens, state

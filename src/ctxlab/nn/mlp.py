@@ -21,7 +21,7 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
         self.act = ACTIVATIONS[activation]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., H] -> [..., H]
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # [..., H] -> [..., H]
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
     @classmethod

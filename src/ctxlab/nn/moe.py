@@ -28,6 +28,8 @@ class Experts(nn.Module):
         """x [N, H], top_index / top_weight [N, K] -> weighted sum of the chosen experts [N, H]."""
         out = torch.zeros_like(x)
         for expert in top_index.unique().tolist():
+            if expert >= self.gate_up_proj.shape[0]:  # a "skip" class: no expert, no contribution
+                continue
             token, slot = torch.where(top_index == expert)  # tokens routed to this expert
             gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
             y = F.linear(self.act(gate) * up, self.down_proj[expert])
@@ -57,7 +59,7 @@ class SoftmaxTopKRouter(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(moe.num_experts))
         self.root_size = hidden_size**-0.5
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K] fp32)."""
         probs = F.softmax(self.proj(self.norm(x) * self.scale * self.root_size), dim=-1, dtype=torch.float32)
         weight, index = torch.topk(probs, self.top_k, dim=-1)
@@ -81,7 +83,7 @@ class SigmoidBiasRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K] in x's dtype)."""
         logits = F.linear(x, self.weight).float()  # [N, E]
         if self.softcap:
@@ -96,7 +98,62 @@ class SigmoidBiasRouter(nn.Module):
         return moe.num_experts * hidden_size + moe.num_experts
 
 
-ROUTERS = {"softmax_topk": SoftmaxTopKRouter, "sigmoid_bias": SigmoidBiasRouter}
+class RouterMLP(nn.Module):
+    """RMSNorm -> Linear -> GELU -> Linear -> GELU -> Linear to the classes (HF ``ZayaRouterMLP``)."""
+
+    def __init__(self, width: int, classes: int, eps: float):
+        super().__init__()
+        self.norm = RMSNorm(width, eps)
+        self.fc1 = nn.Linear(width, width)
+        self.fc2 = nn.Linear(width, width)
+        self.out_proj = nn.Linear(width, classes, bias=False)
+
+    def forward(self, r: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(F.gelu(self.fc2(F.gelu(self.fc1(self.norm(r))))))
+
+
+class EDARouter(nn.Module):
+    """ZAYA1's router (HF ``ZayaRouter``; arXiv 2605.05365): a down-projection to a small width,
+    plus the previous layer's router state times a learned scale (depth recurrence, "EDA"; the
+    sum is handed on to the next layer through ``ctx.router_state``), an MLP to
+    ``num_experts + 1`` classes, softmax; top-k of probabilities + ``balancing_biases`` (a
+    checkpoint buffer) chooses; the weight is the unbiased probability. The extra class is
+    "skip": the token gets no expert (weight 0)."""
+
+    def __init__(self, hidden_size: int, moe: MoESpec, eps: float):
+        super().__init__()
+        self.top_k, self.num_experts = moe.top_k, moe.num_experts
+        width = moe.router_hidden_size
+        self.down_proj = nn.Linear(hidden_size, width)
+        self.router_states_scale = nn.Parameter(torch.ones(width)) if moe.router_state_in else None
+        self.router_mlp = RouterMLP(width, moe.num_experts + 1, eps)
+        self.register_buffer("balancing_biases", torch.zeros(moe.num_experts + 1, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, H] -> (top_index [N, K], top_weight [N, K]); reads and sets ``ctx.router_state`` [N, R]."""
+        r = self.down_proj(x)
+        if self.router_states_scale is not None and ctx is not None and ctx.router_state is not None:
+            r = r + ctx.router_state * self.router_states_scale
+        if ctx is not None:
+            ctx.router_state = r
+        probs = torch.softmax(self.router_mlp(r), dim=-1)  # [N, E + 1], in the model's dtype
+        _, index = torch.topk(probs.float() + self.balancing_biases, self.top_k, dim=-1)
+        weight = probs.gather(-1, index).masked_fill(index == self.num_experts, 0)
+        return index, weight
+
+    @staticmethod
+    def param_count(hidden_size: int, moe: MoESpec) -> int:
+        r = moe.router_hidden_size
+        state = r if moe.router_state_in else 0
+        return hidden_size * r + r + state + r + 2 * (r * r + r) + r * (moe.num_experts + 1)
+
+    @staticmethod
+    def flops_per_token(hidden_size: int, moe: MoESpec) -> int:
+        r = moe.router_hidden_size
+        return 2 * (hidden_size * r + 2 * r * r + r * (moe.num_experts + 1))
+
+
+ROUTERS = {"softmax_topk": SoftmaxTopKRouter, "sigmoid_bias": SigmoidBiasRouter, "mlp_eda": EDARouter}
 
 
 class SparseMoE(nn.Module):
@@ -116,9 +173,9 @@ class SparseMoE(nn.Module):
     def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float) -> "SparseMoE":
         return cls(hidden_size, spec, norm_eps)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
+    def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
         flat = x.reshape(-1, x.shape[-1])
-        index, weight = self.gate(flat)
+        index, weight = self.gate(flat, ctx)
         out = self.experts(flat, index, weight) * self.routed_scaling
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
@@ -136,7 +193,8 @@ class SparseMoE(nn.Module):
     @staticmethod
     def flops_per_token(hidden_size: int, spec: LayerSpec) -> int:
         m = spec.moe
-        router = 2 * hidden_size * m.num_experts
+        router_flops = getattr(ROUTERS[m.router], "flops_per_token", None)
+        router = router_flops(hidden_size, m) if router_flops else 2 * hidden_size * m.num_experts
         return router + 2 * Experts.active_param_count(hidden_size, m) + 2 * GatedMLP.size(hidden_size, m.shared_expert_size)
 
 

@@ -1,0 +1,165 @@
+"""Compressed convolutional attention, CCA / CCGQA (Figliolia et al. 2025, arXiv 2510.04476;
+HF ``ZayaCCAProjection``, ``ZayaQKNorm``, ``ZayaAttention``).
+
+Queries, keys and values are projected straight into a narrow latent (``H_q·d`` and ``H_kv·d``
+wide) and attention runs there; ``o_proj`` maps back up. What makes it CCA:
+
+1. a causal two-stage convolution over the raw latent ``u = [q | k]`` (depthwise over time with
+   kernel k0, then grouped per head with kernel k1), added to
+2. "qk-mean" residuals: ``q_res = (q + k_of_its_group) / 2``, ``k_res = mean of its group's q_res``;
+3. a value shift: the first half of the value channels come from the current token, the second
+   half from the previous token (so with 2 KV heads, head 0 is current, head 1 delayed);
+4. L2 normalisation of q and k to norm sqrt(d), keys times a learned per-KV-head temperature;
+5. partial RoPE, then ordinary GQA attention with 1/sqrt(d) scaling.
+
+The convolution needs the last ``(k0-1)+(k1-1)`` raw latent columns and the value shift the
+previous token's delayed-value projection: both are the layer's fixed decode state, kept in its
+cache next to the latent K/V, so chunked prefill and decode continue exactly where they stopped.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache.spec import CacheSpec
+from ..config import LayerSpec
+from ..nn.rope import Rotary
+from .context import ForwardContext, attention_mask
+
+
+def _conv_shape(hidden_size: int, spec: LayerSpec) -> tuple[int, int]:
+    """(latent channels C = (H_q + H_kv)·d, conv state columns P = (k0-1) + (k1-1))."""
+    k0, k1 = spec.conv_kernels
+    return (spec.num_heads + spec.num_kv_heads) * spec.head_dim, (k0 - 1) + (k1 - 1)
+
+
+class CCAProjection(nn.Module):
+    """The latent q/k/v of CCA (HF name ``qkv_proj``)."""
+
+    def __init__(self, hidden_size: int, spec: LayerSpec):
+        super().__init__()
+        hq, hkv, d, bias = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.attention_bias
+        channels, self.state_columns = _conv_shape(hidden_size, spec)
+        k0, k1 = spec.conv_kernels
+        self.spec = spec
+        self.q_proj = nn.Linear(hidden_size, hq * d, bias=bias)
+        self.k_proj = nn.Linear(hidden_size, hkv * d, bias=bias)
+        self.v_proj_current = nn.Linear(hidden_size, hkv * d // 2, bias=bias)
+        self.v_proj_delayed = nn.Linear(hidden_size, hkv * d // 2, bias=bias)
+        self.conv_qk_depthwise = nn.Conv1d(channels, channels, k0, groups=channels)
+        self.conv_qk_grouped = nn.Conv1d(channels, channels, k1, groups=hq + hkv)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext, layer_cache) -> tuple[torch.Tensor, ...]:
+        """x [B, T, H] -> q [B, T, H_q, d], k [B, T, H_kv, d], v [B, T, H_kv, d]."""
+        B, T, _ = x.shape
+        s = self.spec
+        group = s.num_heads // s.num_kv_heads
+        q_raw, k_raw = self.q_proj(x), self.k_proj(x)  # [B, T, H_q·d], [B, T, H_kv·d]
+
+        q_res = (q_raw.view(B, T, s.num_heads, -1) + k_raw.view(B, T, s.num_kv_heads, -1).repeat_interleave(group, 2)) / 2
+        k_res = q_res.view(B, T, s.num_kv_heads, group, -1).mean(dim=-2)
+
+        latent = torch.cat((q_raw, k_raw), dim=-1).transpose(1, 2)  # [B, C, T]
+        if layer_cache is None:  # no earlier tokens: the state is zeros
+            before = latent.new_zeros(B, latent.shape[1], self.state_columns)
+        else:
+            before = layer_cache.state["conv"]
+        latent = torch.cat((before, latent), dim=-1)  # [B, C, P + T]
+        if layer_cache is not None:
+            layer_cache.state["conv"].copy_(latent[..., latent.shape[-1] - self.state_columns :])
+        mixed = self.conv_qk_grouped(self.conv_qk_depthwise(latent)).transpose(1, 2)  # [B, T, C]
+        q = mixed[..., : q_raw.shape[-1]].view(B, T, s.num_heads, -1) + q_res
+        k = mixed[..., q_raw.shape[-1] :].view(B, T, s.num_kv_heads, -1) + k_res
+
+        delayed = self.v_proj_delayed(x)  # [B, T, H_kv·d/2], the value the *next* token uses
+        if layer_cache is not None and ctx.cache.length > 0:
+            previous = layer_cache.state["v_prev"][:, None]
+        else:  # before the first token: the projection of a zero hidden state
+            previous = self.v_proj_delayed(x.new_zeros(B, 1, x.shape[-1]))
+        v = torch.cat((self.v_proj_current(x), torch.cat((previous, delayed[:, :-1]), dim=1)), dim=-1)
+        if layer_cache is not None:  # only now: `previous` may be a view of this state
+            layer_cache.state["v_prev"].copy_(delayed[:, -1])
+        return q, k, v.view(B, T, s.num_kv_heads, -1)
+
+
+class KeyTemperature(nn.Module):
+    """L2-normalise q and k to norm sqrt(d); keys times a learned per-KV-head ``temp`` (HF ``ZayaQKNorm``)."""
+
+    def __init__(self, spec: LayerSpec):
+        super().__init__()
+        self.scale = spec.head_dim**0.5
+        self.temp = nn.Parameter(torch.zeros(spec.num_kv_heads))
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, T, H, d]
+        eps = torch.finfo(q.dtype).eps
+        q = q * (self.scale / q.norm(dim=-1, keepdim=True).clamp_min(eps))
+        k = k * (self.scale / k.norm(dim=-1, keepdim=True).clamp_min(eps))
+        return q, k * self.temp[None, None, :, None]
+
+
+class CCAttention(nn.Module):
+    def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
+        super().__init__()
+        self.spec, self.layer_idx = spec, layer_idx
+        self.qkv_proj = CCAProjection(hidden_size, spec)
+        self.qk_norm = KeyTemperature(spec)
+        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, hidden_size, bias=spec.attention_bias)
+        self.rotary = Rotary(spec)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        s = self.spec
+        x = x * (ctx.positions >= 0)[..., None].to(x.dtype)  # left padding contributes nothing (HF conv mask)
+        layer_cache = None if ctx.cache is None else ctx.cache[self.layer_idx]
+        q, k, v = self.qkv_proj(x, ctx, layer_cache)
+        q, k = self.qk_norm(q, k)
+        cos, sin = ctx.rope_tables(self.rotary, x.dtype)
+        q = self.rotary.apply(q.transpose(1, 2), cos, sin)  # [B, H_q, T, d]
+        k = self.rotary.apply(k.transpose(1, 2), cos, sin)  # [B, H_kv, T, d]
+        v = v.transpose(1, 2)
+        if layer_cache is None:
+            k_pos = ctx.positions
+        else:
+            kv, k_pos = layer_cache.update({"k": k, "v": v}, ctx.cache)
+            k, v = kv["k"], kv["v"]
+        mask = attention_mask(ctx.positions, k_pos, s.window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+
+    # --- declarations read by the cache planner and the accounting -----------------------
+
+    @staticmethod
+    def cache_spec(spec: LayerSpec) -> CacheSpec:
+        channels, columns = _conv_shape(0, spec)
+        kv = (spec.num_kv_heads, spec.head_dim)
+        return CacheSpec(
+            kind="full" if spec.window is None else "ring",
+            token_shapes=(("k", kv), ("v", kv)),
+            window=spec.window,
+            state_shapes=(("conv", (channels, columns)), ("v_prev", (spec.num_kv_heads * spec.head_dim // 2,))),
+        )
+
+    @staticmethod
+    def param_count(hidden_size: int, spec: LayerSpec) -> int:
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        channels, _ = _conv_shape(hidden_size, spec)
+        k0, k1 = spec.conv_kernels
+        n = hidden_size * (q + 2 * kv) + q * hidden_size  # q, k, v (two halves), o
+        n += (q + 2 * kv + hidden_size) if spec.attention_bias else 0
+        n += channels * k0 + channels + channels * spec.head_dim * k1 + channels  # the two convs
+        return n + spec.num_kv_heads  # key temperature
+
+    @staticmethod
+    def decode_flops(hidden_size: int, spec: LayerSpec, keys: int) -> dict[str, int]:
+        """Matmul/conv FLOPs of one decoded token. The depthwise stage recomputes its k1 output
+        columns from the cached raw latent each step (as HF does), hence ``k0·k1`` per channel."""
+        q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        channels, _ = _conv_shape(hidden_size, spec)
+        k0, k1 = spec.conv_kernels
+        return {
+            "projections": 2 * hidden_size * (2 * q + 2 * kv),
+            "conv": 2 * channels * k0 * k1 + 2 * channels * spec.head_dim * k1,
+            "attention": 2 * 2 * spec.num_heads * spec.head_dim * keys,
+        }
