@@ -49,7 +49,7 @@ def test_valid_helper_config_builds():
         (dict(num_heads=4, num_kv_heads=3), "num_kv_heads", "3"),
         (dict(window=0), "window", "0"),
         (dict(window=-4), "window", "-4"),
-        (dict(attention="mla"), "attention", "'mla'"),
+        (dict(attention="linear"), "attention", "'linear'"),
         (dict(rope=RopeSpec(type="dynamic")), "rope.type", "'dynamic'"),
         (dict(rope=RopeSpec(type="yarn", original_max_position_embeddings=64)), "rope.factor", "missing"),
     ],
@@ -97,10 +97,10 @@ def test_bad_vocab_size(vocab):
 
 def test_several_problems_are_listed_in_one_error():
     """Every problem of a config is reported at once, one per line."""
-    err = config_error(layer(window=0), layer(attention="mla"), layer(num_kv_heads=3), vocab_size=0)
+    err = config_error(layer(window=0), layer(attention="linear"), layer(num_kv_heads=3), vocab_size=0)
     assert len(err.problems) == 4
     msg = str(err)
-    for needle in ("vocab_size = 0", "layers[0].window = 0", "layers[1].attention = 'mla'", "layers[2].num_heads"):
+    for needle in ("vocab_size = 0", "layers[0].window = 0", "layers[1].attention = 'linear'", "layers[2].num_heads"):
         assert needle in msg
     assert "4 problem" in msg
 

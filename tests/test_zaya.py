@@ -168,3 +168,18 @@ def test_decode_flops_match_flop_counter():
     assert ctxlab.decode_flops(cfg, 9) == measured_decode_flops(model, 9)
     attention = ctxlab.decode_flops_terms(ctxlab.load_config("zaya1-8b"), 131071)["attention"]
     assert round(attention / 1e9, 3) == 21.475  # 4 x 8 x 128 x 131072 x 40
+
+
+def test_report_puts_cca_beside_gqa_and_mla_of_the_same_width():
+    """Spec §3 table: KV bytes per token per layer and attention FLOPs at 128K vs MHA / GQA / MLA."""
+    from ctxlab.reporting import baseline_rows
+
+    rows = {r["attention"]: r for r in baseline_rows("zaya1-8b", 131071, "bfloat16")}
+    per_token = {k: r["kv_bytes_per_token_per_layer"] for k, r in rows.items()}
+    assert per_token == {
+        "zaya1-8b": 1024, "MHA (16q/16kv)": 8192, "GQA (16q/4kv)": 2048, "GQA (16q/2kv)": 1024,
+        "MLA (16 heads, latent 512 + rope 64)": 1152,
+    }  # fmt: skip
+    gflops = {k: round(r["attention_flops"] / 1e9, 3) for k, r in rows.items()}
+    assert gflops["zaya1-8b"] == 21.475 and gflops["GQA (16q/4kv)"] == 42.950
+    assert gflops["MLA (16 heads, latent 512 + rope 64)"] == 182.536  # absorbed decode: 2·16·(576+512)·S·40

@@ -121,7 +121,7 @@ def decode_flops_terms(cfg: ModelConfig, context_len: int) -> dict[str, int]:
     h = cfg.hidden_size
     terms = {"lm_head": 2 * h * cfg.vocab_size}
     if cfg.per_layer_input_size:
-        terms["per_layer_embedding"] = 2 * ple.stack_param_count(cfg)["projection"] - 2 * cfg.per_layer_input_size
+        terms["per_layer_embedding"] = 2 * cfg.hidden_size * cfg.num_layers * cfg.per_layer_input_size  # context projection
     for s in cfg.layers:
         keys = context_len + 1 if s.window is None else min(context_len + 1, s.window)
         for name, value in BLOCK_KINDS[s.block].decode_flops(cfg, s, keys).items():

@@ -66,7 +66,8 @@ class Block(nn.Module):
         h = cfg.hidden_size
         terms = dict(ATTENTION_KINDS[spec.attention].decode_flops(h, spec, keys))
         terms["mlp"] = MLP_KINDS[spec.mlp].flops_per_token(h, spec)
-        terms["per_layer_embedding"] = 2 * ple.block_param_count(cfg) - 2 * h if cfg.per_layer_input_size else 0
+        if cfg.per_layer_input_size:  # gate and projection, [H -> Dp -> H]
+            terms["per_layer_embedding"] = 2 * 2 * h * cfg.per_layer_input_size
         if spec.moe is not None and spec.mlp == "gated":  # the expert branch beside the MLP
             m = spec.moe
             terms["experts"] = 2 * Experts.active_param_count(h, m) + 2 * h * m.num_experts  # + router logits

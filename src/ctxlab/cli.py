@@ -16,19 +16,9 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
-from . import __version__
-from .accounting import (
-    as_dtype,
-    count_params,
-    decode_flops,
-    decode_flops_terms,
-    kv_cache_bytes,
-    kv_cache_bytes_per_layer,
-)
-from .cache import layer_cache_spec
-from .conventions import PUBLISHED_SHARING_ESTIMATES, kv_sharing_saving, uniform_head_budget
+from . import __version__, reporting, tables
+from .accounting import as_dtype, count_params, decode_flops_terms, kv_cache_bytes
 from .errors import ConfigError, CtxlabError
 from .generate import stream
 from .io.checkpoint import from_pretrained
@@ -36,31 +26,7 @@ from .io.config_file import load_config
 from .io.tokenizer import decode, encode, load_tokenizer
 from .model import build_model
 from .presets import preset_names, preset_path
-
-UNITS_NOTE = (
-    "bytes in binary units (KiB/MiB/GiB = 2^10/2^20/2^30 bytes); "
-    "params and FLOPs in decimal units (K/M/B = 10^3/10^6/10^9)"
-)
-CONVENTIONS_NOTE = (
-    "realized = what model.new_cache() allocates (sliding layers hold only their window, layers that "
-    "share K/V hold nothing); naive = every layer stores every token (the convention of most published figures)"
-)
-
-
-def fmt_bytes(n: int) -> str:
-    """Binary units: 17179869184 -> '16.00 GiB'."""
-    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= scale:
-            return f"{n / scale:,.2f} {unit}"
-    return f"{n} B"
-
-
-def fmt_count(n: int) -> str:
-    """Decimal units: 8030261248 -> '8.03B'."""
-    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= scale:
-            return f"{n / scale:.2f}{unit}"
-    return str(n)
+from .tables import CONVENTIONS_NOTE, UNITS_NOTE, fmt_bytes, fmt_count
 
 
 def count(text: str, minimum: int = 1, suffixes: bool = False) -> int:
@@ -95,170 +61,32 @@ def token_ids(text: str) -> list[int]:
 # ---------------------------------------------------------------------------------------- report
 
 
-def report_row(name: str, context: int, dtype: str, batch_size: int) -> dict:
-    cfg = load_config(name)
-    params = count_params(cfg)
-    return {
-        "model": name, "family": cfg.family, "num_layers": cfg.num_layers,
-        "params_total": params["total"], "params_effective": params["effective"], "params_active": params["active"],
-        "kv_bytes_per_token_naive": kv_cache_bytes(cfg, 1, dtype, convention="naive"),
-        "kv_bytes_realized": kv_cache_bytes(cfg, context, dtype, batch_size),
-        "kv_bytes_naive": kv_cache_bytes(cfg, context, dtype, batch_size, convention="naive"),
-        "decode_flops": decode_flops(cfg, context), "context": context, "dtype": dtype, "batch_size": batch_size,
-    }
-
-
-def report_table(rows: list[dict], context: int, dtype: str, batch_size: int) -> Table:
-    table = Table(
-        title=f"Cost at context {context:,} tokens ({dtype}, batch {batch_size})",
-        caption=f"{UNITS_NOTE}.\n{CONVENTIONS_NOTE}. KV/token is per sequence; GFLOPs per decoded token.",
-    )
-    for header in ("Model", "Family", "Layers", "Params", "KV/token (naive)", "KV @ context (realized)",
-                   "KV @ context (naive)", "Decode GFLOPs @ context"):
-        table.add_column(header, justify="left" if header in ("Model", "Family") else "right")
-    for r in rows:
-        table.add_row(
-            escape(r["model"]), r["family"], str(r["num_layers"]), fmt_count(r["params_total"]),
-            fmt_bytes(r["kv_bytes_per_token_naive"]), fmt_bytes(r["kv_bytes_realized"]),
-            fmt_bytes(r["kv_bytes_naive"]), f"{r['decode_flops'] / 1e9:,.2f}",
-        )
-    return table
-
-
-def sharing_row(name: str, context: int, dtype: str) -> dict | None:
-    """KV bytes saved by cross-layer sharing under each convention (None: the model shares nothing)."""
-    cfg = load_config(name)
-    consumers = [i for i, s in enumerate(cfg.layers) if s.kv_source is not None]
-    if not consumers:
-        return None
-    estimate = PUBLISHED_SHARING_ESTIMATES.get(name)
-    return {
-        "model": name, "consumer_layers": consumers,
-        "saving_realized": kv_sharing_saving(cfg, context, dtype, "realized"),
-        "saving_uncapped": kv_sharing_saving(cfg, context, dtype, "uncapped"),
-        "saving_uniform_estimator": estimate.saving(cfg, context, dtype) if estimate else None,
-        "published": estimate.published if estimate else None, "source": estimate.source if estimate else None,
-    }
-
-
-def sharing_table(rows: list[dict], context: int, dtype: str) -> Table:
-    table = Table(
-        title=f"KV saved by cross-layer sharing at {context:,} tokens ({dtype}, per sequence, decimal GB = 10^9 B)",
-        caption="realized: this library's caches without vs with sharing (sliding layers hold their window); "
-        "true geometry: every layer holds every token; uniform estimator: head_dim = emb_dim / n_heads for every "
-        "layer, no window cap (the assumptions behind the published figure; see ctxlab.conventions)",
-    )
-    for header in ("Model", "Consumer layers", "Realized", "True geometry, no cap", "Uniform estimator", "Published"):
-        table.add_column(header, justify="left" if header in ("Model", "Consumer layers") else "right")
-    for r in rows:
-        uniform = r["saving_uniform_estimator"]
-        table.add_row(
-            escape(r["model"]), f"{len(r['consumer_layers'])} ({r['consumer_layers'][0]}-{r['consumer_layers'][-1]})",
-            f"{r['saving_realized'] / 1e9:.2f} GB", f"{r['saving_uncapped'] / 1e9:.2f} GB",
-            "-" if uniform is None else f"{uniform / 1e9:.2f} GB", r["published"] or "-",
-        )
-    return table
-
-
-def head_budget_row(name: str, context: int) -> dict | None:
-    """Decode attention FLOPs of a per-layer head budget vs the same heads spread evenly (None: uniform)."""
-    cfg = load_config(name)
-    uniform = uniform_head_budget(cfg)
-    if uniform is None:
-        return None
-    return {
-        "model": name, "heads_per_layer": [s.num_heads for s in cfg.layers],
-        "uniform_heads": uniform.layers[0].num_heads,
-        "attention_flops": decode_flops_terms(cfg, context)["attention"],
-        "attention_flops_uniform": decode_flops_terms(uniform, context)["attention"],
-    }
-
-
-def head_budget_table(rows: list[dict], context: int) -> Table:
-    table = Table(title=f"Per-layer query-head budgets: decode attention GFLOPs at position {context:,}",
-                  caption="q·kᵀ and p·v of one decoded token; 'uniform' spreads the same total of query heads "
-                  "evenly over the layers (ctxlab.conventions.uniform_head_budget)")
-    for header in ("Model", "Heads per layer", "Budgeted", "Uniform", "Saving"):
-        table.add_column(header, justify="left" if header in ("Model", "Heads per layer") else "right")
-    for r in rows:
-        counts = sorted(set(r["heads_per_layer"]))
-        mix = ", ".join(f"{r['heads_per_layer'].count(h)}x{h}" for h in counts)
-        table.add_row(
-            escape(r["model"]), f"{mix} (uniform {r['uniform_heads']})", f"{r['attention_flops'] / 1e9:,.2f}",
-            f"{r['attention_flops_uniform'] / 1e9:,.2f}", f"{1 - r['attention_flops'] / r['attention_flops_uniform']:.1%}",
-        )
-    return table
-
-
 def cmd_report(args, console: Console) -> int:
     names = args.models or preset_names(include_tiny=args.all)
-    rows = [report_row(name, args.context, args.dtype, args.batch_size) for name in names]
-    sharing = [r for r in (sharing_row(name, args.context, args.dtype) for name in names) if r]
-    budgets = [r for r in (head_budget_row(name, args.context) for name in names) if r]
+    out = {
+        "models": [reporting.report_row(n, args.context, args.dtype, args.batch_size) for n in names],
+        "kv_sharing": [r for n in names if (r := reporting.sharing_row(n, args.context, args.dtype))],
+        "head_budgets": [r for n in names if (r := reporting.head_budget_row(n, args.context))],
+        "deployed_formats": [r for n in names if (r := reporting.deployed_row(n, args.context))],
+        "same_width_baselines": [r for n in names for r in reporting.baseline_rows(n, args.context, args.dtype)],
+    }
     if args.json:
-        print(json.dumps({"models": rows, "kv_sharing": sharing, "head_budgets": budgets}, indent=2))
+        print(json.dumps(out, indent=2))
         return 0
-    console.print(report_table(rows, args.context, args.dtype, args.batch_size))
-    if sharing:
-        console.print(sharing_table(sharing, args.context, args.dtype))
-    if budgets:
-        console.print(head_budget_table(budgets, args.context))
+    console.print(tables.report_table(out["models"], args.context, args.dtype, args.batch_size))
+    extra = (
+        ("kv_sharing", lambda rows: tables.sharing_table(rows, args.context, args.dtype)),
+        ("head_budgets", lambda rows: tables.head_budget_table(rows, args.context)),
+        ("deployed_formats", lambda rows: tables.deployed_table(rows, args.context)),
+        ("same_width_baselines", lambda rows: tables.baseline_table(rows, args.context, args.dtype)),
+    )
+    for key, render in extra:
+        if out[key]:
+            console.print(render(out[key]))
     return 0
 
 
 # --------------------------------------------------------------------------------------- inspect
-
-
-def layer_rows(cfg, context: int, dtype: str) -> list[dict]:
-    per_layer = kv_cache_bytes_per_layer(cfg, context, dtype)
-    return [
-        {
-            "layer": i, "attention": s.attention, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
-            "head_dim": s.head_dim, "window": s.window, "rope_type": s.rope.type, "rope_theta": s.rope.theta,
-            "kv_source": s.kv_source, "cache_kind": layer_cache_spec(s).kind, "cache_bytes": nbytes,
-        }
-        for i, (s, nbytes) in enumerate(zip(cfg.layers, per_layer))
-    ]
-
-
-def layer_table(rows: list[dict], context: int, dtype: str) -> Table:
-    table = Table(title=f"Layers (cache bytes at {context:,} tokens, {dtype}, batch 1, binary units)")
-    for header in ("Layer", "Attention", "Q heads", "KV heads", "Head dim", "Window", "RoPE",
-                   "KV source", "Cache", "Cache bytes"):
-        table.add_column(header, justify="right" if header in ("Layer", "Q heads", "KV heads", "Head dim",
-                                                               "Window", "Cache bytes") else "left")
-    for r in rows:
-        rope = "none" if r["rope_type"] == "none" else f"{r['rope_type']} θ={r['rope_theta']:g}"
-        table.add_row(
-            str(r["layer"]), r["attention"], str(r["num_heads"]), str(r["num_kv_heads"]), str(r["head_dim"]),
-            "global" if r["window"] is None else str(r["window"]), rope,
-            "own" if r["kv_source"] is None else f"layer {r['kv_source']}", r["cache_kind"],
-            fmt_bytes(r["cache_bytes"]),
-        )
-    return table
-
-
-def kv_roles(cfg) -> str:
-    """One line: which layers produce K/V and which producer each group of consumers reads."""
-    readers: dict[int, list[int]] = {}
-    for i, s in enumerate(cfg.layers):
-        if s.kv_source is not None:
-            readers.setdefault(s.kv_source, []).append(i)
-    if not readers:
-        return "KV: every layer computes and caches its own K/V\n"
-    producers = [i for i, s in enumerate(cfg.layers) if s.kv_source is None]
-    reads = "; ".join(f"layers {', '.join(map(str, r))} read layer {src}" for src, r in sorted(readers.items()))
-    return f"KV producers: layers {producers[0]}-{producers[-1]}; consumers (no K/V weights, no cache): {reads}\n"
-
-
-def head_budget_line(cfg, context: int) -> str:
-    uniform = uniform_head_budget(cfg)
-    if uniform is None:
-        return ""
-    ours, even = (decode_flops_terms(c, context)["attention"] / 1e9 for c in (cfg, uniform))
-    return (f"query heads per layer vary ({min(s.num_heads for s in cfg.layers)}-{max(s.num_heads for s in cfg.layers)}):"
-            f" decode attention {ours:,.2f} GFLOP at position {context:,} vs {even:,.2f} with "
-            f"{uniform.layers[0].num_heads} heads on every layer\n")
 
 
 def cmd_inspect(args, console: Console) -> int:
@@ -269,20 +97,24 @@ def cmd_inspect(args, console: Console) -> int:
         "vocab_size": cfg.vocab_size, "params": params, "context": args.context, "dtype": args.dtype,
         "kv_bytes_realized": kv_cache_bytes(cfg, args.context, args.dtype),
         "kv_bytes_naive": kv_cache_bytes(cfg, args.context, args.dtype, convention="naive"),
-        "layers": layer_rows(cfg, args.context, args.dtype),
-    }
+        "decode_flops_terms": decode_flops_terms(cfg, args.context),
+        "layers": reporting.layer_rows(cfg, args.context, args.dtype),
+    }  # fmt: skip
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
+    towers = f" (text decoder + {fmt_count(params['non_text'])} of vision/audio towers - embedding tables)"
+    flops = ", ".join(f"{k} {v / 1e9:,.2f}" for k, v in info["decode_flops_terms"].items())
     console.print(
         f"[bold]{escape(args.model)}[/]: family {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"vocab {cfg.vocab_size}\nparams: total {fmt_count(params['total'])}, effective {fmt_count(params['effective'])}"
-        f" (+ non-text towers {fmt_count(params['non_text'])} - embedding tables), active {fmt_count(params['active'])}\n"
-        f"{kv_roles(cfg)}{head_budget_line(cfg, args.context)}"
+        f"{towers if params['non_text'] else ''}, active {fmt_count(params['active'])}\n"
+        f"{reporting.kv_roles(cfg)}{reporting.head_budget_line(cfg, args.context)}"
         f"KV cache at {args.context:,} tokens ({args.dtype}, batch 1): "
-        f"realized {fmt_bytes(info['kv_bytes_realized'])}, naive {fmt_bytes(info['kv_bytes_naive'])}\n({UNITS_NOTE})"
+        f"realized {fmt_bytes(info['kv_bytes_realized'])}, naive {fmt_bytes(info['kv_bytes_naive'])}\n"
+        f"decode GFLOPs at position {args.context:,}: {flops}\n({UNITS_NOTE})"
     )
-    console.print(layer_table(info["layers"], args.context, args.dtype))
+    console.print(tables.layer_table(info["layers"], args.context, args.dtype))
     return 0
 
 

@@ -15,7 +15,7 @@ from typing import Any
 from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "none")
-ATTENTION_KINDS = ("gqa", "cca")
+ATTENTION_KINDS = ("gqa", "cca", "mla")
 MLP_KINDS = ("gated", "moe")
 BLOCK_KINDS = ("pre_norm", "sandwich", "scaled_residual")
 ROUTERS = ("softmax_topk", "sigmoid_bias", "mlp_eda")
@@ -47,6 +47,7 @@ class RopeSpec:
     mscale: float | None = None  # yarn
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn
+    interleaved: bool = False  # rotate pairs (2i, 2i+1) instead of (i, i + rot/2) (DeepSeek MLA)
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,9 @@ class MoESpec:
       MLP to ``num_experts + 1`` classes (the last one "skip": no expert), softmax, top-k of
       probabilities + balancing biases; weights are the unbiased probabilities.
 
+    ``n_group`` / ``topk_group``: group-limited routing (DeepSeek-V3 §2.1.2): experts in
+    ``n_group`` groups, each scored by the sum of its two best scores; only the best
+    ``topk_group`` groups compete.
     ``routed_scaling`` multiplies the routed sum; ``shared_expert_size`` > 0 adds an always-on
     gated MLP of that width; ``router_logit_softcap`` caps router logits with tanh.
     """
@@ -76,6 +80,34 @@ class MoESpec:
     router_logit_softcap: float | None = None
     router_hidden_size: int = 0
     router_state_in: bool = False
+    n_group: int = 1
+    topk_group: int = 1
+
+
+@dataclass(frozen=True)
+class MLASpec:
+    """Multi-head latent attention (DeepSeek-V2 §2.1): queries through a ``q_lora_rank`` bottleneck
+    (None: a direct projection), keys and values from one ``kv_lora_rank`` latent per token plus
+    one shared ``qk_rope_head_dim`` RoPE key. Query/key heads are ``qk_nope_head_dim +
+    qk_rope_head_dim`` wide (= the layer's ``head_dim``), value heads ``v_head_dim``."""
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+
+
+@dataclass(frozen=True)
+class IndexerSpec:
+    """DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2): ``n_heads`` x ``head_dim``
+    scoring heads (RoPE, half-split, on the first ``rope_dims``); each query attends to its
+    ``topk`` best-scoring past tokens."""
+
+    n_heads: int
+    head_dim: int
+    topk: int
+    rope_dims: int
 
 
 @dataclass(frozen=True)
@@ -110,6 +142,8 @@ class LayerSpec:
     k_eq_v: bool = False
     output_gate: str | None = None
     conv_kernels: tuple[int, int] = (2, 2)
+    mla: MLASpec | None = None
+    indexer: IndexerSpec | None = None
     mlp: str = "gated"
     mlp_bias: bool = False
     activation: str = "silu"
@@ -128,6 +162,8 @@ class LayerSpec:
             return 0
         if self.rope.type == "proportional":
             return self.head_dim
+        if self.mla is not None:
+            return self.mla.qk_rope_head_dim
         return int(self.head_dim * self.rope.partial_rotary_factor)
 
 
@@ -199,6 +235,9 @@ class ModelConfig:
             rope = RopeSpec(**_only_known(RopeSpec, ld.pop("rope", {}), f"layers[{i}].rope"))
             moe = ld.pop("moe", None)
             moe = MoESpec(**_only_known(MoESpec, moe, f"layers[{i}].moe")) if moe else None
+            for key, cls in (("mla", MLASpec), ("indexer", IndexerSpec)):
+                if ld.get(key):
+                    ld[key] = cls(**_only_known(cls, ld[key], f"layers[{i}].{key}"))
             if "conv_kernels" in ld:
                 ld["conv_kernels"] = tuple(ld["conv_kernels"])
             layers.append(LayerSpec(rope=rope, moe=moe, **_only_known(LayerSpec, ld, f"layers[{i}]")))
@@ -291,6 +330,14 @@ def _validate_layer(i: int, s: LayerSpec, cfg: ModelConfig) -> list[str]:
                 f"{at}: CCA needs an even num_kv_heads * head_dim (half current, half delayed values) and "
                 f"two conv kernels >= 1; got {s.num_kv_heads} x {s.head_dim}, conv_kernels = {s.conv_kernels}"
             )
+    if (s.attention == "mla") != (s.mla is not None):
+        p.append(f"{at}: attention = {s.attention!r} with mla = {s.mla}: MLA attention needs an MLASpec, and only it")
+    elif s.mla is not None and s.head_dim != s.mla.qk_nope_head_dim + s.mla.qk_rope_head_dim:
+        p.append(f"{at}.head_dim = {s.head_dim}: MLA's must equal qk_nope_head_dim + qk_rope_head_dim")
+    if s.indexer is not None and s.attention != "mla":
+        p.append(f"{at}.indexer: the lightning indexer is implemented for attention = 'mla' only")
+    if s.moe is not None and s.moe.num_experts % max(s.moe.n_group, 1):
+        p.append(f"{at}.moe.n_group = {s.moe.n_group}: must divide num_experts = {s.moe.num_experts}")
     if s.moe is not None and s.moe.router == "mlp_eda" and s.moe.router_hidden_size <= 0:
         p.append(f"{at}.moe.router_hidden_size = {s.moe.router_hidden_size}: the mlp_eda router needs a positive width")
     if s.output_gate not in (None, *OUTPUT_GATES):

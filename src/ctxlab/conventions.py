@@ -88,3 +88,97 @@ def uniform_head_budget(cfg: ModelConfig) -> ModelConfig | None:
         ),
         name=f"{cfg.name} (uniform {per_layer} heads)",
     )
+
+
+@dataclass(frozen=True)
+class Part:
+    """``elements`` of one cached vector stored at ``bits`` each, with one ``scale_bytes`` scale per
+    ``block`` elements (0: unscaled). ``elements=None``: the rest of the vector."""
+
+    bits: int
+    elements: int | None = None
+    block: int = 0
+    scale_bytes: int = 0
+
+    def nbytes(self, elements: int) -> int:
+        scales = -(-elements // self.block) * self.scale_bytes if self.block else 0
+        return elements * self.bits // 8 + scales
+
+
+@dataclass(frozen=True)
+class StorageFormat:
+    """How a deployment stores each named cached tensor (per token): a list of parts per tensor
+    name, plus padding bytes per token and layer. Tensor names are the cache specs' own."""
+
+    name: str
+    tensors: tuple[tuple[str, tuple[Part, ...]], ...]
+    source: str
+    pad_bytes: int = 0
+
+    def bytes_per_token(self, spec) -> int:
+        formats = dict(self.tensors)
+        total = self.pad_bytes if spec.token_shapes else 0
+        for name, shape in spec.token_shapes:
+            if name not in formats:
+                raise ValueError(f"storage format {self.name!r} does not say how to store cached tensor {name!r}")
+            left = math.prod(shape)
+            for part in formats[name]:
+                n = left if part.elements is None else part.elements
+                total += part.nbytes(n)
+                left -= n
+        return total
+
+
+def kv_cache_bytes_stored(cfg: ModelConfig, context_len: int, fmt: StorageFormat, batch_size: int = 1) -> int:
+    """Cache bytes if every layer's cached tensors were stored in ``fmt`` (token slots only)."""
+    from .cache import layer_cache_spec
+
+    return batch_size * sum(
+        layer_cache_spec(s).tokens_held(context_len) * fmt.bytes_per_token(layer_cache_spec(s)) for s in cfg.layers
+    )
+
+
+FP8_BLOCK128_FP32_SCALE = Part(bits=8, block=128, scale_bytes=4)
+DEPLOYED_FORMATS = {
+    "deepseek-v3.2": StorageFormat(
+        name="DeepSeek V3.2 FP8 MLA cache + FP8 indexer keys",
+        tensors=(
+            ("latent", (FP8_BLOCK128_FP32_SCALE,)),  # 512 FP8 + 4 fp32 scales = 528 B
+            ("k_rope", (Part(bits=16),)),  # 64 BF16 = 128 B
+            ("index_k", (FP8_BLOCK128_FP32_SCALE,)),  # 128 FP8 + 1 fp32 scale = 132 B
+        ),
+        source="FlashMLA README ('FP8 with scale' entry, 656 B) and DeepSeek's V3.2 reference indexer "
+        "(FP8 k_cache + fp32 k_scale_cache, 132 B); shared/specs/deepseek.md §4.1",
+    ),
+}
+
+
+def same_width_baselines(cfg: ModelConfig) -> dict[str, ModelConfig]:
+    """The model with every layer's attention replaced by a standard one of the same width
+    (``hidden / head_dim`` query heads of ``head_dim``, global, cached at full length): MHA, GQA
+    with 4 and 2 KV heads, and a DeepSeek-V2-Lite-like MLA (KV latent 512 + RoPE key 64, 128-d
+    no-RoPE query/key part, 128-d values). Everything else (MLP, norms) is kept, so attention
+    FLOPs and cache bytes compare like with like (the CCA paper's comparison; zaya.md §3)."""
+    from .config import MLASpec, RopeSpec
+
+    first = cfg.layers[0]
+    d = first.head_dim
+    heads = cfg.hidden_size // d
+
+    def swap(**attention) -> ModelConfig:
+        plain = dict(
+            attention="gqa", window=None, num_heads=heads, head_dim=d, qk_norm=False, v_norm=False, k_eq_v=False,
+            output_gate=None, kv_source=None, attn_scale=None, mla=None, indexer=None,
+        )  # fmt: skip
+        changes = {**plain, **attention}
+        return cfg.replace(
+            layers=tuple(dataclasses.replace(s, rope=RopeSpec(theta=s.rope.theta), **changes) for s in cfg.layers)
+        )
+
+    mla = MLASpec(kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128)
+    return {
+        f"MHA ({heads}q/{heads}kv)": swap(num_kv_heads=heads),
+        f"GQA ({heads}q/4kv)": swap(num_kv_heads=4),
+        f"GQA ({heads}q/2kv)": swap(num_kv_heads=2),
+        f"MLA ({heads} heads, latent 512 + rope 64)": swap(attention="mla", num_kv_heads=1, head_dim=192, mla=mla),
+    }

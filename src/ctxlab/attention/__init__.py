@@ -4,7 +4,8 @@ static methods, what its layer caches (``cache_spec``), how many parameters it h
 
 from .cca import CCAttention
 from .gqa import GQAttention
+from .mla import MLAttention
 
-ATTENTION_KINDS = {"gqa": GQAttention, "cca": CCAttention}
+ATTENTION_KINDS = {"gqa": GQAttention, "cca": CCAttention, "mla": MLAttention}
 
-__all__ = ["ATTENTION_KINDS", "CCAttention", "GQAttention"]
+__all__ = ["ATTENTION_KINDS", "CCAttention", "GQAttention", "MLAttention"]

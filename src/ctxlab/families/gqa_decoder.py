@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig
 from ..errors import ConfigError
-from ..io.hf_config import legacy_rope_params, parse_rope, require, rope_to_hf, token_ids
+from ..io.hf_config import legacy_rope_params, parse_rope, rope_to_hf, token_ids
 
 REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
 LAYER_TYPES = ("full_attention", "sliding_attention")

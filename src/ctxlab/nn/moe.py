@@ -74,12 +74,14 @@ class SoftmaxTopKRouter(nn.Module):
 class SigmoidBiasRouter(nn.Module):
     """Sigmoid routing with a selection-only correction bias (DeepSeek-V3 §2.1.2 "auxiliary-loss-free
     load balancing"; HF ``LagunaTopKRouter``): logits (optionally tanh-capped) -> sigmoid scores;
-    experts chosen by top-k of ``scores + e_score_correction_bias``; weights are the chosen
-    *scores*, renormalised to sum to 1. Parameter names follow HF (``gate.weight``)."""
+    experts chosen by top-k of ``scores + e_score_correction_bias`` (within the best groups when
+    ``n_group > 1``, HF ``DeepseekV32TopkRouter``); weights are the chosen *scores*, renormalised
+    to sum to 1. Parameter names follow HF (``gate.weight``)."""
 
     def __init__(self, hidden_size: int, moe: MoESpec, eps: float):
         super().__init__()
         self.top_k, self.softcap = moe.top_k, moe.router_logit_softcap
+        self.n_group, self.topk_group = moe.n_group, moe.topk_group
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
 
@@ -89,7 +91,13 @@ class SigmoidBiasRouter(nn.Module):
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
         scores = torch.sigmoid(logits)
-        _, index = torch.topk(scores + self.e_score_correction_bias.float(), self.top_k, dim=-1)
+        choice = scores + self.e_score_correction_bias.float()
+        if self.n_group > 1:  # group-limited: only the best topk_group groups (by their two best) compete
+            grouped = choice.view(-1, self.n_group, choice.shape[-1] // self.n_group)
+            best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices  # [N, topk_group]
+            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter(1, best, True)
+            choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
+        _, index = torch.topk(choice, self.top_k, dim=-1)
         weight = scores.gather(-1, index)
         return index, (weight / weight.sum(dim=-1, keepdim=True)).to(x.dtype)
 

@@ -1,0 +1,60 @@
+"""DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2-Exp report; HF ``DeepseekV32Indexer``).
+
+A cheap scorer picks, for every query, the ``topk`` past tokens the main attention may see:
+``I[t, s] = sum_h w[t, h] / sqrt(H_I) * ReLU(q[t, h] · k[s] / sqrt(D_I))`` with one 128-d key per
+token (LayerNorm, RoPE half-split on its first dims; cached next to the MLA latent) and per-head
+weights ``w`` projected from the hidden state. Scores are computed in fp32 from the queries of
+the MLA query bottleneck.
+
+Ties: selection sorts the scores with a *stable* descending sort, so among equal scores the
+earlier cache slot (the earlier position) wins; ``torch.topk`` gives no such guarantee.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import IndexerSpec
+
+
+class LightningIndexer(nn.Module):
+    def __init__(self, hidden_size: int, q_lora_rank: int, spec: IndexerSpec):
+        super().__init__()
+        self.spec = spec
+        self.wq_b = nn.Linear(q_lora_rank, spec.n_heads * spec.head_dim, bias=False)
+        self.wk = nn.Linear(hidden_size, spec.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(spec.head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(hidden_size, spec.n_heads, bias=False)
+
+    def keys(self, x: torch.Tensor, rotary, cos, sin) -> torch.Tensor:
+        """x [B, T, H] -> indexer keys [B, 1, T, D_I] (to cache)."""
+        return rotary.apply(self.k_norm(self.wk(x))[:, None], cos, sin)
+
+    def select(self, x, q_res, keys, allowed, rotary, cos, sin) -> torch.Tensor:
+        """Indices [B, T, k] of the ``k = min(topk, S)`` best keys for each query.
+
+        x [B, T, H], q_res [B, T, q_lora], keys [B, 1, S, D_I], allowed [B, 1, T, S] (causal mask).
+        """
+        B, T, _ = x.shape
+        s = self.spec
+        q = rotary.apply(self.wq_b(q_res).view(B, T, s.n_heads, s.head_dim).transpose(1, 2), cos, sin)
+        scores = F.relu(q.float() @ keys.float().transpose(-1, -2) * s.head_dim**-0.5)  # [B, H_I, T, S]
+        weights = self.weights_proj(x).float() * s.n_heads**-0.5  # [B, T, H_I]
+        index = torch.einsum("bth,bhts->bts", weights, scores).masked_fill(~allowed[:, 0], float("-inf"))
+        k = min(s.topk, index.shape[-1])
+        return torch.sort(index, dim=-1, descending=True, stable=True).indices[..., :k]
+
+    @staticmethod
+    def param_count(hidden_size: int, q_lora_rank: int, spec: IndexerSpec) -> int:
+        return q_lora_rank * spec.n_heads * spec.head_dim + hidden_size * spec.head_dim + 2 * spec.head_dim + (
+            hidden_size * spec.n_heads
+        )
+
+    @staticmethod
+    def decode_flops(hidden_size: int, q_lora_rank: int, spec: IndexerSpec, keys: int) -> dict[str, int]:
+        """Projections of one token, and the scan over every past key (its own term)."""
+        projections = 2 * (q_lora_rank * spec.n_heads * spec.head_dim + hidden_size * (spec.head_dim + spec.n_heads))
+        scan = 2 * keys * spec.n_heads * spec.head_dim + 2 * keys * spec.n_heads  # q·k, then the weighted head sum
+        return {"indexer_projections": projections, "indexer_scan": scan}

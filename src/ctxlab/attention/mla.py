@@ -1,0 +1,158 @@
+"""Multi-head latent attention, MLA (DeepSeek-V2 §2.1, arXiv 2405.04434; HF ``DeepseekV32Attention``),
+optionally sparse through the lightning indexer (DeepSeek Sparse Attention, V3.2).
+
+Per token the cache holds only the normalised KV latent (``kv_lora_rank``), one shared RoPE key
+(``qk_rope_head_dim``, rotated in interleaved pairs) and, with DSA, the indexer key: nothing per
+head. Two ways to attend over it, identical in exact arithmetic:
+
+* ``expanded``: up-project every cached latent with ``kv_b_proj`` into per-head keys and values
+  (what HF does at every step; used for prefill);
+* ``absorbed``: fold the key up-projection into the query (``q_nope · W_UK`` lands in the latent
+  space) and the value up-projection into the output, so attention runs directly against the
+  cached latents as MQA with one 576-d key / 512-d value head (DeepSeek's inference code). It
+  reads far fewer bytes per token and is the default for decode (one new token). With DSA it
+  also gathers only the selected latents.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..cache.spec import CacheSpec
+from ..config import LayerSpec
+from ..nn.norms import RMSNorm
+from ..nn.rope import Rotary
+from .context import ForwardContext, attention_mask
+from .dsa import LightningIndexer
+
+DECODE_PATHS = ("absorbed", "expanded")
+
+
+class MLAttention(nn.Module):
+    decode_path = "absorbed"  # for one-token steps; set to "expanded" to compare
+
+    def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
+        super().__init__()
+        m, h, bias = spec.mla, spec.num_heads, spec.attention_bias
+        self.spec, self.layer_idx = spec, layer_idx
+        if m.q_lora_rank:
+            self.q_a_proj = nn.Linear(hidden_size, m.q_lora_rank, bias=bias)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, norm_eps)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, h * spec.head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden_size, h * spec.head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden_size, m.kv_lora_rank + m.qk_rope_head_dim, bias=bias)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, norm_eps)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * m.v_head_dim, hidden_size, bias=bias)
+        self.indexer = LightningIndexer(hidden_size, m.q_lora_rank, spec.indexer) if spec.indexer else None
+        self.rotary = Rotary(spec)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        B, T, _ = x.shape
+        s, m = self.spec, self.spec.mla
+        q_res = self.q_a_layernorm(self.q_a_proj(x)) if m.q_lora_rank else None
+        q = (self.q_b_proj(q_res) if q_res is not None else self.q_proj(x)).view(B, T, s.num_heads, -1).transpose(1, 2)
+        q_nope, q_rot = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)  # [B, H, T, *]
+        latent, k_rot = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        cos, sin = ctx.rope_tables(self.rotary, x.dtype)
+        new = {
+            "latent": self.kv_a_layernorm(latent)[:, None],  # [B, 1, T, L]
+            "k_rope": self.rotary.apply_interleaved(k_rot[:, None], cos, sin),  # [B, 1, T, R]
+        }
+        q_rot = self.rotary.apply_interleaved(q_rot, cos, sin)
+        if self.indexer is not None:
+            new["index_k"] = self.indexer.keys(x, self.rotary, cos, sin)  # [B, 1, T, D_I]
+        if ctx.cache is None:
+            stored, k_pos = new, ctx.positions
+        else:
+            stored, k_pos = ctx.cache[self.layer_idx].update(new, ctx.cache)
+        allowed = attention_mask(ctx.positions, k_pos, s.window)  # [B, 1, T, S]
+        selected = None
+        if self.indexer is not None:
+            selected = self.indexer.select(x, q_res, stored["index_k"], allowed, self.rotary, cos, sin)
+        if T == 1 and self.decode_path == "absorbed":
+            out = self._absorbed(q_nope, q_rot, stored, k_pos, ctx.positions, selected)
+        else:
+            if selected is not None:  # keep only the selected keys
+                allowed = allowed & torch.zeros_like(allowed[:, 0]).scatter(-1, selected, True)[:, None]
+            out = self._expanded(q_nope, q_rot, stored, allowed)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _expanded(self, q_nope, q_rot, stored, allowed) -> torch.Tensor:
+        """Per-head keys/values from every cached latent -> output [B, H, T, v]."""
+        m = self.spec.mla
+        B, _, S, _ = stored["latent"].shape
+        kv = self.kv_b_proj(stored["latent"][:, 0]).view(B, S, self.spec.num_heads, -1).transpose(1, 2)
+        k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)  # [B, H, S, *]
+        k = torch.cat((k_nope, stored["k_rope"].expand(-1, self.spec.num_heads, -1, -1)), dim=-1)
+        q = torch.cat((q_nope, q_rot), dim=-1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.spec.scale)
+
+    def _absorbed(self, q_nope, q_rot, stored, k_pos, q_pos, selected) -> torch.Tensor:
+        """Attention against the latents themselves (MQA, one head of L + R dims) -> [B, H, T, v]."""
+        m = self.spec.mla
+        w = self.kv_b_proj.weight.view(self.spec.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        w_uk, w_uv = w[:, : m.qk_nope_head_dim], w[:, m.qk_nope_head_dim :]  # [H, nope, L], [H, v, L]
+        q = torch.cat((torch.einsum("bhtn,hnl->bhtl", q_nope, w_uk), q_rot), dim=-1)  # [B, H, T, L + R]
+        keys = torch.cat((stored["latent"], stored["k_rope"]), dim=-1)  # [B, 1, S, L + R]
+        values = stored["latent"]  # [B, 1, S, L]
+        if selected is not None and selected.shape[-1] < keys.shape[2]:  # gather the chosen latents only
+            index = selected[:, 0]  # [B, k] (one query)
+            keys = keys[:, 0].gather(1, index[..., None].expand(-1, -1, keys.shape[-1]))[:, None]
+            values = keys[..., : m.kv_lora_rank]
+            k_pos = k_pos.gather(1, index)
+        allowed = attention_mask(q_pos, k_pos, self.spec.window)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=self.spec.scale, enable_gqa=True)
+        return torch.einsum("bhtl,hvl->bhtv", out, w_uv)
+
+    # --- declarations read by the cache planner and the accounting -----------------------
+
+    @staticmethod
+    def cache_spec(spec: LayerSpec) -> CacheSpec:
+        m = spec.mla
+        shapes = [("latent", (1, m.kv_lora_rank)), ("k_rope", (1, m.qk_rope_head_dim))]
+        if spec.indexer is not None:
+            shapes.append(("index_k", (1, spec.indexer.head_dim)))
+        return CacheSpec(kind="full" if spec.window is None else "ring", token_shapes=tuple(shapes), window=spec.window)
+
+    @staticmethod
+    def param_count(hidden_size: int, spec: LayerSpec) -> int:
+        m, h = spec.mla, spec.num_heads
+        bias = spec.attention_bias
+        if m.q_lora_rank:
+            q = hidden_size * m.q_lora_rank + (m.q_lora_rank if bias else 0) + m.q_lora_rank + m.q_lora_rank * h * spec.head_dim
+        else:
+            q = hidden_size * h * spec.head_dim
+        kv = hidden_size * (m.kv_lora_rank + m.qk_rope_head_dim) + ((m.kv_lora_rank + m.qk_rope_head_dim) if bias else 0)
+        kv += m.kv_lora_rank + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
+        o = h * m.v_head_dim * hidden_size + (hidden_size if bias else 0)
+        indexer = LightningIndexer.param_count(hidden_size, m.q_lora_rank, spec.indexer) if spec.indexer else 0
+        return q + kv + o + indexer
+
+    @staticmethod
+    def decode_flops(hidden_size: int, spec: LayerSpec, keys: int) -> dict[str, int]:
+        """One token on the absorbed path, attending to ``keys`` keys (``topk`` of them with DSA)."""
+        m, h = spec.mla, spec.num_heads
+        q = 2 * (hidden_size * m.q_lora_rank + m.q_lora_rank * h * spec.head_dim) if m.q_lora_rank else 2 * hidden_size * h * spec.head_dim
+        proj = q + 2 * hidden_size * (m.kv_lora_rank + m.qk_rope_head_dim) + 2 * h * m.v_head_dim * hidden_size
+        absorb = 2 * h * m.kv_lora_rank * (m.qk_nope_head_dim + m.v_head_dim)  # W_UK into q, W_UV out of the latent
+        attended = keys if spec.indexer is None else min(keys, spec.indexer.topk)
+        terms = {
+            "projections": proj + absorb,
+            "attention": 2 * h * attended * (2 * m.kv_lora_rank + m.qk_rope_head_dim),  # q·k (L + R), p·v (L)
+        }
+        if spec.indexer is not None:
+            terms.update(LightningIndexer.decode_flops(hidden_size, m.q_lora_rank, spec.indexer, keys))
+        return terms
+
+
+def set_decode_path(model: nn.Module, path: str) -> None:
+    """Choose how every MLA layer of ``model`` decodes: ``"absorbed"`` (default) or ``"expanded"``."""
+    if path not in DECODE_PATHS:
+        raise ValueError(f"decode path {path!r}: allowed: {list(DECODE_PATHS)}")
+    for module in model.modules():
+        if isinstance(module, MLAttention):
+            module.decode_path = path

@@ -1,0 +1,132 @@
+"""The numbers behind ``ctxlab report`` and ``ctxlab inspect``, as plain dicts (exact integers).
+
+Each function answers one question about a model (its cost, what KV sharing saves, what its head
+budget saves, ...) from the accounting and the named conventions; ``tables.py`` renders them and
+``--json`` prints them as they are.
+"""
+
+from __future__ import annotations
+
+from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
+from .cache import layer_cache_spec
+from .conventions import (
+    DEPLOYED_FORMATS,
+    PUBLISHED_SHARING_ESTIMATES,
+    kv_cache_bytes_stored,
+    kv_sharing_saving,
+    same_width_baselines,
+    uniform_head_budget,
+)
+from .io.config_file import load_config
+
+
+def report_row(name: str, context: int, dtype: str, batch_size: int) -> dict:
+    cfg = load_config(name)
+    params = count_params(cfg)
+    return {
+        "model": name, "family": cfg.family, "num_layers": cfg.num_layers,
+        "params_total": params["total"], "params_effective": params["effective"], "params_active": params["active"],
+        "kv_bytes_per_token_naive": (  # the growth per token: fixed decode state excluded
+            kv_cache_bytes(cfg, 2, dtype, convention="naive") - kv_cache_bytes(cfg, 1, dtype, convention="naive")
+        ),
+        "kv_bytes_realized": kv_cache_bytes(cfg, context, dtype, batch_size),
+        "kv_bytes_naive": kv_cache_bytes(cfg, context, dtype, batch_size, convention="naive"),
+        "decode_flops": decode_flops(cfg, context), "context": context, "dtype": dtype, "batch_size": batch_size,
+    }
+
+
+def sharing_row(name: str, context: int, dtype: str) -> dict | None:
+    """KV bytes saved by cross-layer sharing under each convention (None: the model shares nothing)."""
+    cfg = load_config(name)
+    consumers = [i for i, s in enumerate(cfg.layers) if s.kv_source is not None]
+    if not consumers:
+        return None
+    estimate = PUBLISHED_SHARING_ESTIMATES.get(name)
+    return {
+        "model": name, "consumer_layers": consumers,
+        "saving_realized": kv_sharing_saving(cfg, context, dtype, "realized"),
+        "saving_uncapped": kv_sharing_saving(cfg, context, dtype, "uncapped"),
+        "saving_uniform_estimator": estimate.saving(cfg, context, dtype) if estimate else None,
+        "published": estimate.published if estimate else None, "source": estimate.source if estimate else None,
+    }
+
+
+def head_budget_row(name: str, context: int) -> dict | None:
+    """Decode attention FLOPs of a per-layer head budget vs the same heads spread evenly (None: uniform)."""
+    cfg = load_config(name)
+    uniform = uniform_head_budget(cfg)
+    if uniform is None:
+        return None
+    return {
+        "model": name, "heads_per_layer": [s.num_heads for s in cfg.layers],
+        "uniform_heads": uniform.layers[0].num_heads,
+        "attention_flops": decode_flops_terms(cfg, context)["attention"],
+        "attention_flops_uniform": decode_flops_terms(uniform, context)["attention"],
+    }
+
+
+def layer_rows(cfg, context: int, dtype: str) -> list[dict]:
+    per_layer = kv_cache_bytes_per_layer(cfg, context, dtype)
+    return [
+        {
+            "layer": i, "attention": s.attention, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim, "window": s.window, "rope_type": s.rope.type, "rope_theta": s.rope.theta,
+            "kv_source": s.kv_source, "cache_kind": layer_cache_spec(s).kind, "cache_bytes": nbytes,
+        }
+        for i, (s, nbytes) in enumerate(zip(cfg.layers, per_layer))
+    ]
+
+
+def kv_roles(cfg) -> str:
+    """One line: which layers produce K/V and which producer each group of consumers reads."""
+    readers: dict[int, list[int]] = {}
+    for i, s in enumerate(cfg.layers):
+        if s.kv_source is not None:
+            readers.setdefault(s.kv_source, []).append(i)
+    if not readers:
+        return "KV: every layer computes and caches its own K/V\n"
+    producers = [i for i, s in enumerate(cfg.layers) if s.kv_source is None]
+    reads = "; ".join(f"layers {', '.join(map(str, r))} read layer {src}" for src, r in sorted(readers.items()))
+    return f"KV producers: layers {producers[0]}-{producers[-1]}; consumers (no K/V weights, no cache): {reads}\n"
+
+
+def head_budget_line(cfg, context: int) -> str:
+    uniform = uniform_head_budget(cfg)
+    if uniform is None:
+        return ""
+    ours, even = (decode_flops_terms(c, context)["attention"] / 1e9 for c in (cfg, uniform))
+    return (f"query heads per layer vary ({min(s.num_heads for s in cfg.layers)}-{max(s.num_heads for s in cfg.layers)}):"
+            f" decode attention {ours:,.2f} GFLOP at position {context:,} vs {even:,.2f} with "
+            f"{uniform.layers[0].num_heads} heads on every layer\n")
+
+
+
+def deployed_row(name: str, context: int) -> dict | None:
+    """Cache bytes in the model's published deployment format next to a bf16 cache of this library."""
+    fmt = DEPLOYED_FORMATS.get(name)
+    if fmt is None:
+        return None
+    cfg = load_config(name)
+    return {
+        "model": name, "format": fmt.name, "source": fmt.source, "context": context,
+        "bytes_per_token_per_layer": sorted({fmt.bytes_per_token(layer_cache_spec(s)) for s in cfg.layers}),
+        "kv_bytes_deployed": kv_cache_bytes_stored(cfg, context, fmt),
+        "kv_bytes_bf16": kv_cache_bytes(cfg, context, "bfloat16"),
+    }  # fmt: skip
+
+
+def baseline_rows(name: str, context: int, dtype: str) -> list[dict]:
+    """For CCA models: the model beside standard attention of the same width (zaya.md §3)."""
+    cfg = load_config(name)
+    if not any(s.attention == "cca" for s in cfg.layers):
+        return []
+    rows = []
+    for label, variant in {name: cfg, **same_width_baselines(cfg)}.items():
+        per_token = kv_cache_bytes(variant, 2, dtype) - kv_cache_bytes(variant, 1, dtype)
+        rows.append({
+            "model": name, "attention": label,
+            "kv_bytes_per_token_per_layer": per_token // variant.num_layers,
+            "kv_bytes": kv_cache_bytes(variant, context, dtype),
+            "attention_flops": decode_flops_terms(variant, context)["attention"],
+        })  # fmt: skip
+    return rows

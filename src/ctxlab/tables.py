@@ -1,0 +1,127 @@
+"""Rich tables for the rows of ``reporting.py`` (human output of ``ctxlab report`` / ``inspect``)."""
+
+from __future__ import annotations
+
+from rich.markup import escape
+from rich.table import Table
+
+UNITS_NOTE = (
+    "bytes in binary units (KiB/MiB/GiB = 2^10/2^20/2^30 bytes); "
+    "params and FLOPs in decimal units (K/M/B = 10^3/10^6/10^9)"
+)
+CONVENTIONS_NOTE = (
+    "realized = what model.new_cache() allocates (sliding layers hold only their window, layers that "
+    "share K/V hold nothing); naive = every layer stores every token (the convention of most published figures)"
+)
+
+
+def fmt_bytes(n: int) -> str:
+    """Binary units: 17179869184 -> '16.00 GiB'."""
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:,.2f} {unit}"
+    return f"{n} B"
+
+
+def fmt_count(n: int) -> str:
+    """Decimal units: 8030261248 -> '8.03B'."""
+    for unit, scale in (("T", 10**12), ("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(n)
+
+
+def report_table(rows: list[dict], context: int, dtype: str, batch_size: int) -> Table:
+    table = Table(
+        title=f"Cost at context {context:,} tokens ({dtype}, batch {batch_size})",
+        caption=f"{UNITS_NOTE}.\n{CONVENTIONS_NOTE}. KV/token is per sequence; GFLOPs per decoded token.",
+    )
+    for header in ("Model", "Family", "Layers", "Params", "KV/token (naive)", "KV @ context (realized)",
+                   "KV @ context (naive)", "Decode GFLOPs @ context"):
+        table.add_column(header, justify="left" if header in ("Model", "Family") else "right")
+    for r in rows:
+        table.add_row(
+            escape(r["model"]), r["family"], str(r["num_layers"]), fmt_count(r["params_total"]),
+            fmt_bytes(r["kv_bytes_per_token_naive"]), fmt_bytes(r["kv_bytes_realized"]),
+            fmt_bytes(r["kv_bytes_naive"]), f"{r['decode_flops'] / 1e9:,.2f}",
+        )
+    return table
+
+
+def sharing_table(rows: list[dict], context: int, dtype: str) -> Table:
+    table = Table(
+        title=f"KV saved by cross-layer sharing at {context:,} tokens ({dtype}, per sequence, decimal GB = 10^9 B)",
+        caption="realized: this library's caches without vs with sharing (sliding layers hold their window); "
+        "true geometry: every layer holds every token; uniform estimator: head_dim = emb_dim / n_heads for every "
+        "layer, no window cap (the assumptions behind the published figure; see ctxlab.conventions)",
+    )
+    for header in ("Model", "Consumer layers", "Realized", "True geometry, no cap", "Uniform estimator", "Published"):
+        table.add_column(header, justify="left" if header in ("Model", "Consumer layers") else "right")
+    for r in rows:
+        uniform = r["saving_uniform_estimator"]
+        table.add_row(
+            escape(r["model"]), f"{len(r['consumer_layers'])} ({r['consumer_layers'][0]}-{r['consumer_layers'][-1]})",
+            f"{r['saving_realized'] / 1e9:.2f} GB", f"{r['saving_uncapped'] / 1e9:.2f} GB",
+            "-" if uniform is None else f"{uniform / 1e9:.2f} GB", r["published"] or "-",
+        )
+    return table
+
+
+def head_budget_table(rows: list[dict], context: int) -> Table:
+    table = Table(title=f"Per-layer query-head budgets: decode attention GFLOPs at position {context:,}",
+                  caption="q·kᵀ and p·v of one decoded token; 'uniform' spreads the same total of query heads "
+                  "evenly over the layers (ctxlab.conventions.uniform_head_budget)")
+    for header in ("Model", "Heads per layer", "Budgeted", "Uniform", "Saving"):
+        table.add_column(header, justify="left" if header in ("Model", "Heads per layer") else "right")
+    for r in rows:
+        counts = sorted(set(r["heads_per_layer"]))
+        mix = ", ".join(f"{r['heads_per_layer'].count(h)}x{h}" for h in counts)
+        table.add_row(
+            escape(r["model"]), f"{mix} (uniform {r['uniform_heads']})", f"{r['attention_flops'] / 1e9:,.2f}",
+            f"{r['attention_flops_uniform'] / 1e9:,.2f}", f"{1 - r['attention_flops'] / r['attention_flops_uniform']:.1%}",
+        )
+    return table
+
+
+def layer_table(rows: list[dict], context: int, dtype: str) -> Table:
+    table = Table(title=f"Layers (cache bytes at {context:,} tokens, {dtype}, batch 1, binary units)")
+    for header in ("Layer", "Attention", "Q heads", "KV heads", "Head dim", "Window", "RoPE",
+                   "KV source", "Cache", "Cache bytes"):
+        table.add_column(header, justify="right" if header in ("Layer", "Q heads", "KV heads", "Head dim",
+                                                               "Window", "Cache bytes") else "left")
+    for r in rows:
+        rope = "none" if r["rope_type"] == "none" else f"{r['rope_type']} θ={r['rope_theta']:g}"
+        table.add_row(
+            str(r["layer"]), r["attention"], str(r["num_heads"]), str(r["num_kv_heads"]), str(r["head_dim"]),
+            "global" if r["window"] is None else str(r["window"]), rope,
+            "own" if r["kv_source"] is None else f"layer {r['kv_source']}", r["cache_kind"],
+            fmt_bytes(r["cache_bytes"]),
+        )
+    return table
+
+
+
+def deployed_table(rows: list[dict], context: int) -> Table:
+    table = Table(title=f"KV cache in published deployment formats at {context:,} tokens (decimal GB = 10^9 B)",
+                  caption="bytes per token per layer as the deployment stores them (ctxlab.conventions.DEPLOYED_FORMATS)")
+    for header in ("Model", "Format", "B/token/layer", "Deployed", "bf16 cache here"):
+        table.add_column(header, justify="left" if header in ("Model", "Format") else "right")
+    for r in rows:
+        table.add_row(escape(r["model"]), r["format"], "/".join(map(str, r["bytes_per_token_per_layer"])),
+                      f"{r['kv_bytes_deployed'] / 1e9:.2f} GB", f"{r['kv_bytes_bf16'] / 1e9:.2f} GB")
+    return table
+
+
+def baseline_table(rows: list[dict], context: int, dtype: str) -> Table:
+    table = Table(title=f"Compressed convolutional attention beside standard attention of the same width "
+                        f"({dtype}, {context:,} tokens)",
+                  caption="every layer global; attention = q·kᵀ + p·v FLOPs of one decoded token (MLA on its "
+                  "absorbed decode path); the CCA cache also holds a small fixed conv/value state")
+    for header in ("Model", "Attention", "KV B/token/layer", "KV @ context", "Attention GFLOPs", "vs model"):
+        table.add_column(header, justify="left" if header in ("Model", "Attention") else "right")
+    base = {r["model"]: r["attention_flops"] for r in rows if r["attention"] == r["model"]}
+    for r in rows:
+        table.add_row(escape(r["model"]), escape(r["attention"]), str(r["kv_bytes_per_token_per_layer"]),
+                      fmt_bytes(r["kv_bytes"]), f"{r['attention_flops'] / 1e9:,.2f}",
+                      f"{r['attention_flops'] / base[r['model']]:.2f}x")
+    return table
