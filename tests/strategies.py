@@ -31,7 +31,7 @@ def layer_specs(draw, kv_heads: int, head_dim: int, rope: RopeSpec) -> LayerSpec
             num_experts=experts,
             top_k=draw(st.integers(1, experts)),
             intermediate_size=8,
-            router=draw(st.sampled_from(["softmax_topk", "sigmoid_bias"])),
+            router=draw(st.sampled_from(["softmax_topk", "biased_topk"])),
             routed_scaling=draw(st.sampled_from([1.0, 2.5])),
             shared_expert_size=draw(st.sampled_from([0, 4])),
         )

@@ -138,9 +138,9 @@ def test_cache_holds_latent_rope_key_and_indexer_key_only(pair):
 
 def test_group_limited_routing_picks_only_inside_the_best_groups():
     from ctxlab.config import MoESpec
-    from ctxlab.nn.moe import SigmoidBiasRouter
+    from ctxlab.nn.moe import BiasedTopKRouter
 
-    router = SigmoidBiasRouter(4, MoESpec(8, 2, 4, "sigmoid_bias", n_group=4, topk_group=1), 1e-6)
+    router = BiasedTopKRouter(4, MoESpec(8, 2, 4, "biased_topk", n_group=4, topk_group=1), 1e-6)
     with torch.no_grad():
         router.weight.copy_(torch.randn(8, 4))
     index, weight = router(torch.randn(200, 4))

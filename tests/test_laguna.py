@@ -110,9 +110,9 @@ def test_moe_routes_a_batch_exactly_as_token_by_token(pair):
 def test_correction_bias_changes_the_choice_not_the_weights():
     """The selection bias picks experts; the weights are the chosen sigmoid scores, renormalised."""
     from ctxlab.config import MoESpec
-    from ctxlab.nn.moe import SigmoidBiasRouter
+    from ctxlab.nn.moe import BiasedTopKRouter
 
-    router = SigmoidBiasRouter(4, MoESpec(num_experts=3, top_k=1, intermediate_size=2, router="sigmoid_bias"), 1e-6)
+    router = BiasedTopKRouter(4, MoESpec(num_experts=3, top_k=1, intermediate_size=2, router="biased_topk"), 1e-6)
     with torch.no_grad():
         router.weight.copy_(torch.eye(3, 4))
         x = torch.tensor([[2.0, 1.0, 0.0, 0.0]])

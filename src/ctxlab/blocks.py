@@ -36,7 +36,7 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(h, cfg.norm_eps)
         self.self_attn = ATTENTION_KINDS[spec.attention](h, spec, layer_idx, cfg.norm_eps)
         self.post_attention_layernorm = RMSNorm(h, cfg.norm_eps)
-        self.mlp = MLP_KINDS[spec.mlp].from_spec(h, spec, cfg.norm_eps)
+        self.mlp = MLP_KINDS[spec.mlp].from_spec(h, spec, cfg.norm_eps, cfg.vocab_size)
         self.has_ple = bool(cfg.per_layer_input_size)
         if self.has_ple:
             for name, module in ple.block_modules(cfg).items():

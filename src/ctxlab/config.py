@@ -15,10 +15,12 @@ from typing import Any
 from .errors import ConfigError
 
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "none")
-ATTENTION_KINDS = ("gqa", "cca", "mla")
+ATTENTION_KINDS = ("gqa", "cca", "mla", "compressed")
 MLP_KINDS = ("gated", "moe")
-BLOCK_KINDS = ("pre_norm", "sandwich", "scaled_residual")
-ROUTERS = ("softmax_topk", "sigmoid_bias", "mlp_eda")
+BLOCK_KINDS = ("pre_norm", "sandwich", "scaled_residual", "hyper")
+RESIDUALS = ("plain", "mhc")
+ROUTERS = ("softmax_topk", "biased_topk", "hash", "mlp_eda")
+SCORE_FUNCTIONS = ("sigmoid", "sqrtsoftplus")
 OUTPUT_GATES = ("per_head", "per_element")
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 
@@ -56,8 +58,11 @@ class MoESpec:
     ``top_k`` per token, chosen by ``router``:
 
     * ``"softmax_topk"``: softmax, top-k, renormalise, per-expert scale (HF ``Gemma4TextRouter``);
-    * ``"sigmoid_bias"``: sigmoid scores, top-k of scores + a correction bias (used for choosing
-      only), renormalised (HF ``LagunaTopKRouter``; DeepSeek-V3's aux-loss-free routing).
+    * ``"biased_topk"``: ``score_fn`` scores (sigmoid, or sqrt(softplus) for DeepSeek V4), top-k of
+      scores + a correction bias (used for choosing only), renormalised (HF ``LagunaTopKRouter``,
+      ``DeepseekV4TopKRouter``; DeepSeek-V3's aux-loss-free routing);
+    * ``"hash"``: experts fixed per token id by a table stored in the checkpoint, weights from the
+      learned scores (HF ``DeepseekV4HashRouter``; DeepSeek V4's first layers).
 
     * ``"mlp_eda"``: ZAYA1's router (HF ``ZayaRouter``): down-projection to ``router_hidden_size``,
       plus the previous layer's router state when ``router_state_in`` (depth recurrence), a small
@@ -82,6 +87,7 @@ class MoESpec:
     router_state_in: bool = False
     n_group: int = 1
     topk_group: int = 1
+    score_fn: str = "sigmoid"
 
 
 @dataclass(frozen=True)
@@ -108,6 +114,20 @@ class IndexerSpec:
     head_dim: int
     topk: int
     rope_dims: int
+
+
+@dataclass(frozen=True)
+class CompressSpec:
+    """DeepSeek V4 attention (arXiv: DeepSeek-V4 report §2.3): one shared K=V head over a sliding
+    window of raw tokens plus, when ``ratio`` > 0, compressed entries that pool ``ratio`` tokens each
+    (CSA: ratio 4, overlapping windows, top-k chosen by an indexer; HCA: ratio 128, all entries).
+    Queries come through a ``q_lora_rank`` bottleneck; the output through ``o_groups`` grouped
+    low-rank projections of width ``o_lora_rank``."""
+
+    ratio: int
+    q_lora_rank: int
+    o_groups: int
+    o_lora_rank: int
 
 
 @dataclass(frozen=True)
@@ -144,6 +164,8 @@ class LayerSpec:
     conv_kernels: tuple[int, int] = (2, 2)
     mla: MLASpec | None = None
     indexer: IndexerSpec | None = None
+    compress: CompressSpec | None = None
+    swiglu_limit: float | None = None
     mlp: str = "gated"
     mlp_bias: bool = False
     activation: str = "silu"
@@ -179,7 +201,9 @@ class ModelConfig:
     (Gemma overflows). ``non_text_params``: parameters of towers outside the text decoder
     (vision, audio) that published totals include; accounting only. ``input_affine`` adds a
     learned bias and scale to the embeddings, and ``residual_fp32`` keeps the residual stream in
-    float32 whatever the weights' dtype (ZAYA).
+    float32 whatever the weights' dtype (ZAYA). ``residual = "mhc"`` widens the residual into
+    ``hc_mult`` streams joined by manifold-constrained hyper-connections (DeepSeek V4); ``"plain"``
+    is one stream with ordinary additions (used by ``block = "hyper"`` layers).
     """
 
     family: str
@@ -200,6 +224,10 @@ class ModelConfig:
     non_text_params: int = 0
     input_affine: bool = False
     residual_fp32: bool = False
+    residual: str = "plain"
+    hc_mult: int = 1
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
     name: str = ""
 
     def __post_init__(self):
@@ -235,7 +263,7 @@ class ModelConfig:
             rope = RopeSpec(**_only_known(RopeSpec, ld.pop("rope", {}), f"layers[{i}].rope"))
             moe = ld.pop("moe", None)
             moe = MoESpec(**_only_known(MoESpec, moe, f"layers[{i}].moe")) if moe else None
-            for key, cls in (("mla", MLASpec), ("indexer", IndexerSpec)):
+            for key, cls in (("mla", MLASpec), ("indexer", IndexerSpec), ("compress", CompressSpec)):
                 if ld.get(key):
                     ld[key] = cls(**_only_known(cls, ld[key], f"layers[{i}].{key}"))
             if "conv_kernels" in ld:
@@ -280,6 +308,13 @@ def _validate(cfg: ModelConfig) -> list[str]:
             f"per_layer_input_size = {cfg.per_layer_input_size}, per_layer_vocab_size = {cfg.per_layer_vocab_size}: "
             "per-layer embeddings need a size >= 0 and, when on, a positive table size"
         )
+    if cfg.residual not in RESIDUALS or cfg.hc_mult < 1 or (cfg.residual == "plain" and cfg.hc_mult != 1):
+        p.append(
+            f"residual = {cfg.residual!r}, hc_mult = {cfg.hc_mult}: allowed residuals {list(RESIDUALS)}; "
+            "'mhc' needs hc_mult >= 1 streams, 'plain' exactly 1"
+        )
+    if cfg.residual == "mhc" and any(s.block != "hyper" for s in cfg.layers):
+        p.append("residual = 'mhc' needs block = 'hyper' in every layer (the block that joins the streams)")
     if cfg.embedding_scale is not None and not cfg.embedding_scale > 0:
         p.append(f"embedding_scale = {cfg.embedding_scale!r}: must be > 0, or None for no scaling")
     for v in cfg.eos_token_id:
@@ -334,8 +369,19 @@ def _validate_layer(i: int, s: LayerSpec, cfg: ModelConfig) -> list[str]:
         p.append(f"{at}: attention = {s.attention!r} with mla = {s.mla}: MLA attention needs an MLASpec, and only it")
     elif s.mla is not None and s.head_dim != s.mla.qk_nope_head_dim + s.mla.qk_rope_head_dim:
         p.append(f"{at}.head_dim = {s.head_dim}: MLA's must equal qk_nope_head_dim + qk_rope_head_dim")
-    if s.indexer is not None and s.attention != "mla":
-        p.append(f"{at}.indexer: the lightning indexer is implemented for attention = 'mla' only")
+    if s.indexer is not None and s.attention not in ("mla", "compressed"):
+        p.append(f"{at}.indexer: a lightning indexer needs attention = 'mla' or 'compressed'")
+    if (s.attention == "compressed") != (s.compress is not None):
+        p.append(f"{at}: attention = {s.attention!r} with compress = {s.compress}: needs a CompressSpec, and only it")
+    elif s.compress is not None:
+        c = s.compress
+        if c.ratio < 0 or (s.num_heads * s.head_dim) % c.o_groups or s.window is None:
+            p.append(
+                f"{at}.compress = {c}: ratio must be >= 0 (0 = window only), o_groups must divide "
+                f"num_heads * head_dim = {s.num_heads * s.head_dim}, and the layer needs a window"
+            )
+    if s.moe is not None and s.moe.score_fn not in SCORE_FUNCTIONS:
+        p.append(f"{at}.moe.score_fn = {s.moe.score_fn!r}: allowed: {list(SCORE_FUNCTIONS)}")
     if s.moe is not None and s.moe.num_experts % max(s.moe.n_group, 1):
         p.append(f"{at}.moe.n_group = {s.moe.n_group}: must divide num_experts = {s.moe.num_experts}")
     if s.moe is not None and s.moe.router == "mlp_eda" and s.moe.router_hidden_size <= 0:

@@ -82,7 +82,7 @@ class CausalLM(nn.Module):
             positions = torch.arange(T, device=ids.device).expand(B, T)
         else:
             positions = cache.reserve(T, B)
-        ctx = ForwardContext(positions=positions, cache=cache, sources=self._kv_sources)
+        ctx = ForwardContext(positions=positions, cache=cache, sources=self._kv_sources, input_ids=ids)
         x = self.model.embed(ids, ctx)  # [B, T, H]
         for block in self.model.layers:
             x = block(x, ctx)

@@ -18,13 +18,14 @@ class ForwardContext:
     ``sources``: the layers whose K/V some consumer reads (only those are kept).
     ``per_layer_inputs`` [B, T, L, Dp]: per-layer embeddings (PLE), when the model has them.
     ``router_state``: a router's hidden state handed to the next layer's router (ZAYA's depth
-    recurrence); per token, never cached over time.
+    recurrence); per token, never cached over time. ``input_ids`` [B, T]: for hash routing.
     """
 
     positions: torch.Tensor
     cache: object | None = None
     per_layer_inputs: torch.Tensor | None = None
     router_state: torch.Tensor | None = None
+    input_ids: torch.Tensor | None = None
     sources: frozenset[int] = frozenset()
     shared_kv: dict[int, tuple] = field(default_factory=dict)
     _rope_tables: dict = field(default_factory=dict)

@@ -57,7 +57,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         num_experts=d.get("n_routed_experts", 256),
         top_k=d.get("num_experts_per_tok", 8),
         intermediate_size=d.get("moe_intermediate_size", 2048),
-        router="sigmoid_bias",
+        router="biased_topk",
         routed_scaling=float(d.get("routed_scaling_factor", 2.5)),
         shared_expert_size=d.get("moe_intermediate_size", 2048) * d.get("n_shared_experts", 1),
         n_group=d.get("n_group", 8),
@@ -102,7 +102,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """A ``deepseek_v32`` config.json; ``export_config`` checks it round-trips."""
     s = cfg.layers[0]
     m, ix = s.mla, s.indexer
-    moe = next((x.moe for x in cfg.layers if x.moe is not None), None) or MoESpec(256, 8, 2048, "sigmoid_bias")
+    moe = next((x.moe for x in cfg.layers if x.moe is not None), None) or MoESpec(256, 8, 2048, "biased_topk")
     rope = rope_to_hf(s.rope)
     rope.pop("interleaved", None)
     kinds = ["sparse" if x.mlp == "moe" else "dense" for x in cfg.layers]

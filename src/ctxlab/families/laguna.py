@@ -53,7 +53,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         num_experts=d.get("num_experts", 256),
         top_k=d.get("num_experts_per_tok", 8),
         intermediate_size=d.get("moe_intermediate_size", 512),
-        router="sigmoid_bias",
+        router="biased_topk",
         routed_scaling=float(d.get("moe_routed_scaling_factor", 1.0)),
         shared_expert_size=d.get("shared_expert_intermediate_size", 512),
         router_logit_softcap=d.get("moe_router_logit_softcapping") or None,
@@ -105,7 +105,7 @@ def _check_lists(where: str, n: int, **lists: tuple[list, tuple | None]) -> None
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     """A ``laguna`` config.json; ``export_config`` checks it round-trips."""
     first = cfg.layers[0]
-    moe = next((s.moe for s in cfg.layers if s.moe is not None), None) or MoESpec(256, 8, 512, "sigmoid_bias")
+    moe = next((s.moe for s in cfg.layers if s.moe is not None), None) or MoESpec(256, 8, 512, "biased_topk")
     full = next((s for s in cfg.layers if s.window is None), first)
     sliding = next((s for s in cfg.layers if s.window is not None), None)
     gating = {v: k for k, v in GATING.items() if not isinstance(k, bool) or k is False}.get(first.output_gate, True)

@@ -13,20 +13,31 @@ ACTIVATIONS = {
 }
 
 
+def gated(act, gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
+    """``act(gate) * up``; with ``limit``, gate capped above and up clipped to [-limit, limit]
+    (DeepSeek V4's clamped SwiGLU, ``swiglu_limit``)."""
+    if limit is not None:
+        gate, up = gate.clamp(max=limit), up.clamp(min=-limit, max=limit)
+    return act(gate) * up
+
+
 class GatedMLP(nn.Module):
-    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False,
+        limit: float | None = None,
+    ):  # fmt: skip
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
-        self.act = ACTIVATIONS[activation]
+        self.act, self.limit = ACTIVATIONS[activation], limit
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # [..., H] -> [..., H]
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(gated(self.act, self.gate_proj(x), self.up_proj(x), self.limit))
 
     @classmethod
-    def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float) -> "GatedMLP":
-        return cls(hidden_size, spec.intermediate_size, spec.activation, spec.mlp_bias)
+    def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float, vocab_size: int = 0) -> "GatedMLP":
+        return cls(hidden_size, spec.intermediate_size, spec.activation, spec.mlp_bias, spec.swiglu_limit)
 
     @staticmethod
     def size(hidden_size: int, intermediate_size: int, bias: bool = False) -> int:

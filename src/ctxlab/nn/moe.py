@@ -12,17 +12,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec, MoESpec
-from .mlp import ACTIVATIONS, GatedMLP
+from .mlp import ACTIVATIONS, GatedMLP, gated
 from .norms import RMSNorm
 
 
 class Experts(nn.Module):
-    def __init__(self, hidden_size: int, moe: MoESpec, activation: str):
+    def __init__(self, hidden_size: int, moe: MoESpec, activation: str, limit: float | None = None):
         super().__init__()
         e, i = moe.num_experts, moe.intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(e, hidden_size, i))
-        self.act = ACTIVATIONS[activation]
+        self.act, self.limit = ACTIVATIONS[activation], limit
 
     def forward(self, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
         """x [N, H], top_index / top_weight [N, K] -> weighted sum of the chosen experts [N, H]."""
@@ -32,7 +32,7 @@ class Experts(nn.Module):
                 continue
             token, slot = torch.where(top_index == expert)  # tokens routed to this expert
             gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(self.act(gate) * up, self.down_proj[expert])
+            y = F.linear(gated(self.act, gate, up, self.limit), self.down_proj[expert])
             out.index_add_(0, token, (y * top_weight[token, slot, None]).to(out.dtype))
         return out
 
@@ -71,9 +71,13 @@ class SoftmaxTopKRouter(nn.Module):
         return moe.num_experts * hidden_size + hidden_size + moe.num_experts
 
 
-class SigmoidBiasRouter(nn.Module):
-    """Sigmoid routing with a selection-only correction bias (DeepSeek-V3 §2.1.2 "auxiliary-loss-free
-    load balancing"; HF ``LagunaTopKRouter``): logits (optionally tanh-capped) -> sigmoid scores;
+SCORE_FUNCTIONS = {"sigmoid": torch.sigmoid, "sqrtsoftplus": lambda x: F.softplus(x).sqrt()}
+
+
+class BiasedTopKRouter(nn.Module):
+    """Routing with a selection-only correction bias (DeepSeek-V3 §2.1.2 "auxiliary-loss-free load
+    balancing"; HF ``LagunaTopKRouter``, ``DeepseekV4TopKRouter``): logits (optionally tanh-capped)
+    -> scores (``score_fn``: sigmoid, or sqrt(softplus) in DeepSeek V4);
     experts chosen by top-k of ``scores + e_score_correction_bias`` (within the best groups when
     ``n_group > 1``, HF ``DeepseekV32TopkRouter``); weights are the chosen *scores*, renormalised
     to sum to 1. Parameter names follow HF (``gate.weight``)."""
@@ -82,6 +86,7 @@ class SigmoidBiasRouter(nn.Module):
         super().__init__()
         self.top_k, self.softcap = moe.top_k, moe.router_logit_softcap
         self.n_group, self.topk_group = moe.n_group, moe.topk_group
+        self.score = SCORE_FUNCTIONS[moe.score_fn]
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
 
@@ -90,7 +95,7 @@ class SigmoidBiasRouter(nn.Module):
         logits = F.linear(x, self.weight).float()  # [N, E]
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        scores = torch.sigmoid(logits)
+        scores = self.score(logits)
         choice = scores + self.e_score_correction_bias.float()
         if self.n_group > 1:  # group-limited: only the best topk_group groups (by their two best) compete
             grouped = choice.view(-1, self.n_group, choice.shape[-1] // self.n_group)
@@ -99,7 +104,7 @@ class SigmoidBiasRouter(nn.Module):
             choice = grouped.masked_fill(~keep[..., None], float("-inf")).view_as(choice)
         _, index = torch.topk(choice, self.top_k, dim=-1)
         weight = scores.gather(-1, index)
-        return index, (weight / weight.sum(dim=-1, keepdim=True)).to(x.dtype)
+        return index, (weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)).to(x.dtype)
 
     @staticmethod
     def param_count(hidden_size: int, moe: MoESpec) -> int:
@@ -161,7 +166,36 @@ class EDARouter(nn.Module):
         return 2 * (hidden_size * r + 2 * r * r + r * (moe.num_experts + 1))
 
 
-ROUTERS = {"softmax_topk": SoftmaxTopKRouter, "sigmoid_bias": SigmoidBiasRouter, "mlp_eda": EDARouter}
+class HashRouter(nn.Module):
+    """Hash routing (DeepSeek V4 §2.1; HF ``DeepseekV4HashRouter``): the experts of a token are
+    fixed by its id through ``tid2eid`` [vocab, k], a table stored in the checkpoint; the learned
+    gate only weights them (``score_fn`` scores of the chosen experts, renormalised). Needs the
+    token ids (``ctx.input_ids``)."""
+
+    def __init__(self, hidden_size: int, moe: MoESpec, eps: float, vocab_size: int):
+        super().__init__()
+        self.score = SCORE_FUNCTIONS[moe.score_fn]
+        self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
+        self.register_buffer("tid2eid", torch.zeros(vocab_size, moe.top_k, dtype=torch.long))
+
+    def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if ctx is None or ctx.input_ids is None:
+            raise ValueError("hash-routed MoE layers need the token ids (call the model with input_ids)")
+        index = self.tid2eid[ctx.input_ids.reshape(-1)]  # [N, K]
+        weight = self.score(F.linear(x, self.weight)).gather(-1, index)
+        return index, weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)
+
+    @staticmethod
+    def param_count(hidden_size: int, moe: MoESpec) -> int:
+        return moe.num_experts * hidden_size
+
+
+ROUTERS = {
+    "softmax_topk": SoftmaxTopKRouter,
+    "biased_topk": BiasedTopKRouter,
+    "hash": HashRouter,
+    "mlp_eda": EDARouter,
+}
 
 
 class SparseMoE(nn.Module):
@@ -169,17 +203,22 @@ class SparseMoE(nn.Module):
     routed experts' weighted sum, plus an always-on shared expert (not scaled, not gated).
     Submodule names follow HF: ``gate`` (router), ``experts``, ``shared_experts``."""
 
-    def __init__(self, hidden_size: int, spec: LayerSpec, norm_eps: float):
+    def __init__(self, hidden_size: int, spec: LayerSpec, norm_eps: float, vocab_size: int = 0):
         super().__init__()
         m = spec.moe
         self.routed_scaling = m.routed_scaling
-        self.gate = ROUTERS[m.router](hidden_size, m, norm_eps)
-        self.experts = Experts(hidden_size, m, spec.activation)
-        self.shared_experts = GatedMLP(hidden_size, m.shared_expert_size, spec.activation) if m.shared_expert_size else None
+        router = ROUTERS[m.router]
+        self.gate = router(hidden_size, m, norm_eps, vocab_size) if router is HashRouter else router(hidden_size, m, norm_eps)
+        self.experts = Experts(hidden_size, m, spec.activation, spec.swiglu_limit)
+        self.shared_experts = (
+            GatedMLP(hidden_size, m.shared_expert_size, spec.activation, limit=spec.swiglu_limit)
+            if m.shared_expert_size
+            else None
+        )
 
     @classmethod
-    def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float) -> "SparseMoE":
-        return cls(hidden_size, spec, norm_eps)
+    def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float, vocab_size: int = 0) -> "SparseMoE":
+        return cls(hidden_size, spec, norm_eps, vocab_size)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
         flat = x.reshape(-1, x.shape[-1])
