@@ -20,6 +20,7 @@ from .blocks import BLOCK_KINDS
 from .cache import layer_cache_spec
 from .config import ModelConfig
 from .nn import ple
+from .nn.residual import HyperHead
 
 KV_CONVENTIONS = ("realized", "uncapped", "naive")
 _DTYPES = {
@@ -92,6 +93,7 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     per_layer = [BLOCK_KINDS[s.block].param_count(cfg, s) for s in cfg.layers]
     ple_counts = ple.stack_param_count(cfg)
     stack = h + (2 * h if cfg.input_affine else 0)  # final norm, embedding affine
+    stack += HyperHead.param_count(h, cfg.hc_mult) if cfg.residual == "mhc" else 0
     total = embedding + head + sum(c["total"] for c in per_layer) + stack + ple_counts["table"] + ple_counts["projection"]
     tables = embedding + head + ple_counts["table"]
     return {
@@ -113,18 +115,20 @@ def decode_flops_terms(cfg: ModelConfig, context_len: int) -> dict[str, int]:
     Convention: 2 FLOPs per multiply-add of every matmul (projections, q·kᵀ, p·v, MLP, experts
     at top-k plus router logits, PLE projections, LM head), the way
     ``torch.utils.flop_counter.FlopCounterMode`` counts; elementwise work (norms, RoPE,
-    softmax, activations) and embedding lookups are not counted. The token attends to
-    ``context_len + 1`` keys (itself included), capped at a sliding layer's window.
+    softmax, activations, pooling) and embedding lookups are not counted. The token sees
+    ``context_len + 1`` positions (itself included); each attention kind caps that at its window
+    and adds what else it reads (compressed entries, top-k selections).
     """
     if not (isinstance(context_len, int) and context_len >= 0):
         raise ValueError(f"context_len = {context_len!r}: must be a non-negative integer")
     h = cfg.hidden_size
     terms = {"lm_head": 2 * h * cfg.vocab_size}
+    if cfg.residual == "mhc":
+        terms["hyper_connections"] = 2 * cfg.hc_mult * h * cfg.hc_mult  # the head's collapse map
     if cfg.per_layer_input_size:
         terms["per_layer_embedding"] = 2 * cfg.hidden_size * cfg.num_layers * cfg.per_layer_input_size  # context projection
-    for s in cfg.layers:
-        keys = context_len + 1 if s.window is None else min(context_len + 1, s.window)
-        for name, value in BLOCK_KINDS[s.block].decode_flops(cfg, s, keys).items():
+    for s in cfg.layers:  # every layer gets all context_len + 1 positions; windows cap inside
+        for name, value in BLOCK_KINDS[s.block].decode_flops(cfg, s, context_len + 1).items():
             terms[name] = terms.get(name, 0) + value
     return terms
 

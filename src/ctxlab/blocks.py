@@ -5,6 +5,7 @@
   after: ``x += norm(attn(norm(x)))``; ``x += norm(ffn(x))`` where ``ffn`` is the dense MLP, or
   with ``moe`` the sum of the normed dense MLP and the normed routed experts, both reading the
   same residual.
+* ``hyper`` (DeepSeek V4): pre-norm with a pluggable residual (plain, or mHC streams).
 * ``scaled_residual`` (ZAYA1; HF ``ZayaDecoderLayer``): pre-norm, but each add is
   ``(branch + b) * s + (residual + b') * s'`` with learned vectors; the norms read the residual
   cast to the weights' dtype, so the stream itself may stay in float32.
@@ -23,7 +24,7 @@ from .config import LayerSpec, ModelConfig
 from .nn import ple
 from .nn.moe import MLP_KINDS, ROUTERS, Experts
 from .nn.norms import RMSNorm
-from .nn.residual import ResidualScaling
+from .nn.residual import HyperConnection, PlainResidual, ResidualScaling
 
 
 class Block(nn.Module):
@@ -61,10 +62,10 @@ class Block(nn.Module):
         return {"total": n + mlp["total"], "active": n + mlp["active"]}
 
     @staticmethod
-    def decode_flops(cfg: ModelConfig, spec: LayerSpec, keys: int) -> dict[str, int]:
-        """Matmul FLOPs of one token through this layer, attending over ``keys`` keys."""
+    def decode_flops(cfg: ModelConfig, spec: LayerSpec, positions: int) -> dict[str, int]:
+        """Matmul FLOPs of one token through this layer, seeing ``positions`` earlier-or-own tokens."""
         h = cfg.hidden_size
-        terms = dict(ATTENTION_KINDS[spec.attention].decode_flops(h, spec, keys))
+        terms = dict(ATTENTION_KINDS[spec.attention].decode_flops(h, spec, positions))
         terms["mlp"] = MLP_KINDS[spec.mlp].flops_per_token(h, spec)
         if cfg.per_layer_input_size:  # gate and projection, [H -> Dp -> H]
             terms["per_layer_embedding"] = 2 * 2 * h * cfg.per_layer_input_size
@@ -139,4 +140,49 @@ class ScaledResidualBlock(Block):
         return {k: v + extra for k, v in Block.param_count(cfg, spec).items()}
 
 
-BLOCK_KINDS = {"pre_norm": PreNormBlock, "sandwich": SandwichBlock, "scaled_residual": ScaledResidualBlock}
+class HyperBlock(Block):
+    """Pre-norm block whose residual is a pluggable kind (DeepSeek V4; HF ``DeepseekV4DecoderLayer``):
+    ``attn_hc`` / ``ffn_hc`` split the residual into the sub-block's input and merge the output
+    back. With ``residual = "mhc"`` they are hyper-connections over ``hc_mult`` streams; with
+    ``"plain"`` the same code is an ordinary residual, so the swap is a config change."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
+        super().__init__(cfg, spec, layer_idx)
+        self.attn_hc, self.ffn_hc = make_residual(cfg), make_residual(cfg)
+
+    def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, (n,) H]
+        u, mixing = self.attn_hc.split(x)
+        x = self.attn_hc.merge(x, self.self_attn(self.input_layernorm(u), ctx), mixing)
+        u, mixing = self.ffn_hc.split(x)
+        x = self.ffn_hc.merge(x, self.mlp(self.post_attention_layernorm(u), ctx), mixing)
+        return self.finish(x, ctx)
+
+    @staticmethod
+    def param_count(cfg: ModelConfig, spec: LayerSpec) -> dict[str, int]:
+        extra = 2 * RESIDUALS[cfg.residual].param_count(cfg.hidden_size, cfg.hc_mult)
+        return {k: v + extra for k, v in Block.param_count(cfg, spec).items()}
+
+    @staticmethod
+    def decode_flops(cfg: ModelConfig, spec: LayerSpec, positions: int) -> dict[str, int]:
+        terms = Block.decode_flops(cfg, spec, positions)
+        if cfg.residual == "mhc":  # per connection: the mixing projection and the stream mix (comb^T X)
+            n, h = cfg.hc_mult, cfg.hidden_size
+            terms["hyper_connections"] = 2 * (2 * n * h * (2 + n) * n + 2 * n * n * h)
+        return terms
+
+
+RESIDUALS = {"plain": PlainResidual, "mhc": HyperConnection}
+
+
+def make_residual(cfg: ModelConfig) -> nn.Module:
+    if cfg.residual == "mhc":
+        return HyperConnection(cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
+    return PlainResidual()
+
+
+BLOCK_KINDS = {
+    "pre_norm": PreNormBlock,
+    "sandwich": SandwichBlock,
+    "scaled_residual": ScaledResidualBlock,
+    "hyper": HyperBlock,
+}

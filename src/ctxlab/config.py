@@ -128,6 +128,7 @@ class CompressSpec:
     q_lora_rank: int
     o_groups: int
     o_lora_rank: int
+    overlap: bool = False  # CSA: each entry pools its own window and the previous one (width 2·ratio)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,7 @@ from .blocks import BLOCK_KINDS
 from .config import ModelConfig
 from .nn import ple
 from .nn.norms import RMSNorm
+from .nn.residual import HyperHead
 
 
 class DecoderStack(nn.Module):
@@ -32,6 +33,8 @@ class DecoderStack(nn.Module):
         if cfg.per_layer_input_size:
             for name, module in ple.stack_modules(cfg).items():
                 self.add_module(name, module)
+        if cfg.residual == "mhc":  # collapses the residual streams before the final norm
+            self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.norm_eps)
         if cfg.input_affine:  # HF names: ZayaModel.input_hidden_states_{scale,bias}
             self.input_hidden_states_scale = nn.Parameter(torch.ones(cfg.hidden_size))
             self.input_hidden_states_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
@@ -45,7 +48,14 @@ class DecoderStack(nn.Module):
             ctx.per_layer_inputs = ple.per_layer_inputs(self, ids, x, self.config)
         if self.config.input_affine:
             x = (x + self.input_hidden_states_bias) * self.input_hidden_states_scale
+        if self.config.residual == "mhc":  # n identical streams [B, T, n, H]
+            x = x[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()
         return x.float() if self.config.residual_fp32 else x
+
+    def final_norm(self, x: torch.Tensor) -> torch.Tensor:
+        if self.config.residual == "mhc":
+            x = self.hc_head(x)
+        return self.norm(x.to(self.norm.weight.dtype))
 
 
 class CausalLM(nn.Module):
@@ -90,7 +100,7 @@ class CausalLM(nn.Module):
             cache.advance(T)
         if last_only:
             x = x[:, -1:]
-        return self._head(self.model.norm(x.to(self.model.norm.weight.dtype)))
+        return self._head(self.model.final_norm(x))
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)

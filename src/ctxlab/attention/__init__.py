@@ -3,9 +3,10 @@ static methods, what its layer caches (``cache_spec``), how many parameters it h
 (``param_count``) and the matmul FLOPs of one decoded token (``decode_flops``)."""
 
 from .cca import CCAttention
+from .compressed import CompressedAttention
 from .gqa import GQAttention
 from .mla import MLAttention
 
-ATTENTION_KINDS = {"gqa": GQAttention, "cca": CCAttention, "mla": MLAttention}
+ATTENTION_KINDS = {"gqa": GQAttention, "cca": CCAttention, "mla": MLAttention, "compressed": CompressedAttention}
 
-__all__ = ["ATTENTION_KINDS", "CCAttention", "GQAttention", "MLAttention"]
+__all__ = ["ATTENTION_KINDS", "CCAttention", "CompressedAttention", "GQAttention", "MLAttention"]

@@ -152,9 +152,10 @@ class CCAttention(nn.Module):
         return n + spec.num_kv_heads  # key temperature
 
     @staticmethod
-    def decode_flops(hidden_size: int, spec: LayerSpec, keys: int) -> dict[str, int]:
+    def decode_flops(hidden_size: int, spec: LayerSpec, positions: int) -> dict[str, int]:
         """Matmul/conv FLOPs of one decoded token. The depthwise stage recomputes its k1 output
         columns from the cached raw latent each step (as HF does), hence ``k0·k1`` per channel."""
+        keys = positions if spec.window is None else min(positions, spec.window)
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         channels, _ = _conv_shape(hidden_size, spec)
         k0, k1 = spec.conv_kernels

@@ -110,8 +110,9 @@ class GQAttention(nn.Module):
         return spec.num_heads * (1 if spec.output_gate == "per_head" else spec.head_dim)
 
     @staticmethod
-    def decode_flops(hidden_size: int, spec: LayerSpec, keys: int) -> dict[str, int]:
-        """Matmul FLOPs (2 per multiply-add) of one new token attending over ``keys`` keys."""
+    def decode_flops(hidden_size: int, spec: LayerSpec, positions: int) -> dict[str, int]:
+        """Matmul FLOPs (2 per multiply-add) of one new token; it sees ``positions`` keys, capped by the window."""
+        keys = positions if spec.window is None else min(positions, spec.window)
         q_out, kv_out = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         kv_projections = 0 if spec.kv_source is not None else (1 if spec.k_eq_v else 2)
         proj = 2 * hidden_size * (2 * q_out + kv_projections * kv_out + GQAttention._gate_width(spec))

@@ -133,8 +133,9 @@ class MLAttention(nn.Module):
         return q + kv + o + indexer
 
     @staticmethod
-    def decode_flops(hidden_size: int, spec: LayerSpec, keys: int) -> dict[str, int]:
-        """One token on the absorbed path, attending to ``keys`` keys (``topk`` of them with DSA)."""
+    def decode_flops(hidden_size: int, spec: LayerSpec, positions: int) -> dict[str, int]:
+        """One token on the absorbed path, attending to ``positions`` keys (``topk`` of them with DSA)."""
+        keys = positions if spec.window is None else min(positions, spec.window)
         m, h = spec.mla, spec.num_heads
         q = 2 * (hidden_size * m.q_lora_rank + m.q_lora_rank * h * spec.head_dim) if m.q_lora_rank else 2 * hidden_size * h * spec.head_dim
         proj = q + 2 * hidden_size * (m.kv_lora_rank + m.qk_rope_head_dim) + 2 * h * m.v_head_dim * hidden_size

@@ -7,11 +7,12 @@ import torch
 from ..config import LayerSpec, ModelConfig
 from ..errors import CacheOverflowError
 from .alias import AliasCache
+from .compressed import CompressedCache
 from .full import FullCache
 from .ring import RingCache
 from .spec import CacheSpec
 
-CACHE_CLASSES = {"full": FullCache, "ring": RingCache, "alias": AliasCache}
+CACHE_CLASSES = {"full": FullCache, "ring": RingCache, "alias": AliasCache, "compressed": CompressedCache}
 
 
 def layer_cache_spec(layer: LayerSpec) -> CacheSpec:

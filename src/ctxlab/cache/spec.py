@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-CACHE_KINDS = ("full", "ring", "alias")
+CACHE_KINDS = ("full", "ring", "alias", "compressed")
 
 
 @dataclass(frozen=True)
@@ -20,6 +20,8 @@ class CacheSpec:
     ``source``: an alias reads layer ``source``'s cache and holds nothing itself.
     ``state_shapes``: fixed-size decode state per sequence, whatever the context (e.g. CCA's
     convolution window and previous-token value), allocated as ``[B, *shape]``.
+    ``compress_ratio`` / ``entry_shapes``: a compressed cache also holds one entry per
+    ``compress_ratio`` tokens (DeepSeek V4's CSA/HCA), allocated as ``[B, *lead, entries, last]``.
     """
 
     kind: str
@@ -27,6 +29,12 @@ class CacheSpec:
     window: int | None = None
     source: int | None = None
     state_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    compress_ratio: int = 0
+    entry_shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
+
+    def entries_held(self, max_tokens: int) -> int:
+        """Compressed entries a cache of ``max_tokens`` can hold (only complete blocks are stored)."""
+        return max_tokens // self.compress_ratio if self.compress_ratio else 0
 
     @staticmethod
     def alias(source: int) -> CacheSpec:
@@ -48,6 +56,7 @@ class CacheSpec:
         """Token slots plus fixed state, for ``batch_size`` sequences."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         elements = self.tokens_held(max_tokens) * self.elements_per_token() + self.state_elements()
+        elements += self.entries_held(max_tokens) * sum(math.prod(shape) for _, shape in self.entry_shapes)
         return batch_size * elements * itemsize
 
     def allocate(self, batch_size: int, capacity: int, dtype: torch.dtype, device) -> tuple[dict, dict]:

@@ -32,6 +32,7 @@ DEFAULT_ROPE = {
 # (vision / audio towers and their embedders) is not part of a text model.
 TEXT_PREFIX = "model.language_model."
 TOWER_KEY = "_multimodal_tower_params"  # ctxlab preset field: vision + audio parameters
+DROPPED = "not part of the text decoder (vision / audio towers)"
 
 log = logging.getLogger("ctxlab")
 

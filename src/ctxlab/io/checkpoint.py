@@ -149,7 +149,7 @@ def checkpoint_names(cfg, found: dict[str, tuple]) -> dict[str, str]:
         ours = rename(theirs)
         reason = None
         if ours is None:
-            reason = "not part of the text decoder"
+            reason = getattr(family, "DROPPED", "not used by this model")
         elif _is_consumer_kv(ours, consumers):
             reason = "K/V weights of layers that read another layer's K/V"
         elif ours.endswith(DEAD_KEY_SUFFIXES) or (cfg.tie_word_embeddings and ours == "lm_head.weight"):

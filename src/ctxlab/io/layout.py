@@ -3,8 +3,9 @@
 Most tensors are stored under our own name. Some families publish MoE experts one tensor per
 expert and projection (``mlp.experts.{e}.gate_proj.weight``, Qwen2-MoE style, which transformers
 also writes back on save) while we keep them stacked ([E, 2·I, H] gate-then-up, [E, H, I]), and
-some rename a few submodules. A family declares ``CHECKPOINT_RENAMES`` (pairs of our name part,
-checkpoint name part) and ``EXPERTS_PER_TENSOR``; :func:`sources` turns that into, for each of our
+some rename submodules (DeepSeek V4 uses DeepSeek's own names). A family declares
+``CHECKPOINT_RENAMES`` (ordered pairs of our name part, checkpoint name part, applied in turn),
+``EXPERTS_PER_TENSOR`` and, when its per-expert names differ, ``EXPERT_NAMES`` (gate, up, down); :func:`sources` turns that into, for each of our
 tensors, the checkpoint tensors it is made of and how to combine / split them.
 """
 
@@ -30,6 +31,7 @@ def sources(ours: dict[str, tuple[int, ...]], family) -> dict[str, Source]:
     """Our tensor name -> its :class:`Source` in the family's checkpoint layout."""
     renames = getattr(family, "CHECKPOINT_RENAMES", ())
     per_expert = getattr(family, "EXPERTS_PER_TENSOR", False)
+    names = getattr(family, "EXPERT_NAMES", ("gate_proj", "up_proj", "down_proj"))
 
     def theirs(name: str) -> str:
         for our_part, their_part in renames:
@@ -39,18 +41,18 @@ def sources(ours: dict[str, tuple[int, ...]], family) -> dict[str, Source]:
     out = {}
     for name, shape in ours.items():
         if per_expert and name.endswith(".experts.gate_up_proj"):
-            out[name] = _gate_up(theirs(name.removesuffix("gate_up_proj")), shape)
+            out[name] = _gate_up(theirs(name.removesuffix("gate_up_proj")), shape, names)
         elif per_expert and name.endswith(".experts.down_proj"):
-            out[name] = _down(theirs(name.removesuffix("down_proj")), shape)
+            out[name] = _down(theirs(name.removesuffix("down_proj")), shape, names)
         else:
             out[name] = Source([theirs(name)], [shape])
     return out
 
 
-def _gate_up(prefix: str, shape: tuple[int, ...]) -> Source:
+def _gate_up(prefix: str, shape: tuple[int, ...], expert_names: tuple[str, str, str]) -> Source:
     experts, two_i, hidden = shape
     i = two_i // 2
-    names = [f"{prefix}{e}.{p}_proj.weight" for p in ("gate", "up") for e in range(experts)]
+    names = [f"{prefix}{e}.{p}.weight" for p in expert_names[:2] for e in range(experts)]
     return Source(
         names,
         [(i, hidden)] * len(names),
@@ -59,10 +61,10 @@ def _gate_up(prefix: str, shape: tuple[int, ...]) -> Source:
     )
 
 
-def _down(prefix: str, shape: tuple[int, ...]) -> Source:
+def _down(prefix: str, shape: tuple[int, ...], expert_names: tuple[str, str, str]) -> Source:
     experts, hidden, i = shape
     return Source(
-        [f"{prefix}{e}.down_proj.weight" for e in range(experts)],
+        [f"{prefix}{e}.{expert_names[2]}.weight" for e in range(experts)],
         [(hidden, i)] * experts,
         combine=torch.stack,
         split=lambda t: list(t.unbind(0)),

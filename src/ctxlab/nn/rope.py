@@ -109,13 +109,12 @@ class Rotary:
         return cos[:, None], sin[:, None]
 
     def apply_interleaved(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate pairs (2i, 2i+1) of x [..., rotary_dim] by frequency i; the result is laid out
-        de-interleaved ([evens | odds] rotated), as HF's ``apply_rotary_pos_emb_interleave``: the
-        same permutation on q and k leaves every dot product unchanged."""
+        """Rotate pairs (2i, 2i+1) of x [..., rotary_dim] by frequency i, keeping the interleaved
+        layout (DeepSeek's RoPE; HF ``DeepseekV4`` ``apply_rotary_pos_emb``)."""
         half = x.shape[-1] // 2
         cos, sin = cos[..., :half], sin[..., :half]
         even, odd = x[..., 0::2], x[..., 1::2]
-        return torch.cat((even * cos - odd * sin, odd * cos + even * sin), dim=-1)
+        return torch.stack((even * cos - odd * sin, odd * cos + even * sin), dim=-1).flatten(-2)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate the first ``rotary_dim`` dims of x [B, H, T, D]; the rest pass through."""

@@ -1,0 +1,221 @@
+"""DeepSeek V4 (Pro, Flash; HF ``DeepseekV4ForCausalLM``): mHC residual streams around compressed
+attention (sliding-window, CSA and HCA layers from ``compress_ratios``), and an all-MoE FFN
+(hash-routed first layers, then sqrt-softplus routing with a selection bias; one clamped shared
+expert).
+
+Wiring only. Use the checkpoints' ``compress_ratios`` (one per layer plus a trailing 0 for the
+MTP layer, which is dropped): transformers' default schedule without it is one layer off from
+the released models (deepseek.md §1.1). Checkpoints use DeepSeek's own tensor names, which
+transformers also writes back; ``CHECKPOINT_RENAMES`` maps ours to theirs. The MTP layer's
+weights (``mtp.*``) are skipped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..config import CompressSpec, IndexerSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
+from ..errors import ConfigError
+from ..io.hf_config import parse_rope, require, rope_to_hf, token_ids
+
+MODEL_TYPE = "deepseek_v4"
+ARCHITECTURE = "DeepseekV4ForCausalLM"
+LAYER_TYPES = {0: "sliding_attention", 4: "compressed_sparse_attention", 128: "heavily_compressed_attention"}
+MLP_TYPES = ("hash_moe", "moe")
+DROPPED = "the multi-token-prediction (MTP) layer, not used for next-token decoding"
+EXPERTS_PER_TENSOR = True
+EXPERT_NAMES = ("w1", "w3", "w2")
+CHECKPOINT_RENAMES = (  # ours -> DeepSeek's, in order (transformers' conversion_mapping "deepseek_v4")
+    (".self_attn.compressor.indexer.scorer.weights_proj.", ".attn.indexer.weights_proj."),
+    (".self_attn.compressor.indexer.q_b_proj.", ".attn.indexer.wq_b."),
+    (".self_attn.compressor.indexer.", ".attn.indexer.compressor."),
+    (".self_attn.", ".attn."),
+    (".mlp.shared_experts.gate_proj.", ".ffn.shared_experts.w1."),
+    (".mlp.shared_experts.down_proj.", ".ffn.shared_experts.w2."),
+    (".mlp.shared_experts.up_proj.", ".ffn.shared_experts.w3."),
+    (".mlp.gate.e_score_correction_bias", ".ffn.gate.bias"),
+    (".mlp.", ".ffn."),
+    (".input_layernorm.", ".attn_norm."),
+    (".post_attention_layernorm.", ".ffn_norm."),
+    (".attn_hc.fn", ".hc_attn_fn"), (".attn_hc.base", ".hc_attn_base"), (".attn_hc.scale", ".hc_attn_scale"),
+    (".ffn_hc.fn", ".hc_ffn_fn"), (".ffn_hc.base", ".hc_ffn_base"), (".ffn_hc.scale", ".hc_ffn_scale"),
+    (".sinks", ".attn_sink"),
+    (".kv_norm.", ".norm."),
+    (".position_bias", ".ape"),
+    (".q_a_proj.", ".wq_a."), (".q_b_proj.", ".wq_b."), (".q_a_norm.", ".q_norm."),
+    (".kv_proj.", ".wkv."), (".gate_proj.", ".wgate."),
+    (".o_a_proj.", ".wo_a."), (".o_b_proj.", ".wo_b."),
+    ("lm_head.weight", "head.weight"),
+)  # fmt: skip
+
+
+def checkpoint_key(name: str) -> str | None:
+    """Tensors of the MTP layer are not ours."""
+    return None if name.startswith(("mtp.", "model.mtp.")) else name
+
+
+def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
+    where = name or "deepseek_v4 config"
+    require(d, ["vocab_size", "hidden_size", "num_hidden_layers"], where)
+    n = d["num_hidden_layers"]
+    layer_types = _layer_types(d, n, where)
+    mlp_types = list(d.get("mlp_layer_types") or [])[:n] or (
+        ["hash_moe"] * min(n, d.get("num_hash_layers", 3)) + ["moe"] * max(0, n - d.get("num_hash_layers", 3))
+    )
+    if len(mlp_types) != n or not set(mlp_types) <= set(MLP_TYPES):
+        raise ConfigError([f"{where}.mlp_layer_types = {mlp_types}: need {n} entries from {list(MLP_TYPES)}"])
+    head_dim = d.get("head_dim", 512)
+    partial = d.get("partial_rotary_factor") or (d.get("qk_rope_head_dim", 64) / head_dim)
+    rope = _rope(d, partial, where)
+    rates = {**{"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}, **(d.get("compress_rates") or {})}
+    moe = dict(
+        num_experts=d.get("n_routed_experts", 256),
+        top_k=d.get("num_experts_per_tok", 6),
+        intermediate_size=d.get("moe_intermediate_size", 2048),
+        routed_scaling=float(d.get("routed_scaling_factor", 1.5)),
+        shared_expert_size=d.get("moe_intermediate_size", 2048) * d.get("n_shared_experts", 1),
+        score_fn=d.get("scoring_func", "sqrtsoftplus"),
+    )
+    indexer = IndexerSpec(
+        n_heads=d.get("index_n_heads", 64),
+        head_dim=d.get("index_head_dim", 128),
+        topk=d.get("index_topk", 512),
+        rope_dims=int(head_dim * partial),
+    )
+    layers = []
+    for kind, mlp in zip(layer_types, mlp_types):
+        ratio = 0 if kind == "sliding_attention" else rates[kind]
+        csa = kind == "compressed_sparse_attention"
+        layers.append(
+            LayerSpec(
+                attention="compressed",
+                num_heads=d.get("num_attention_heads", 64),
+                num_kv_heads=1,
+                head_dim=head_dim,
+                intermediate_size=moe["intermediate_size"],
+                window=d.get("sliding_window", 128),
+                rope=rope["main" if ratio == 0 else "compress"],
+                compress=CompressSpec(
+                    ratio=ratio, q_lora_rank=d.get("q_lora_rank", 1024), o_groups=d.get("o_groups", 8),
+                    o_lora_rank=d.get("o_lora_rank", 1024), overlap=csa,
+                ),  # fmt: skip
+                indexer=indexer if csa else None,
+                mlp="moe",
+                moe=MoESpec(**moe, router="hash" if mlp == "hash_moe" else "biased_topk"),
+                swiglu_limit=d.get("swiglu_limit", 10.0),
+                activation=d.get("hidden_act", "silu"),
+                block="hyper",
+            )
+        )
+    return ModelConfig(
+        family=MODEL_TYPE,
+        vocab_size=d["vocab_size"],
+        hidden_size=d["hidden_size"],
+        layers=tuple(layers),
+        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+        max_position_embeddings=d.get("max_position_embeddings", 1048576),
+        bos_token_id=d.get("bos_token_id", 0),
+        eos_token_id=token_ids(d.get("eos_token_id", 1)),
+        pad_token_id=d.get("pad_token_id"),
+        residual="mhc",
+        hc_mult=d.get("hc_mult", 4),
+        hc_sinkhorn_iters=d.get("hc_sinkhorn_iters", 20),
+        hc_eps=float(d.get("hc_eps", 1e-6)),
+        name=name,
+    )
+
+
+def _layer_types(d: dict[str, Any], n: int, where: str) -> list[str]:
+    if d.get("layer_types"):
+        types = list(d["layer_types"])[:n]
+    elif d.get("compress_ratios") is not None:  # one per layer + the MTP layer's trailing entry
+        unknown = sorted({r for r in d["compress_ratios"] if r not in LAYER_TYPES})
+        if unknown:
+            raise ConfigError([f"{where}.compress_ratios contains {unknown}: allowed {sorted(LAYER_TYPES)}"])
+        types = [LAYER_TYPES[r] for r in d["compress_ratios"][:n]]
+    else:  # transformers' default schedule (matches no released model)
+        types = ["heavily_compressed_attention"] * min(n, 2) + [
+            "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(n - 2, 0))
+        ]
+    bad = sorted({t for t in types if t not in LAYER_TYPES.values()})
+    if len(types) != n or bad:
+        raise ConfigError([f"{where}.layer_types: need {n} entries from {list(LAYER_TYPES.values())}; got {types}"])
+    return types
+
+
+def _rope(d: dict[str, Any], partial: float, where: str) -> dict[str, RopeSpec]:
+    """``main`` (sliding layers) and ``compress`` (CSA/HCA layers) rope, both interleaved on the last dims."""
+    params = d.get("rope_parameters") or {}
+    if not (isinstance(params.get("main"), dict) and isinstance(params.get("compress"), dict)):
+        yarn = {k: v for k, v in (d.get("rope_scaling") or params).items() if k not in ("main", "compress")}
+        main = {"rope_type": "default", "rope_theta": d.get("rope_theta", 10000.0)}
+        compress = {**yarn, "rope_theta": d.get("compress_rope_theta", 160000.0)}
+        compress.setdefault("rope_type", compress.pop("type", "default"))
+        if compress["rope_type"] == "yarn":
+            compress.setdefault("attention_factor", 1.0)
+        params = {"main": main, "compress": compress}
+    out = {}
+    for key in ("main", "compress"):
+        p = {k: v for k, v in params[key].items() if k != "type"}
+        p["partial_rotary_factor"] = partial
+        spec = parse_rope(p, f"{where}.rope_parameters.{key}")
+        out[key] = RopeSpec(**{**spec.__dict__, "interleaved": True})
+    return out
+
+
+def to_hf(cfg: ModelConfig) -> dict[str, Any]:
+    """A ``deepseek_v4`` config.json; ``export_config`` checks it round-trips."""
+    s = cfg.layers[0]
+    csa = next((x for x in cfg.layers if x.indexer is not None), None)
+    main = next((x.rope for x in cfg.layers if x.compress.ratio == 0), s.rope)
+    compress = next((x.rope for x in cfg.layers if x.compress.ratio), s.rope)
+    kinds = [
+        "sliding_attention" if x.compress.ratio == 0
+        else "compressed_sparse_attention" if x.compress.overlap else "heavily_compressed_attention"
+        for x in cfg.layers
+    ]  # fmt: skip
+    rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
+    rates.update({t: x.compress.ratio for x, t in zip(cfg.layers, kinds) if x.compress.ratio})
+    m = s.moe
+    eos = list(cfg.eos_token_id)
+    ix = csa.indexer if csa else IndexerSpec(64, 128, 512, s.rotary_dim)
+    return {
+        "architectures": [ARCHITECTURE],
+        "model_type": MODEL_TYPE,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": s.num_heads,
+        "num_key_value_heads": 1,
+        "head_dim": s.head_dim,
+        "partial_rotary_factor": s.rope.partial_rotary_factor,
+        "q_lora_rank": s.compress.q_lora_rank,
+        "o_groups": s.compress.o_groups,
+        "o_lora_rank": s.compress.o_lora_rank,
+        "sliding_window": s.window,
+        "layer_types": kinds,
+        "compress_rates": rates,
+        "mlp_layer_types": ["hash_moe" if x.moe.router == "hash" else "moe" for x in cfg.layers],
+        "rope_parameters": {"main": rope_to_hf(main), "compress": rope_to_hf(compress)},
+        "index_n_heads": ix.n_heads,
+        "index_head_dim": ix.head_dim,
+        "index_topk": ix.topk,
+        "n_routed_experts": m.num_experts,
+        "num_experts_per_tok": m.top_k,
+        "moe_intermediate_size": m.intermediate_size,
+        "n_shared_experts": m.shared_expert_size // m.intermediate_size,
+        "routed_scaling_factor": m.routed_scaling,
+        "scoring_func": m.score_fn,
+        "swiglu_limit": s.swiglu_limit,
+        "hc_mult": cfg.hc_mult,
+        "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
+        "hc_eps": cfg.hc_eps,
+        "hidden_act": s.activation,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+    }
