@@ -192,3 +192,25 @@ def test_published_numbers():
     for cfg, attention, scan in ((flash, 23.6, 90.9), (pro, 76.7, 129.9)):
         terms = ctxlab.decode_flops_terms(cfg, n - 1)
         assert (round(terms["attention"] / 1e9, 1), round(terms["indexer_scan"] / 1e9, 1)) == (attention, scan)
+
+
+def test_published_comparison_with_v32_at_1m_tokens():
+    """Spec §4: deployed-format KV 10.48% (Pro) / 7.32% (Flash) of V3.2; precision-weighted decode
+    FLOPs 27.1% / 10.2% (published 27% / 10%); raw FLOPs 26.1% / 12.1%; what bf16 caches hold here."""
+    from ctxlab.conventions import DEPLOYED_FORMATS, kv_cache_bytes_stored
+    from ctxlab.reporting import published_ratio_row
+
+    n = 1 << 20
+    pro, flash = published_ratio_row("deepseek-v4-pro", n), published_ratio_row("deepseek-v4-flash", n)
+    assert (round(pro["kv_ratio_deployed"], 4), round(flash["kv_ratio_deployed"], 4)) == (0.1048, 0.0732)
+    assert (round(pro["flops_ratio_weighted"], 3), round(flash["flops_ratio_weighted"], 3)) == (0.271, 0.102)
+    assert (round(pro["flops_ratio_raw"], 3), round(flash["flops_ratio_raw"], 3)) == (0.261, 0.121)
+    assert round(pro["kv_bytes_deployed"] / 1e9, 2) == 5.28 and round(flash["kv_bytes_deployed"] / 1e9, 2) == 3.69
+    # the deployed V4 entry: 448 FP8 + 7 scale bytes + 64 BF16 + 1 pad = 584 B; FP4 indexer key 68 B
+    fmt = DEPLOYED_FORMATS["deepseek-v4-flash"]
+    from ctxlab.cache import layer_cache_spec
+
+    csa = layer_cache_spec(ctxlab.load_config("deepseek-v4-flash").layers[2])
+    assert fmt.bytes_per_token(csa) == 584 and fmt.bytes_per_token(csa, csa.entry_shapes) == 584 + 68
+    # bf16, as this library's caches hold it (window of 128 per layer, entries, pending blocks, overlap state)
+    assert round(ctxlab.kv_cache_bytes(ctxlab.load_config("deepseek-v4-pro"), n, "bfloat16") / 1e9, 2) == 10.34

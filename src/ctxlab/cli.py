@@ -69,6 +69,7 @@ def cmd_report(args, console: Console) -> int:
         "head_budgets": [r for n in names if (r := reporting.head_budget_row(n, args.context))],
         "deployed_formats": [r for n in names if (r := reporting.deployed_row(n, args.context))],
         "same_width_baselines": [r for n in names for r in reporting.baseline_rows(n, args.context, args.dtype)],
+        "published_ratios": [r for n in names if (r := reporting.published_ratio_row(n, args.context))],
     }
     if args.json:
         print(json.dumps(out, indent=2))
@@ -79,6 +80,7 @@ def cmd_report(args, console: Console) -> int:
         ("head_budgets", lambda rows: tables.head_budget_table(rows, args.context)),
         ("deployed_formats", lambda rows: tables.deployed_table(rows, args.context)),
         ("same_width_baselines", lambda rows: tables.baseline_table(rows, args.context, args.dtype)),
+        ("published_ratios", lambda rows: tables.published_ratio_table(rows, args.context)),
     )
     for key, render in extra:
         if out[key]:

@@ -99,10 +99,11 @@ class Part:
     elements: int | None = None
     block: int = 0
     scale_bytes: int = 0
+    extra_bytes: int = 0  # padding stored with the part
 
     def nbytes(self, elements: int) -> int:
         scales = -(-elements // self.block) * self.scale_bytes if self.block else 0
-        return elements * self.bits // 8 + scales
+        return elements * self.bits // 8 + scales + self.extra_bytes
 
 
 @dataclass(frozen=True)
@@ -115,10 +116,12 @@ class StorageFormat:
     source: str
     pad_bytes: int = 0
 
-    def bytes_per_token(self, spec) -> int:
+    def bytes_per_token(self, spec, shapes=None) -> int:
+        """Stored bytes of one token's (or, with ``shapes=spec.entry_shapes``, one entry's) tensors."""
         formats = dict(self.tensors)
-        total = self.pad_bytes if spec.token_shapes else 0
-        for name, shape in spec.token_shapes:
+        shapes = spec.token_shapes if shapes is None else shapes
+        total = self.pad_bytes if shapes else 0
+        for name, shape in shapes:
             if name not in formats:
                 raise ValueError(f"storage format {self.name!r} does not say how to store cached tensor {name!r}")
             left = math.prod(shape)
@@ -130,12 +133,16 @@ class StorageFormat:
 
 
 def kv_cache_bytes_stored(cfg: ModelConfig, context_len: int, fmt: StorageFormat, batch_size: int = 1) -> int:
-    """Cache bytes if every layer's cached tensors were stored in ``fmt`` (token slots only)."""
+    """Cache bytes if every layer's cached tensors were stored in ``fmt``: token slots and compressed
+    entries (fixed decode state, a few KB, is left out, as the published figures do)."""
     from .cache import layer_cache_spec
 
-    return batch_size * sum(
-        layer_cache_spec(s).tokens_held(context_len) * fmt.bytes_per_token(layer_cache_spec(s)) for s in cfg.layers
-    )
+    total = 0
+    for s in cfg.layers:
+        spec = layer_cache_spec(s)
+        total += spec.tokens_held(context_len) * fmt.bytes_per_token(spec)
+        total += spec.entries_held(context_len) * fmt.bytes_per_token(spec, spec.entry_shapes)
+    return batch_size * total
 
 
 FP8_BLOCK128_FP32_SCALE = Part(bits=8, block=128, scale_bytes=4)
@@ -150,6 +157,48 @@ DEPLOYED_FORMATS = {
         source="FlashMLA README ('FP8 with scale' entry, 656 B) and DeepSeek's V3.2 reference indexer "
         "(FP8 k_cache + fp32 k_scale_cache, 132 B); shared/specs/deepseek.md §4.1",
     ),
+}
+_V4_FORMAT = StorageFormat(
+    name="DeepSeek V4 FP8+BF16 KV entries + FP4 indexer keys",
+    tensors=(
+        # 448 FP8 (one ue8m0 scale byte per 64) + 64 BF16 rope channels + 1 pad byte = 584 B
+        ("kv", (Part(bits=8, elements=448, block=64, scale_bytes=1), Part(bits=16, extra_bytes=1))),
+        ("index_kv", (Part(bits=4, block=128, scale_bytes=4),)),  # 128 FP4 + one fp32 scale = 68 B
+    ),
+    source="SGLang deepseek_v4_memory_pool.py (bytes_per_token == 448 + 64*2 + 8 == 584; FP4 indexer "
+    "index_head_dim//2 + 4 = 68); DeepSeek-V4 report: 'BF16 for RoPE dims, FP8 for remaining dims'; deepseek.md §4.1",
+)
+DEPLOYED_FORMATS["deepseek-v4-pro"] = DEPLOYED_FORMATS["deepseek-v4-flash"] = _V4_FORMAT
+
+
+@dataclass(frozen=True)
+class PrecisionWeights:
+    """Decode FLOPs weighted by the precision each term runs at, in BF16 equivalents (FP8 = 1/2,
+    FP4 = 1/4): ``linear`` (every weight matmul), ``attention`` (the core over cached keys) and
+    ``indexer_scan`` (the lightning indexer's scan)."""
+
+    linear: float
+    attention: float
+    indexer_scan: float
+    note: str
+
+    def weigh(self, terms: dict[str, int]) -> float:
+        special = {"attention": self.attention, "indexer_scan": self.indexer_scan}
+        return sum(v * special.get(k, self.linear) for k, v in terms.items())
+
+
+# The convention that reproduces both published V4 ratios (27% Pro, 10% Flash, deepseek.md §4.2
+# "B3"; an inference: the report's text stating its convention was not available).
+PRECISION_WEIGHTS = {
+    "deepseek-v3.2": PrecisionWeights(0.5, 0.5, 0.5, "FP8 weights, FP8 sparse-MLA core (its KV is FP8), FP8 indexer"),
+    "deepseek-v4-pro": PrecisionWeights(0.5, 1.0, 0.25, "FP8 weights, BF16 attention core, FP4 indexer"),
+    "deepseek-v4-flash": PrecisionWeights(0.5, 1.0, 0.25, "FP8 weights, BF16 attention core, FP4 indexer"),
+}
+
+# Published comparisons: (model, baseline, claim, source)
+PUBLISHED_RATIOS = {
+    "deepseek-v4-pro": ("deepseek-v3.2", {"kv": "10%", "flops": "27%"}, "DeepSeek-V4 report, Figure 1 (9.5x / 3.7x)"),
+    "deepseek-v4-flash": ("deepseek-v3.2", {"kv": "7%", "flops": "10%"}, "DeepSeek-V4 report, Figure 1 (13.7x / 9.8x)"),
 }
 
 

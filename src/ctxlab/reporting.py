@@ -11,6 +11,8 @@ from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache
 from .cache import layer_cache_spec
 from .conventions import (
     DEPLOYED_FORMATS,
+    PRECISION_WEIGHTS,
+    PUBLISHED_RATIOS,
     PUBLISHED_SHARING_ESTIMATES,
     kv_cache_bytes_stored,
     kv_sharing_saving,
@@ -130,3 +132,23 @@ def baseline_rows(name: str, context: int, dtype: str) -> list[dict]:
             "attention_flops": decode_flops_terms(variant, context)["attention"],
         })  # fmt: skip
     return rows
+
+
+def published_ratio_row(name: str, context: int) -> dict | None:
+    """A model's cache and decode FLOPs relative to the baseline its authors compare against, under
+    the conventions that reproduce the published ratios, next to raw and bf16 figures."""
+    if name not in PUBLISHED_RATIOS:
+        return None
+    baseline, published, source = PUBLISHED_RATIOS[name]
+    cfg, base = load_config(name), load_config(baseline)
+    terms, base_terms = decode_flops_terms(cfg, context - 1), decode_flops_terms(base, context - 1)
+    kv = kv_cache_bytes_stored(cfg, context, DEPLOYED_FORMATS[name])
+    base_kv = kv_cache_bytes_stored(base, context, DEPLOYED_FORMATS[baseline])
+    return {
+        "model": name, "baseline": baseline, "context": context, "published": published, "source": source,
+        "kv_bytes_deployed": kv, "baseline_kv_bytes_deployed": base_kv, "kv_ratio_deployed": kv / base_kv,
+        "kv_ratio_bf16": kv_cache_bytes(cfg, context, "bfloat16") / kv_cache_bytes(base, context, "bfloat16"),
+        "flops_ratio_raw": sum(terms.values()) / sum(base_terms.values()),
+        "flops_ratio_weighted": PRECISION_WEIGHTS[name].weigh(terms) / PRECISION_WEIGHTS[baseline].weigh(base_terms),
+        "precision_convention": PRECISION_WEIGHTS[name].note, "baseline_precision_convention": PRECISION_WEIGHTS[baseline].note,
+    }  # fmt: skip

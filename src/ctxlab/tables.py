@@ -125,3 +125,16 @@ def baseline_table(rows: list[dict], context: int, dtype: str) -> Table:
                       fmt_bytes(r["kv_bytes"]), f"{r['attention_flops'] / 1e9:,.2f}",
                       f"{r['attention_flops'] / base[r['model']]:.2f}x")
     return table
+
+
+def published_ratio_table(rows: list[dict], context: int) -> Table:
+    table = Table(title=f"Against the published baseline at {context:,} tokens (the token at position {context - 1:,})",
+                  caption="deployed: each model's published cache format (ctxlab.conventions.DEPLOYED_FORMATS); "
+                  "weighted: decode FLOPs in BF16 equivalents (FP8 = 1/2, FP4 = 1/4; conventions.PRECISION_WEIGHTS)")
+    for header in ("Model", "Baseline", "KV deployed", "KV bf16", "FLOPs raw", "FLOPs weighted", "Published KV / FLOPs"):
+        table.add_column(header, justify="left" if header in ("Model", "Baseline") else "right")
+    for r in rows:
+        table.add_row(escape(r["model"]), escape(r["baseline"]), f"{r['kv_ratio_deployed']:.2%}",
+                      f"{r['kv_ratio_bf16']:.2%}", f"{r['flops_ratio_raw']:.1%}", f"{r['flops_ratio_weighted']:.1%}",
+                      f"{r['published']['kv']} / {r['published']['flops']}")
+    return table
