@@ -10,7 +10,6 @@ the top-k has no ReLU-zero ties.
 
 from __future__ import annotations
 
-import dataclasses
 
 import pytest
 import torch
@@ -197,7 +196,7 @@ def test_published_numbers():
 def test_published_comparison_with_v32_at_1m_tokens():
     """Spec §4: deployed-format KV 10.48% (Pro) / 7.32% (Flash) of V3.2; precision-weighted decode
     FLOPs 27.1% / 10.2% (published 27% / 10%); raw FLOPs 26.1% / 12.1%; what bf16 caches hold here."""
-    from ctxlab.conventions import DEPLOYED_FORMATS, kv_cache_bytes_stored
+    from ctxlab.conventions import DEPLOYED_FORMATS
     from ctxlab.reporting import published_ratio_row
 
     n = 1 << 20

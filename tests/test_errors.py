@@ -461,3 +461,39 @@ def test_errors_share_a_base_class():
     assert issubclass(ctxlab.CheckpointError, ctxlab.CtxlabError) and issubclass(ctxlab.CheckpointError, ValueError)
     assert issubclass(ctxlab.CacheOverflowError, ctxlab.CtxlabError)
     assert issubclass(ctxlab.CacheOverflowError, IndexError)
+
+
+# --- combinations of mechanisms the code does not implement: refused up front -------------------
+
+
+def test_mechanism_combinations_are_refused_with_the_field_named():
+    import dataclasses
+
+    from ctxlab.config import MoESpec
+
+    v32 = ctxlab.load_config("deepseek-v3.2")
+    layers = list(v32.layers)
+    layers[1] = dataclasses.replace(layers[1], kv_source=0)
+    with pytest.raises(ctxlab.ConfigError, match=r"layers\[1\].*kv_source.*'gqa' only"):
+        v32.replace(layers=tuple(layers))
+    no_q_lora = dataclasses.replace(v32.layers[0], mla=dataclasses.replace(v32.layers[0].mla, q_lora_rank=None))
+    with pytest.raises(ctxlab.ConfigError, match="q_lora_rank must be set"):
+        v32.replace(layers=(no_q_lora,))
+    bad_groups = dataclasses.replace(v32.layers[5], moe=MoESpec(8, 3, 4, "biased_topk", n_group=4, topk_group=1))
+    with pytest.raises(ctxlab.ConfigError, match="group-limited routing"):
+        v32.replace(layers=(bad_groups,))
+
+
+def test_malformed_native_config_is_a_config_error(tmp_path):
+    import json
+
+    for bad in ([1, 2], {"model_type": "ctxlab"}, {"model_type": "ctxlab", "ctxlab": {"layers": [1]}}):
+        (tmp_path / "config.json").write_text(json.dumps(bad))
+        with pytest.raises(ctxlab.ConfigError):
+            ctxlab.load_config(tmp_path)
+
+
+def test_float32_residual_stream_works_with_bf16_weights_in_every_block_kind():
+    cfg = ctxlab.load_config("tiny-llama").replace(residual_fp32=True)
+    model = ctxlab.build_model(cfg, dtype=torch.bfloat16)
+    assert model(torch.arange(8)[None]).dtype == torch.bfloat16

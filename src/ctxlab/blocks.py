@@ -22,7 +22,7 @@ from .attention import ATTENTION_KINDS
 from .attention.context import ForwardContext
 from .config import LayerSpec, ModelConfig
 from .nn import ple
-from .nn.moe import MLP_KINDS, ROUTERS, Experts
+from .nn.moe import MLP_KINDS, ROUTERS, Experts, make_router
 from .nn.norms import RMSNorm
 from .nn.residual import HyperConnection, PlainResidual, ResidualScaling
 
@@ -44,6 +44,11 @@ class Block(nn.Module):
                 self.add_module(name, module)
         if spec.layer_scalar:
             self.register_buffer("layer_scalar", torch.ones(1))
+
+    @staticmethod
+    def normed(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
+        """A norm of the residual, read in the weights' dtype (the residual may be float32)."""
+        return norm(x.to(norm.weight.dtype))
 
     def finish(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         if self.has_ple:
@@ -77,8 +82,8 @@ class Block(nn.Module):
 
 class PreNormBlock(Block):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H]
-        x = x + self.self_attn(self.input_layernorm(x), ctx)
-        x = x + self.mlp(self.post_attention_layernorm(x), ctx)
+        x = x + self.self_attn(self.normed(self.input_layernorm, x), ctx)
+        x = x + self.mlp(self.normed(self.post_attention_layernorm, x), ctx)
         return self.finish(x, ctx)
 
 
@@ -90,24 +95,24 @@ class SandwichBlock(Block):
         self.post_feedforward_layernorm = RMSNorm(h, eps)
         self.has_expert_branch = spec.moe is not None and spec.mlp == "gated"
         if self.has_expert_branch:
-            self.router = ROUTERS[spec.moe.router](h, spec.moe, eps)
-            self.experts = Experts(h, spec.moe, spec.activation)
+            self.router = make_router(h, spec.moe, eps, cfg.vocab_size)
+            self.experts = Experts(h, spec.moe, spec.activation, spec.swiglu_limit)
             self.post_feedforward_layernorm_1 = RMSNorm(h, eps)
             self.pre_feedforward_layernorm_2 = RMSNorm(h, eps)
             self.post_feedforward_layernorm_2 = RMSNorm(h, eps)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H]
-        x = x + self.post_attention_layernorm(self.self_attn(self.input_layernorm(x), ctx))
-        f = self.mlp(self.pre_feedforward_layernorm(x))
+        x = x + self.post_attention_layernorm(self.self_attn(self.normed(self.input_layernorm, x), ctx))
+        f = self.mlp(self.normed(self.pre_feedforward_layernorm, x), ctx)
         if self.has_expert_branch:
-            f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(self._experts(x))
+            f = self.post_feedforward_layernorm_1(f) + self.post_feedforward_layernorm_2(self._experts(x, ctx))
         x = x + self.post_feedforward_layernorm(f)
         return self.finish(x, ctx)
 
-    def _experts(self, residual: torch.Tensor) -> torch.Tensor:
+    def _experts(self, residual: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """Routed experts on the residual [B, T, H]; the router reads it un-normed."""
-        flat = residual.reshape(-1, residual.shape[-1])  # [N, H]
-        index, weight = self.router(flat)
+        flat = residual.reshape(-1, residual.shape[-1]).to(self.pre_feedforward_layernorm_2.weight.dtype)  # [N, H]
+        index, weight = self.router(flat, ctx)
         return self.experts(self.pre_feedforward_layernorm_2(flat), index, weight).reshape(residual.shape)
 
     @staticmethod
@@ -129,9 +134,8 @@ class ScaledResidualBlock(Block):
         self.post_mlp_residual_scale = ResidualScaling(cfg.hidden_size)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H], maybe float32
-        dtype = self.input_layernorm.weight.dtype
-        x = self.post_attention_residual_scale(self.self_attn(self.input_layernorm(x.to(dtype)), ctx), x)
-        x = self.post_mlp_residual_scale(self.mlp(self.post_attention_layernorm(x.to(dtype)), ctx), x)
+        x = self.post_attention_residual_scale(self.self_attn(self.normed(self.input_layernorm, x), ctx), x)
+        x = self.post_mlp_residual_scale(self.mlp(self.normed(self.post_attention_layernorm, x), ctx), x)
         return self.finish(x, ctx)
 
     @staticmethod
@@ -152,9 +156,9 @@ class HyperBlock(Block):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, (n,) H]
         u, mixing = self.attn_hc.split(x)
-        x = self.attn_hc.merge(x, self.self_attn(self.input_layernorm(u), ctx), mixing)
+        x = self.attn_hc.merge(x, self.self_attn(self.normed(self.input_layernorm, u), ctx), mixing)
         u, mixing = self.ffn_hc.split(x)
-        x = self.ffn_hc.merge(x, self.mlp(self.post_attention_layernorm(u), ctx), mixing)
+        x = self.ffn_hc.merge(x, self.mlp(self.normed(self.post_attention_layernorm, u), ctx), mixing)
         return self.finish(x, ctx)
 
     @staticmethod

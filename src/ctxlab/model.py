@@ -144,6 +144,10 @@ def build_model(
                 p.zero_()
             else:
                 p.normal_(0.0, init_std, generator=generator)
+        for name, b in model.named_buffers():
+            if name.endswith("tid2eid"):  # hash routing: distinct random experts per token id
+                experts = model.get_submodule(name.rsplit(".", 2)[0]).experts.gate_up_proj.shape[0]
+                b.copy_(torch.rand(b.shape[0], experts, generator=generator).argsort(-1)[:, : b.shape[1]])
     return model.to(dtype=dtype, device=device).eval()
 
 

@@ -29,7 +29,7 @@ from ..nn.rope import Rotary
 from .context import ForwardContext, attention_mask
 
 
-def _conv_shape(hidden_size: int, spec: LayerSpec) -> tuple[int, int]:
+def _conv_shape(spec: LayerSpec) -> tuple[int, int]:
     """(latent channels C = (H_q + H_kv)·d, conv state columns P = (k0-1) + (k1-1))."""
     k0, k1 = spec.conv_kernels
     return (spec.num_heads + spec.num_kv_heads) * spec.head_dim, (k0 - 1) + (k1 - 1)
@@ -41,7 +41,7 @@ class CCAProjection(nn.Module):
     def __init__(self, hidden_size: int, spec: LayerSpec):
         super().__init__()
         hq, hkv, d, bias = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.attention_bias
-        channels, self.state_columns = _conv_shape(hidden_size, spec)
+        channels, self.state_columns = _conv_shape(spec)
         k0, k1 = spec.conv_kernels
         self.spec = spec
         self.q_proj = nn.Linear(hidden_size, hq * d, bias=bias)
@@ -61,7 +61,8 @@ class CCAProjection(nn.Module):
         q_res = (q_raw.view(B, T, s.num_heads, -1) + k_raw.view(B, T, s.num_kv_heads, -1).repeat_interleave(group, 2)) / 2
         k_res = q_res.view(B, T, s.num_kv_heads, group, -1).mean(dim=-2)
 
-        latent = torch.cat((q_raw, k_raw), dim=-1).transpose(1, 2)  # [B, C, T]
+        real = (ctx.positions >= 0).to(x.dtype)  # left padding contributes nothing, even through biases
+        latent = torch.cat((q_raw, k_raw), dim=-1).transpose(1, 2) * real[:, None, :]  # [B, C, T]
         if layer_cache is None:  # no earlier tokens: the state is zeros
             before = latent.new_zeros(B, latent.shape[1], self.state_columns)
         else:
@@ -132,19 +133,18 @@ class CCAttention(nn.Module):
 
     @staticmethod
     def cache_spec(spec: LayerSpec) -> CacheSpec:
-        channels, columns = _conv_shape(0, spec)
+        channels, columns = _conv_shape(spec)
         kv = (spec.num_kv_heads, spec.head_dim)
-        return CacheSpec(
-            kind="full" if spec.window is None else "ring",
-            token_shapes=(("k", kv), ("v", kv)),
-            window=spec.window,
+        return CacheSpec.for_tokens(
+            (("k", kv), ("v", kv)),
+            spec.window,
             state_shapes=(("conv", (channels, columns)), ("v_prev", (spec.num_kv_heads * spec.head_dim // 2,))),
         )
 
     @staticmethod
     def param_count(hidden_size: int, spec: LayerSpec) -> int:
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        channels, _ = _conv_shape(hidden_size, spec)
+        channels, _ = _conv_shape(spec)
         k0, k1 = spec.conv_kernels
         n = hidden_size * (q + 2 * kv) + q * hidden_size  # q, k, v (two halves), o
         n += (q + 2 * kv + hidden_size) if spec.attention_bias else 0
@@ -157,7 +157,7 @@ class CCAttention(nn.Module):
         columns from the cached raw latent each step (as HF does), hence ``k0·k1`` per channel."""
         keys = positions if spec.window is None else min(positions, spec.window)
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
-        channels, _ = _conv_shape(hidden_size, spec)
+        channels, _ = _conv_shape(spec)
         k0, k1 = spec.conv_kernels
         return {
             "projections": 2 * hidden_size * (2 * q + 2 * kv),

@@ -32,7 +32,7 @@ class ForwardContext:
 
     def rope_tables(self, rotary, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for this forward's positions, computed once per distinct rope."""
-        key = (id(rotary), dtype)
+        key = (rotary.key, dtype)
         if key not in self._rope_tables:
             self._rope_tables[key] = rotary.cos_sin(self.positions, dtype)
         return self._rope_tables[key]

@@ -87,8 +87,7 @@ class GQAttention(nn.Module):
     @staticmethod
     def cache_spec(spec: LayerSpec) -> CacheSpec:
         shape = (spec.num_kv_heads, spec.head_dim)
-        kind = "full" if spec.window is None else "ring"
-        return CacheSpec(kind=kind, token_shapes=(("k", shape), ("v", shape)), window=spec.window)
+        return CacheSpec.for_tokens((("k", shape), ("v", shape)), spec.window)
 
     @staticmethod
     def param_count(hidden_size: int, spec: LayerSpec) -> int:

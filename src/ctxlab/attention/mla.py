@@ -116,7 +116,7 @@ class MLAttention(nn.Module):
         shapes = [("latent", (1, m.kv_lora_rank)), ("k_rope", (1, m.qk_rope_head_dim))]
         if spec.indexer is not None:
             shapes.append(("index_k", (1, spec.indexer.head_dim)))
-        return CacheSpec(kind="full" if spec.window is None else "ring", token_shapes=tuple(shapes), window=spec.window)
+        return CacheSpec.for_tokens(tuple(shapes), spec.window)
 
     @staticmethod
     def param_count(hidden_size: int, spec: LayerSpec) -> int:

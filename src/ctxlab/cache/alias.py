@@ -1,7 +1,7 @@
 """Alias: a layer that reads another layer's K/V (cross-layer KV sharing) and stores nothing.
 
 The consumer receives its producer's K/V of the current forward through the forward context
-(see ``model.ForwardContext.shared_kv``), in prefill and decode alike, so this cache has no
+(see ``attention.context.ForwardContext.shared_kv``), in prefill and decode alike, so this cache has no
 ``update``; it exists so that the plan, ``nbytes`` and the accounting see the layer.
 """
 
@@ -15,7 +15,6 @@ from .spec import CacheSpec
 class AliasCache:
     def __init__(self, spec: CacheSpec):
         self.spec = spec
-        self.source = spec.source
 
     def tensors(self) -> list[torch.Tensor]:
         return []

@@ -40,6 +40,12 @@ class CacheSpec:
     def alias(source: int) -> CacheSpec:
         return CacheSpec(kind="alias", source=source)
 
+    @staticmethod
+    def for_tokens(token_shapes, window: int | None, state_shapes=()) -> CacheSpec:
+        """Per-token tensors: a full cache for global layers, a ring of the window for sliding ones."""
+        kind = "full" if window is None else "ring"
+        return CacheSpec(kind=kind, token_shapes=token_shapes, window=window, state_shapes=state_shapes)
+
     def tokens_held(self, max_tokens: int) -> int:
         """How many token slots this layer allocates for a cache of ``max_tokens``."""
         if self.kind == "alias":

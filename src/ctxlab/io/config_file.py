@@ -41,9 +41,12 @@ def load_config(source: str | Path | ModelConfig) -> ModelConfig:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        return json.loads(path.read_text())
+        d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConfigError([f"{path}: not valid JSON ({e})"]) from None
+    if not isinstance(d, dict):
+        raise ConfigError([f"{path}: a config.json holds one JSON object; got a {type(d).__name__}"])
+    return d
 
 
 def config_from_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
@@ -52,9 +55,14 @@ def config_from_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
 
     model_type = d.get("model_type")
     if model_type == NATIVE_MODEL_TYPE:
+        if not isinstance(d.get("ctxlab"), dict):
+            raise ConfigError([f"{name or 'config'}: model_type 'ctxlab' needs the config object under the key 'ctxlab'"])
         native = dict(d["ctxlab"])
         native["name"] = name or native.get("name", "")
-        return ModelConfig.from_dict(native)
+        try:
+            return ModelConfig.from_dict(native)
+        except (TypeError, AttributeError) as e:
+            raise ConfigError([f"{name or 'config'}: malformed ctxlab config ({e})"]) from None
     if model_type not in FAMILIES:
         raise ConfigError(
             [f"{name or 'config'}: model_type = {model_type!r} is not supported; supported: {sorted(FAMILIES)}"]

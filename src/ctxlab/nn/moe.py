@@ -198,6 +198,13 @@ ROUTERS = {
 }
 
 
+def make_router(hidden_size: int, moe: MoESpec, eps: float, vocab_size: int) -> nn.Module:
+    """The router a spec names (the hash router also needs the vocabulary size for its table)."""
+    if moe.router == "hash":
+        return HashRouter(hidden_size, moe, eps, vocab_size)
+    return ROUTERS[moe.router](hidden_size, moe, eps)
+
+
 class SparseMoE(nn.Module):
     """An MLP replaced by experts (HF ``LagunaSparseMoeBlock``): ``routed_scaling`` times the
     routed experts' weighted sum, plus an always-on shared expert (not scaled, not gated).
@@ -207,8 +214,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         m = spec.moe
         self.routed_scaling = m.routed_scaling
-        router = ROUTERS[m.router]
-        self.gate = router(hidden_size, m, norm_eps, vocab_size) if router is HashRouter else router(hidden_size, m, norm_eps)
+        self.gate = make_router(hidden_size, m, norm_eps, vocab_size)
         self.experts = Experts(hidden_size, m, spec.activation, spec.swiglu_limit)
         self.shared_experts = (
             GatedMLP(hidden_size, m.shared_expert_size, spec.activation, limit=spec.swiglu_limit)

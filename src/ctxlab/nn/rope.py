@@ -98,6 +98,7 @@ class Rotary:
 
     def __init__(self, spec: LayerSpec):
         self.rotary_dim = spec.rotary_dim
+        self.key = (spec.rope, self.rotary_dim)  # layers with equal keys share cos/sin tables
         self.inv_freq, self.attention_factor = inv_frequencies(spec.rope, max(self.rotary_dim, 2))
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
