@@ -71,6 +71,11 @@ def cmd_report(args, console: Console) -> int:
         "same_width_baselines": [r for n in names for r in reporting.baseline_rows(n, args.context, args.dtype)],
         "published_ratios": [r for n in names if (r := reporting.published_ratio_row(n, args.context))],
     }
+    if args.plot:
+        from .plots import kv_vs_context
+
+        kv_vs_context(names, args.plot, dtype=args.dtype)
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -102,6 +107,11 @@ def cmd_inspect(args, console: Console) -> int:
         "decode_flops_terms": decode_flops_terms(cfg, args.context),
         "layers": reporting.layer_rows(cfg, args.context, args.dtype),
     }  # fmt: skip
+    if args.plot:
+        from .plots import per_layer_cache
+
+        per_layer_cache(args.model, args.plot, context=args.context, dtype=args.dtype)
+        print(f"wrote {args.plot}", file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -117,6 +127,25 @@ def cmd_inspect(args, console: Console) -> int:
         f"decode GFLOPs at position {args.context:,}: {flops}\n({UNITS_NOTE})"
     )
     console.print(tables.layer_table(info["layers"], args.context, args.dtype))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- claims
+
+
+def cmd_claims(args, console: Console) -> int:
+    from .claims import evaluate_all
+    from .measure import FAMILY_PRESETS, measured_cache
+
+    out = {"claims": evaluate_all()}
+    if args.measure:
+        out["measured_caches"] = [measured_cache(n, args.tokens) for n in FAMILY_PRESETS]
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    console.print(tables.claims_table(out["claims"]))
+    if args.measure:
+        console.print(tables.measured_table(out["measured_caches"]))
     return 0
 
 
@@ -198,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--models", nargs="+", metavar="MODEL", help="preset names or config.json / checkpoint paths "
                    f"(None = every preset except tiny-*; presets: {', '.join(preset_names())})")
     r.add_argument("--all", action="store_true", help="also list the tiny-* test presets (ignored with --models)")
+    r.add_argument("--plot", metavar="FILE.png", help="also write KV-cache bytes vs context length (1K to 1M tokens, "
+                   "log axes; realized solid, naive dashed where it differs) for these models (needs matplotlib)")
     r.set_defaults(func=cmd_report)
 
     i = sub.add_parser("inspect", formatter_class=fmt, help="one model's summary and per-layer table",
@@ -205,7 +236,20 @@ def build_parser() -> argparse.ArgumentParser:
                        f"per layer (heads, head dim, window, RoPE, KV source, cache kind and bytes). {UNITS_NOTE}.")
     i.add_argument("model", metavar="MODEL", help="preset name, config.json path or checkpoint directory")
     cost_options(i)
+    i.add_argument("--plot", metavar="FILE.png", help="also write per-layer cache bytes at --context as bars "
+                   "coloured by attention kind (needs matplotlib)")
     i.set_defaults(func=cmd_inspect)
+
+    c = sub.add_parser("claims", formatter_class=fmt, help="published efficiency claims, checked against the configs",
+                       description="One row per published quantitative claim about these architectures: the claim "
+                       "and its source, the convention it needs, ctxlab's figure under that convention, the figure "
+                       "the real config / a real cache gives, and a verdict (reproduced / holds only under a "
+                       "convention / not reproduced). Every ctxlab figure is computed from the presets.")
+    c.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    c.add_argument("--measure", action="store_true", help="also build a tiny model with each family's layer "
+                   "pattern, prefill --tokens tokens and compare cache.nbytes() with the analytic bytes (slower)")
+    c.add_argument("--tokens", type=tokens, default=2048, help="tokens to prefill with --measure")
+    c.set_defaults(func=cmd_claims)
 
     g = sub.add_parser("generate", formatter_class=fmt, help="generate tokens from a checkpoint or preset",
                        description="Continue a prompt and print only the generated part: text when the checkpoint "

@@ -138,3 +138,29 @@ def published_ratio_table(rows: list[dict], context: int) -> Table:
                       f"{r['kv_ratio_bf16']:.2%}", f"{r['flops_ratio_raw']:.1%}", f"{r['flops_ratio_weighted']:.1%}",
                       f"{r['published']['kv']} / {r['published']['flops']}")
     return table
+
+
+def claims_table(rows: list[dict]) -> Table:
+    table = Table(title="Published claims, checked against the real configs (ctxlab claims)",
+                  caption="convention: what the published figure assumes; under convention / real: ctxlab's figures "
+                  "computed from the presets (real = what the config says or a cache of this library holds)")
+    for header in ("Model", "Claim", "Published", "Under convention", "Real", "Verdict", "Source"):
+        table.add_column(header, justify="right" if header in ("Published", "Under convention", "Real") else "left",
+                         overflow="fold")
+    for r in rows:
+        table.add_row(escape(r["model"]), escape(r["claim"]), f"{r['published']:g} {r['unit']}",
+                      f"{r['under_convention']:.3g}", f"{r['realized']:.3g}", escape(r["verdict"]),
+                      escape(r["source"] if len(r["source"]) <= 60 else r["source"][:57] + "..."))
+    return table
+
+
+def measured_table(rows: list[dict]) -> Table:
+    table = Table(title="Measured caches: a tiny model with each family's layer pattern, prefilled",
+                  caption="cache.nbytes() counts the unique storages the cache really holds; analytic = kv_cache_bytes()")
+    for header in ("Family preset", "Layers", "Tokens", "cache.nbytes()", "Analytic", "Equal", "Prefill s"):
+        table.add_column(header, justify="left" if header == "Family preset" else "right")
+    for r in rows:
+        table.add_row(escape(r["model"]), str(r["layers"]), f"{r['tokens']:,}", f"{r['cache_nbytes']:,}",
+                      f"{r['analytic_bytes']:,}", "yes" if r["cache_nbytes"] == r["analytic_bytes"] else "NO",
+                      f"{r['seconds']:.1f}")
+    return table

@@ -47,11 +47,13 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(ratio, width))
         self.kv_norm = RMSNorm(dim, norm_eps)
 
-    def state_shapes(self, prefix: str = "") -> tuple[tuple[str, tuple[int, ...]], ...]:
-        width = 2 * self.dim if self.overlap else self.dim
-        shapes = [(f"{prefix}pending_kv", (self.ratio, width)), (f"{prefix}pending_gate", (self.ratio, width))]
-        if self.overlap:
-            shapes += [(f"{prefix}overlap_kv", (self.ratio, self.dim)), (f"{prefix}overlap_gate", (self.ratio, self.dim))]
+    @staticmethod
+    def state_shapes(dim: int, ratio: int, overlap: bool, prefix: str = "") -> tuple[tuple[str, tuple[int, ...]], ...]:
+        """The pending partial block (raw kv and gate) and, with overlap, the previous block's half."""
+        width = 2 * dim if overlap else dim
+        shapes = [(f"{prefix}pending_kv", (ratio, width)), (f"{prefix}pending_gate", (ratio, width))]
+        if overlap:
+            shapes += [(f"{prefix}overlap_kv", (ratio, dim)), (f"{prefix}overlap_gate", (ratio, dim))]
         return tuple(shapes)
 
     def forward(self, x: torch.Tensor, start: int, state: dict | None, prefix: str, rotary: Rotary) -> torch.Tensor:
@@ -211,11 +213,10 @@ class CompressedAttention(nn.Module):
         window = (("kv", (1, d)),)
         if not c.ratio:
             return CacheSpec(kind="ring", token_shapes=window, window=spec.window)
-        comp = Compressor(1, d, c.ratio, c.overlap, 1e-6)
-        entries, state = [("kv", (1, d))], list(comp.state_shapes())
+        entries, state = [("kv", (1, d))], list(Compressor.state_shapes(d, c.ratio, c.overlap))
         if spec.indexer is not None:
             entries.append(("index_kv", (1, spec.indexer.head_dim)))
-            state += Compressor(1, spec.indexer.head_dim, c.ratio, True, 1e-6).state_shapes("index_")
+            state += Compressor.state_shapes(spec.indexer.head_dim, c.ratio, True, "index_")
         return CacheSpec(
             kind="compressed", token_shapes=window, window=spec.window, compress_ratio=c.ratio,
             entry_shapes=tuple(entries), state_shapes=tuple(state),
