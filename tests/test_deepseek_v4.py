@@ -213,3 +213,14 @@ def test_published_comparison_with_v32_at_1m_tokens():
     assert fmt.bytes_per_token(csa) == 584 and fmt.bytes_per_token(csa, csa.entry_shapes) == 584 + 68
     # bf16, as this library's caches hold it (window of 128 per layer, entries, pending blocks, overlap state)
     assert round(ctxlab.kv_cache_bytes(ctxlab.load_config("deepseek-v4-pro"), n, "bfloat16") / 1e9, 2) == 10.34
+
+
+@pytest.mark.parametrize("prompt_len", [9, 23, 31])
+def test_decode_flops_match_flop_counter(prompt_len):
+    """Every V4 term (mHC, compressors, indexer scan, window + chosen entries, experts) as torch counts it."""
+    from test_accounting import measured_decode_flops
+
+    for case in CASES:
+        cfg = ctxlab.io.config_file.config_from_dict({**BASE, **CASES[case], "model_type": "deepseek_v4"})
+        model = ctxlab.build_model(cfg, seed=1)
+        assert ctxlab.decode_flops(cfg, prompt_len) == measured_decode_flops(model, prompt_len), (case, prompt_len)
