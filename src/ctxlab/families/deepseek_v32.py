@@ -14,7 +14,7 @@ from typing import Any
 
 from ..config import IndexerSpec, LayerSpec, MLASpec, ModelConfig, MoESpec
 from ..errors import ConfigError
-from ..io.hf_config import legacy_rope_params, parse_rope, require, rope_to_hf, token_ids
+from ..io.hf_config import hf_fields, model_fields, legacy_rope_params, parse_rope, require, rope_to_hf
 
 MODEL_TYPE = "deepseek_v32"
 ARCHITECTURE = "DeepseekV32ForCausalLM"
@@ -84,16 +84,9 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         for kind in mlp_types
     ]
     return ModelConfig(
+        **model_fields(d, eps=1e-6, max_positions=163840, bos=0, eos=1),
         family=MODEL_TYPE,
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
         layers=tuple(layers),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        max_position_embeddings=d.get("max_position_embeddings", 163840),
-        bos_token_id=d.get("bos_token_id", 0),
-        eos_token_id=token_ids(d.get("eos_token_id", 1)),
-        pad_token_id=d.get("pad_token_id"),
         name=name,
     )
 
@@ -106,12 +99,8 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     rope = rope_to_hf(s.rope)
     rope.pop("interleaved", None)
     kinds = ["sparse" if x.mlp == "moe" else "dense" for x in cfg.layers]
-    eos = list(cfg.eos_token_id)
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
+        **hf_fields(cfg, MODEL_TYPE, ARCHITECTURE),
         "intermediate_size": next((x.intermediate_size for x in cfg.layers if x.mlp == "gated"), s.intermediate_size),
         "moe_intermediate_size": moe.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
@@ -137,10 +126,4 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "rope_parameters": rope,
         "attention_bias": s.attention_bias,
         "hidden_act": s.activation,
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "pad_token_id": cfg.pad_token_id,
     }

@@ -16,7 +16,7 @@ from typing import Any
 
 from ..config import CompressSpec, IndexerSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from ..errors import ConfigError
-from ..io.hf_config import parse_rope, require, rope_to_hf, token_ids
+from ..io.hf_config import hf_fields, model_fields, parse_rope, require, rope_to_hf
 
 MODEL_TYPE = "deepseek_v4"
 ARCHITECTURE = "DeepseekV4ForCausalLM"
@@ -108,16 +108,9 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
             )
         )
     return ModelConfig(
+        **model_fields(d, eps=1e-6, max_positions=1048576, bos=0, eos=1),
         family=MODEL_TYPE,
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
         layers=tuple(layers),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        max_position_embeddings=d.get("max_position_embeddings", 1048576),
-        bos_token_id=d.get("bos_token_id", 0),
-        eos_token_id=token_ids(d.get("eos_token_id", 1)),
-        pad_token_id=d.get("pad_token_id"),
         residual="mhc",
         hc_mult=d.get("hc_mult", 4),
         hc_sinkhorn_iters=d.get("hc_sinkhorn_iters", 20),
@@ -178,13 +171,9 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
     rates.update({t: x.compress.ratio for x, t in zip(cfg.layers, kinds) if x.compress.ratio})
     m = s.moe
-    eos = list(cfg.eos_token_id)
     ix = csa.indexer if csa else IndexerSpec(64, 128, 512, s.rotary_dim)
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
+        **hf_fields(cfg, MODEL_TYPE, ARCHITECTURE),
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": s.num_heads,
         "num_key_value_heads": 1,
@@ -212,10 +201,4 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "hc_sinkhorn_iters": cfg.hc_sinkhorn_iters,
         "hc_eps": cfg.hc_eps,
         "hidden_act": s.activation,
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "pad_token_id": cfg.pad_token_id,
     }

@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig
 from ..errors import ConfigError
-from ..io.hf_config import legacy_rope_params, parse_rope, rope_to_hf, token_ids
+from ..io.hf_config import hf_fields, model_fields, legacy_rope_params, parse_rope, rope_to_hf
 
 REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -44,16 +44,9 @@ def check_layer_types(layer_types: list[str], num_layers: int, where: str) -> No
 
 def model_config(d: dict[str, Any], family: str, layers: list[LayerSpec], name: str) -> ModelConfig:
     return ModelConfig(
+        **model_fields(d),
         family=family,
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
         layers=tuple(layers),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        max_position_embeddings=d.get("max_position_embeddings") or 4096,
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=token_ids(d.get("eos_token_id")),
-        pad_token_id=d.get("pad_token_id"),
         name=name,
     )
 
@@ -61,24 +54,14 @@ def model_config(d: dict[str, Any], family: str, layers: list[LayerSpec], name: 
 def uniform_to_hf(cfg: ModelConfig, model_type: str, architecture: str) -> dict[str, Any]:
     """The HF fields every GQA decoder shares, from layer 0 (the families check uniformity)."""
     s = cfg.layers[0]
-    eos = list(cfg.eos_token_id)
     return {
-        "architectures": [architecture],
-        "model_type": model_type,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
+        **hf_fields(cfg, model_type, architecture),
         "intermediate_size": s.intermediate_size,
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": s.num_heads,
         "num_key_value_heads": s.num_kv_heads,
         "head_dim": s.head_dim,
         "hidden_act": s.activation,
-        "rms_norm_eps": cfg.norm_eps,
         "attention_bias": s.attention_bias,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
         "rope_parameters": rope_to_hf(s.rope),
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "pad_token_id": cfg.pad_token_id,
     }

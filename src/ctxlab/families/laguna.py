@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec
 from ..errors import ConfigError
-from ..io.hf_config import parse_rope, require, rope_to_hf, token_ids
+from ..io.hf_config import hf_fields, model_fields, parse_rope, require, rope_to_hf
 
 MODEL_TYPE = "laguna"
 # Published checkpoints (and transformers' save_pretrained) store experts one tensor per expert,
@@ -76,16 +76,9 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         for i in range(n)
     ]
     return ModelConfig(
+        **model_fields(d, eps=1e-6, max_positions=131072),
         family=MODEL_TYPE,
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
         layers=tuple(layers),
-        norm_eps=float(d.get("rms_norm_eps", 1e-6)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-        max_position_embeddings=d.get("max_position_embeddings", 131072),
-        bos_token_id=d.get("bos_token_id"),
-        eos_token_id=token_ids(d.get("eos_token_id")),
-        pad_token_id=d.get("pad_token_id"),
         name=name,
     )
 
@@ -112,12 +105,8 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     rope = {"full_attention": rope_to_hf(full.rope)}
     if sliding is not None:
         rope["sliding_attention"] = rope_to_hf(sliding.rope)
-    eos = list(cfg.eos_token_id)
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
+        **hf_fields(cfg, MODEL_TYPE, ARCHITECTURE),
         "intermediate_size": next((s.intermediate_size for s in cfg.layers if s.mlp == "gated"), first.intermediate_size),
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": max(s.num_heads for s in cfg.layers),
@@ -131,16 +120,10 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "gating": gating,
         "attention_bias": first.attention_bias,
         "hidden_act": first.activation,
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
-        "max_position_embeddings": cfg.max_position_embeddings,
         "num_experts": moe.num_experts,
         "num_experts_per_tok": moe.top_k,
         "moe_intermediate_size": moe.intermediate_size,
         "shared_expert_intermediate_size": moe.shared_expert_size,
         "moe_routed_scaling_factor": moe.routed_scaling,
         "moe_router_logit_softcapping": moe.router_logit_softcap or 0.0,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "pad_token_id": cfg.pad_token_id,
     }

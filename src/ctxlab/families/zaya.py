@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec
 from ..errors import ConfigError
-from ..io.hf_config import parse_rope, require, rope_to_hf, token_ids
+from ..io.hf_config import hf_fields, model_fields, parse_rope, require, rope_to_hf
 
 MODEL_TYPE = "zaya"
 ARCHITECTURE = "ZayaForCausalLM"
@@ -67,16 +67,9 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         for i, kind in enumerate(layer_types)
     ]
     return ModelConfig(
+        **model_fields(d, eps=1e-5, tie=True, max_positions=131072, bos=2, eos=106, pad=0),
         family=MODEL_TYPE,
-        vocab_size=d["vocab_size"],
-        hidden_size=d["hidden_size"],
         layers=tuple(layers),
-        norm_eps=float(d.get("rms_norm_eps", 1e-5)),
-        tie_word_embeddings=bool(d.get("tie_word_embeddings", True)),
-        max_position_embeddings=d.get("max_position_embeddings", 131072),
-        bos_token_id=d.get("bos_token_id", 2),
-        eos_token_id=token_ids(d.get("eos_token_id", 106)),
-        pad_token_id=d.get("pad_token_id", 0),
         input_affine=True,
         residual_fp32=True,
         name=name,
@@ -90,12 +83,8 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     rope = {"hybrid": rope_to_hf(next((x for x in cfg.layers if x.window is None), s).rope)}
     if sliding is not None:
         rope["hybrid_sliding"] = rope_to_hf(sliding.rope)
-    eos = list(cfg.eos_token_id)
     return {
-        "architectures": [ARCHITECTURE],
-        "model_type": MODEL_TYPE,
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size,
+        **hf_fields(cfg, MODEL_TYPE, ARCHITECTURE),
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": s.num_heads,
         "num_key_value_heads": s.num_kv_heads,
@@ -111,11 +100,5 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         "moe_intermediate_size": s.moe.intermediate_size,
         "router_hidden_size": s.moe.router_hidden_size,
         "hidden_act": s.activation,
-        "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_word_embeddings,
         "lm_head_bias": False,
-        "max_position_embeddings": cfg.max_position_embeddings,
-        "bos_token_id": cfg.bos_token_id,
-        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
-        "pad_token_id": cfg.pad_token_id,
     }

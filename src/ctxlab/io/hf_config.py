@@ -77,3 +77,35 @@ def token_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
+
+
+def model_fields(d: dict[str, Any], eps: float = 1e-6, tie: bool = False, max_positions: int = 4096,
+                 bos: int | None = None, eos: Any = None, pad: int | None = None) -> dict[str, Any]:  # fmt: skip
+    """The ``ModelConfig`` fields every family reads the same way (defaults differ per family)."""
+    return {
+        "vocab_size": d["vocab_size"],
+        "hidden_size": d["hidden_size"],
+        "norm_eps": float(d.get("rms_norm_eps", eps)),
+        "tie_word_embeddings": bool(d.get("tie_word_embeddings", tie)),
+        "max_position_embeddings": d.get("max_position_embeddings") or max_positions,
+        "bos_token_id": d.get("bos_token_id", bos),
+        "eos_token_id": token_ids(d.get("eos_token_id", eos)),
+        "pad_token_id": d.get("pad_token_id", pad),
+    }
+
+
+def hf_fields(cfg, model_type: str, architecture: str) -> dict[str, Any]:
+    """Inverse of :func:`model_fields`, plus ``model_type`` and ``architectures``."""
+    eos = list(cfg.eos_token_id)
+    return {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.hidden_size,
+        "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_word_embeddings,
+        "max_position_embeddings": cfg.max_position_embeddings,
+        "bos_token_id": cfg.bos_token_id,
+        "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+        "pad_token_id": cfg.pad_token_id,
+    }
