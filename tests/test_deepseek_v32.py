@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import ctxlab
-from conftest import randomize_
+from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 from ctxlab.attention.mla import set_decode_path
 
 TOL = 1e-4
@@ -95,21 +95,14 @@ def test_logits_and_greedy_tokens_match_transformers(pair):
     ref, ours = pair
     ids = torch.randint(3, 128, (1, SEQ), generator=torch.Generator().manual_seed(1))
     assert selection_margin(ours, ids) > 1e-5, "indexer top-k nearly tied: parity would test float noise"
-    with torch.no_grad():
-        assert (ours(ids) - ref(ids).logits).abs().max().item() <= TOL
-        hf_tokens = ref.generate(ids[:, :6], max_new_tokens=12, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ctxlab.generate(ours, ids[:, :6], max_new_tokens=12, eos_token_id=[]), hf_tokens)
+    assert_matches_reference(ref, ours, ids, 6, 12)
 
 
 def test_save_pretrained_round_trip_through_transformers(pair, hf, tmp_path_factory):
     ref, ours = pair
-    out = tmp_path_factory.mktemp("ours")
-    ours.save_pretrained(out)
-    back = hf.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager", experts_implementation="eager")
     ids = torch.randint(3, 128, (1, SEQ), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert (back.eval()(ids).logits - ref(ids).logits).abs().max().item() <= TOL
-    assert ctxlab.load_config(out) == ours.config.replace(name=str(out))
+    assert_round_trip(hf, ref, ours, tmp_path_factory.mktemp("ours"), ids, attn_implementation="eager",
+                      experts_implementation="eager")  # fmt: skip
 
 
 @pytest.mark.parametrize("path", ["absorbed", "expanded"])
@@ -117,12 +110,7 @@ def test_decode_paths_equal_full_forward(pair, path):
     """Absorbed decode == expanded decode == full forward, after a chunked prefill."""
     _, ours = pair
     set_decode_path(ours, path)
-    ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3))
-    cache = ours.new_cache(1, 30)
-    with torch.no_grad():
-        out = [ours(ids[:, :7], cache=cache), ours(ids[:, 7:12], cache=cache)]
-        out += [ours(ids[:, i : i + 1], cache=cache) for i in range(12, 30)]
-        assert (torch.cat(out, 1) - ours(ids)).abs().max().item() <= TOL
+    assert_chunked_decode_matches(ours, torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3)), [7, 5])
     set_decode_path(ours, "absorbed")
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import ctxlab
-from conftest import randomize_
+from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 from ctxlab.nn.residual import HyperConnection
 
 TOL = 1e-4
@@ -77,37 +77,20 @@ def pair(request, hf, tmp_path):
 def test_logits_and_greedy_tokens_match_transformers(pair):
     ref, ours = pair
     ids = torch.randint(3, 128, (1, SEQ), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        assert (ours(ids) - ref(ids).logits).abs().max().item() <= TOL
-        hf_tokens = ref.generate(ids[:, :10], max_new_tokens=14, do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert torch.equal(ctxlab.generate(ours, ids[:, :10], max_new_tokens=14, eos_token_id=[]), hf_tokens)
+    assert_matches_reference(ref, ours, ids, 10, 14)
 
 
 def test_save_pretrained_round_trip_through_transformers(pair, hf, tmp_path_factory):
     ref, ours = pair
-    out = tmp_path_factory.mktemp("ours")
-    ours.save_pretrained(out)
-    back = hf.AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager").eval()
     ids = torch.randint(3, 128, (1, SEQ), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        assert (back(ids).logits - ref(ids).logits).abs().max().item() <= TOL
-    assert ctxlab.load_config(out) == ours.config.replace(name=str(out))
+    assert_round_trip(hf, ref, ours, tmp_path_factory.mktemp("ours"), ids, experts_implementation="eager")
 
 
 @pytest.mark.parametrize("chunks", [[3, 7, 2], [13], [1, 1, 1, 5, 9], [17]])
 def test_chunked_prefill_inside_blocks_then_decode(pair, chunks):
     """Chunk boundaries anywhere inside blocks (pending tokens and overlap carried), then decode."""
     _, ours = pair
-    ids = torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3))
-    cache = ours.new_cache(1, 40)
-    sizes = chunks + [1] * (40 - sum(chunks))
-    with torch.no_grad():
-        out, start = [], 0
-        for n in sizes:
-            out.append(ours(ids[:, start : start + n], cache=cache))
-            start += n
-        assert (torch.cat(out, 1) - ours(ids)).abs().max().item() <= TOL
-    assert cache.nbytes() == ctxlab.kv_cache_bytes(ours.config, 40, "float32")
+    assert_chunked_decode_matches(ours, torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3)), chunks)
 
 
 def test_cache_grows_one_entry_per_completed_block(pair):
