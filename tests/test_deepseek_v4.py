@@ -207,3 +207,23 @@ def test_decode_flops_match_flop_counter(prompt_len):
         cfg = ctxlab.io.config_file.config_from_dict({**BASE, **CASES[case], "model_type": "deepseek_v4"})
         model = ctxlab.build_model(cfg, seed=1)
         assert ctxlab.decode_flops(cfg, prompt_len) == measured_decode_flops(model, prompt_len), (case, prompt_len)
+
+
+def test_mtp_layer_weights_are_skipped_with_one_info_line(hf, tmp_path, caplog):
+    """Checkpoints carry the multi-token-prediction layer: skipped (not an error), said once."""
+    import logging
+
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_v4(hf, "swa-csa-hca-csa")
+    ref.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights.update({"mtp.0.attn.wq_a.weight": torch.zeros(2, 2), "mtp.0.ffn.gate.weight": torch.zeros(2, 2)})
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with caplog.at_level(logging.INFO, logger="ctxlab"):
+        ours = ctxlab.from_pretrained(tmp_path)
+    assert [r.message.count("mtp.0") > 0 for r in caplog.records].count(True) == 1
+    assert "multi-token-prediction" in caplog.text
+    ids = torch.arange(3, 3 + SEQ)[None]
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= TOL

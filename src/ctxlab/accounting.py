@@ -117,7 +117,9 @@ def decode_flops_terms(cfg: ModelConfig, context_len: int) -> dict[str, int]:
     ``torch.utils.flop_counter.FlopCounterMode`` counts; elementwise work (norms, RoPE,
     softmax, activations, pooling) and embedding lookups are not counted. The token sees
     ``context_len + 1`` positions (itself included); each attention kind caps that at its window
-    and adds what else it reads (compressed entries, top-k selections).
+    and adds what else it reads (compressed entries, top-k selections). Routed experts count at
+    top-k per token: an upper bound for routers with a "skip" class (ZAYA1), whose skipped tokens
+    run no expert.
     """
     if not (isinstance(context_len, int) and context_len >= 0):
         raise ValueError(f"context_len = {context_len!r}: must be a non-negative integer")

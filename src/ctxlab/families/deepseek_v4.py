@@ -12,6 +12,7 @@ weights (``mtp.*``) are skipped.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from ..config import CompressSpec, IndexerSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
@@ -50,8 +51,8 @@ CHECKPOINT_RENAMES = (  # ours -> DeepSeek's, in order (transformers' conversion
 
 
 def checkpoint_key(name: str) -> str | None:
-    """Tensors of the MTP layer are not ours."""
-    return None if name.startswith(("mtp.", "model.mtp.")) else name
+    """Tensors of the MTP layer (``mtp.*`` at any depth, as transformers ignores them) are not ours."""
+    return None if re.search(r"(^|\.)mtp\.", name) else name
 
 
 def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
