@@ -273,3 +273,15 @@ def test_console_script_subprocess():
     assert json.loads(done.stdout)["models"][0]["kv_bytes_realized"] == 17179869184
     bad = subprocess.run([sys.executable, "-m", "ctxlab.cli", "inspect", "nope"], capture_output=True, text=True)
     assert bad.returncode == 2 and "presets:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_plot_to_a_directory_or_unwritable_path_is_a_clear_error(capsys, tmp_path):
+    pytest.importorskip("matplotlib", reason="matplotlib (the 'plot' extra) is not installed")
+    code, _, err = run(capsys, "inspect", "tiny-llama", "--plot", str(tmp_path))
+    assert code == 2 and "is a directory" in err
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    code, _, err = run(capsys, "report", "--models", "tiny-llama", "--plot", str(blocker / "x.png"))
+    assert code == 2 and "error" in err and "Traceback" not in err
+    code, _, err = run(capsys, "report", "--models", "tiny-llama", "--plot", str(tmp_path / "noext"))
+    assert code == 0 and (tmp_path / "noext.png").is_file() and "noext.png" in err

@@ -3,7 +3,9 @@
 Each :class:`Claim` holds the figure as published (with its source) and two computations from the
 presets and the accounting code: the figure under the convention the claim needs, and the figure
 a cache of this library really holds (or the config really says). ``evaluate`` compares both
-with the published number at its published precision and gives a verdict:
+with the published number within the claim's ``tolerance`` (half a unit of the published
+precision, wider where the source rounds loosely, e.g. Gemma's "2.3B" for 2.35B) and gives a
+verdict:
 
 * ``reproduced``: the real figure matches;
 * ``holds only under: <convention>``: only the convention's figure matches;
@@ -57,6 +59,7 @@ class Claim:
             verdict = "not reproduced"
         return {
             "model": self.model, "claim": self.claim, "published": self.published, "unit": self.unit,
+            "tolerance": self.tolerance,
             "source": self.source, "convention": self.convention, "under_convention": conv, "realized": real,
             "verdict": verdict,
         }  # fmt: skip
@@ -132,7 +135,7 @@ def gemma_claims(model: str, shared: int, total: int, saving: float, effective: 
               lambda: kv_sharing_saving(cfg(model), K128, "bfloat16", "realized") / 1e9),
         Claim(model, f"{effective}B effective parameters", effective, "B params", 0.06, "Gemma 4 model card",
               towers, lambda: params(model, "effective"), lambda: text_only_effective(model)),
-        Claim(model, f"{with_emb}B parameters with embeddings", with_emb, "B params", 0.1, "Gemma 4 model card",
+        Claim(model, f"{with_emb:g}B parameters with embeddings", with_emb, "B params", 0.1, "Gemma 4 model card",
               "the whole multimodal model, vision and audio towers included",
               lambda: params(model, "total_with_towers"), lambda: params(model, "total")),
     ]  # fmt: skip

@@ -72,10 +72,10 @@ def cmd_report(args, console: Console) -> int:
         "published_ratios": [r for n in names if (r := reporting.published_ratio_row(n, args.context))],
     }
     if args.plot:
-        from .plots import kv_vs_context
+        from .plots import kv_vs_context, output_path
 
         kv_vs_context(names, args.plot, dtype=args.dtype)
-        print(f"wrote {args.plot}", file=sys.stderr)
+        print(f"wrote {output_path(args.plot)}", file=sys.stderr)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -108,10 +108,10 @@ def cmd_inspect(args, console: Console) -> int:
         "layers": reporting.layer_rows(cfg, args.context, args.dtype),
     }  # fmt: skip
     if args.plot:
-        from .plots import per_layer_cache
+        from .plots import output_path, per_layer_cache
 
         per_layer_cache(args.model, args.plot, context=args.context, dtype=args.dtype)
-        print(f"wrote {args.plot}", file=sys.stderr)
+        print(f"wrote {output_path(args.plot)}", file=sys.stderr)
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -293,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160)
     try:
         return args.func(args, console)
-    except (CtxlabError, ValueError, FileNotFoundError) as e:
+    except (CtxlabError, ValueError, OSError) as e:  # bad input, unreadable / unwritable files
         print(f"ctxlab {args.command}: error: {error_message(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -41,6 +41,15 @@ def _matplotlib():
     return Figure, transforms
 
 
+def output_path(path) -> Path:
+    """Where a plot goes: ``path`` as given, ``.png`` added when it has no suffix (as matplotlib would);
+    a directory is refused rather than written next to."""
+    p = Path(path)
+    if p.is_dir() or str(path).endswith(("/", "\\")):
+        raise CtxlabError(f"--plot {path}: is a directory; give a file name such as {p / 'plot.png'}")
+    return p if p.suffix else p.with_suffix(".png")
+
+
 def _colours(n: int) -> list:
     """``n`` distinct colours: the 10 dark tab20 shades first, then the 10 light ones."""
     import matplotlib
@@ -82,7 +91,7 @@ def kv_vs_context(models: list[str], path, dtype: str = "bfloat16", contexts: li
     ax.set_title("KV-cache size vs context length (solid: realized, dashed: naive)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    fig.savefig(Path(path), dpi=DPI, bbox_inches="tight")
+    fig.savefig(output_path(path), dpi=DPI, bbox_inches="tight")
     return fig
 
 
@@ -130,5 +139,5 @@ def per_layer_cache(model: str, path, context: int = 131072, dtype: str = "bfloa
     ax.set_title(f"{cfg.name or model}: per-layer cache at {context:,} tokens ({dtype}); total {total:.3g} GiB")
     ax.set_xlim(-0.6, len(sizes) - 0.4)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: bars stay clear
-    fig.savefig(Path(path), dpi=DPI, bbox_inches="tight")
+    fig.savefig(output_path(path), dpi=DPI, bbox_inches="tight")
     return fig

@@ -148,7 +148,7 @@ def claims_table(rows: list[dict]) -> Table:
         table.add_column(header, justify="right" if header in ("Published", "Under convention", "Real") else "left",
                          overflow="fold")
     for r in rows:
-        table.add_row(escape(r["model"]), escape(r["claim"]), f"{r['published']:g} {r['unit']}",
+        table.add_row(escape(r["model"]), escape(r["claim"]), f"{r['published']:g} ±{r['tolerance']:g} {r['unit']}",
                       f"{r['under_convention']:.3g}", f"{r['realized']:.3g}", escape(r["verdict"]),
                       escape(r["source"] if len(r["source"]) <= 60 else r["source"][:57] + "..."))
     return table

@@ -113,7 +113,9 @@ def _validate_layer(i: int, s: LayerSpec, cfg: ModelConfig) -> list[str]:
         p.append(f"{at}: attention = {s.attention!r} with compress = {s.compress}: needs a CompressSpec, and only it")
     elif s.compress is not None:
         c = s.compress
-        if c.ratio < 0 or (s.num_heads * s.head_dim) % c.o_groups or s.window is None:
+        if min(c.q_lora_rank, c.o_groups, c.o_lora_rank) <= 0:
+            p.append(f"{at}.compress = {c}: q_lora_rank, o_groups and o_lora_rank must be positive")
+        elif c.ratio < 0 or (s.num_heads * s.head_dim) % c.o_groups or s.window is None:
             p.append(
                 f"{at}.compress = {c}: ratio must be >= 0 (0 = window only), o_groups must divide "
                 f"num_heads * head_dim = {s.num_heads * s.head_dim}, and the layer needs a window"

@@ -59,7 +59,8 @@ class HyperConnection(nn.Module):
     each part scaled by its gain in ``scale``) gives per token: ``pre`` = σ(.) + eps (how the
     streams collapse into the block input), ``post`` = 2σ(.) (how the block output spreads back)
     and ``comb`` = Sinkhorn(.) (how the streams mix, a doubly stochastic n x n matrix).
-    New streams: ``X' = post ⊗ y + combᵀ X``. All mixing maths is float32."""
+    New streams: ``X' = post ⊗ y + combᵀ X``. The mixing weights are computed in float32; the mix
+    itself runs in the residual's dtype (as HF casts ``post`` and ``comb`` before mixing)."""
 
     def __init__(self, hidden_size: int, streams: int, iters: int, eps: float, norm_eps: float):
         super().__init__()
