@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from ctxlab.claims import claims, evaluate_all
+from ctxlab.reporting.claims import claims, evaluate_all
 from ctxlab.cli import main
-from ctxlab.measure import FAMILY_PRESETS, measured_cache
+from ctxlab.reporting.measure import FAMILY_PRESETS, measured_cache
 
 HOLDS = "holds only under"
 # (model, claim start) -> (figure under the convention, real figure, verdict start), rounded as shown

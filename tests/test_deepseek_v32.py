@@ -151,8 +151,9 @@ def test_published_numbers():
 
 def test_deployed_format_cache_at_1m_tokens():
     """Spec §4.1: FP8 latent + fp32 scales + BF16 rope key (656 B) + FP8 indexer key (132 B) -> 50.40 GB at 1M."""
-    from ctxlab.cache import layer_cache_spec
-    from ctxlab.conventions import DEPLOYED_FORMATS, kv_cache_bytes_stored
+    from ctxlab.planner import layer_cache_spec
+    from ctxlab.accounting.formats import kv_cache_bytes_stored
+    from ctxlab.reporting.published import DEPLOYED_FORMATS
 
     cfg, fmt = ctxlab.load_config("deepseek-v3.2"), DEPLOYED_FORMATS["deepseek-v3.2"]
     assert {fmt.bytes_per_token(layer_cache_spec(s)) for s in cfg.layers} == {656 + 132}

@@ -179,8 +179,8 @@ def test_published_numbers():
 def test_published_comparison_with_v32_at_1m_tokens():
     """Spec §4: deployed-format KV 10.48% (Pro) / 7.32% (Flash) of V3.2; precision-weighted decode
     FLOPs 27.1% / 10.2% (published 27% / 10%); raw FLOPs 26.1% / 12.1%; what bf16 caches hold here."""
-    from ctxlab.conventions import DEPLOYED_FORMATS
-    from ctxlab.reporting import published_ratio_row
+    from ctxlab.reporting.published import DEPLOYED_FORMATS
+    from ctxlab.reporting.rows import published_ratio_row
 
     n = 1 << 20
     pro, flash = published_ratio_row("deepseek-v4-pro", n), published_ratio_row("deepseek-v4-flash", n)
@@ -190,7 +190,7 @@ def test_published_comparison_with_v32_at_1m_tokens():
     assert round(pro["kv_bytes_deployed"] / 1e9, 2) == 5.28 and round(flash["kv_bytes_deployed"] / 1e9, 2) == 3.69
     # the deployed V4 entry: 448 FP8 + 7 scale bytes + 64 BF16 + 1 pad = 584 B; FP4 indexer key 68 B
     fmt = DEPLOYED_FORMATS["deepseek-v4-flash"]
-    from ctxlab.cache import layer_cache_spec
+    from ctxlab.planner import layer_cache_spec
 
     csa = layer_cache_spec(ctxlab.load_config("deepseek-v4-flash").layers[2])
     assert fmt.bytes_per_token(csa) == 584 and fmt.bytes_per_token(csa, csa.entry_shapes) == 584 + 68

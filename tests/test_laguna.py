@@ -7,7 +7,7 @@ import torch
 
 import ctxlab
 from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
-from ctxlab.conventions import uniform_head_budget
+from ctxlab.accounting.savings import uniform_head_budget
 
 TOL = 1e-4
 SEQ = 20  # longer than the window (8)

@@ -1,4 +1,4 @@
-"""ctxlab.plots: the figures show exactly what the accounting reports (needs the ``plot`` extra)."""
+"""ctxlab.reporting.plots: the figures show exactly what the accounting reports (needs the ``plot`` extra)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import builtins
 import pytest
 
 import ctxlab
-from ctxlab import plots  # plots imports matplotlib lazily, so this works without it
+from ctxlab.reporting import plots  # plots imports matplotlib lazily, so this works without it
 
 pytest.importorskip("matplotlib", reason="matplotlib (the 'plot' extra) is not installed")
 

@@ -159,7 +159,7 @@ def test_decode_flops_match_flop_counter():
 
 def test_report_puts_cca_beside_gqa_and_mla_of_the_same_width():
     """Spec §3 table: KV bytes per token per layer and attention FLOPs at 128K vs MHA / GQA / MLA."""
-    from ctxlab.reporting import baseline_rows
+    from ctxlab.reporting.rows import baseline_rows
 
     rows = {r["attention"]: r for r in baseline_rows("zaya1-8b", 131071, "bfloat16")}
     per_token = {k: r["kv_bytes_per_token_per_layer"] for k, r in rows.items()}

@@ -14,7 +14,8 @@ from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache
 from .config import LayerSpec, ModelConfig, RopeSpec
 from .errors import CacheOverflowError, CheckpointError, ConfigError, CtxlabError
 from .generate import generate, sample, stream
-from .io.checkpoint import from_pretrained, save_pretrained
+from .io.writer import save_pretrained
+from .io.checkpoint import from_pretrained
 from .io.config_file import load_config
 from .model import CausalLM, build_model
 from .presets import preset_names

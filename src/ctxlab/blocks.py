@@ -18,17 +18,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import ATTENTION_KINDS
 from .attention.context import ForwardContext
 from .config import LayerSpec, ModelConfig
 from .nn import ple
-from .nn.moe import MLP_KINDS, ROUTERS, Experts, make_router
+from .nn.moe import Experts, make_router, router_flops
 from .nn.norms import RMSNorm
-from .nn.residual import HyperConnection, PlainResidual, ResidualScaling
+from .nn.residual import ResidualScaling
+from .registry import ATTENTION_KINDS, BLOCK_KINDS, MLP_KINDS, RESIDUAL_KINDS, ROUTERS
 
 
 class Block(nn.Module):
     """What every block kind shares: attention, MLP, and the optional PLE gate and layer scalar."""
+
+    JOINS_STREAMS = False  # takes a residual of several streams (``residual = "mhc"``)
+    EXPERT_BRANCH = False  # runs ``LayerSpec.moe`` experts beside a dense MLP
 
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
         super().__init__()
@@ -57,6 +60,17 @@ class Block(nn.Module):
             x = x * self.layer_scalar
         return x
 
+    @classmethod
+    def validate(cls, at: str, spec: LayerSpec) -> list[str]:
+        if spec.moe is not None and spec.mlp in MLP_KINDS and not MLP_KINDS[spec.mlp].EXPERTS_INSIDE:
+            if not cls.EXPERT_BRANCH:
+                branching = " or ".join(repr(n) for n, b in BLOCK_KINDS.items() if b.EXPERT_BRANCH)
+                return [
+                    f"{at}.moe with mlp = {spec.mlp!r} (experts beside the dense MLP) needs block = {branching}, "
+                    f"got {spec.block!r}; use an MLP kind that holds the experts (mlp = 'moe') to replace the MLP"
+                ]
+        return []
+
     @staticmethod
     def param_count(cfg: ModelConfig, spec: LayerSpec) -> dict[str, int]:
         """Parameters of one layer of this kind: ``total`` and ``active`` (per token)."""
@@ -72,14 +86,12 @@ class Block(nn.Module):
         h = cfg.hidden_size
         terms = dict(ATTENTION_KINDS[spec.attention].decode_flops(h, spec, positions))
         terms["mlp"] = MLP_KINDS[spec.mlp].flops_per_token(h, spec)
-        if cfg.per_layer_input_size:  # gate and projection, [H -> Dp -> H]
-            terms["per_layer_embedding"] = 2 * 2 * h * cfg.per_layer_input_size
-        if spec.moe is not None and spec.mlp == "gated":  # the expert branch beside the MLP
-            m = spec.moe
-            terms["experts"] = 2 * Experts.active_param_count(h, m) + 2 * h * m.num_experts  # + router logits
+        if cfg.per_layer_input_size:
+            terms["per_layer_embedding"] = ple.block_decode_flops(cfg)
         return terms
 
 
+@BLOCK_KINDS.register("pre_norm")
 class PreNormBlock(Block):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, H]
         x = x + self.self_attn(self.normed(self.input_layernorm, x), ctx)
@@ -87,13 +99,16 @@ class PreNormBlock(Block):
         return self.finish(x, ctx)
 
 
+@BLOCK_KINDS.register("sandwich")
 class SandwichBlock(Block):
+    EXPERT_BRANCH = True
+
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
         super().__init__(cfg, spec, layer_idx)
         h, eps = cfg.hidden_size, cfg.norm_eps
         self.pre_feedforward_layernorm = RMSNorm(h, eps)
         self.post_feedforward_layernorm = RMSNorm(h, eps)
-        self.has_expert_branch = spec.moe is not None and spec.mlp == "gated"
+        self.has_expert_branch = spec.moe is not None and not MLP_KINDS[spec.mlp].EXPERTS_INSIDE
         if self.has_expert_branch:
             self.router = make_router(h, spec.moe, eps, cfg.vocab_size)
             self.experts = Experts(h, spec.moe, spec.activation, spec.swiglu_limit)
@@ -120,13 +135,22 @@ class SandwichBlock(Block):
         h = cfg.hidden_size
         counts = Block.param_count(cfg, spec)
         counts = {k: v + 2 * h for k, v in counts.items()}  # pre/post feed-forward norms
-        if spec.moe is not None and spec.mlp == "gated":
+        if spec.moe is not None and not MLP_KINDS[spec.mlp].EXPERTS_INSIDE:
             router = ROUTERS[spec.moe.router].param_count(h, spec.moe) + 3 * h  # + three branch norms
             counts["total"] += router + Experts.param_count(h, spec.moe)
             counts["active"] += router + Experts.active_param_count(h, spec.moe)
         return counts
 
+    @staticmethod
+    def decode_flops(cfg: ModelConfig, spec: LayerSpec, positions: int) -> dict[str, int]:
+        terms = Block.decode_flops(cfg, spec, positions)
+        if spec.moe is not None and not MLP_KINDS[spec.mlp].EXPERTS_INSIDE:  # the expert branch beside the MLP
+            m = spec.moe
+            terms["experts"] = 2 * Experts.active_param_count(cfg.hidden_size, m) + router_flops(cfg.hidden_size, m)
+        return terms
 
+
+@BLOCK_KINDS.register("scaled_residual")
 class ScaledResidualBlock(Block):
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
         super().__init__(cfg, spec, layer_idx)
@@ -144,15 +168,19 @@ class ScaledResidualBlock(Block):
         return {k: v + extra for k, v in Block.param_count(cfg, spec).items()}
 
 
+@BLOCK_KINDS.register("hyper")
 class HyperBlock(Block):
     """Pre-norm block whose residual is a pluggable kind (DeepSeek V4; HF ``DeepseekV4DecoderLayer``):
     ``attn_hc`` / ``ffn_hc`` split the residual into the sub-block's input and merge the output
     back. With ``residual = "mhc"`` they are hyper-connections over ``hc_mult`` streams; with
     ``"plain"`` the same code is an ordinary residual, so the swap is a config change."""
 
+    JOINS_STREAMS = True
+
     def __init__(self, cfg: ModelConfig, spec: LayerSpec, layer_idx: int):
         super().__init__(cfg, spec, layer_idx)
-        self.attn_hc, self.ffn_hc = make_residual(cfg), make_residual(cfg)
+        kind = RESIDUAL_KINDS[cfg.residual]
+        self.attn_hc, self.ffn_hc = kind.from_config(cfg), kind.from_config(cfg)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [B, T, (n,) H]
         u, mixing = self.attn_hc.split(x)
@@ -163,30 +191,13 @@ class HyperBlock(Block):
 
     @staticmethod
     def param_count(cfg: ModelConfig, spec: LayerSpec) -> dict[str, int]:
-        extra = 2 * RESIDUALS[cfg.residual].param_count(cfg.hidden_size, cfg.hc_mult)
+        extra = 2 * RESIDUAL_KINDS[cfg.residual].param_count(cfg.hidden_size, cfg.hc_mult)
         return {k: v + extra for k, v in Block.param_count(cfg, spec).items()}
 
     @staticmethod
     def decode_flops(cfg: ModelConfig, spec: LayerSpec, positions: int) -> dict[str, int]:
         terms = Block.decode_flops(cfg, spec, positions)
-        if cfg.residual == "mhc":  # per connection: the mixing projection and the stream mix (comb^T X)
-            n, h = cfg.hc_mult, cfg.hidden_size
-            terms["hyper_connections"] = 2 * (2 * n * h * (2 + n) * n + 2 * n * n * h)
+        connections = 2 * RESIDUAL_KINDS[cfg.residual].connection_flops(cfg)  # before attention and MLP
+        if connections:
+            terms["hyper_connections"] = connections
         return terms
-
-
-RESIDUALS = {"plain": PlainResidual, "mhc": HyperConnection}
-
-
-def make_residual(cfg: ModelConfig) -> nn.Module:
-    if cfg.residual == "mhc":
-        return HyperConnection(cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
-    return PlainResidual()
-
-
-BLOCK_KINDS = {
-    "pre_norm": PreNormBlock,
-    "sandwich": SandwichBlock,
-    "scaled_residual": ScaledResidualBlock,
-    "hyper": HyperBlock,
-}

@@ -17,8 +17,9 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__, reporting, tables
-from .accounting import as_dtype, count_params, decode_flops_terms, kv_cache_bytes
+from . import __version__
+from .accounting import count_params, decode_flops_terms, kv_cache_bytes
+from .dtypes import as_dtype
 from .errors import ConfigError, CtxlabError
 from .generate import stream
 from .io.checkpoint import from_pretrained
@@ -26,7 +27,8 @@ from .io.config_file import load_config
 from .io.tokenizer import decode, encode, load_tokenizer
 from .model import build_model
 from .presets import preset_names, preset_path
-from .tables import CONVENTIONS_NOTE, UNITS_NOTE, fmt_bytes, fmt_count
+from .reporting import rows, tables
+from .reporting.tables import CONVENTIONS_NOTE, UNITS_NOTE, fmt_bytes, fmt_count
 
 
 def count(text: str, minimum: int = 1, suffixes: bool = False) -> int:
@@ -64,15 +66,15 @@ def token_ids(text: str) -> list[int]:
 def cmd_report(args, console: Console) -> int:
     names = args.models or preset_names(include_tiny=args.all)
     out = {
-        "models": [reporting.report_row(n, args.context, args.dtype, args.batch_size) for n in names],
-        "kv_sharing": [r for n in names if (r := reporting.sharing_row(n, args.context, args.dtype))],
-        "head_budgets": [r for n in names if (r := reporting.head_budget_row(n, args.context))],
-        "deployed_formats": [r for n in names if (r := reporting.deployed_row(n, args.context))],
-        "same_width_baselines": [r for n in names for r in reporting.baseline_rows(n, args.context, args.dtype)],
-        "published_ratios": [r for n in names if (r := reporting.published_ratio_row(n, args.context))],
+        "models": [rows.report_row(n, args.context, args.dtype, args.batch_size) for n in names],
+        "kv_sharing": [r for n in names if (r := rows.sharing_row(n, args.context, args.dtype))],
+        "head_budgets": [r for n in names if (r := rows.head_budget_row(n, args.context))],
+        "deployed_formats": [r for n in names if (r := rows.deployed_row(n, args.context))],
+        "same_width_baselines": [r for n in names for r in rows.baseline_rows(n, args.context, args.dtype)],
+        "published_ratios": [r for n in names if (r := rows.published_ratio_row(n, args.context))],
     }
     if args.plot:
-        from .plots import kv_vs_context, output_path
+        from .reporting.plots import kv_vs_context, output_path
 
         kv_vs_context(names, args.plot, dtype=args.dtype)
         print(f"wrote {output_path(args.plot)}", file=sys.stderr)
@@ -105,10 +107,10 @@ def cmd_inspect(args, console: Console) -> int:
         "kv_bytes_realized": kv_cache_bytes(cfg, args.context, args.dtype),
         "kv_bytes_naive": kv_cache_bytes(cfg, args.context, args.dtype, convention="naive"),
         "decode_flops_terms": decode_flops_terms(cfg, args.context),
-        "layers": reporting.layer_rows(cfg, args.context, args.dtype),
+        "layers": rows.layer_rows(cfg, args.context, args.dtype),
     }  # fmt: skip
     if args.plot:
-        from .plots import output_path, per_layer_cache
+        from .reporting.plots import output_path, per_layer_cache
 
         per_layer_cache(args.model, args.plot, context=args.context, dtype=args.dtype)
         print(f"wrote {output_path(args.plot)}", file=sys.stderr)
@@ -121,7 +123,7 @@ def cmd_inspect(args, console: Console) -> int:
         f"[bold]{escape(args.model)}[/]: family {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"vocab {cfg.vocab_size}\nparams: total {fmt_count(params['total'])}, effective {fmt_count(params['effective'])}"
         f"{towers if params['non_text'] else ''}, active {fmt_count(params['active'])}\n"
-        f"{reporting.kv_roles(cfg)}{reporting.head_budget_line(cfg, args.context)}"
+        f"{rows.kv_roles(cfg)}{rows.head_budget_line(cfg, args.context)}"
         f"KV cache at {args.context:,} tokens ({args.dtype}, batch 1): "
         f"realized {fmt_bytes(info['kv_bytes_realized'])}, naive {fmt_bytes(info['kv_bytes_naive'])}\n"
         f"decode GFLOPs at position {args.context:,}: {flops}\n({UNITS_NOTE})"
@@ -134,8 +136,8 @@ def cmd_inspect(args, console: Console) -> int:
 
 
 def cmd_claims(args, console: Console) -> int:
-    from .claims import evaluate_all
-    from .measure import FAMILY_PRESETS, measured_cache
+    from .reporting.claims import evaluate_all
+    from .reporting.measure import FAMILY_PRESETS, measured_cache
 
     out = {"claims": evaluate_all()}
     if args.measure:

@@ -8,20 +8,11 @@ planner and the accounting all read the same specs, so they cannot disagree. Not
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-
-ROPE_TYPES = ("default", "linear", "llama3", "yarn", "proportional", "none")
-ATTENTION_KINDS = ("gqa", "cca", "mla", "compressed")
-MLP_KINDS = ("gated", "moe")
-BLOCK_KINDS = ("pre_norm", "sandwich", "scaled_residual", "hyper")
-RESIDUALS = ("plain", "mhc")
-ROUTERS = ("softmax_topk", "biased_topk", "hash", "mlp_eda")
-SCORE_FUNCTIONS = ("sigmoid", "sqrtsoftplus")
-OUTPUT_GATES = ("per_head", "per_element")
-ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh")
 
 
 @dataclass(frozen=True)
@@ -49,6 +40,12 @@ class RopeSpec:
     mscale_all_dim: float | None = None  # yarn
     truncate: bool = True  # yarn
     interleaved: bool = False  # rotate pairs (2i, 2i+1) instead of (i, i + rot/2) (DeepSeek MLA)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    """YaRN's attention-temperature factor ``0.1 * mscale * ln(scale) + 1`` (1 for scale <= 1;
+    Peng et al. 2023 §3.4; HF ``get_mscale``), used by the rope tables and DeepSeek's softmax scale."""
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 @dataclass(frozen=True)

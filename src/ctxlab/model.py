@@ -12,13 +12,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import cache as cache_lib
+from . import blocks  # noqa: F401  (registers the block kinds)
 from .attention.context import ForwardContext
-from .blocks import BLOCK_KINDS
+from .cache import Cache
 from .config import ModelConfig
+from .io.writer import save_pretrained as save_checkpoint
 from .nn import ple
 from .nn.norms import RMSNorm
-from .nn.residual import HyperHead
+from .planner import new_cache
+from .registry import BLOCK_KINDS, RESIDUAL_KINDS
 
 
 class DecoderStack(nn.Module):
@@ -33,8 +35,9 @@ class DecoderStack(nn.Module):
         if cfg.per_layer_input_size:
             for name, module in ple.stack_modules(cfg).items():
                 self.add_module(name, module)
-        if cfg.residual == "mhc":  # collapses the residual streams before the final norm
-            self.hc_head = HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.norm_eps)
+        self.residual = RESIDUAL_KINDS[cfg.residual]  # plain, or several streams (mHC)
+        for name, module in self.residual.stack_modules(cfg).items():  # e.g. mHC's hc_head
+            self.add_module(name, module)
         if cfg.input_affine:  # HF names: ZayaModel.input_hidden_states_{scale,bias}
             self.input_hidden_states_scale = nn.Parameter(torch.ones(cfg.hidden_size))
             self.input_hidden_states_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
@@ -48,13 +51,11 @@ class DecoderStack(nn.Module):
             ctx.per_layer_inputs = ple.per_layer_inputs(self, ids, x, self.config)
         if self.config.input_affine:
             x = (x + self.input_hidden_states_bias) * self.input_hidden_states_scale
-        if self.config.residual == "mhc":  # n identical streams [B, T, n, H]
-            x = x[:, :, None].expand(-1, -1, self.config.hc_mult, -1).contiguous()
+        x = self.residual.expand(x, self.config)  # [B, T, H] or streams [B, T, n, H]
         return x.float() if self.config.residual_fp32 else x
 
     def final_norm(self, x: torch.Tensor) -> torch.Tensor:
-        if self.config.residual == "mhc":
-            x = self.hc_head(x)
+        x = self.residual.collapse(self, x)
         return self.norm(x.to(self.norm.weight.dtype))
 
 
@@ -83,7 +84,7 @@ class CausalLM(nn.Module):
         return self.lm_head.weight.device
 
     def forward(
-        self, input_ids: torch.Tensor, cache: cache_lib.Cache | None = None, last_only: bool = False
+        self, input_ids: torch.Tensor, cache: Cache | None = None, last_only: bool = False
     ) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``)."""
         ids = self._check_ids(input_ids)
@@ -118,15 +119,13 @@ class CausalLM(nn.Module):
             raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got ids in [{lo}, {hi}]")
         return ids.long()
 
-    def new_cache(self, batch_size: int = 1, max_tokens: int = 4096) -> cache_lib.Cache:
+    def new_cache(self, batch_size: int = 1, max_tokens: int = 4096) -> Cache:
         """Allocate every layer's cache up front, in the model's dtype and device."""
-        return cache_lib.allocate(self.config, batch_size, max_tokens, self.dtype, self.device)
+        return new_cache(self.config, batch_size, max_tokens, self.dtype, self.device)
 
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int | None = None) -> None:
         """Write ``config.json`` + safetensors in the HF layout (transformers loads it back)."""
-        from .io.checkpoint import save_pretrained
-
-        save_pretrained(self, directory, max_shard_bytes=max_shard_bytes)
+        save_checkpoint(self, directory, max_shard_bytes=max_shard_bytes)
 
 
 def build_model(

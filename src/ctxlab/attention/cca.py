@@ -26,6 +26,7 @@ from torch import nn
 from ..cache.spec import CacheSpec
 from ..config import LayerSpec
 from ..nn.rope import Rotary
+from ..registry import ATTENTION_KINDS
 from .context import ForwardContext, attention_mask
 
 
@@ -100,7 +101,11 @@ class KeyTemperature(nn.Module):
         return q, k * self.temp[None, None, :, None]
 
 
+@ATTENTION_KINDS.register("cca")
 class CCAttention(nn.Module):
+    OPTIONS = frozenset()  # optional LayerSpec fields it implements
+    OWNS = ()  # sub-specs only this kind reads
+
     def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
@@ -129,7 +134,17 @@ class CCAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
 
-    # --- declarations read by the cache planner and the accounting -----------------------
+    # --- declarations read by the validation, the cache planner and the accounting --------
+
+    @staticmethod
+    def validate(at: str, spec: LayerSpec) -> list[str]:
+        s = spec
+        if (s.num_kv_heads * s.head_dim) % 2 or len(s.conv_kernels) != 2 or min(s.conv_kernels) < 1:
+            return [
+                f"{at}: CCA needs an even num_kv_heads * head_dim (half current, half delayed values) and "
+                f"two conv kernels >= 1; got {s.num_kv_heads} x {s.head_dim}, conv_kernels = {s.conv_kernels}"
+            ]
+        return []
 
     @staticmethod
     def cache_spec(spec: LayerSpec) -> CacheSpec:

@@ -26,7 +26,9 @@ from ..cache.spec import CacheSpec
 from ..config import IndexerSpec, LayerSpec
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
+from ..registry import ATTENTION_KINDS
 from .context import ForwardContext, attention_mask
+from .dsa import indexer_topk, validate_indexer
 
 
 def rotate_tail(rotary: Rotary, x: torch.Tensor, cos, sin) -> torch.Tensor:
@@ -98,12 +100,6 @@ class Compressor(nn.Module):
         return slots_kv, slots_gate
 
 
-class IndexerScorer(nn.Module):
-    def __init__(self, hidden_size: int, n_heads: int):
-        super().__init__()
-        self.weights_proj = nn.Linear(hidden_size, n_heads, bias=False)
-
-
 class Indexer(Compressor):
     """CSA's lightning indexer: its own overlapping compressor at ``head_dim``, queries from the
     attention's query bottleneck, scores ``sum_h w_h ReLU(q_h · k) / sqrt(D_I)``."""
@@ -112,21 +108,21 @@ class Indexer(Compressor):
         super().__init__(hidden_size, spec.head_dim, ratio, overlap=True, norm_eps=norm_eps)
         self.spec = spec
         self.q_b_proj = nn.Linear(q_lora_rank, spec.n_heads * spec.head_dim, bias=False)
-        self.scorer = IndexerScorer(hidden_size, spec.n_heads)
+        self.weights_proj = nn.Linear(hidden_size, spec.n_heads, bias=False)
 
     def select(self, x, q_res, keys, visible, rotary: Rotary, cos, sin) -> torch.Tensor:
         """keys [B, 1, E, D_I], visible [B, T, E] -> indices [B, T, k] of each query's best entries."""
         B, T, _ = x.shape
         s = self.spec
         q = rotate_tail(rotary, self.q_b_proj(q_res).view(B, T, s.n_heads, s.head_dim).transpose(1, 2), cos, sin)
-        scores = F.relu(q.float() @ keys.float().transpose(-1, -2)) * s.head_dim**-0.5  # [B, H_I, T, E]
-        weights = self.scorer.weights_proj(x).float() * s.n_heads**-0.5  # [B, T, H_I]
-        index = torch.einsum("bth,bhte->bte", weights, scores).masked_fill(~visible, float("-inf"))
-        k = min(s.topk, index.shape[-1])
-        return torch.sort(index, dim=-1, descending=True, stable=True).indices[..., :k]
+        return indexer_topk(q, keys, self.weights_proj(x), visible, s.topk)
 
 
+@ATTENTION_KINDS.register("compressed")
 class CompressedAttention(nn.Module):
+    OPTIONS = frozenset({"indexer"})  # optional LayerSpec fields it implements
+    OWNS = ("compress",)  # sub-specs only this kind reads
+
     def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
         super().__init__()
         c, h, d = spec.compress, spec.num_heads, spec.head_dim
@@ -205,7 +201,22 @@ class CompressedAttention(nn.Module):
         weight = self.o_a_proj.weight.view(g, -1, self.o_a_proj.in_features)  # [g, c, H·D/g]
         return torch.einsum("btgi,gci->btgc", out.view(*out.shape[:2], g, -1), weight).flatten(2)
 
-    # --- declarations read by the cache planner and the accounting -----------------------
+    # --- declarations read by the validation, the cache planner and the accounting --------
+
+    @staticmethod
+    def validate(at: str, spec: LayerSpec) -> list[str]:
+        c = spec.compress
+        if c is None:
+            return [f"{at}: attention = 'compressed' with compress = None: needs a CompressSpec"]
+        p = validate_indexer(at, spec) if spec.indexer is not None else []
+        if min(c.q_lora_rank, c.o_groups, c.o_lora_rank) <= 0:
+            p.append(f"{at}.compress = {c}: q_lora_rank, o_groups and o_lora_rank must be positive")
+        elif c.ratio < 0 or (spec.num_heads * spec.head_dim) % c.o_groups or spec.window is None:
+            p.append(
+                f"{at}.compress = {c}: ratio must be >= 0 (0 = window only), o_groups must divide "
+                f"num_heads * head_dim = {spec.num_heads * spec.head_dim}, and the layer needs a window"
+            )
+        return p
 
     @staticmethod
     def cache_spec(spec: LayerSpec) -> CacheSpec:

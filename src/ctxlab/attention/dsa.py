@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import IndexerSpec
+from ..config import IndexerSpec, LayerSpec
 
 
 class LightningIndexer(nn.Module):
@@ -40,11 +40,7 @@ class LightningIndexer(nn.Module):
         B, T, _ = x.shape
         s = self.spec
         q = rotary.apply(self.wq_b(q_res).view(B, T, s.n_heads, s.head_dim).transpose(1, 2), cos, sin)
-        scores = F.relu(q.float() @ keys.float().transpose(-1, -2) * s.head_dim**-0.5)  # [B, H_I, T, S]
-        weights = self.weights_proj(x).float() * s.n_heads**-0.5  # [B, T, H_I]
-        index = torch.einsum("bth,bhts->bts", weights, scores).masked_fill(~allowed[:, 0], float("-inf"))
-        k = min(s.topk, index.shape[-1])
-        return torch.sort(index, dim=-1, descending=True, stable=True).indices[..., :k]
+        return indexer_topk(q, keys, self.weights_proj(x), allowed[:, 0], s.topk)
 
     @staticmethod
     def param_count(hidden_size: int, q_lora_rank: int, spec: IndexerSpec) -> int:
@@ -58,3 +54,30 @@ class LightningIndexer(nn.Module):
         projections = 2 * (q_lora_rank * spec.n_heads * spec.head_dim + hidden_size * (spec.head_dim + spec.n_heads))
         scan = 2 * keys * spec.n_heads * spec.head_dim + 2 * keys * spec.n_heads  # q·k, then the weighted head sum
         return {"indexer_projections": projections, "indexer_scan": scan}
+
+
+def indexer_topk(
+    q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, allowed: torch.Tensor, topk: int
+) -> torch.Tensor:
+    """The lightning indexer's selection, shared by DSA (keys = tokens) and CSA (keys = entries).
+
+    q [B, H_I, T, D_I] (rotated), keys [B, 1, S, D_I], weights [B, T, H_I] (projected from the
+    hidden state), allowed [B, T, S] -> indices [B, T, min(topk, S)] of each query's best keys by
+    ``sum_h w_h / sqrt(H_I) * ReLU(q_h . k / sqrt(D_I))`` in fp32, ties to the earlier key.
+    """
+    n_heads, head_dim = q.shape[1], q.shape[-1]
+    scores = F.relu(q.float() @ keys.float().transpose(-1, -2) * head_dim**-0.5)  # [B, H_I, T, S]
+    w = weights.float() * n_heads**-0.5  # [B, T, H_I]
+    index = torch.einsum("bth,bhts->bts", w, scores).masked_fill(~allowed, float("-inf"))
+    k = min(topk, index.shape[-1])
+    return torch.sort(index, dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def validate_indexer(at: str, spec: LayerSpec) -> list[str]:
+    """Checks of an :class:`IndexerSpec`, for the attention kinds that implement it."""
+    i = spec.indexer
+    if min(i.n_heads, i.head_dim, i.topk, i.rope_dims) <= 0:
+        return [f"{at}.indexer = {i}: every field must be a positive integer"]
+    if i.rope_dims != spec.rotary_dim:
+        return [f"{at}.indexer.rope_dims = {i.rope_dims}: must equal the layer's rotary dims ({spec.rotary_dim})"]
+    return []

@@ -20,10 +20,17 @@ from ..cache.spec import CacheSpec
 from ..config import LayerSpec
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
+from ..registry import ATTENTION_KINDS
 from .context import ForwardContext, attention_mask
 
+OUTPUT_GATES = ("per_head", "per_element")
 
+
+@ATTENTION_KINDS.register("gqa")
 class GQAttention(nn.Module):
+    OPTIONS = frozenset({"qk_norm", "v_norm", "k_eq_v", "output_gate", "kv_source"})  # optional LayerSpec fields
+    OWNS = ()  # sub-specs only this kind reads
+
     def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
         super().__init__()
         self.spec, self.layer_idx = spec, layer_idx
@@ -82,7 +89,14 @@ class GQAttention(nn.Module):
         kv, k_pos = ctx.cache[self.layer_idx].update({"k": k, "v": v}, ctx.cache)
         return kv["k"], kv["v"], k_pos
 
-    # --- declarations read by the cache planner and the accounting -----------------------
+    # --- declarations read by the validation, the cache planner and the accounting --------
+
+    @staticmethod
+    def validate(at: str, spec: LayerSpec) -> list[str]:
+        if spec.output_gate not in (None, *OUTPUT_GATES):
+            allowed = ", ".join(map(repr, OUTPUT_GATES))
+            return [f"{at}.output_gate = {spec.output_gate!r}: allowed: None, {allowed}"]
+        return []
 
     @staticmethod
     def cache_spec(spec: LayerSpec) -> CacheSpec:

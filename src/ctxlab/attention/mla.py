@@ -25,12 +25,16 @@ from ..config import LayerSpec
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from .context import ForwardContext, attention_mask
-from .dsa import LightningIndexer
+from ..registry import ATTENTION_KINDS
+from .dsa import LightningIndexer, validate_indexer
 
 DECODE_PATHS = ("absorbed", "expanded")
 
 
+@ATTENTION_KINDS.register("mla")
 class MLAttention(nn.Module):
+    OPTIONS = frozenset({"indexer"})  # optional LayerSpec fields it implements
+    OWNS = ("mla",)  # sub-specs only this kind reads
     decode_path = "absorbed"  # for one-token steps; set to "expanded" to compare
 
     def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
@@ -108,7 +112,21 @@ class MLAttention(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=self.spec.scale, enable_gqa=True)
         return torch.einsum("bhtl,hvl->bhtv", out, w_uv)
 
-    # --- declarations read by the cache planner and the accounting -----------------------
+    # --- declarations read by the validation, the cache planner and the accounting --------
+
+    @staticmethod
+    def validate(at: str, spec: LayerSpec) -> list[str]:
+        m = spec.mla
+        if m is None:
+            return [f"{at}: attention = 'mla' with mla = None: MLA attention needs an MLASpec"]
+        p = []
+        if spec.head_dim != m.qk_nope_head_dim + m.qk_rope_head_dim:
+            p.append(f"{at}.head_dim = {spec.head_dim}: MLA's must equal qk_nope_head_dim + qk_rope_head_dim")
+        if spec.indexer is not None:
+            p.extend(validate_indexer(at, spec))
+            if not m.q_lora_rank:
+                p.append(f"{at}.indexer: the lightning indexer reads the query bottleneck; mla.q_lora_rank must be set")
+        return p
 
     @staticmethod
     def cache_spec(spec: LayerSpec) -> CacheSpec:

@@ -9,7 +9,7 @@ import torch
 from .spec import CacheSpec
 
 if TYPE_CHECKING:
-    from .planner import Cache
+    from .runtime import Cache
 
 
 class FullCache:

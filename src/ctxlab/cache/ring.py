@@ -17,7 +17,7 @@ import torch
 from .spec import CacheSpec
 
 if TYPE_CHECKING:
-    from .planner import Cache
+    from .runtime import Cache
 
 NEVER_WRITTEN = 1 << 62  # a position "in the future": causal masking hides empty slots
 

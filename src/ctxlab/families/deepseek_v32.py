@@ -12,17 +12,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from ..config import IndexerSpec, LayerSpec, MLASpec, ModelConfig, MoESpec
+from ..config import yarn_mscale, IndexerSpec, LayerSpec, MLASpec, ModelConfig, MoESpec
 from ..errors import ConfigError
-from ..io.hf_config import hf_fields, model_fields, legacy_rope_params, parse_rope, require, rope_to_hf
+from .hf_fields import check_per_layer, hf_fields, model_fields, legacy_rope_params, parse_rope, require, rope_to_hf
 
+MLP_TYPES = ("dense", "sparse")
 MODEL_TYPE = "deepseek_v32"
 ARCHITECTURE = "DeepseekV32ForCausalLM"
 EXPERTS_PER_TENSOR = True  # transformers maps deepseek_v32 checkpoints like qwen2_moe
-
-
-def _yarn_mscale(factor: float, mscale: float) -> float:
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
 def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
@@ -31,8 +28,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     n = d["num_hidden_layers"]
     dense = min(d.get("first_k_dense_replace", 3), n)
     mlp_types = d.get("mlp_layer_types") or ["dense"] * dense + ["sparse"] * (n - dense)
-    if len(mlp_types) != n or not set(mlp_types) <= {"dense", "sparse"}:
-        raise ConfigError([f"{where}.mlp_layer_types = {mlp_types}: need {n} entries of 'dense' / 'sparse'"])
+    check_per_layer(where, n, mlp_layer_types=(mlp_types, MLP_TYPES))
     rope_params = dict(legacy_rope_params(d) or {"rope_type": "default", "rope_theta": 10000.0})
     rope = parse_rope(rope_params, f"{where}.rope_parameters")
     rope = rope.__class__(**{**rope.__dict__, "interleaved": True})
@@ -46,7 +42,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     scale = qk_head_dim**-0.5
     if rope.type != "default" and rope_params.get("mscale_all_dim"):
-        scale *= _yarn_mscale(rope.factor, rope_params["mscale_all_dim"]) ** 2
+        scale *= yarn_mscale(rope.factor, rope_params["mscale_all_dim"]) ** 2
     indexer = IndexerSpec(
         n_heads=d.get("index_n_heads", 64),
         head_dim=d.get("index_head_dim", 128),

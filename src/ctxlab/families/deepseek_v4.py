@@ -6,7 +6,7 @@ expert).
 Wiring only. Use the checkpoints' ``compress_ratios`` (one per layer plus a trailing 0 for the
 MTP layer, which is dropped): transformers' default schedule without it is one layer off from
 the released models (deepseek.md §1.1). Checkpoints use DeepSeek's own tensor names, which
-transformers also writes back; ``CHECKPOINT_RENAMES`` maps ours to theirs. The MTP layer's
+transformers also writes back; ``KEY_MAP`` maps ours to theirs and back. The MTP layer's
 weights (``mtp.*``) are skipped.
 """
 
@@ -17,7 +17,8 @@ from typing import Any
 
 from ..config import CompressSpec, IndexerSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from ..errors import ConfigError
-from ..io.hf_config import hf_fields, model_fields, parse_rope, require, rope_to_hf
+from .keymap import KeyMap
+from .hf_fields import check_per_layer, hf_fields, model_fields, parse_rope, require, rope_to_hf
 
 MODEL_TYPE = "deepseek_v4"
 ARCHITECTURE = "DeepseekV4ForCausalLM"
@@ -26,28 +27,44 @@ MLP_TYPES = ("hash_moe", "moe")
 DROPPED = "the multi-token-prediction (MTP) layer, not used for next-token decoding"
 EXPERTS_PER_TENSOR = True
 EXPERT_NAMES = ("w1", "w3", "w2")
-CHECKPOINT_RENAMES = (  # ours -> DeepSeek's, in order (transformers' conversion_mapping "deepseek_v4")
-    (".self_attn.compressor.indexer.scorer.weights_proj.", ".attn.indexer.weights_proj."),
-    (".self_attn.compressor.indexer.q_b_proj.", ".attn.indexer.wq_b."),
-    (".self_attn.compressor.indexer.", ".attn.indexer.compressor."),
-    (".self_attn.", ".attn."),
-    (".mlp.shared_experts.gate_proj.", ".ffn.shared_experts.w1."),
-    (".mlp.shared_experts.down_proj.", ".ffn.shared_experts.w2."),
-    (".mlp.shared_experts.up_proj.", ".ffn.shared_experts.w3."),
-    (".mlp.gate.e_score_correction_bias", ".ffn.gate.bias"),
-    (".mlp.", ".ffn."),
-    (".input_layernorm.", ".attn_norm."),
-    (".post_attention_layernorm.", ".ffn_norm."),
-    (".attn_hc.fn", ".hc_attn_fn"), (".attn_hc.base", ".hc_attn_base"), (".attn_hc.scale", ".hc_attn_scale"),
-    (".ffn_hc.fn", ".hc_ffn_fn"), (".ffn_hc.base", ".hc_ffn_base"), (".ffn_hc.scale", ".hc_ffn_scale"),
-    (".sinks", ".attn_sink"),
-    (".kv_norm.", ".norm."),
-    (".position_bias", ".ape"),
-    (".q_a_proj.", ".wq_a."), (".q_b_proj.", ".wq_b."), (".q_a_norm.", ".q_norm."),
-    (".kv_proj.", ".wkv."), (".gate_proj.", ".wgate."),
-    (".o_a_proj.", ".wo_a."), (".o_b_proj.", ".wo_b."),
-    ("lm_head.weight", "head.weight"),
-)  # fmt: skip
+_L = "model.layers.{}"
+KEY_MAP = KeyMap(  # ours -> DeepSeek's (transformers' conversion_mapping "deepseek_v4" reads and writes these)
+    {
+        f"{_L}.input_layernorm": f"{_L}.attn_norm",
+        f"{_L}.post_attention_layernorm": f"{_L}.ffn_norm",
+        f"{_L}.self_attn": f"{_L}.attn",
+        f"{_L}.self_attn.sinks": f"{_L}.attn.attn_sink",
+        f"{_L}.self_attn.q_a_proj": f"{_L}.attn.wq_a",
+        f"{_L}.self_attn.q_a_norm": f"{_L}.attn.q_norm",
+        f"{_L}.self_attn.q_b_proj": f"{_L}.attn.wq_b",
+        f"{_L}.self_attn.kv_proj": f"{_L}.attn.wkv",
+        f"{_L}.self_attn.kv_norm": f"{_L}.attn.norm",
+        f"{_L}.self_attn.o_a_proj": f"{_L}.attn.wo_a",
+        f"{_L}.self_attn.o_b_proj": f"{_L}.attn.wo_b",
+        f"{_L}.self_attn.compressor.position_bias": f"{_L}.attn.compressor.ape",
+        f"{_L}.self_attn.compressor.kv_proj": f"{_L}.attn.compressor.wkv",
+        f"{_L}.self_attn.compressor.gate_proj": f"{_L}.attn.compressor.wgate",
+        f"{_L}.self_attn.compressor.kv_norm": f"{_L}.attn.compressor.norm",
+        f"{_L}.self_attn.compressor.indexer": f"{_L}.attn.indexer",
+        f"{_L}.self_attn.compressor.indexer.position_bias": f"{_L}.attn.indexer.compressor.ape",
+        f"{_L}.self_attn.compressor.indexer.kv_proj": f"{_L}.attn.indexer.compressor.wkv",
+        f"{_L}.self_attn.compressor.indexer.gate_proj": f"{_L}.attn.indexer.compressor.wgate",
+        f"{_L}.self_attn.compressor.indexer.kv_norm": f"{_L}.attn.indexer.compressor.norm",
+        f"{_L}.self_attn.compressor.indexer.q_b_proj": f"{_L}.attn.indexer.wq_b",
+        f"{_L}.mlp": f"{_L}.ffn",
+        f"{_L}.mlp.gate.e_score_correction_bias": f"{_L}.ffn.gate.bias",
+        f"{_L}.mlp.shared_experts.gate_proj": f"{_L}.ffn.shared_experts.w1",
+        f"{_L}.mlp.shared_experts.down_proj": f"{_L}.ffn.shared_experts.w2",
+        f"{_L}.mlp.shared_experts.up_proj": f"{_L}.ffn.shared_experts.w3",
+        f"{_L}.attn_hc.fn": f"{_L}.hc_attn_fn",
+        f"{_L}.attn_hc.base": f"{_L}.hc_attn_base",
+        f"{_L}.attn_hc.scale": f"{_L}.hc_attn_scale",
+        f"{_L}.ffn_hc.fn": f"{_L}.hc_ffn_fn",
+        f"{_L}.ffn_hc.base": f"{_L}.hc_ffn_base",
+        f"{_L}.ffn_hc.scale": f"{_L}.hc_ffn_scale",
+        "lm_head": "head",
+    }
+)
 
 
 def checkpoint_key(name: str) -> str | None:
@@ -63,8 +80,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     mlp_types = list(d.get("mlp_layer_types") or [])[:n] or (
         ["hash_moe"] * min(n, d.get("num_hash_layers", 3)) + ["moe"] * max(0, n - d.get("num_hash_layers", 3))
     )
-    if len(mlp_types) != n or not set(mlp_types) <= set(MLP_TYPES):
-        raise ConfigError([f"{where}.mlp_layer_types = {mlp_types}: need {n} entries from {list(MLP_TYPES)}"])
+    check_per_layer(where, n, mlp_layer_types=(mlp_types, MLP_TYPES))
     head_dim = d.get("head_dim", 512)
     partial = d.get("partial_rotary_factor") or (d.get("qk_rope_head_dim", 64) / head_dim)
     rope = _rope(d, partial, where)
@@ -132,9 +148,7 @@ def _layer_types(d: dict[str, Any], n: int, where: str) -> list[str]:
         types = ["heavily_compressed_attention"] * min(n, 2) + [
             "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(n - 2, 0))
         ]
-    bad = sorted({t for t in types if t not in LAYER_TYPES.values()})
-    if len(types) != n or bad:
-        raise ConfigError([f"{where}.layer_types: need {n} entries from {list(LAYER_TYPES.values())}; got {types}"])
+    check_per_layer(where, n, layer_types=(types, tuple(LAYER_TYPES.values())))
     return types
 
 

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec
 from ..errors import ConfigError
-from ..io.hf_config import parse_rope, require, rope_to_hf, token_ids
+from .hf_fields import check_per_layer, parse_rope, require, rope_to_hf, token_ids
 
 MODEL_TYPE = "gemma4_text"
 MODEL_TYPES = ("gemma4", "gemma4_text")  # multimodal wrapper, text decoder
@@ -43,7 +43,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     require(text, ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"], where)
     n = text["num_hidden_layers"]
     layer_types = list(text.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)])
-    _check_layer_types(layer_types, n, where)
+    check_per_layer(where, n, layer_types=(layer_types, LAYER_TYPES))
     if layer_types[-1] != "full_attention":  # Gemma4TextConfig.__post_init__ does the same
         log.warning("%s: the last Gemma 4 layer must be full_attention; forcing it, as transformers does", where)
         layer_types[-1] = "full_attention"
@@ -101,17 +101,6 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         non_text_params=int(d.get(TOWER_KEY, 0)),
         name=name,
     )
-
-
-def _check_layer_types(layer_types: list[str], n: int, where: str) -> None:
-    problems = []
-    if len(layer_types) != n:
-        problems.append(f"{where}.layer_types has {len(layer_types)} entries; num_hidden_layers is {n}")
-    unknown = sorted({t for t in layer_types if t not in LAYER_TYPES})
-    if unknown:
-        problems.append(f"{where}.layer_types contains {unknown}: allowed layer types are {list(LAYER_TYPES)}")
-    if problems:
-        raise ConfigError(problems)
 
 
 def _kv_sources(layer_types: list[str], shared: int, where: str) -> list[int | None]:

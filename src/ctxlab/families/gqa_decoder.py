@@ -7,7 +7,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig
 from ..errors import ConfigError
-from ..io.hf_config import hf_fields, model_fields, legacy_rope_params, parse_rope, rope_to_hf
+from .hf_fields import check_per_layer, hf_fields, model_fields, legacy_rope_params, parse_rope, rope_to_hf
 
 REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
 LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -30,16 +30,7 @@ def base_layer(d: dict[str, Any], where: str, **overrides: Any) -> LayerSpec:
 
 
 def check_layer_types(layer_types: list[str], num_layers: int, where: str) -> None:
-    problems = []
-    if len(layer_types) != num_layers:
-        problems.append(
-            f"{where}.layer_types has {len(layer_types)} entries; num_hidden_layers is {num_layers} (one per layer)"
-        )
-    unknown = sorted({t for t in layer_types if t not in LAYER_TYPES})
-    if unknown:
-        problems.append(f"{where}.layer_types contains {unknown}: allowed layer types are {list(LAYER_TYPES)}")
-    if problems:
-        raise ConfigError(problems)
+    check_per_layer(where, num_layers, layer_types=(layer_types, LAYER_TYPES))
 
 
 def model_config(d: dict[str, Any], family: str, layers: list[LayerSpec], name: str) -> ModelConfig:

@@ -13,7 +13,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec
 from ..errors import ConfigError
-from ..io.hf_config import hf_fields, model_fields, parse_rope, require, rope_to_hf
+from .hf_fields import check_per_layer, hf_fields, model_fields, parse_rope, require, rope_to_hf
 
 MODEL_TYPE = "laguna"
 # Published checkpoints (and transformers' save_pretrained) store experts one tensor per expert,
@@ -40,7 +40,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     layer_types = d.get("layer_types") or ["full_attention"] * n
     mlp_types = d.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
     heads = d.get("num_attention_heads_per_layer") or [d["num_attention_heads"]] * n
-    _check_lists(where, n, layer_types=(layer_types, LAYER_TYPES), mlp_layer_types=(mlp_types, MLP_TYPES),
+    check_per_layer(where, n, layer_types=(layer_types, LAYER_TYPES), mlp_layer_types=(mlp_types, MLP_TYPES),
                  num_attention_heads_per_layer=(heads, None))  # fmt: skip
     if d.get("moe_apply_router_weight_on_input"):
         raise ConfigError([f"{where}.moe_apply_router_weight_on_input = true: not supported (nor by transformers 5.23)"])
@@ -81,18 +81,6 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         layers=tuple(layers),
         name=name,
     )
-
-
-def _check_lists(where: str, n: int, **lists: tuple[list, tuple | None]) -> None:
-    problems = []
-    for field, (values, allowed) in lists.items():
-        if len(values) != n:
-            problems.append(f"{where}.{field} has {len(values)} entries; num_hidden_layers is {n} (one per layer)")
-        unknown = sorted({str(v) for v in values if allowed is not None and v not in allowed})
-        if unknown:
-            problems.append(f"{where}.{field} contains {unknown}: allowed: {list(allowed)}")
-    if problems:
-        raise ConfigError(problems)
 
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from ..io.hf_config import require
+from .hf_fields import require
 from .gqa_decoder import REQUIRED, base_layer, model_config, uniform_to_hf
 
 MODEL_TYPE = "llama"

@@ -8,7 +8,7 @@ import dataclasses
 from typing import Any
 
 from ..config import ModelConfig
-from ..io.hf_config import require
+from .hf_fields import require
 from .gqa_decoder import REQUIRED, base_layer, check_layer_types, model_config, uniform_to_hf
 
 MODEL_TYPE = "qwen3"

@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec
 from ..errors import ConfigError
-from ..io.hf_config import hf_fields, model_fields, parse_rope, require, rope_to_hf
+from .hf_fields import per_layer_problems, hf_fields, model_fields, parse_rope, require, rope_to_hf
 
 MODEL_TYPE = "zaya"
 ARCHITECTURE = "ZayaForCausalLM"
@@ -28,11 +28,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     require(d, ["vocab_size", "hidden_size", "num_hidden_layers"], where)
     n = d["num_hidden_layers"]
     layer_types = list(d.get("layer_types") or ["hybrid"] * n)
-    problems = []
-    if len(layer_types) != n:
-        problems.append(f"{where}.layer_types has {len(layer_types)} entries; num_hidden_layers is {n}")
-    if unknown := sorted({t for t in layer_types if t not in LAYER_TYPES}):
-        problems.append(f"{where}.layer_types contains {unknown}: allowed: {list(LAYER_TYPES)}")
+    problems = per_layer_problems(where, n, layer_types=(layer_types, LAYER_TYPES))
     if "hybrid_sliding" in layer_types and not d.get("sliding_window"):
         problems.append(f"{where}.sliding_window must be set when layer_types contains 'hybrid_sliding'")
     if d.get("lm_head_bias"):

@@ -1,4 +1,4 @@
-"""Safetensors checkpoints in the HF layout: strict loading and saving (never pickles).
+"""Safetensors checkpoints in the HF layout: strict loading (never pickles); saving is in ``writer``.
 
 ``from_pretrained`` reads only tensor headers first, compares names and shapes with the model
 built on the meta device, and raises one :class:`CheckpointError` listing every missing,
@@ -15,18 +15,16 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from ..errors import CheckpointError
 from ..families import FAMILIES
 from ..model import CausalLM, check_dtype
 from . import layout
-from .config_file import export_config, load_config
+from .config_file import load_config
+from .writer import INDEX_FILE, SINGLE_FILE, model_tensor_shapes, save_pretrained
 
 log = logging.getLogger("ctxlab")
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # Tensors some published checkpoints carry that no forward uses (old Llama exports).
 DEAD_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -111,14 +109,6 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, d
     return model.eval()
 
 
-def model_tensor_shapes(model: CausalLM) -> dict[str, tuple[int, ...]]:
-    """Every tensor a checkpoint of ``model`` holds (a tied head is not stored)."""
-    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
-    if model.config.tie_word_embeddings:
-        shapes.pop("lm_head.weight")
-    return shapes
-
-
 def _read(wanted: set[str], files: dict[str, Path], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
     """Read the named tensors, one at a time, cast floating-point ones to ``dtype``."""
     out = {}
@@ -197,48 +187,3 @@ def check_tensor_names(expected: dict[str, tuple], found: dict[str, tuple], wher
             parts.append(f"  {title} ({len(items)}):")
             parts.extend(f"    {item}" for item in items)
     raise CheckpointError("\n".join(parts))
-
-
-def save_pretrained(model: CausalLM, directory: str | Path, max_shard_bytes: int | None = None) -> None:
-    """``config.json`` + ``model.safetensors`` (or shards + index) that transformers loads back."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    cfg = model.config
-    ours = model.state_dict()
-    plan = layout.sources(model_tensor_shapes(model), FAMILIES.get(cfg.family))
-    state = {
-        name: part.detach().cpu().contiguous().clone()
-        for ours_name, src in plan.items()
-        for name, part in zip(src.names, src.split(ours[ours_name]))
-    }
-    config = export_config(cfg)
-    config["dtype"] = str(model.dtype).removeprefix("torch.")
-    (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-
-    shards = _split(state, max_shard_bytes)
-    if len(shards) == 1:
-        save_file(shards[0], directory / SINGLE_FILE, metadata={"format": "pt"})
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards, start=1):
-        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, directory / name, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(shard, name))
-    total = sum(t.numel() * t.element_size() for t in state.values())
-    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def _split(state: dict[str, torch.Tensor], max_bytes: int | None) -> list[dict[str, torch.Tensor]]:
-    if not max_bytes:
-        return [state]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in state.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t
-        size += nbytes
-    return shards

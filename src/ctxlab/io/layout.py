@@ -3,10 +3,11 @@
 Most tensors are stored under our own name. Some families publish MoE experts one tensor per
 expert and projection (``mlp.experts.{e}.gate_proj.weight``, Qwen2-MoE style, which transformers
 also writes back on save) while we keep them stacked ([E, 2·I, H] gate-then-up, [E, H, I]), and
-some rename submodules (DeepSeek V4 uses DeepSeek's own names). A family declares
-``CHECKPOINT_RENAMES`` (ordered pairs of our name part, checkpoint name part, applied in turn),
-``EXPERTS_PER_TENSOR`` and, when its per-expert names differ, ``EXPERT_NAMES`` (gate, up, down); :func:`sources` turns that into, for each of our
-tensors, the checkpoint tensors it is made of and how to combine / split them.
+some rename submodules (DeepSeek V4 uses DeepSeek's own names). A family declares ``KEY_MAP``
+(a :class:`~ctxlab.families.keymap.KeyMap`, our names <-> checkpoint names), ``EXPERTS_PER_TENSOR``
+and, when its per-expert names differ, ``EXPERT_NAMES`` (gate, up, down); :func:`sources` turns
+that into, for each of our tensors, the checkpoint tensors it is made of and how to combine /
+split them.
 """
 
 from __future__ import annotations
@@ -29,21 +30,19 @@ class Source:
 
 def sources(ours: dict[str, tuple[int, ...]], family) -> dict[str, Source]:
     """Our tensor name -> its :class:`Source` in the family's checkpoint layout."""
-    renames = getattr(family, "CHECKPOINT_RENAMES", ())
+    key_map = getattr(family, "KEY_MAP", None)
     per_expert = getattr(family, "EXPERTS_PER_TENSOR", False)
     names = getattr(family, "EXPERT_NAMES", ("gate_proj", "up_proj", "down_proj"))
 
     def theirs(name: str) -> str:
-        for our_part, their_part in renames:
-            name = name.replace(our_part, their_part)
-        return name
+        return key_map.to_checkpoint(name) if key_map else name
 
     out = {}
     for name, shape in ours.items():
         if per_expert and name.endswith(".experts.gate_up_proj"):
-            out[name] = _gate_up(theirs(name.removesuffix("gate_up_proj")), shape, names)
+            out[name] = _gate_up(theirs(name.removesuffix(".gate_up_proj")) + ".", shape, names)
         elif per_expert and name.endswith(".experts.down_proj"):
-            out[name] = _down(theirs(name.removesuffix("down_proj")), shape, names)
+            out[name] = _down(theirs(name.removesuffix(".down_proj")) + ".", shape, names)
         else:
             out[name] = Source([theirs(name)], [shape])
     return out

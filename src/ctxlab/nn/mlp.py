@@ -5,12 +5,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec
+from ..registry import ACTIVATIONS, MLP_KINDS
 
-ACTIVATIONS = {
-    "silu": F.silu,
-    "gelu": F.gelu,
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
-}
+ACTIVATIONS.register("silu")(F.silu)
+ACTIVATIONS.register("gelu")(F.gelu)
+ACTIVATIONS.register("gelu_pytorch_tanh")(lambda x: F.gelu(x, approximate="tanh"))
 
 
 def gated(act, gate: torch.Tensor, up: torch.Tensor, limit: float | None = None) -> torch.Tensor:
@@ -21,7 +20,10 @@ def gated(act, gate: torch.Tensor, up: torch.Tensor, limit: float | None = None)
     return act(gate) * up
 
 
+@MLP_KINDS.register("gated")
 class GatedMLP(nn.Module):
+    EXPERTS_INSIDE = False  # a LayerSpec.moe beside this MLP is a separate branch of the block
+
     def __init__(
         self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False,
         limit: float | None = None,
@@ -38,6 +40,10 @@ class GatedMLP(nn.Module):
     @classmethod
     def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float, vocab_size: int = 0) -> "GatedMLP":
         return cls(hidden_size, spec.intermediate_size, spec.activation, spec.mlp_bias, spec.swiglu_limit)
+
+    @staticmethod
+    def validate(at: str, spec: LayerSpec) -> list[str]:
+        return []
 
     @staticmethod
     def size(hidden_size: int, intermediate_size: int, bias: bool = False) -> int:

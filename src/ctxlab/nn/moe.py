@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec, MoESpec
-from .mlp import ACTIVATIONS, GatedMLP, gated
+from ..registry import ACTIVATIONS, LAYER_CHECKS, MLP_KINDS, ROUTERS
+from .mlp import GatedMLP, gated
 from .norms import RMSNorm
 
 
@@ -45,12 +46,13 @@ class Experts(nn.Module):
         return 3 * moe.top_k * hidden_size * moe.intermediate_size
 
 
+@ROUTERS.register("softmax_topk")
 class SoftmaxTopKRouter(nn.Module):
     """Gemma 4's router (HF ``Gemma4TextRouter``): weight-less RMSNorm of the residual, times a
     learned ``scale`` and ``H^-1/2``; softmax (fp32) over experts; top-k; renormalise; times
     a learned ``per_expert_scale``."""
 
-    def __init__(self, hidden_size: int, moe: MoESpec, eps: float):
+    def __init__(self, hidden_size: int, moe: MoESpec, eps: float, vocab_size: int = 0):
         super().__init__()
         self.top_k = moe.top_k
         self.norm = RMSNorm(hidden_size, eps, with_scale=False)
@@ -74,6 +76,7 @@ class SoftmaxTopKRouter(nn.Module):
 SCORE_FUNCTIONS = {"sigmoid": torch.sigmoid, "sqrtsoftplus": lambda x: F.softplus(x).sqrt()}
 
 
+@ROUTERS.register("biased_topk")
 class BiasedTopKRouter(nn.Module):
     """Routing with a selection-only correction bias (DeepSeek-V3 §2.1.2 "auxiliary-loss-free load
     balancing"; HF ``LagunaTopKRouter``, ``DeepseekV4TopKRouter``): logits (optionally tanh-capped)
@@ -82,7 +85,7 @@ class BiasedTopKRouter(nn.Module):
     ``n_group > 1``, HF ``DeepseekV32TopkRouter``); weights are the chosen *scores*, renormalised
     to sum to 1. Parameter names follow HF (``gate.weight``)."""
 
-    def __init__(self, hidden_size: int, moe: MoESpec, eps: float):
+    def __init__(self, hidden_size: int, moe: MoESpec, eps: float, vocab_size: int = 0):
         super().__init__()
         self.top_k, self.softcap = moe.top_k, moe.router_logit_softcap
         self.n_group, self.topk_group = moe.n_group, moe.topk_group
@@ -125,6 +128,7 @@ class RouterMLP(nn.Module):
         return self.out_proj(F.gelu(self.fc2(F.gelu(self.fc1(self.norm(r))))))
 
 
+@ROUTERS.register("mlp_eda")
 class EDARouter(nn.Module):
     """ZAYA1's router (HF ``ZayaRouter``; arXiv 2605.05365): a down-projection to a small width,
     plus the previous layer's router state times a learned scale (depth recurrence, "EDA"; the
@@ -133,7 +137,7 @@ class EDARouter(nn.Module):
     checkpoint buffer) chooses; the weight is the unbiased probability. The extra class is
     "skip": the token gets no expert (weight 0)."""
 
-    def __init__(self, hidden_size: int, moe: MoESpec, eps: float):
+    def __init__(self, hidden_size: int, moe: MoESpec, eps: float, vocab_size: int = 0):
         super().__init__()
         self.top_k, self.num_experts = moe.top_k, moe.num_experts
         width = moe.router_hidden_size
@@ -165,7 +169,14 @@ class EDARouter(nn.Module):
         r = moe.router_hidden_size
         return 2 * (hidden_size * r + 2 * r * r + r * (moe.num_experts + 1))
 
+    @staticmethod
+    def validate(at: str, moe: MoESpec) -> list[str]:
+        if moe.router_hidden_size <= 0:
+            return [f"{at}.moe.router_hidden_size = {moe.router_hidden_size}: the mlp_eda router needs a positive width"]
+        return []
 
+
+@ROUTERS.register("hash")
 class HashRouter(nn.Module):
     """Hash routing (DeepSeek V4 §2.1; HF ``DeepseekV4HashRouter``): the experts of a token are
     fixed by its id through ``tid2eid`` [vocab, k], a table stored in the checkpoint; the learned
@@ -190,25 +201,51 @@ class HashRouter(nn.Module):
         return moe.num_experts * hidden_size
 
 
-ROUTERS = {
-    "softmax_topk": SoftmaxTopKRouter,
-    "biased_topk": BiasedTopKRouter,
-    "hash": HashRouter,
-    "mlp_eda": EDARouter,
-}
-
-
 def make_router(hidden_size: int, moe: MoESpec, eps: float, vocab_size: int) -> nn.Module:
     """The router a spec names (the hash router also needs the vocabulary size for its table)."""
-    if moe.router == "hash":
-        return HashRouter(hidden_size, moe, eps, vocab_size)
-    return ROUTERS[moe.router](hidden_size, moe, eps)
+    return ROUTERS[moe.router](hidden_size, moe, eps, vocab_size)
 
 
+def router_flops(hidden_size: int, moe: MoESpec) -> int:
+    """Router FLOPs per token: the router's own count, or the logits of a linear router."""
+    own = getattr(ROUTERS[moe.router], "flops_per_token", None)
+    return own(hidden_size, moe) if own else 2 * hidden_size * moe.num_experts
+
+
+@LAYER_CHECKS.register("moe")
+def validate_moe(at: str, layer_index: int, spec: LayerSpec, cfg) -> list[str]:
+    """Checks of a layer's :class:`MoESpec`, whichever MLP kind or block uses it."""
+    m, p = spec.moe, []
+    if m is None:
+        return p
+    if not (0 < m.top_k <= m.num_experts and m.intermediate_size > 0):
+        p.append(f"{at}.moe = {m}: need 0 < top_k <= num_experts and intermediate_size > 0")
+    if m.router not in ROUTERS:
+        p.append(f"{at}.moe.router = {m.router!r}: allowed: {ROUTERS.names()}")
+    else:
+        p.extend(getattr(ROUTERS[m.router], "validate", lambda at, m: [])(at, m))
+    if m.score_fn not in SCORE_FUNCTIONS:
+        p.append(f"{at}.moe.score_fn = {m.score_fn!r}: allowed: {list(SCORE_FUNCTIONS)}")
+    if m.num_experts % max(m.n_group, 1):
+        p.append(f"{at}.moe.n_group = {m.n_group}: must divide num_experts = {m.num_experts}")
+    elif m.n_group > 1:
+        size = m.num_experts // m.n_group
+        if size < 2 or not 1 <= m.topk_group <= m.n_group or m.top_k > m.topk_group * size:
+            p.append(
+                f"{at}.moe: group-limited routing needs groups of >= 2 experts, 1 <= topk_group <= n_group and "
+                f"top_k <= topk_group x group size; got {m.num_experts} experts in {m.n_group} groups, "
+                f"topk_group {m.topk_group}, top_k {m.top_k}"
+            )
+    return p
+
+
+@MLP_KINDS.register("moe")
 class SparseMoE(nn.Module):
     """An MLP replaced by experts (HF ``LagunaSparseMoeBlock``): ``routed_scaling`` times the
     routed experts' weighted sum, plus an always-on shared expert (not scaled, not gated).
     Submodule names follow HF: ``gate`` (router), ``experts``, ``shared_experts``."""
+
+    EXPERTS_INSIDE = True  # the LayerSpec.moe experts are this MLP
 
     def __init__(self, hidden_size: int, spec: LayerSpec, norm_eps: float, vocab_size: int = 0):
         super().__init__()
@@ -246,9 +283,9 @@ class SparseMoE(nn.Module):
     @staticmethod
     def flops_per_token(hidden_size: int, spec: LayerSpec) -> int:
         m = spec.moe
-        router_flops = getattr(ROUTERS[m.router], "flops_per_token", None)
-        router = router_flops(hidden_size, m) if router_flops else 2 * hidden_size * m.num_experts
-        return router + 2 * Experts.active_param_count(hidden_size, m) + 2 * GatedMLP.size(hidden_size, m.shared_expert_size)
+        shared = GatedMLP.size(hidden_size, m.shared_expert_size)
+        return router_flops(hidden_size, m) + 2 * Experts.active_param_count(hidden_size, m) + 2 * shared
 
-
-MLP_KINDS = {"gated": GatedMLP, "moe": SparseMoE}
+    @staticmethod
+    def validate(at: str, spec: LayerSpec) -> list[str]:
+        return [] if spec.moe is not None else [f"{at}.mlp = 'moe' needs a MoESpec in {at}.moe"]

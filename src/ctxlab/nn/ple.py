@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .mlp import ACTIVATIONS
+from ..registry import ACTIVATIONS, MODEL_CHECKS
 from .norms import RMSNorm
 
 
@@ -68,3 +68,24 @@ def stack_param_count(cfg: ModelConfig) -> dict[str, int]:
 def block_param_count(cfg: ModelConfig) -> int:
     h, dp = cfg.hidden_size, cfg.per_layer_input_size
     return 2 * h * dp + h if dp else 0
+
+
+def block_decode_flops(cfg: ModelConfig) -> int:
+    """Gate and projection of one layer for one token, [H -> Dp -> H]."""
+    return 2 * 2 * cfg.hidden_size * cfg.per_layer_input_size
+
+
+def stack_decode_flops(cfg: ModelConfig) -> int:
+    """The context projection of one token to every layer's Dp."""
+    return 2 * cfg.hidden_size * cfg.num_layers * cfg.per_layer_input_size
+
+
+@MODEL_CHECKS.register("per_layer_embeddings")
+def validate(cfg: ModelConfig) -> list[str]:
+    size, table = cfg.per_layer_input_size, cfg.per_layer_vocab_size
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 or (size and not (table or 0) > 0):
+        return [
+            f"per_layer_input_size = {size!r}, per_layer_vocab_size = {table!r}: per-layer embeddings need "
+            "a size >= 0 and, when on, a positive table size"
+        ]
+    return []

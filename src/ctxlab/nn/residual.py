@@ -1,8 +1,20 @@
-"""Residual kinds: how a block's branch output is added back to the residual stream."""
+"""Residual kinds: how a block's branch output is added back to the residual stream.
+
+A residual kind (``ModelConfig.residual``) answers for itself: how many streams the residual
+has (``streams``), how embeddings become the residual (``expand``), which modules the decoder
+stack needs to collapse it before the final norm (``stack_modules`` / ``collapse``), the
+per-connection module a block uses to split the residual into its branch input and merge the
+branch back (``from_config``, ``split`` / ``merge``), and what all of that costs (parameters,
+decode FLOPs). ``ResidualScaling`` (ZAYA) is a block-level add, not a residual kind.
+"""
+
+from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..registry import BLOCK_KINDS, RESIDUAL_KINDS
 
 
 class ResidualScaling(nn.Module):
@@ -25,9 +37,48 @@ class ResidualScaling(nn.Module):
         return 4 * hidden_size
 
 
+@RESIDUAL_KINDS.register("plain")
 class PlainResidual(nn.Module):
     """One residual stream, ``x + branch``, behind the same interface as :class:`HyperConnection`
     (``split`` -> block input, ``merge`` -> new residual), so a config swaps one for the other."""
+
+    @staticmethod
+    def from_config(cfg) -> PlainResidual:
+        return PlainResidual()
+
+    @staticmethod
+    def streams(cfg) -> int:
+        return 1
+
+    @staticmethod
+    def expand(x: torch.Tensor, cfg) -> torch.Tensor:  # [B, T, H]
+        return x
+
+    @staticmethod
+    def stack_modules(cfg) -> dict[str, nn.Module]:
+        return {}
+
+    @staticmethod
+    def collapse(stack: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    @staticmethod
+    def stack_param_count(cfg) -> int:
+        return 0
+
+    @staticmethod
+    def connection_flops(cfg) -> int:
+        return 0
+
+    @staticmethod
+    def stack_flops(cfg) -> int:
+        return 0
+
+    @staticmethod
+    def validate(cfg) -> list[str]:
+        if cfg.hc_mult != 1:
+            return [f"residual = 'plain', hc_mult = {cfg.hc_mult!r}: a plain residual has exactly 1 stream"]
+        return []
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:
         return x, None
@@ -52,6 +103,7 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return m
 
 
+@RESIDUAL_KINDS.register("mhc")
 class HyperConnection(nn.Module):
     """Manifold-constrained hyper-connections, mHC (Xie et al. 2025, arXiv 2512.24880; HF
     ``DeepseekV4HyperConnection``). The residual is ``n`` streams X [B, T, n, H]. From the
@@ -94,6 +146,54 @@ class HyperConnection(nn.Module):
     def param_count(hidden_size: int, streams: int) -> int:
         width = (2 + streams) * streams
         return width * streams * hidden_size + width + 3
+
+    # --- the residual kind's answers, read by the decoder stack, blocks and accounting -------
+
+    @staticmethod
+    def from_config(cfg) -> HyperConnection:
+        return HyperConnection(cfg.hidden_size, cfg.hc_mult, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.norm_eps)
+
+    @staticmethod
+    def streams(cfg) -> int:
+        return cfg.hc_mult
+
+    @staticmethod
+    def expand(x: torch.Tensor, cfg) -> torch.Tensor:  # [B, T, H] -> n identical streams [B, T, n, H]
+        return x[:, :, None].expand(-1, -1, cfg.hc_mult, -1).contiguous()
+
+    @staticmethod
+    def stack_modules(cfg) -> dict[str, nn.Module]:  # collapses the streams before the final norm
+        return {"hc_head": HyperHead(cfg.hidden_size, cfg.hc_mult, cfg.hc_eps, cfg.norm_eps)}
+
+    @staticmethod
+    def collapse(stack: nn.Module, x: torch.Tensor) -> torch.Tensor:  # [B, T, n, H] -> [B, T, H]
+        return stack.hc_head(x)
+
+    @staticmethod
+    def stack_param_count(cfg) -> int:
+        return HyperHead.param_count(cfg.hidden_size, cfg.hc_mult)
+
+    @staticmethod
+    def connection_flops(cfg) -> int:
+        """Decode FLOPs of one connection: the mixing projection and the stream mix (comb^T X)."""
+        n, h = cfg.hc_mult, cfg.hidden_size
+        return 2 * n * h * (2 + n) * n + 2 * n * n * h
+
+    @staticmethod
+    def stack_flops(cfg) -> int:
+        """The head's collapse map."""
+        return 2 * cfg.hc_mult * cfg.hidden_size * cfg.hc_mult
+
+    @staticmethod
+    def validate(cfg) -> list[str]:
+        p = []
+        if not (isinstance(cfg.hc_mult, int) and cfg.hc_mult >= 1):
+            p.append(f"residual = 'mhc', hc_mult = {cfg.hc_mult!r}: mHC needs hc_mult >= 1 streams")
+        joining = [name for name, block in BLOCK_KINDS.items() if block.JOINS_STREAMS]
+        if any(not BLOCK_KINDS[s.block].JOINS_STREAMS for s in cfg.layers if s.block in BLOCK_KINDS):
+            p.append(f"residual = 'mhc' needs block = {' or '.join(map(repr, joining))} in every layer "
+                     "(the block that joins the streams)")  # fmt: skip
+        return p
 
 
 class HyperHead(nn.Module):

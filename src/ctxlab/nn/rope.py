@@ -13,24 +13,53 @@ import math
 
 import torch
 
-from ..config import LayerSpec, RopeSpec
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ..config import LayerSpec, RopeSpec, yarn_mscale
+from ..registry import ROPE_TYPES
 
 
 def inv_frequencies(rope: RopeSpec, rotary_dim: int) -> tuple[torch.Tensor, float]:
     """``(inv_freq [rotary_dim / 2] fp32, attention_factor)`` for a rope spec."""
-    if rope.type == "proportional":
-        return _proportional(rope, rotary_dim), 1.0
+    return ROPE_TYPES[rope.type].frequencies(rope, rotary_dim)
+
+
+@dataclass(frozen=True)
+class RopeType:
+    """One rope type: its frequencies ``(RopeSpec, rotary_dim) -> (inv_freq, attention_factor)`` and
+    the scaling fields of :class:`~ctxlab.config.RopeSpec` it needs."""
+
+    frequencies: Callable[[RopeSpec, int], tuple[torch.Tensor, float]]
+    needs: tuple[str, ...] = ()
+    rotates: bool = True
+
+    def validate(self, at: str, s: LayerSpec) -> list[str]:
+        r, p = s.rope, []
+        if not self.rotates:
+            return p
+        if not r.theta > 0:
+            p.append(f"{at}.rope.theta = {r.theta!r}: must be > 0")
+        if not 0 < r.partial_rotary_factor <= 1:
+            p.append(f"{at}.rope.partial_rotary_factor = {r.partial_rotary_factor!r}: must be in (0, 1]")
+        elif s.rotary_dim % 2 or s.rotary_dim == 0:
+            p.append(
+                f"{at}.rope: head_dim {s.head_dim} x partial_rotary_factor {r.partial_rotary_factor} = "
+                f"{s.rotary_dim} rotary dims; must be a positive even number"
+            )
+        for n in self.needs:
+            if getattr(r, n) is None:
+                p.append(f"{at}.rope.{n} is missing: rope type {r.type!r} needs {list(self.needs)}")
+        if r.factor is not None and not (
+            isinstance(r.factor, (int, float)) and math.isfinite(r.factor) and r.factor > 0
+        ):
+            p.append(f"{at}.rope.factor = {r.factor!r}: must be > 0")
+        return p
+
+
+def _default(r: RopeSpec, rotary_dim: int) -> torch.Tensor:
     exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64, device="cpu").float() / rotary_dim
-    inv_freq = 1.0 / (rope.theta**exponents)
-    if rope.type in ("default", "none"):
-        return inv_freq, 1.0
-    if rope.type == "linear":
-        return inv_freq / rope.factor, 1.0
-    if rope.type == "llama3":
-        return _llama3(inv_freq, rope), 1.0
-    if rope.type == "yarn":
-        return _yarn(rope, rotary_dim)
-    raise ValueError(f"unknown rope type {rope.type!r}")
+    return 1.0 / (r.theta**exponents)
 
 
 def _proportional(r: RopeSpec, head_dim: int) -> torch.Tensor:
@@ -43,8 +72,9 @@ def _proportional(r: RopeSpec, head_dim: int) -> torch.Tensor:
     return inv_freq / (r.factor or 1.0)
 
 
-def _llama3(inv_freq: torch.Tensor, r: RopeSpec) -> torch.Tensor:
+def _llama3(r: RopeSpec, rotary_dim: int) -> torch.Tensor:
     """Llama 3.1 frequency smoothing: long wavelengths divided by ``factor``, a ramp between."""
+    inv_freq = _default(r, rotary_dim)
     low_wavelen = r.original_max_position_embeddings / r.low_freq_factor
     high_wavelen = r.original_max_position_embeddings / r.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -60,16 +90,13 @@ def _llama3(inv_freq: torch.Tensor, r: RopeSpec) -> torch.Tensor:
 def _yarn(r: RopeSpec, dim: int) -> tuple[torch.Tensor, float]:
     """YaRN: interpolate low frequencies, extrapolate high ones, linear ramp between (§3.2)."""
 
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     factor = r.factor
     attention_factor = r.attention_factor
     if attention_factor is None:
         if r.mscale and r.mscale_all_dim:
-            attention_factor = float(mscale(factor, r.mscale) / mscale(factor, r.mscale_all_dim))
+            attention_factor = float(yarn_mscale(factor, r.mscale) / yarn_mscale(factor, r.mscale_all_dim))
         else:
-            attention_factor = mscale(factor)
+            attention_factor = yarn_mscale(factor)
     beta_fast, beta_slow = r.beta_fast or 32, r.beta_slow or 1
     original = r.original_max_position_embeddings
 
@@ -87,6 +114,19 @@ def _yarn(r: RopeSpec, dim: int) -> tuple[torch.Tensor, float]:
     extrapolation, interpolation = 1.0 / pos_freqs, 1.0 / (factor * pos_freqs)
     keep = 1 - ramp  # 1 where frequencies are extrapolated (kept as trained)
     return interpolation * (1 - keep) + extrapolation * keep, attention_factor
+
+
+ROPE_TYPES.register("default")(RopeType(lambda r, dim: (_default(r, dim), 1.0)))
+ROPE_TYPES.register("none")(RopeType(lambda r, dim: (_default(r, dim), 1.0), rotates=False))
+ROPE_TYPES.register("linear")(RopeType(lambda r, dim: (_default(r, dim) / r.factor, 1.0), needs=("factor",)))
+ROPE_TYPES.register("llama3")(
+    RopeType(
+        lambda r, dim: (_llama3(r, dim), 1.0),
+        needs=("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    )
+)
+ROPE_TYPES.register("yarn")(RopeType(_yarn, needs=("factor", "original_max_position_embeddings")))
+ROPE_TYPES.register("proportional")(RopeType(lambda r, dim: (_proportional(r, dim), 1.0)))
 
 
 class Rotary:

@@ -20,12 +20,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 
-from .accounting import count_params, decode_flops_terms, kv_cache_bytes
-from .cache import layer_cache_spec
-from .config import ModelConfig
-from .conventions import PUBLISHED_SHARING_ESTIMATES, kv_sharing_saving, same_width_baselines
-from .io.config_file import load_config
-from .reporting import published_ratio_row
+from ..accounting import count_params, decode_flops_terms, kv_cache_bytes
+from ..accounting.savings import kv_sharing_saving, same_width_baselines
+from ..config import ModelConfig
+from ..io.config_file import load_config
+from ..planner import layer_cache_spec
+from .published import PUBLISHED_SHARING_ESTIMATES
+from .rows import published_ratio_row
 
 K128, M1 = 131072, 1 << 20
 RASCHKA = "S. Raschka, Ahead of AI, 2026-05-16 ('Recent Developments in LLM Architectures')"
@@ -131,7 +132,7 @@ def gemma_claims(model: str, shared: int, total: int, saving: float, effective: 
               lambda: producers(model)),
         Claim(model, f"cross-layer KV sharing saves {est.published} at 128K tokens", saving, "GB", 0.5 if "~" in est.published else 0.05,
               est.source, "uniform head_dim = emb_dim / n_heads for every layer, no sliding-window cap, bf16, GB = 1e9 B",
-              lambda: est.saving(cfg(model), K128) / 1e9,
+              lambda: est.estimate.saving(cfg(model), K128) / 1e9,
               lambda: kv_sharing_saving(cfg(model), K128, "bfloat16", "realized") / 1e9),
         Claim(model, f"{effective}B effective parameters", effective, "B params", 0.06, "Gemma 4 model card",
               towers, lambda: params(model, "effective"), lambda: text_only_effective(model)),

@@ -130,7 +130,7 @@ def baseline_table(rows: list[dict], context: int, dtype: str) -> Table:
 def published_ratio_table(rows: list[dict], context: int) -> Table:
     table = Table(title=f"Against the published baseline at {context:,} tokens (the token at position {context - 1:,})",
                   caption="deployed: each model's published cache format (ctxlab.conventions.DEPLOYED_FORMATS); "
-                  "weighted: decode FLOPs in BF16 equivalents (FP8 = 1/2, FP4 = 1/4; conventions.PRECISION_WEIGHTS)")
+                  "weighted: decode FLOPs in BF16 equivalents (FP8 = 1/2, FP4 = 1/4; reporting.published.PRECISION_WEIGHTS)")
     for header in ("Model", "Baseline", "KV deployed", "KV bf16", "FLOPs raw", "FLOPs weighted", "Published KV / FLOPs"):
         table.add_column(header, justify="left" if header in ("Model", "Baseline") else "right")
     for r in rows:

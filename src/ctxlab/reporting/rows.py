@@ -7,19 +7,12 @@ budget saves, ...) from the accounting and the named conventions; ``tables.py`` 
 
 from __future__ import annotations
 
-from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
-from .cache import layer_cache_spec
-from .conventions import (
-    DEPLOYED_FORMATS,
-    PRECISION_WEIGHTS,
-    PUBLISHED_RATIOS,
-    PUBLISHED_SHARING_ESTIMATES,
-    kv_cache_bytes_stored,
-    kv_sharing_saving,
-    same_width_baselines,
-    uniform_head_budget,
-)
-from .io.config_file import load_config
+from ..accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
+from ..accounting.formats import kv_cache_bytes_stored
+from ..accounting.savings import kv_sharing_saving, same_width_baselines, uniform_head_budget
+from ..io.config_file import load_config
+from ..planner import layer_cache_spec
+from .published import DEPLOYED_FORMATS, PRECISION_WEIGHTS, PUBLISHED_RATIOS, PUBLISHED_SHARING_ESTIMATES
 
 
 def report_row(name: str, context: int, dtype: str, batch_size: int) -> dict:
@@ -48,7 +41,7 @@ def sharing_row(name: str, context: int, dtype: str) -> dict | None:
         "model": name, "consumer_layers": consumers,
         "saving_realized": kv_sharing_saving(cfg, context, dtype, "realized"),
         "saving_uncapped": kv_sharing_saving(cfg, context, dtype, "uncapped"),
-        "saving_uniform_estimator": estimate.saving(cfg, context, dtype) if estimate else None,
+        "saving_uniform_estimator": estimate.estimate.saving(cfg, context, dtype) if estimate else None,
         "published": estimate.published if estimate else None, "source": estimate.source if estimate else None,
     }
 

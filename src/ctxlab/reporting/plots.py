@@ -15,10 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .accounting import kv_cache_bytes, kv_cache_bytes_per_layer
-from .config import LayerSpec
-from .errors import CtxlabError
-from .io.config_file import load_config
+from ..accounting import kv_cache_bytes, kv_cache_bytes_per_layer
+from ..config import LayerSpec
+from ..errors import CtxlabError
+from ..io.config_file import load_config
 
 if TYPE_CHECKING:  # matplotlib stays optional at run time
     from matplotlib.figure import Figure

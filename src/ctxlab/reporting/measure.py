@@ -9,10 +9,10 @@ import time
 
 import torch
 
-from .accounting import kv_cache_bytes
-from .config import IndexerSpec, LayerSpec, MLASpec, ModelConfig, MoESpec
-from .io.config_file import load_config
-from .model import build_model
+from ..accounting import kv_cache_bytes
+from ..config import IndexerSpec, LayerSpec, MLASpec, ModelConfig, MoESpec
+from ..io.config_file import load_config
+from ..model import build_model
 
 FAMILY_PRESETS = ("llama-3-8b", "qwen3-8b", "gemma4-e2b", "laguna-xs2", "zaya1-8b", "deepseek-v3.2", "deepseek-v4-flash")
 

@@ -1,43 +1,10 @@
-"""The planner: layer specs -> per-layer cache specs -> a :class:`Cache` allocated once."""
+"""The runtime cache of one batch: every layer's cache plus where the sequences are."""
 
 from __future__ import annotations
 
 import torch
 
-from ..config import LayerSpec, ModelConfig
 from ..errors import CacheOverflowError
-from .alias import AliasCache
-from .compressed import CompressedCache
-from .full import FullCache
-from .ring import RingCache
-from .spec import CacheSpec
-
-CACHE_CLASSES = {"full": FullCache, "ring": RingCache, "alias": AliasCache, "compressed": CompressedCache}
-
-
-def layer_cache_spec(layer: LayerSpec) -> CacheSpec:
-    """What one layer stores: an alias if it reads another layer's K/V, else what its attention kind declares."""
-    from ..attention import ATTENTION_KINDS  # attention kinds import cache specs, not the planner
-
-    if layer.kv_source is not None:
-        return CacheSpec.alias(layer.kv_source)
-    return ATTENTION_KINDS[layer.attention].cache_spec(layer)
-
-
-def plan(cfg: ModelConfig) -> list[CacheSpec]:
-    return [layer_cache_spec(layer) for layer in cfg.layers]
-
-
-def allocate(cfg: ModelConfig, batch_size: int, max_tokens: int, dtype: torch.dtype, device=None) -> Cache:
-    if not (isinstance(batch_size, int) and batch_size > 0):
-        raise ValueError(f"batch_size = {batch_size!r}: must be a positive integer")
-    if not (isinstance(max_tokens, int) and max_tokens > 0):
-        raise ValueError(f"max_tokens = {max_tokens!r}: must be a positive integer")
-    layers = []
-    for spec in plan(cfg):
-        cls = CACHE_CLASSES[spec.kind]
-        layers.append(cls(spec) if spec.kind == "alias" else cls(spec, batch_size, max_tokens, dtype, device))
-    return Cache(layers, batch_size, max_tokens, device)
 
 
 class Cache:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from typing import Any
 
-from ..config import ROPE_TYPES, RopeSpec
+from ..config import RopeSpec
+from ..registry import ROPE_TYPES
 from ..errors import ConfigError
 
 _ROPE_FIELDS = {
@@ -109,3 +111,26 @@ def hf_fields(cfg, model_type: str, architecture: str) -> dict[str, Any]:
         "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "pad_token_id": cfg.pad_token_id,
     }
+
+
+def per_layer_problems(where: str, n: int, **lists: tuple[list, Collection | None]) -> list[str]:
+    """Problems with per-layer lists of a config (``layer_types``, ``mlp_layer_types``, ...): each
+    must have one entry per layer, each entry from ``allowed`` (None: any value)."""
+    problems = []
+    for field, (values, allowed) in lists.items():
+        if not isinstance(values, list):
+            problems.append(f"{where}.{field} = {values!r}: must be a list with one entry per layer")
+            continue
+        if len(values) != n:
+            problems.append(f"{where}.{field} has {len(values)} entries; num_hidden_layers is {n} (one per layer)")
+        unknown = sorted({str(v) for v in values if allowed is not None and v not in allowed})
+        if unknown:
+            problems.append(f"{where}.{field} contains {unknown}: allowed: {list(allowed)}")
+    return problems
+
+
+def check_per_layer(where: str, n: int, **lists: tuple[list, Collection | None]) -> None:
+    """Raise one :class:`ConfigError` listing every :func:`per_layer_problems`."""
+    problems = per_layer_problems(where, n, **lists)
+    if problems:
+        raise ConfigError(problems)

@@ -1,0 +1,54 @@
+"""KV-cache bytes under named conventions, from the same cache specs that allocate real caches.
+
+``"realized"`` is what :meth:`CausalLM.new_cache` really allocates (sliding layers capped at their
+window, layers that share K/V hold nothing); ``"uncapped"`` keeps sharing but lets sliding layers
+hold every token; ``"naive"`` counts every layer's per-token bytes for every token (no window cap,
+no sharing), the convention of most published per-token figures (e.g. Raschka's LLM Architecture
+Gallery).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from ..config import ModelConfig
+from ..dtypes import as_dtype
+from ..planner import layer_cache_spec
+
+KV_CONVENTIONS = ("realized", "uncapped", "naive")
+
+
+def kv_cache_bytes_per_layer(
+    cfg: ModelConfig,
+    context_len: int,
+    dtype: str | torch.dtype = "bfloat16",
+    batch_size: int = 1,
+    convention: str = "realized",
+) -> list[int]:
+    """Cache bytes of each layer for ``batch_size`` sequences of ``context_len`` tokens."""
+    if convention not in KV_CONVENTIONS:
+        raise ValueError(f"convention = {convention!r}: allowed: {list(KV_CONVENTIONS)}")
+    if not (isinstance(context_len, int) and context_len > 0):
+        raise ValueError(f"context_len = {context_len!r}: must be a positive integer")
+    dt = as_dtype(dtype)
+    out = []
+    for layer in cfg.layers:
+        if convention != "realized":  # as if the layer had no window
+            layer = dataclasses.replace(layer, window=None)
+        if convention == "naive":  # ... and its own K/V
+            layer = dataclasses.replace(layer, kv_source=None)
+        out.append(layer_cache_spec(layer).nbytes(batch_size, context_len, dt))
+    return out
+
+
+def kv_cache_bytes(
+    cfg: ModelConfig,
+    context_len: int,
+    dtype: str | torch.dtype = "bfloat16",
+    batch_size: int = 1,
+    convention: str = "realized",
+) -> int:
+    """Total cache bytes; with ``convention="realized"`` equals ``new_cache(batch_size, context_len).nbytes()``."""
+    return sum(kv_cache_bytes_per_layer(cfg, context_len, dtype, batch_size, convention))
