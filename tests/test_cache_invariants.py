@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ctxlab
-from conftest import randomize_
+from conftest import randomize_, stepped_logits
 from strategies import model_configs
 
 TOL = 1e-4
@@ -23,14 +23,6 @@ SETTINGS = settings(max_examples=40, deadline=None)
 
 def random_model(cfg, seed=0):
     return randomize_(ctxlab.build_model(cfg, seed=seed), seed=seed, std=0.3)
-
-
-def chunked_logits(model, ids, chunks, cache):
-    out, start = [], 0
-    for size in chunks:
-        out.append(model(ids[:, start : start + size], cache=cache))
-        start += size
-    return torch.cat(out, dim=1)
 
 
 @SETTINGS
@@ -51,7 +43,7 @@ def test_chunked_prefill_then_decode_equals_full_forward(cfg, seq, chunk, batch,
     with torch.no_grad():
         full = model(ids)
         cache = model.new_cache(batch, seq + spare)
-        stepped = chunked_logits(model, ids, chunks, cache)
+        stepped = stepped_logits(model, ids, chunks, cache)
     assert cache.length == seq
     assert (stepped - full).abs().max().item() <= TOL
 
@@ -100,7 +92,7 @@ def test_alias_cache_shares_producer_storage_and_matches_full_forward():
     assert no_sharing == 2 * cache.nbytes()  # consumers mirror their producers exactly
     ids = torch.randint(0, cfg.vocab_size, (1, 30))
     with torch.no_grad():
-        assert (chunked_logits(model, ids, [9, 7] + [1] * 14, cache) - model(ids)).abs().max() <= TOL
+        assert (stepped_logits(model, ids, [9, 7] + [1] * 14, cache) - model(ids)).abs().max() <= TOL
     assert not any(n.startswith("model.layers.2.self_attn.k_proj") for n, _ in model.named_parameters())
 
 
@@ -122,7 +114,7 @@ def test_decode_long_past_the_window_matches_full_forward():
     ids = torch.randint(0, cfg.vocab_size, (1, 200), generator=torch.Generator().manual_seed(0))
     cache = model.new_cache(1, 200)
     with torch.no_grad():
-        stepped = chunked_logits(model, ids, [20] + [1] * 180, cache)
+        stepped = stepped_logits(model, ids, [20] + [1] * 180, cache)
         assert (stepped - model(ids)).abs().max().item() <= TOL
 
 

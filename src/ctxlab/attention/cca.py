@@ -137,6 +137,16 @@ class CCAttention(nn.Module):
     # --- declarations read by the validation, the cache planner and the accounting --------
 
     @staticmethod
+    def label(spec: LayerSpec) -> str:
+        """What the layer keeps, for tables and plots."""
+        return f"cca {'global' if spec.window is None else f'sliding (w={spec.window})'}"
+
+    @staticmethod
+    def shrink(spec: LayerSpec) -> dict:
+        """Changes that give a tiny layer of the same structure (measured caches of tiny models)."""
+        return {}
+
+    @staticmethod
     def validate(at: str, spec: LayerSpec) -> list[str]:
         s = spec
         if (s.num_kv_heads * s.head_dim) % 2 or len(s.conv_kernels) != 2 or min(s.conv_kernels) < 1:

@@ -18,8 +18,9 @@ per-head sink (DeepSeek-V4 report §2.3; HF ``DeepseekV4Attention``, ``DeepseekV
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache.spec import CacheSpec
@@ -202,6 +203,27 @@ class CompressedAttention(nn.Module):
         return torch.einsum("btgi,gci->btgc", out.view(*out.shape[:2], g, -1), weight).flatten(2)
 
     # --- declarations read by the validation, the cache planner and the accounting --------
+
+    @staticmethod
+    def label(spec: LayerSpec) -> str:
+        """What the layer keeps, for tables and plots: sliding window only, CSA or HCA, and the ratio."""
+        ratio = spec.compress.ratio
+        if ratio == 0:
+            return f"compressed: sliding window only (w={spec.window})"
+        kind = "CSA" if spec.indexer is not None else "HCA"
+        return f"compressed {kind} (ratio {ratio}, w={spec.window})"
+
+    @staticmethod
+    def shrink(spec: LayerSpec) -> dict:
+        """Changes that give a tiny layer of the same structure (measured caches of tiny models)."""
+        changes = dict(
+            num_heads=2, num_kv_heads=1, head_dim=16,
+            compress=dataclasses.replace(spec.compress, q_lora_rank=8, o_groups=2, o_lora_rank=4),
+            rope=dataclasses.replace(spec.rope, partial_rotary_factor=0.25),
+        )  # fmt: skip
+        if spec.indexer is not None:
+            changes["indexer"] = IndexerSpec(n_heads=2, head_dim=8, topk=spec.indexer.topk, rope_dims=4)
+        return changes
 
     @staticmethod
     def validate(at: str, spec: LayerSpec) -> list[str]:

@@ -92,6 +92,16 @@ class GQAttention(nn.Module):
     # --- declarations read by the validation, the cache planner and the accounting --------
 
     @staticmethod
+    def label(spec: LayerSpec) -> str:
+        """What the layer keeps, for tables and plots."""
+        return f"gqa {'global' if spec.window is None else f'sliding (w={spec.window})'}"
+
+    @staticmethod
+    def shrink(spec: LayerSpec) -> dict:
+        """Changes that give a tiny layer of the same structure (measured caches of tiny models)."""
+        return {}
+
+    @staticmethod
     def validate(at: str, spec: LayerSpec) -> list[str]:
         if spec.output_gate not in (None, *OUTPUT_GATES):
             allowed = ", ".join(map(repr, OUTPUT_GATES))

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache.spec import CacheSpec
-from ..config import LayerSpec
+from ..config import IndexerSpec, LayerSpec, MLASpec
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from .context import ForwardContext, attention_mask
@@ -113,6 +113,19 @@ class MLAttention(nn.Module):
         return torch.einsum("bhtl,hvl->bhtv", out, w_uv)
 
     # --- declarations read by the validation, the cache planner and the accounting --------
+
+    @staticmethod
+    def label(spec: LayerSpec) -> str:
+        """What the layer keeps, for tables and plots."""
+        return "mla + indexer" if spec.indexer is not None else "mla"
+
+    @staticmethod
+    def shrink(spec: LayerSpec) -> dict:
+        """Changes that give a tiny layer of the same structure (measured caches of tiny models)."""
+        changes = dict(head_dim=8, num_kv_heads=1, mla=MLASpec(8, 4, 4, 4, q_lora_rank=8))
+        if spec.indexer is not None:
+            changes["indexer"] = IndexerSpec(n_heads=2, head_dim=8, topk=spec.indexer.topk, rope_dims=4)
+        return changes
 
     @staticmethod
     def validate(at: str, spec: LayerSpec) -> list[str]:

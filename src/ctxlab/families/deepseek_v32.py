@@ -9,7 +9,6 @@ Wiring only. The softmax scale is ``qk_head_dim^-1/2 * mscale(factor, mscale_all
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from ..config import yarn_mscale, IndexerSpec, LayerSpec, MLASpec, ModelConfig, MoESpec

@@ -62,16 +62,12 @@ def legacy_rope_params(d: dict[str, Any]) -> dict[str, Any] | None:
 
 def rope_to_hf(rope: RopeSpec) -> dict[str, Any]:
     """Inverse of :func:`parse_rope` (only the fields that are set)."""
+    defaults = {"theta": None, "partial_rotary_factor": 1.0, "truncate": True}  # theta is written first
     out: dict[str, Any] = {"rope_type": rope.type, "rope_theta": rope.theta}
     for hf_name, field in _ROPE_FIELDS.items():
         value = getattr(rope, field)
-        if field in ("theta", "truncate") or value is None:
-            continue
-        if field == "partial_rotary_factor" and value == 1.0:
-            continue
-        out[hf_name] = value
-    if not rope.truncate:
-        out["truncate"] = False
+        if field != "theta" and value is not None and value != defaults.get(field):
+            out[hf_name] = value
     return out
 
 

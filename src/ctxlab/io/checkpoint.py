@@ -21,7 +21,7 @@ from ..families import FAMILIES
 from ..model import CausalLM, check_dtype
 from . import layout
 from .config_file import load_config
-from .writer import INDEX_FILE, SINGLE_FILE, model_tensor_shapes, save_pretrained
+from .writer import INDEX_FILE, SINGLE_FILE, model_tensor_shapes
 
 log = logging.getLogger("ctxlab")
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..errors import ConfigError
+from ..families import FAMILIES
 from ..presets import preset_names, preset_path
 
 NATIVE_MODEL_TYPE = "ctxlab"
@@ -51,8 +52,6 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def config_from_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     """Dispatch on ``model_type`` to the family that parses it."""
-    from ..families import FAMILIES
-
     model_type = d.get("model_type")
     if model_type == NATIVE_MODEL_TYPE:
         if not isinstance(d.get("ctxlab"), dict):
@@ -72,8 +71,6 @@ def config_from_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
 
 def export_config(cfg: ModelConfig) -> dict[str, Any]:
     """The family's HF config if it reproduces ``cfg`` exactly, else the native format."""
-    from ..families import FAMILIES
-
     family = FAMILIES.get(cfg.family)
     if family is not None:
         hf = family.to_hf(cfg)

@@ -10,9 +10,14 @@ from pathlib import Path
 PRESET_DIR = Path(__file__).parent
 
 
+def is_tiny(name: str) -> bool:
+    """Tiny test presets (``tiny-*``, ``*-tiny``): random-weight models of a mechanism, not published models."""
+    return name.startswith("tiny-") or name.endswith("-tiny")
+
+
 def preset_names(include_tiny: bool = True) -> list[str]:
     names = sorted(p.stem for p in PRESET_DIR.glob("*.json"))
-    return names if include_tiny else [n for n in names if not n.startswith("tiny-")]
+    return names if include_tiny else [n for n in names if not is_tiny(n)]
 
 
 def preset_path(name: str) -> Path | None:

@@ -10,9 +10,10 @@ import time
 import torch
 
 from ..accounting import kv_cache_bytes
-from ..config import IndexerSpec, LayerSpec, MLASpec, ModelConfig, MoESpec
+from ..config import LayerSpec, ModelConfig
 from ..io.config_file import load_config
 from ..model import build_model
+from ..registry import ATTENTION_KINDS
 
 FAMILY_PRESETS = ("llama-3-8b", "qwen3-8b", "gemma4-e2b", "laguna-xs2", "zaya1-8b", "deepseek-v3.2", "deepseek-v4-flash")
 
@@ -42,14 +43,7 @@ def _tiny_layer(s: LayerSpec) -> LayerSpec:
             shared_expert_size=8 if m.shared_expert_size else 0, router_hidden_size=8 if m.router_hidden_size else 0,
         )  # fmt: skip
     changes = dict(num_heads=kv * group, num_kv_heads=kv, head_dim=head_dim, intermediate_size=16, moe=moe)
-    if s.mla is not None:
-        changes.update(head_dim=8, num_kv_heads=1, mla=MLASpec(8, 4, 4, 4, q_lora_rank=8))
-    if s.compress is not None:
-        changes.update(num_heads=2, num_kv_heads=1, head_dim=16,
-                       compress=dataclasses.replace(s.compress, q_lora_rank=8, o_groups=2, o_lora_rank=4),
-                       rope=dataclasses.replace(s.rope, partial_rotary_factor=0.25))  # fmt: skip
-    if s.indexer is not None:
-        changes["indexer"] = IndexerSpec(n_heads=2, head_dim=8, topk=s.indexer.topk, rope_dims=4)
+    changes.update(ATTENTION_KINDS[s.attention].shrink(s))  # the kind's own sub-specs, shrunk
     return dataclasses.replace(s, **changes)
 
 
@@ -68,4 +62,4 @@ def measured_cache(name: str, tokens: int = 2048, seed: int = 0) -> dict:
     }  # fmt: skip
 
 
-__all__ = ["FAMILY_PRESETS", "MoESpec", "measured_cache", "tiny_like"]
+__all__ = ["FAMILY_PRESETS", "measured_cache", "tiny_like"]

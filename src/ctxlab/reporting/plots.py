@@ -19,6 +19,7 @@ from ..accounting import kv_cache_bytes, kv_cache_bytes_per_layer
 from ..config import LayerSpec
 from ..errors import CtxlabError
 from ..io.config_file import load_config
+from ..registry import ATTENTION_KINDS
 
 if TYPE_CHECKING:  # matplotlib stays optional at run time
     from matplotlib.figure import Figure
@@ -97,15 +98,7 @@ def kv_vs_context(models: list[str], path, dtype: str = "bfloat16", contexts: li
 
 def layer_label(spec: LayerSpec) -> str:
     """The kind of cache a layer keeps, e.g. "gqa sliding (w=512)", "compressed CSA (ratio 4)"."""
-    if spec.attention == "compressed":
-        ratio = spec.compress.ratio if spec.compress is not None else 0
-        if ratio == 0:
-            return f"compressed: window only (w={spec.window})"
-        return f"compressed {'CSA' if spec.indexer is not None else 'HCA'} (ratio {ratio})"
-    if spec.attention == "mla":
-        return "mla + indexer" if spec.indexer is not None else "mla"
-    scope = "global" if spec.window is None else f"sliding (w={spec.window})"
-    label = f"{spec.attention} {scope}"
+    label = ATTENTION_KINDS[spec.attention].label(spec)
     return label + ", shared K/V (alias, no storage)" if spec.kv_source is not None else label
 
 

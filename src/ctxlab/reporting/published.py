@@ -71,3 +71,7 @@ PUBLISHED_RATIOS = {
     "deepseek-v4-pro": ("deepseek-v3.2", {"kv": "10%", "flops": "27%"}, "DeepSeek-V4 report, Figure 1 (9.5x / 3.7x)"),
     "deepseek-v4-flash": ("deepseek-v3.2", {"kv": "7%", "flops": "10%"}, "DeepSeek-V4 report, Figure 1 (13.7x / 9.8x)"),
 }
+
+# Attention kinds whose papers compare them with standard attention of the same width (MHA, GQA,
+# MLA): ``report`` shows that comparison for models using them.
+SAME_WIDTH_COMPARISONS = {"cca": "ZAYA1 / CCA paper (arXiv 2510.04476), zaya.md §3"}

@@ -12,7 +12,13 @@ from ..accounting.formats import kv_cache_bytes_stored
 from ..accounting.savings import kv_sharing_saving, same_width_baselines, uniform_head_budget
 from ..io.config_file import load_config
 from ..planner import layer_cache_spec
-from .published import DEPLOYED_FORMATS, PRECISION_WEIGHTS, PUBLISHED_RATIOS, PUBLISHED_SHARING_ESTIMATES
+from .published import (
+    DEPLOYED_FORMATS,
+    PRECISION_WEIGHTS,
+    PUBLISHED_RATIOS,
+    PUBLISHED_SHARING_ESTIMATES,
+    SAME_WIDTH_COMPARISONS,
+)
 
 
 def report_row(name: str, context: int, dtype: str, batch_size: int) -> dict:
@@ -113,7 +119,7 @@ def deployed_row(name: str, context: int) -> dict | None:
 def baseline_rows(name: str, context: int, dtype: str) -> list[dict]:
     """For CCA models: the model beside standard attention of the same width (zaya.md §3)."""
     cfg = load_config(name)
-    if not any(s.attention == "cca" for s in cfg.layers):
+    if not any(s.attention in SAME_WIDTH_COMPARISONS for s in cfg.layers):
         return []
     rows = []
     for label, variant in {name: cfg, **same_width_baselines(cfg)}.items():
