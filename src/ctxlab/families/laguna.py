@@ -13,15 +13,18 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec
 from ..errors import ConfigError
+from .keymap import KeyMap
 from .hf_fields import check_per_layer, hf_fields, model_fields, parse_rope, require, rope_to_hf
 
 MODEL_TYPE = "laguna"
 # Published checkpoints (and transformers' save_pretrained) store experts one tensor per expert,
 # the router's correction bias under experts., and the shared expert in the singular.
 EXPERTS_PER_TENSOR = True
-CHECKPOINT_RENAMES = (
-    (".mlp.gate.e_score_correction_bias", ".mlp.experts.e_score_correction_bias"),
-    (".mlp.shared_experts.", ".mlp.shared_expert."),
+KEY_MAP = KeyMap(
+    {
+        "model.layers.{}.mlp.gate.e_score_correction_bias": "model.layers.{}.mlp.experts.e_score_correction_bias",
+        "model.layers.{}.mlp.shared_experts": "model.layers.{}.mlp.shared_expert",
+    }
 )
 ARCHITECTURE = "LagunaForCausalLM"
 LAYER_TYPES = ("full_attention", "sliding_attention")

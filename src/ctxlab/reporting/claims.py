@@ -29,7 +29,6 @@ from .published import PUBLISHED_SHARING_ESTIMATES
 from .rows import published_ratio_row
 
 K128, M1 = 131072, 1 << 20
-RASCHKA = "S. Raschka, Ahead of AI, 2026-05-16 ('Recent Developments in LLM Architectures')"
 
 
 @lru_cache(maxsize=None)
