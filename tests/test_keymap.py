@@ -3,6 +3,7 @@ tensor name of each family's tiny model."""
 
 import pytest
 from test_deepseek_v4 import BASE as V4_BASE
+from test_laguna import BASE as LAGUNA_BASE
 
 import ctxlab
 from ctxlab.families import FAMILIES
@@ -29,6 +30,22 @@ def test_keymap_refuses_a_many_to_one_table():
 def _v4_model():
     cfg = ctxlab.io.config_file.config_from_dict({**V4_BASE, "model_type": "deepseek_v4"})
     return ctxlab.build_model(cfg)
+
+
+TINY = {"deepseek_v4": {**V4_BASE, "model_type": "deepseek_v4"}, "laguna": {**LAGUNA_BASE, "model_type": "laguna"}}
+
+
+def test_every_family_with_a_key_map_is_covered_here():
+    assert {t for t, f in FAMILIES.items() if hasattr(f, "KEY_MAP")} == set(TINY)
+
+
+@pytest.mark.parametrize("family", sorted(TINY))
+def test_names_round_trip_on_every_tensor_of_the_tiny_model(family):
+    model = ctxlab.build_model(ctxlab.io.config_file.config_from_dict(TINY[family]))
+    key_map = FAMILIES[family].KEY_MAP
+    ours = list(model_tensor_shapes(model))
+    theirs = [key_map.to_checkpoint(n) for n in ours]
+    assert len(set(theirs)) == len(ours) and [key_map.from_checkpoint(t) for t in theirs] == ours
 
 
 def test_deepseek_v4_names_round_trip_on_every_tensor():

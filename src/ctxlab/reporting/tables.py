@@ -53,7 +53,7 @@ def sharing_table(rows: list[dict], context: int, dtype: str) -> Table:
         title=f"KV saved by cross-layer sharing at {context:,} tokens ({dtype}, per sequence, decimal GB = 10^9 B)",
         caption="realized: this library's caches without vs with sharing (sliding layers hold their window); "
         "true geometry: every layer holds every token; uniform estimator: head_dim = emb_dim / n_heads for every "
-        "layer, no window cap (the assumptions behind the published figure; see ctxlab.conventions)",
+        "layer, no window cap (the assumptions behind the published figure; see ctxlab.accounting.savings)",
     )
     for header in ("Model", "Consumer layers", "Realized", "True geometry, no cap", "Uniform estimator", "Published"):
         table.add_column(header, justify="left" if header in ("Model", "Consumer layers") else "right")
@@ -70,7 +70,7 @@ def sharing_table(rows: list[dict], context: int, dtype: str) -> Table:
 def head_budget_table(rows: list[dict], context: int) -> Table:
     table = Table(title=f"Per-layer query-head budgets: decode attention GFLOPs at position {context:,}",
                   caption="q·kᵀ and p·v of one decoded token; 'uniform' spreads the same total of query heads "
-                  "evenly over the layers (ctxlab.conventions.uniform_head_budget)")
+                  "evenly over the layers (ctxlab.accounting.savings.uniform_head_budget)")
     for header in ("Model", "Heads per layer", "Budgeted", "Uniform", "Saving"):
         table.add_column(header, justify="left" if header in ("Model", "Heads per layer") else "right")
     for r in rows:
@@ -103,7 +103,7 @@ def layer_table(rows: list[dict], context: int, dtype: str) -> Table:
 
 def deployed_table(rows: list[dict], context: int) -> Table:
     table = Table(title=f"KV cache in published deployment formats at {context:,} tokens (decimal GB = 10^9 B)",
-                  caption="bytes per token per layer as the deployment stores them (ctxlab.conventions.DEPLOYED_FORMATS)")
+                  caption="bytes per token per layer as the deployment stores them (ctxlab.reporting.published.DEPLOYED_FORMATS)")
     for header in ("Model", "Format", "B/token/layer", "Deployed", "bf16 cache here"):
         table.add_column(header, justify="left" if header in ("Model", "Format") else "right")
     for r in rows:
@@ -129,7 +129,7 @@ def baseline_table(rows: list[dict], context: int, dtype: str) -> Table:
 
 def published_ratio_table(rows: list[dict], context: int) -> Table:
     table = Table(title=f"Against the published baseline at {context:,} tokens (the token at position {context - 1:,})",
-                  caption="deployed: each model's published cache format (ctxlab.conventions.DEPLOYED_FORMATS); "
+                  caption="deployed: each model's published cache format (ctxlab.reporting.published.DEPLOYED_FORMATS); "
                   "weighted: decode FLOPs in BF16 equivalents (FP8 = 1/2, FP4 = 1/4; reporting.published.PRECISION_WEIGHTS)")
     for header in ("Model", "Baseline", "KV deployed", "KV bf16", "FLOPs raw", "FLOPs weighted", "Published KV / FLOPs"):
         table.add_column(header, justify="left" if header in ("Model", "Baseline") else "right")
