@@ -27,7 +27,7 @@ from ..cache.spec import CacheSpec
 from ..config import LayerSpec
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
-from .context import ForwardContext, attention_mask
+from .context import ForwardContext, attention_mask, scope
 
 
 def _conv_shape(spec: LayerSpec) -> tuple[int, int]:
@@ -139,7 +139,7 @@ class CCAttention(nn.Module):
     @staticmethod
     def label(spec: LayerSpec) -> str:
         """What the layer keeps, for tables and plots."""
-        return f"cca {'global' if spec.window is None else f'sliding (w={spec.window})'}"
+        return f"cca {scope(spec)}"
 
     @staticmethod
     def shrink(spec: LayerSpec) -> dict:

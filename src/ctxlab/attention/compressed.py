@@ -29,7 +29,7 @@ from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
 from .context import ForwardContext, attention_mask
-from .dsa import indexer_topk, validate_indexer
+from .dsa import indexer_topk, tiny_indexer, validate_indexer
 
 
 def rotate_tail(rotary: Rotary, x: torch.Tensor, cos, sin) -> torch.Tensor:
@@ -222,7 +222,7 @@ class CompressedAttention(nn.Module):
             rope=dataclasses.replace(spec.rope, partial_rotary_factor=0.25),
         )  # fmt: skip
         if spec.indexer is not None:
-            changes["indexer"] = IndexerSpec(n_heads=2, head_dim=8, topk=spec.indexer.topk, rope_dims=4)
+            changes["indexer"] = tiny_indexer(spec.indexer)
         return changes
 
     @staticmethod

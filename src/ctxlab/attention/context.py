@@ -38,6 +38,11 @@ class ForwardContext:
         return self._rope_tables[key]
 
 
+def scope(spec) -> str:
+    """"global" or "sliding (w=N)": what a layer's queries see, for labels."""
+    return "global" if spec.window is None else f"sliding (w={spec.window})"
+
+
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
     """Boolean mask [B, 1, T, S]: True where query t may attend key s.
 

@@ -73,6 +73,11 @@ def indexer_topk(
     return torch.sort(index, dim=-1, descending=True, stable=True).indices[..., :k]
 
 
+def tiny_indexer(spec: IndexerSpec) -> IndexerSpec:
+    """A tiny indexer with the same top-k (measured caches of tiny models)."""
+    return IndexerSpec(n_heads=2, head_dim=8, topk=spec.topk, rope_dims=4)
+
+
 def validate_indexer(at: str, spec: LayerSpec) -> list[str]:
     """Checks of an :class:`IndexerSpec`, for the attention kinds that implement it."""
     i = spec.indexer

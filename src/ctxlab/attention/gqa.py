@@ -21,7 +21,7 @@ from ..config import LayerSpec
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
-from .context import ForwardContext, attention_mask
+from .context import ForwardContext, attention_mask, scope
 
 OUTPUT_GATES = ("per_head", "per_element")
 
@@ -94,7 +94,7 @@ class GQAttention(nn.Module):
     @staticmethod
     def label(spec: LayerSpec) -> str:
         """What the layer keeps, for tables and plots."""
-        return f"gqa {'global' if spec.window is None else f'sliding (w={spec.window})'}"
+        return f"gqa {scope(spec)}"
 
     @staticmethod
     def shrink(spec: LayerSpec) -> dict:

@@ -21,12 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..cache.spec import CacheSpec
-from ..config import IndexerSpec, LayerSpec, MLASpec
+from ..config import LayerSpec, MLASpec
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from .context import ForwardContext, attention_mask
 from ..registry import ATTENTION_KINDS
-from .dsa import LightningIndexer, validate_indexer
+from .dsa import LightningIndexer, tiny_indexer, validate_indexer
 
 DECODE_PATHS = ("absorbed", "expanded")
 
@@ -124,7 +124,7 @@ class MLAttention(nn.Module):
         """Changes that give a tiny layer of the same structure (measured caches of tiny models)."""
         changes = dict(head_dim=8, num_kv_heads=1, mla=MLASpec(8, 4, 4, 4, q_lora_rank=8))
         if spec.indexer is not None:
-            changes["indexer"] = IndexerSpec(n_heads=2, head_dim=8, topk=spec.indexer.topk, rope_dims=4)
+            changes["indexer"] = tiny_indexer(spec.indexer)
         return changes
 
     @staticmethod
