@@ -37,10 +37,10 @@ SPACE = "\u2581"  # SentencePiece's visible space
 # Pre-tokenizer regexes (llama.cpp's regex_exprs, the HF tokenizer.json spelling of the same patterns).
 GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 DIGITS = r"\p{N}"
-LLAMA3 = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
-QWEN2 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 
 # tokenizer.ggml.pre -> the regexes that split the text, in order (llama-vocab.cpp, llama_vocab::impl::load).
 PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
@@ -195,5 +195,7 @@ def bos_eos_processor(meta: dict):
         return None
     specials = dict([(head[0], bos_id)] if head else []) | dict([(tail[0], eos_id)] if tail else [])
     return processors.TemplateProcessing(
-        single=[*head, "$A", *tail], pair=[*head, "$A", *tail, *head, "$B", *tail], special_tokens=list(specials.items())
+        single=[*head, "$A", *tail],
+        pair=[*head, "$A", *tail, *head, "$B", *tail],
+        special_tokens=list(specials.items()),
     )

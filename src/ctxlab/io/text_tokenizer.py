@@ -105,7 +105,9 @@ def gguf_text_tokenizer(path: Path) -> TextTokenizer:
     keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
             "pad_token": "padding_token_id"}  # fmt: skip
     special = {name: _token(tokens, meta.get(f"tokenizer.ggml.{key}")) for name, key in keys.items()}
-    stops = tuple(i for i in (meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")) if i is not None)
+    stops = tuple(
+        i for i in (meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")) if i is not None
+    )
     return TextTokenizer(
         backend=tokenizer_from_gguf_fields(meta, str(path)),
         special_tokens=special,
