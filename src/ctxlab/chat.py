@@ -102,6 +102,7 @@ class ChatSession:
         """Forget the conversation (the system message stays)."""
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
         self.turns = 0
+        self.last_generated: list[int] = []  # the last answer's token ids (with its end-of-turn token)
         self._drop_cache()
 
     def _drop_cache(self) -> None:
@@ -156,6 +157,7 @@ class ChatSession:
         if on_text is not None and len(answer) > len(shown):
             on_text(answer[len(shown) :])
         self.messages = [*messages, {"role": "assistant", "content": answer}]
+        self.last_generated = generated
         self.turns += 1
         return TurnStats(
             turn=self.turns,
@@ -240,7 +242,17 @@ def run_chat(
             code = 2
             continue
         if as_json:
-            out.write(json.dumps({"user": text, "answer": session.messages[-1]["content"], **stats.as_dict()}) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "user": text,
+                        "answer": session.messages[-1]["content"],
+                        "generated_ids": session.last_generated,
+                        **stats.as_dict(),
+                    }
+                )
+                + "\n"
+            )
         else:
             out.write("\n")
         out.flush()
