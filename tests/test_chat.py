@@ -17,7 +17,7 @@ from ctxlab.chat import ChatSession
 from ctxlab.chat_template import ChatTemplateError
 
 transformers = pytest.importorskip("transformers", reason="transformers (test extra) is not installed")
-from tiny_chat_checkpoint import write_checkpoint  # noqa: E402
+from tiny_chat_checkpoint import write_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -37,7 +37,9 @@ def console(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
     """The installed ``ctxlab`` console script, with this worktree's sources."""
     exe = Path(sys.executable).with_name("ctxlab")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
-    return subprocess.run([str(exe), *argv], input=stdin, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(
+        [str(exe), *argv], check=False, input=stdin, capture_output=True, text=True, env=env, timeout=300
+    )
 
 
 def hf_greedy(reference, messages: list[dict], n: int) -> tuple[list[int], list[int]]:

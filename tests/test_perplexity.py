@@ -14,7 +14,7 @@ from ctxlab.cli import main
 from ctxlab.perplexity import windows
 
 transformers = pytest.importorskip("transformers", reason="transformers (test extra) is not installed")
-from tiny_chat_checkpoint import WORDS, write_checkpoint  # noqa: E402
+from tiny_chat_checkpoint import WORDS, write_checkpoint
 
 TEXT = " ".join(WORDS[(i * 7) % len(WORDS)] for i in range(90))
 

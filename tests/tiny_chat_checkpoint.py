@@ -16,11 +16,65 @@ CHATML = (
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIALS = ["<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-WORDS = (
-    "system user assistant you are a helpful ai named smollm trained by hugging face what is the capital of "
-    "france paris hello hi tell me about cats dogs and more please thanks yes no maybe one two three four five "
-    "red green blue sun moon sky sea river tree You AI SmolLM Hugging Face , . ?"
-).split()
+WORDS = [
+    "system",
+    "user",
+    "assistant",
+    "you",
+    "are",
+    "a",
+    "helpful",
+    "ai",
+    "named",
+    "smollm",
+    "trained",
+    "by",
+    "hugging",
+    "face",
+    "what",
+    "is",
+    "the",
+    "capital",
+    "of",
+    "france",
+    "paris",
+    "hello",
+    "hi",
+    "tell",
+    "me",
+    "about",
+    "cats",
+    "dogs",
+    "and",
+    "more",
+    "please",
+    "thanks",
+    "yes",
+    "no",
+    "maybe",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "red",
+    "green",
+    "blue",
+    "sun",
+    "moon",
+    "sky",
+    "sea",
+    "river",
+    "tree",
+    "You",
+    "AI",
+    "SmolLM",
+    "Hugging",
+    "Face",
+    ",",
+    ".",
+    "?",
+]
 
 
 def write_tokenizer(directory: Path, chat_template: str | None = CHATML) -> int:
