@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,25 @@ def test_interrupt_keeps_the_conversation(checkpoint, reference):
 def test_end_of_turn_ids(checkpoint):
     tok = ctxlab.load_tokenizer(checkpoint)
     assert tok.end_of_turn_ids() == [tok.backend.token_to_id("<|im_end|>")]
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(checkpoint):
+    """A real SIGINT to the console script while it streams: the answer stops, the next message is answered
+    from the same cache."""
+    exe = Path(sys.executable).with_name("ctxlab")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    argv = [str(exe), "chat", str(checkpoint), "--max-new-tokens", "3000", "--context", "3000"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, bufsize=0)  # fmt: skip
+    proc.stdin.write("tell me about cats\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(3)  # the answer is streaming
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write("hi\n")
+    proc.stdin.close()
+    proc.stdin = None
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    first, second = [line for line in err.splitlines() if "tok/s" in line]
+    assert "stopped: interrupted" in first
+    assert "re-prefilled" not in second and "interrupted" not in second
