@@ -206,21 +206,24 @@ def cmd_generate(args, console: Console) -> int:
 # ----------------------------------------------------------------------------- chat, perplexity
 
 
-def load_checkpoint(source: str, dtype: torch.dtype):
-    """(model, TextTokenizer) of a real checkpoint: a directory with tokenizer.json, or a .gguf file."""
+def load_checkpoint(source: str, dtype: torch.dtype, chat: bool = False):
+    """(model, TextTokenizer) of a real checkpoint: a directory with tokenizer.json, or a .gguf file.
+    With ``chat``, a tokenizer without chat template is refused before the weights are read."""
     from .io.text_tokenizer import load_tokenizer as load_text_tokenizer
 
     if preset_path(source) is not None or not Path(source).exists():
         raise ValueError(f"{source}: not a checkpoint directory or .gguf file (random-weight presets are "
                          "meaningless here; `ctxlab generate` runs them)")
     tokenizer = load_text_tokenizer(source)
+    if chat:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # the "no chat template" error
     return from_pretrained(source, dtype=dtype), tokenizer
 
 
 def cmd_chat(args, console: Console) -> int:
     from .chat import ChatSession, run_chat, user_messages
 
-    model, tokenizer = load_checkpoint(args.model, as_dtype(args.dtype))
+    model, tokenizer = load_checkpoint(args.model, as_dtype(args.dtype), chat=True)
     session = ChatSession(model, tokenizer, context=args.context, system=args.system, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, prefill_chunk=args.prefill_chunk)
     messages = args.message if args.message else user_messages(sys.stdin, sys.stderr)
