@@ -8,6 +8,7 @@ Public API (see docs/architecture.md)::
     logits = model(ids); cache = model.new_cache(1, 4096); logits = model(ids, cache=cache)
     ctxlab.kv_cache_bytes(cfg, 131072, "bfloat16"); ctxlab.count_params(cfg); ctxlab.decode_flops(cfg, n)
     ctxlab.generate(model, ids, max_new_tokens=32)
+    tok = ctxlab.load_tokenizer("dir_or.gguf"); ctxlab.perplexity(model, tok.encode(text), context=512)
 """
 
 from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
@@ -17,7 +18,9 @@ from .generate import generate, sample, stream
 from .io.writer import save_pretrained
 from .io.checkpoint import from_pretrained
 from .io.config_file import load_config
+from .io.text_tokenizer import load_tokenizer
 from .model import CausalLM, build_model
+from .perplexity import perplexity
 from .presets import preset_names
 
 __version__ = "0.1.0"
@@ -40,6 +43,8 @@ __all__ = [
     "kv_cache_bytes",
     "kv_cache_bytes_per_layer",
     "load_config",
+    "load_tokenizer",
+    "perplexity",
     "preset_names",
     "sample",
     "save_pretrained",

@@ -1,4 +1,5 @@
-"""``ctxlab`` command line: ``report`` (cost of presets), ``inspect`` (one model, layer by layer), ``generate``.
+"""``ctxlab`` command line: ``report`` (cost of presets), ``inspect`` (one model, layer by layer), ``generate``,
+``chat`` and ``perplexity`` (real checkpoints).
 
 Human tables go to stdout (rich), ``--json`` prints exact integers for machines, warnings go to
 stderr. Errors a user can fix (bad name, bad value, missing file) exit with code 2 and a message,
@@ -204,6 +205,55 @@ def cmd_generate(args, console: Console) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------- chat, perplexity
+
+
+def load_checkpoint(source: str, dtype: torch.dtype, chat: bool = False):
+    """(model, TextTokenizer) of a real checkpoint: a directory with tokenizer.json, or a .gguf file.
+    With ``chat``, a tokenizer without chat template is refused before the weights are read."""
+    from .io.text_tokenizer import load_tokenizer as load_text_tokenizer
+
+    if preset_path(source) is not None or not Path(source).exists():
+        raise ValueError(f"{source}: not a checkpoint directory or .gguf file (random-weight presets are "
+                         "meaningless here; `ctxlab generate` runs them)")
+    tokenizer = load_text_tokenizer(source)
+    if chat:
+        tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # the "no chat template" error
+    return from_pretrained(source, dtype=dtype), tokenizer
+
+
+def cmd_chat(args, console: Console) -> int:
+    from .chat import ChatSession, run_chat, user_messages
+
+    model, tokenizer = load_checkpoint(args.model, as_dtype(args.dtype), chat=True)
+    session = ChatSession(model, tokenizer, context=args.context, system=args.system, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, prefill_chunk=args.prefill_chunk)
+    messages = args.message if args.message else user_messages(sys.stdin, sys.stderr)
+    return run_chat(session, messages, args.max_new_tokens, args.json, sys.stdout, sys.stderr)
+
+
+def cmd_perplexity(args, console: Console) -> int:
+    from rich.progress import Progress
+
+    from .perplexity import perplexity
+
+    model, tokenizer = load_checkpoint(args.model, as_dtype(args.dtype))
+    ids = tokenizer.encode(Path(args.file).read_text(encoding="utf-8"))
+    stride = args.stride if args.stride is not None else max(1, args.context // 2)
+    bar = Console(file=sys.stderr)
+    with Progress(console=bar, disable=args.json or not sys.stderr.isatty(), transient=True) as progress:
+        task = progress.add_task(f"perplexity of {len(ids):,} tokens", total=None)
+        result = perplexity(model, ids, args.context, stride,
+                            on_window=lambda done, total: progress.update(task, completed=done, total=total))
+    result = {"model": args.model, "file": args.file, **result}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        console.print(f"perplexity {result['ppl']:.4f} (mean NLL {result['nll']:.5f} nats over {result['tokens']:,} "
+                      f"tokens; {result['windows']} windows of {args.context} tokens, stride {stride})")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------- parser
 
 
@@ -277,6 +327,44 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory-gb", type=float, default=8.0,
                    help="refuse a model whose weights (total params x element size) exceed this many GiB")
     g.set_defaults(func=cmd_generate)
+
+    sampling = argparse.ArgumentParser(add_help=False)  # shared by chat
+    sampling.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (argmax)")
+    sampling.add_argument("--top-k", type=positive, help="sample among the k most likely tokens only (None = all)")
+    sampling.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (None = off)")
+    sampling.add_argument("--seed", type=int, help="seed of the sampling generator")
+
+    ch = sub.add_parser("chat", formatter_class=fmt, parents=[sampling], help="chat with a real model",
+                        description="Multi-turn chat with a checkpoint directory or .gguf file, formatted by its "
+                        "chat template. Reads one message per line from stdin (typed or piped) unless --message "
+                        "is given; streams each answer to stdout and a tokens/s line to stderr. The conversation "
+                        "stays in one cache: each turn prefills only its new tokens. Ctrl-C stops the current "
+                        "answer (it stays in the conversation); /reset starts over, /exit ends.")
+    ch.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json and a chat template "
+                    "in tokenizer_config.json) or .gguf file")
+    ch.add_argument("--message", action="append", metavar="TEXT",
+                    help="answer this message and exit (repeat for several turns) instead of reading stdin")
+    ch.add_argument("--system", help="system message at the start of the conversation (None = the template's)")
+    ch.add_argument("--max-new-tokens", type=positive, default=256, help="longest answer in tokens")
+    ch.add_argument("--context", type=tokens, default=4096, help="tokens the conversation may hold (the cache size)")
+    ch.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight and cache element type")
+    ch.add_argument("--prefill-chunk", type=tokens, help="feed prompts in chunks of this many tokens (None = all)")
+    ch.add_argument("--json", action="store_true", help="one JSON object per turn (answer, prefill_tokens, "
+                    "cached_tokens, generated_tokens, stop, timings) instead of streamed text")
+    ch.set_defaults(func=cmd_chat)
+
+    pp = sub.add_parser("perplexity", formatter_class=fmt, help="perplexity of a text file",
+                        description="Token-level perplexity of FILE under MODEL with a sliding window: windows of "
+                        "--context tokens every --stride tokens, each scoring only the tokens the previous window "
+                        "did not (HF's strided perplexity). A progress bar goes to stderr when it is a terminal.")
+    pp.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json) or .gguf file")
+    pp.add_argument("file", metavar="FILE", help="UTF-8 text file")
+    pp.add_argument("--context", type=partial(count, minimum=2, suffixes=True), default=512,
+                    help="window length in tokens")
+    pp.add_argument("--stride", type=positive, help="tokens between window starts, <= --context (None = context / 2)")
+    pp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight element type")
+    pp.add_argument("--json", action="store_true", help="print JSON (ppl, nll, tokens, windows, ...)")
+    pp.set_defaults(func=cmd_perplexity)
     return p
 
 

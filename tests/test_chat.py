@@ -1,0 +1,180 @@
+"""``ctxlab chat`` on a tiny random checkpoint: one cache across turns (only the new tokens are prefilled),
+answers equal to transformers' greedy continuation of the whole conversation, stops, Ctrl-C, context limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import ctxlab
+from ctxlab.chat import ChatSession
+from ctxlab.chat_template import ChatTemplateError
+
+transformers = pytest.importorskip("transformers", reason="transformers (test extra) is not installed")
+from tiny_chat_checkpoint import write_checkpoint
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint):
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, transformers.AutoTokenizer.from_pretrained(checkpoint)
+
+
+def console(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
+    """The installed ``ctxlab`` console script, with this worktree's sources."""
+    exe = Path(sys.executable).with_name("ctxlab")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    return subprocess.run(
+        [str(exe), *argv], check=False, input=stdin, capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def hf_greedy(reference, messages: list[dict], n: int) -> tuple[list[int], list[int]]:
+    """(prompt ids, greedy answer ids up to and including <|im_end|>) from transformers alone."""
+    model, tok = reference
+    prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+    prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    with torch.no_grad():
+        ids = torch.tensor([prompt])
+        out = model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=n,
+            do_sample=False,
+            eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
+            pad_token_id=0,
+        )
+    return prompt, out[0, len(prompt) :].tolist()
+
+
+# "tell me about cats": an answer of plain words, whose text re-tokenizes to the same ids, so the cache holds a
+# prefix of the next rendering. "hello what is the sky": the answer holds <|endoftext|>, which its text (special
+# tokens skipped) loses, so the next rendering differs and the whole conversation is prefilled again.
+@pytest.mark.parametrize(("question", "reused"), [("tell me about cats", True), ("hello what is the sky", False)])
+def test_two_piped_turns(checkpoint, reference, question, reused):
+    _, hf_tok = reference
+    run = console(
+        "chat", str(checkpoint), "--json", "--max-new-tokens", "6", stdin=f"{question}\n\ntell me about the sea\n"
+    )
+    assert run.returncode == 0, run.stderr
+    first, second = (json.loads(line) for line in run.stdout.splitlines())
+
+    # turn 1 is transformers' greedy answer to the rendered question
+    user1 = {"role": "user", "content": question}
+    prompt1, answer1 = hf_greedy(reference, [user1], 6)
+    assert first["prompt_tokens"] == first["prefill_tokens"] == len(prompt1)
+    assert first["generated_ids"] == answer1
+    assert first["answer"] == hf_tok.decode(answer1, skip_special_tokens=True)
+
+    # turn 2: the cache held the first prompt and every answer token fed back (all but the last one sampled)
+    conversation = [
+        user1,
+        {"role": "assistant", "content": first["answer"]},
+        {"role": "user", "content": "tell me about the sea"},
+    ]
+    prompt2, answer2 = hf_greedy(reference, conversation, 6)
+    in_cache = len(prompt1) + len(answer1) - 1
+    assert (prompt2[:in_cache] == prompt1 + answer1[:-1]) is reused
+    if reused:  # only the rest of the whole re-rendered conversation is prefilled
+        assert (second["reprefilled"], second["cached_tokens"]) == (False, in_cache)
+        assert second["prefill_tokens"] == len(prompt2) - in_cache < len(prompt2)
+        assert "re-prefilled" not in run.stderr
+    else:
+        assert (second["reprefilled"], second["cached_tokens"], second["prefill_tokens"]) == (True, 0, len(prompt2))
+        assert "re-prefilled" in run.stderr
+    assert second["generated_ids"] == answer2  # the answer a fresh prefill of the whole conversation gives
+    assert run.stderr.count("tok/s") == 4  # prefill and decode rates after each answer
+
+
+def test_message_option_streams_text(checkpoint, reference):
+    _, hf_tok = reference
+    run = console("chat", str(checkpoint), "--message", "hi", "--max-new-tokens", "5", "--system", "you are a sky")
+    assert run.returncode == 0, run.stderr
+    messages = [{"role": "system", "content": "you are a sky"}, {"role": "user", "content": "hi"}]
+    _, answer = hf_greedy(reference, messages, 5)
+    assert run.stdout.strip() == hf_tok.decode(answer, skip_special_tokens=True).strip()
+    assert "tok/s" in run.stderr
+
+
+def test_model_without_chat_template(tmp_path):
+    path = write_checkpoint(tmp_path / "base", chat_template=None)
+    run = console("chat", str(path), "--message", "hi")
+    assert run.returncode == 2
+    assert "no chat template" in run.stderr and "ctxlab generate" in run.stderr and "Traceback" not in run.stderr
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        ctxlab.load_tokenizer(path).apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_context_full(checkpoint):
+    run = console("chat", str(checkpoint), "--context", "30", "--message", "hi", "--max-new-tokens", "50")
+    assert run.returncode == 0, run.stderr
+    assert "the context is full (30 tokens, --context)" in run.stderr and "stopped: context full" in run.stderr
+    long = " ".join(["tell me about cats and dogs"] * 10)
+    run = console("chat", str(checkpoint), "--context", "30", "--message", long)
+    assert run.returncode == 2
+    assert "needs" in run.stderr and "30 (--context)" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_interrupt_keeps_the_conversation(checkpoint, reference):
+    model = ctxlab.from_pretrained(checkpoint)
+    session = ChatSession(model, ctxlab.load_tokenizer(checkpoint), context=256)
+    pieces = []
+
+    def stop_after_two(piece: str) -> None:  # what the Ctrl-C handler does, between two tokens
+        pieces.append(piece)
+        if len(pieces) == 2:
+            session.interrupted = True
+
+    stats = session.turn("tell me about cats", max_new_tokens=20, on_text=stop_after_two)
+    assert stats.stop == "interrupted" and stats.generated_tokens == 2
+    _, full = hf_greedy(reference, [{"role": "user", "content": "tell me about cats"}], 20)
+    assert session.last_generated == full[:2]
+    assert session.messages[-1] == {
+        "role": "assistant",
+        "content": reference[1].decode(full[:2], skip_special_tokens=True),
+    }
+    stats = session.turn("tell me about the sea", max_new_tokens=3)
+    assert not stats.reprefilled and stats.cached_tokens > 0
+    _, expected = hf_greedy(reference, session.messages[:-1], 3)
+    assert session.last_generated == expected
+
+
+def test_end_of_turn_ids(checkpoint):
+    tok = ctxlab.load_tokenizer(checkpoint)
+    assert tok.end_of_turn_ids() == [tok.backend.token_to_id("<|im_end|>")]
+
+
+def test_ctrl_c_stops_the_answer_not_the_chat(checkpoint):
+    """A real SIGINT to the console script while it streams: the answer stops, the next message is answered
+    from the same cache."""
+    exe = Path(sys.executable).with_name("ctxlab")
+    env = {**os.environ, "PYTHONPATH": str(SRC)}
+    argv = [str(exe), "chat", str(checkpoint), "--max-new-tokens", "3000", "--context", "3000"]
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env, bufsize=0)  # fmt: skip
+    proc.stdin.write("tell me about cats\n")
+    proc.stdin.flush()
+    assert proc.stdout.read(3)  # the answer is streaming
+    proc.send_signal(signal.SIGINT)
+    proc.stdin.write("hi\n")
+    proc.stdin.close()
+    proc.stdin = None
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    first, second = [line for line in err.splitlines() if "tok/s" in line]
+    assert "stopped: interrupted" in first
+    assert "re-prefilled" not in second and "interrupted" not in second
