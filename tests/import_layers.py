@@ -109,6 +109,8 @@ def read_layers(markdown: str) -> list[list[str]]:
         m = re.match(r"\s*\d+\.\s+(.*)", line)
         if m:
             layers.append(re.findall(r"`(ctxlab(?:\.[a-z_0-9]+)*)`", m.group(1)))
+        elif layers and line.startswith(" ") and line.strip():  # an item continued on the next line
+            layers[-1].extend(re.findall(r"`(ctxlab(?:\.[a-z_0-9]+)*)`", line))
         elif layers and line.strip() == "":
             break
     return layers
