@@ -22,6 +22,7 @@ from ..families import FAMILIES
 from ..model import CausalLM, check_dtype
 from . import layout
 from .config_file import export_config, load_config
+from .gguf import is_gguf, load_gguf
 
 log = logging.getLogger("ctxlab")
 
@@ -87,7 +88,10 @@ def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 
 
 def from_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, device=None) -> CausalLM:
-    """Load ``config.json`` + safetensors weights from ``directory`` into a :class:`CausalLM`."""
+    """Load ``config.json`` + safetensors weights from ``directory`` into a :class:`CausalLM`
+    (or a ``.gguf`` file: :func:`ctxlab.io.gguf.load_gguf`)."""
+    if is_gguf(directory):
+        return load_gguf(directory, dtype=dtype, device=device)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected config.json + *.safetensors)")

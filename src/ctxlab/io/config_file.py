@@ -18,9 +18,14 @@ NATIVE_MODEL_TYPE = "ctxlab"
 
 
 def load_config(source: str | Path | ModelConfig) -> ModelConfig:
-    """A :class:`ModelConfig` from a preset name, a ``config.json`` file or a checkpoint dir."""
+    """A :class:`ModelConfig` from a preset name, a ``config.json`` file, a checkpoint dir or a
+    ``.gguf`` file (its metadata)."""
     if isinstance(source, ModelConfig):
         return source
+    from .gguf import gguf_config, is_gguf
+
+    if is_gguf(source):
+        return gguf_config(source)
     preset = preset_path(str(source))
     if preset is not None:
         return config_from_dict(_read_json(preset), name=str(source))
@@ -33,7 +38,7 @@ def load_config(source: str | Path | ModelConfig) -> ModelConfig:
         return config_from_dict(_read_json(path), name=str(source))
     raise ConfigError(
         [
-            f"{source!r} is neither a preset nor an existing config.json / checkpoint directory; "
+            f"{source!r} is neither a preset nor an existing config.json / checkpoint directory / .gguf file; "
             f"presets: {', '.join(preset_names())}"
         ]
     )
