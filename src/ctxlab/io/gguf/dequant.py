@@ -14,7 +14,7 @@ import torch
 
 F32, F16, BF16 = 0, 1, 30  # GGML type ids (ggml.h ``enum ggml_type``)
 FLOATS = {F32: torch.float32, F16: torch.float16, BF16: torch.bfloat16}
-CHUNK_ELEMENTS = 1 << 22  # rows are converted this many values at a time (bounds the float32 temporaries)
+CHUNK_ELEMENTS = 1 << 20  # rows are converted this many values at a time (bounds the float32 temporaries)
 
 
 def type_name(type_id: int) -> str:
