@@ -138,21 +138,22 @@ TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T
 
 @pytest.mark.parametrize("kind", TYPES, ids=lambda k: k.name)
 def test_every_type_converts_like_gguf_quants_in_chunks(tmp_path, monkeypatch, kind):
-    """Offsets, chunked reading (3 chunks of 2 rows) and conversion equal gguf's reader + dequantize."""
+    """Offsets, reading in chunks of rows and conversion equal gguf's reader + dequantize."""
     rows, cols = 6, 512
     data = tensor_data(kind, rows, cols)
     write_gguf(tmp_path / "t.gguf", "llama", {}, {"x.weight": (data, int(kind), (rows, cols)),
                                                   "y.weight": (tensor_data(T.F32, 2, 32, 1), 0, (2, 32))})  # fmt: skip
-    monkeypatch.setattr(dequant, "CHUNK_ELEMENTS", 2 * cols)
     reader = gguf.GGUFReader(tmp_path / "t.gguf")
     expected = torch.from_numpy(gguf.quants.dequantize(reader.tensors[0].data, kind).astype(np.float32))
     f = ctx_gguf.read_header(tmp_path / "t.gguf")
     table = architectures.ARCHITECTURES["llama"]
     with open(tmp_path / "t.gguf", "rb") as fh:
-        for dtype in (torch.float32, torch.bfloat16):
-            got = ctx_gguf._convert(fh, f.tensors["x.weight"], table, None, dtype, None)
-            assert got.dtype == dtype and got.shape == (rows, cols)
-            assert torch.equal(got, expected.reshape(rows, cols).to(dtype))
+        for chunk in (2 * cols, rows * cols):  # three chunks of two rows; one chunk
+            monkeypatch.setattr(dequant, "CHUNK_ELEMENTS", chunk)
+            for dtype in (torch.float32, torch.bfloat16):
+                got = ctx_gguf._convert(fh, f.tensors["x.weight"], table, None, dtype, None)
+                assert got.dtype == dtype and got.shape == (rows, cols)
+                assert torch.equal(got, expected.reshape(rows, cols).to(dtype))
 
 
 def test_header_matches_gguf_reader(tmp_path):

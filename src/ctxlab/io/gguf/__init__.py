@@ -134,10 +134,13 @@ def _convert(fh, info: TensorInfo, arch: Architecture, cfg: ModelConfig, dtype, 
     cols = info.shape[-1] if info.shape else 1
     rows = info.numel // cols
     row_bytes = cols // block * size
-    exact = arch.needs_float32(info.name)  # e.g. 1 + w -> w: subtract before rounding to dtype
-    out = torch.empty(rows, cols, dtype=torch.float32 if exact else dtype, device=device)  # [rows, cols]
+    work = torch.float32 if arch.needs_float32(info.name) else dtype  # e.g. 1 + w -> w before rounding
     step = max(1, dequant.CHUNK_ELEMENTS // cols)
-    for start in range(0, rows, step):
-        stop = min(rows, start + step)
-        out[start:stop] = dequant.dequantize_rows(read_rows(fh, info, row_bytes, start, stop), info.type_id)
-    return arch.fix(info.name, out.reshape(info.shape), cfg).to(dtype)
+    if step >= rows:  # one chunk: use the converted tensor itself, no copy into a second buffer
+        out = dequant.dequantize_rows(read_rows(fh, info, row_bytes, 0, rows), info.type_id).to(work)
+    else:
+        out = torch.empty(rows, cols, dtype=work)  # [rows, cols]
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            out[start:stop] = dequant.dequantize_rows(read_rows(fh, info, row_bytes, start, stop), info.type_id)
+    return arch.fix(info.name, out.reshape(info.shape), cfg).to(dtype=dtype, device=device)

@@ -55,4 +55,6 @@ def dequantize_rows(raw: np.ndarray, type_id: int) -> torch.Tensor:
         return torch.from_numpy(raw).view(FLOATS[type_id])
     import gguf
 
-    return torch.from_numpy(gguf.quants.dequantize(raw, gguf.GGMLQuantizationType(type_id)))
+    # one flat row: gguf.quants works through 16 rows per numpy call, blocks are independent of rows
+    flat = gguf.quants.dequantize(raw.reshape(1, -1), gguf.GGMLQuantizationType(type_id))
+    return torch.from_numpy(flat).reshape(raw.shape[0], -1)
