@@ -241,3 +241,18 @@ def test_cli_inspect_reads_a_gguf_file(written, capsys):
     assert main(["inspect", str(path), "--json", "--context", "64"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["num_layers"] == ref.config.num_hidden_layers and info["vocab_size"] == 128
+
+
+def test_cli_generate_runs_the_gguf_weights(written, capsys):
+    """Token ids in, the model's own greedy tokens out (no random-weights warning)."""
+    from ctxlab.cli import main
+
+    _arch, ref, path = written
+    assert main(["generate", str(path), "--prompt-ids", "3,4,5", "--max-new-tokens", "4", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "RANDOM" not in out.err
+    with torch.no_grad():
+        expected = ref.generate(
+            torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert json.loads(out.out)["generated_ids"] == expected[0, 3:].tolist()
