@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 
 def write_gguf(path: Path, arch: str, metadata: dict[str, Any], tensors: dict[str, tuple[np.ndarray, int, tuple]]):
@@ -95,11 +94,3 @@ def hf_to_gguf(model, arch: str, path: Path, vocab: int) -> None:
             data = data + 1.0
         tensors[f"{names.get_name(stem)}.{kind}"] = (data, 0, data.shape)
     write_gguf(path, arch, meta, tensors)
-
-
-def randomize_all_(model, seed: int = 0):
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            p.copy_((0.3 if "norm" in name else 0.08) * torch.randn(p.shape, generator=gen) + ("norm" in name) * 0.0)
-    return model
