@@ -4,7 +4,7 @@
 here. The architecture's metadata becomes an HF config dict that the family parses
 (:mod:`.architectures`); every tensor is checked by name, shape and type before any data is read
 (one :class:`~ctxlab.errors.CheckpointError` lists every problem), then converted one tensor at a
-time, a few million values at a time, straight into a tensor of the requested dtype: the float32
+time, about a million values at a time, straight into a tensor of the requested dtype: the float32
 temporaries never exceed :data:`.dequant.CHUNK_ELEMENTS` values. The model is built on the meta
 device and the converted tensors assigned, so the weights exist once.
 
@@ -129,7 +129,7 @@ def _abbreviate(items: list[str], keep: int = 4) -> str:
 
 
 def _convert(fh, info: TensorInfo, arch: Architecture, cfg: ModelConfig, dtype, device) -> torch.Tensor:
-    """One tensor, read and converted a few million values at a time into a ``dtype`` tensor."""
+    """One tensor, read and converted ``CHUNK_ELEMENTS`` values at a time into a ``dtype`` tensor."""
     block, size = dequant.block_layout(info.type_id)
     cols = info.shape[-1] if info.shape else 1
     rows = info.numel // cols
