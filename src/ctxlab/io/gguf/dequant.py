@@ -3,8 +3,8 @@
 Float types (F32, F16, BF16) are reinterpreted without arithmetic. Quantized types go through
 ``gguf.quants.dequantize`` (llama.cpp's own numpy port of ``dequantize_row_*``): measured here it is
 several times faster than the same bit manipulation written with torch's uint8 ops, which are not
-vectorised on CPU (Q4_K, 4M values, same run on a busy 2-core machine: 51 ms vs 660 ms). Types it cannot dequantize are refused by
-:func:`unsupported_types` before anything is read.
+vectorised on CPU (Q4_K, 4M values, same run on a busy 2-core machine: 51 ms vs 660 ms). Types it
+cannot dequantize are refused by :func:`unsupported_types` before anything is read.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """The GGUF container (llama.cpp's file format, ``ggml/docs/gguf.md``): metadata and tensor directory.
 
 We parse the header ourselves, straight from the bytes: ``gguf.GGUFReader`` builds a numpy view per
-array element, which took 30 s for Gemma 3's 262,144-entry vocabulary here (busy machine), where this took
-0.6 s. Tensor data is never mapped: :func:`read_rows` reads the byte range of some rows of
-one tensor into a buffer, so nothing but the tensors being converted is resident.
+array element, which took 30 s for Gemma 3's 262,144-entry vocabulary here (busy machine), where
+this took 0.6 s. Tensor data is never mapped: :func:`read_rows` reads the byte range of some rows
+of one tensor into a buffer, so nothing but the tensors being converted is resident.
 
 Layout (little-endian, version 2 or 3): ``"GGUF"``, version u32, tensor count u64, metadata count
 u64, the metadata (key string, value type u32, value), the tensor infos (name string, n_dims u32,
