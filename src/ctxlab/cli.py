@@ -165,7 +165,7 @@ def load_for_generation(source: str, dtype: torch.dtype, max_memory_gb: float):
             f"--max-memory-gb {max_memory_gb:g} GiB; raise --max-memory-gb if this machine has the memory, or use "
             f"a small model (tiny presets: {', '.join(n for n in preset_names() if n.startswith('tiny-'))})"
         )
-    if preset_path(source) is None and Path(source).is_dir():
+    if preset_path(source) is None and (Path(source).is_dir() or str(source).lower().endswith(".gguf")):
         return from_pretrained(source, dtype=dtype), load_tokenizer(source)
     print(f"ctxlab generate: warning: {source} is not a checkpoint directory; using RANDOM weights "
           "(build_model seed 0), so the output is meaningless", file=sys.stderr)

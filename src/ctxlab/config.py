@@ -201,6 +201,8 @@ class ModelConfig:
     float32 whatever the weights' dtype (ZAYA). ``residual = "mhc"`` widens the residual into
     ``hc_mult`` streams joined by manifold-constrained hyper-connections (DeepSeek V4); ``"plain"``
     is one stream with ordinary additions (used by ``block = "hyper"`` layers).
+    ``norm_unit_offset``: every weighted RMSNorm multiplies by ``1 + w`` (in fp32) instead of ``w``
+    (Gemma 1-3, HF ``Gemma3RMSNorm``), so stored norm weights are offsets from 1.
     """
 
     family: str
@@ -225,6 +227,7 @@ class ModelConfig:
     hc_mult: int = 1
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
+    norm_unit_offset: bool = False
     name: str = ""
 
     def __post_init__(self):

@@ -73,6 +73,10 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        if cfg.norm_unit_offset:  # Gemma 1-3: every weighted norm scales by (1 + w)
+            for module in self.modules():
+                if isinstance(module, RMSNorm) and module.weight is not None:
+                    module.unit_offset = True
         self._kv_sources = frozenset(s.kv_source for s in cfg.layers if s.kv_source is not None)
 
     @property
@@ -131,13 +135,17 @@ class CausalLM(nn.Module):
 def build_model(
     cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int | None = 0, device=None, init_std: float = 0.02
 ) -> CausalLM:
-    """A randomly initialised model (normal(0, init_std) weights, unit norms) of ``cfg``."""
+    """A randomly initialised model (normal(0, init_std) weights, unit norms) of ``cfg``.
+
+    Norm weights start at 1, or at 0 when ``cfg.norm_unit_offset`` (the norm adds the 1)."""
     check_dtype(cfg, dtype)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     model = CausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if name.endswith(("norm.weight", ".scale", "per_expert_scale", "_scale")) or "layernorm" in name:
+            if cfg.norm_unit_offset and (name.endswith("norm.weight") or "layernorm" in name):
+                p.zero_()
+            elif name.endswith(("norm.weight", ".scale", "per_expert_scale", "_scale")) or "layernorm" in name:
                 p.fill_(1.0)
             elif name.endswith(".bias"):
                 p.zero_()

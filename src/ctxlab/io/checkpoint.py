@@ -20,7 +20,10 @@ from ..errors import CheckpointError
 from ..families import FAMILIES
 from ..model import CausalLM, check_dtype
 from . import layout
+from .layout import abbreviate, check_tensor_names
 from .config_file import load_config
+from .gguf import is_gguf
+from .gguf.loader import load_gguf
 from .writer import INDEX_FILE, SINGLE_FILE, model_tensor_shapes
 
 log = logging.getLogger("ctxlab")
@@ -85,7 +88,10 @@ def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
 
 
 def from_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, device=None) -> CausalLM:
-    """Load ``config.json`` + safetensors weights from ``directory`` into a :class:`CausalLM`."""
+    """Load ``config.json`` + safetensors weights from ``directory`` into a :class:`CausalLM`
+    (or a ``.gguf`` file: :func:`ctxlab.io.gguf.loader.load_gguf`)."""
+    if is_gguf(directory):
+        return load_gguf(directory, dtype=dtype, device=device)
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory (expected config.json + *.safetensors)")
@@ -149,7 +155,7 @@ def checkpoint_names(cfg, found: dict[str, tuple]) -> dict[str, str]:
         else:
             names[ours] = theirs
     for reason, items in dropped.items():
-        log.info("skipping %d checkpoint tensor(s), %s: %s", len(items), reason, _abbreviate(items))
+        log.info("skipping %d checkpoint tensor(s), %s: %s", len(items), reason, abbreviate(sorted(items)))
     return names
 
 
@@ -165,25 +171,3 @@ def _is_consumer_kv(name: str, consumers: set[int]) -> bool:
     )
 
 
-def _abbreviate(items: list[str], keep: int = 4) -> str:
-    items = sorted(items)
-    return ", ".join(items[:keep]) + (f", ... ({len(items) - keep} more)" if len(items) > keep else "")
-
-
-def check_tensor_names(expected: dict[str, tuple], found: dict[str, tuple], where: Path | str) -> None:
-    """One error naming every missing, unexpected and mis-shaped tensor."""
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    misshaped = sorted(
-        f"{n}: checkpoint {list(found[n])}, model {list(expected[n])}"
-        for n in set(expected) & set(found)
-        if tuple(found[n]) != tuple(expected[n])
-    )
-    if not (missing or unexpected or misshaped):
-        return
-    parts = [f"checkpoint {where} does not match the model its config.json describes:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
-        if items:
-            parts.append(f"  {title} ({len(items)}):")
-            parts.extend(f"    {item}" for item in items)
-    raise CheckpointError("\n".join(parts))

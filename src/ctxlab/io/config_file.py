@@ -13,15 +13,19 @@ from typing import Any
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..families import FAMILIES
+from .gguf import hf_config, is_gguf, open_gguf
 from ..presets import preset_names, preset_path
 
 NATIVE_MODEL_TYPE = "ctxlab"
 
 
 def load_config(source: str | Path | ModelConfig) -> ModelConfig:
-    """A :class:`ModelConfig` from a preset name, a ``config.json`` file or a checkpoint dir."""
+    """A :class:`ModelConfig` from a preset name, a ``config.json`` file, a checkpoint dir or a
+    ``.gguf`` file (its metadata)."""
     if isinstance(source, ModelConfig):
         return source
+    if is_gguf(source):
+        return gguf_config(source)
     preset = preset_path(str(source))
     if preset is not None:
         return config_from_dict(_read_json(preset), name=str(source))
@@ -34,7 +38,7 @@ def load_config(source: str | Path | ModelConfig) -> ModelConfig:
         return config_from_dict(_read_json(path), name=str(source))
     raise ConfigError(
         [
-            f"{source!r} is neither a preset nor an existing config.json / checkpoint directory; "
+            f"{source!r} is neither a preset nor an existing config.json / checkpoint directory / .gguf file; "
             f"presets: {', '.join(preset_names())}"
         ]
     )
@@ -80,3 +84,9 @@ def export_config(cfg: ModelConfig) -> dict[str, Any]:
         except ConfigError:
             pass
     return {"model_type": NATIVE_MODEL_TYPE, "ctxlab": cfg.to_dict()}
+
+
+def gguf_config(path: str | Path, name: str = "") -> ModelConfig:
+    """The :class:`ModelConfig` a GGUF file's metadata describes (no tensor data is read)."""
+    f, arch = open_gguf(path)
+    return config_from_dict(hf_config(f, arch), name=name or str(path))

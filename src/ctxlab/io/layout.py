@@ -14,8 +14,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from ..errors import CheckpointError
 
 
 @dataclass
@@ -68,3 +71,26 @@ def _down(prefix: str, shape: tuple[int, ...], expert_names: tuple[str, str, str
         combine=torch.stack,
         split=lambda t: list(t.unbind(0)),
     )
+
+
+def abbreviate(items: list[str], keep: int = 4) -> str:
+    return ", ".join(items[:keep]) + (f", ... ({len(items) - keep} more)" if len(items) > keep else "")
+
+
+def check_tensor_names(expected: dict[str, tuple], found: dict[str, tuple], where: Path | str) -> None:
+    """One error naming every missing, unexpected and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    misshaped = sorted(
+        f"{n}: checkpoint {list(found[n])}, model {list(expected[n])}"
+        for n in set(expected) & set(found)
+        if tuple(found[n]) != tuple(expected[n])
+    )
+    if not (missing or unexpected or misshaped):
+        return
+    parts = [f"checkpoint {where} does not match the model its config.json describes:"]
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+        if items:
+            parts.append(f"  {title} ({len(items)}):")
+            parts.extend(f"    {item}" for item in items)
+    raise CheckpointError("\n".join(parts))

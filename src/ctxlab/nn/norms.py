@@ -9,21 +9,26 @@ class RMSNorm(nn.Module):
 
     The statistic is computed in fp32 and the normalised input cast back to its dtype before
     the weight multiplies (HF ``LlamaRMSNorm.forward``). ``with_scale=False`` gives the
-    weight-less variant.
+    weight-less variant. ``unit_offset=True`` multiplies by ``1 + weight`` in fp32 and casts
+    only the product (HF ``Gemma3RMSNorm.forward``); the model sets it on every weighted norm
+    when ``ModelConfig.norm_unit_offset`` is on.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True):
+    def __init__(self, dim: int, eps: float = 1e-6, with_scale: bool = True, unit_offset: bool = False):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
+        self.unit_offset = unit_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset and self.weight is not None:
+            return (h * (1.0 + self.weight.float())).to(dtype)
         h = h.to(dtype)
         return h if self.weight is None else self.weight * h
 
     def extra_repr(self) -> str:
         shape = None if self.weight is None else tuple(self.weight.shape)
-        return f"{shape}, eps={self.eps}"
+        return f"{shape}, eps={self.eps}" + (", weight = 1 + w" if self.unit_offset else "")

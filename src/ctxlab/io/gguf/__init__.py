@@ -1,0 +1,61 @@
+"""Load a GGUF file (llama.cpp / Ollama / LM Studio) as a ctxlab model.
+
+``ctxlab.from_pretrained("model.gguf", dtype=...)`` and ``ctxlab.load_config("model.gguf")`` come
+here. The architecture's metadata becomes an HF config dict that the family parses
+(:mod:`.architectures`); every tensor is checked by name, shape and type before any data is read
+(one :class:`~ctxlab.errors.CheckpointError` lists every problem), then converted one tensor at a
+time, about a million values at a time, straight into a tensor of the requested dtype: the float32
+temporaries never exceed :data:`.dequant.CHUNK_ELEMENTS` values. The model is built on the meta
+device and the converted tensors assigned, so the weights exist once.
+
+Needs the ``gguf`` package (``pip install "ctxlab[gguf]"``) for the GGML type table and the
+quantization types without a kernel of ours.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ...errors import CheckpointError, ConfigError
+from .architectures import ARCHITECTURES, Architecture
+from .reader import GGUFFile, read_header
+
+SUFFIX = ".gguf"
+INSTALL_HINT = 'pip install "ctxlab[gguf]"'
+
+__all__ = ["SUFFIX", "hf_config", "is_gguf", "open_gguf", "read_header"]
+
+
+def is_gguf(source: Any) -> bool:
+    """True for a path ending in ``.gguf`` (existing or not: a missing one is reported by the loader)."""
+    return isinstance(source, (str, Path)) and str(source).lower().endswith(SUFFIX)
+
+
+def require_gguf_package() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise ImportError(f"reading GGUF files needs the 'gguf' package: {INSTALL_HINT}") from None
+
+
+def open_gguf(path: str | Path) -> tuple[GGUFFile, Architecture]:
+    require_gguf_package()
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such GGUF file")
+    f = read_header(path)
+    arch = ARCHITECTURES.get(f.architecture)
+    if arch is None:
+        raise ConfigError(
+            [f"{path}: GGUF architecture {f.architecture!r} is not supported; supported: {sorted(ARCHITECTURES)}"]
+        )
+    return f, arch
+
+
+def hf_config(f: GGUFFile, arch: Architecture) -> dict[str, Any]:
+    """The HF ``config.json`` dict a GGUF file's metadata describes (its family's ``from_hf`` parses it)."""
+    shapes = {n: t.shape for n, t in f.tensors.items()}
+    return arch.config(f.metadata, shapes)
+
+

@@ -1,0 +1,258 @@
+"""GGUF import on small synthetic files: header parsing, every tensor type, the name tables, llama.cpp's
+q/k permutation and Gemma's (1 + w) norms, errors. The real models are in test_gguf_models.py.
+
+Files are written by gguf-py's ``GGUFWriter`` the way llama.cpp's converter writes them
+(tests/gguf_writer.py); the oracle is the HF model they were written from, and ``gguf.GGUFReader`` /
+``gguf.quants`` for the container and the block formats.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import ctxlab
+from conftest import randomize_
+from ctxlab.io.config_file import config_from_dict
+
+gguf = pytest.importorskip("gguf", reason="the gguf package (ctxlab[gguf] extra) is not installed")
+
+from ctxlab.io import gguf as ctx_gguf
+from ctxlab.io.gguf import architectures, dequant
+from gguf_writer import hf_to_gguf, llama_cpp_permute, write_gguf
+
+T = gguf.GGMLQuantizationType
+TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256}  # fmt: skip
+# byte offsets of the float16 scale fields in each block (ggml-common.h block_q*), made finite in random blocks
+F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
+              T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.Q3_K: [108], T.Q2_K: [80, 82]}  # fmt: skip
+
+
+def random_blocks(kind, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    """Random bytes for [rows, cols] values of ``kind``, with finite float16 scales."""
+    rng = np.random.default_rng(seed)
+    block, size = gguf.GGML_QUANT_SIZES[kind]
+    raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+    for at in F16_FIELDS[kind]:
+        raw[:, :, at : at + 2] = rng.uniform(-0.05, 0.05, (rows, cols // block)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)  # fmt: skip
+    return raw.reshape(rows, -1)
+
+
+def tensor_data(kind, rows: int, cols: int, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    if kind == T.F32:
+        return rng.standard_normal((rows, cols), dtype=np.float32)
+    if kind == T.F16:
+        return rng.standard_normal((rows, cols)).astype(np.float16)
+    if kind == T.BF16:
+        return gguf.quants.quantize(rng.standard_normal((rows, cols), dtype=np.float32), T.BF16)
+    return random_blocks(kind, rows, cols, seed)
+
+
+def tiny_hf(hf, arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if arch == "llama":
+        model = hf.LlamaForCausalLM(hf.LlamaConfig(**TINY, tie_word_embeddings=False))
+    elif arch == "qwen3":
+        model = hf.Qwen3ForCausalLM(hf.Qwen3Config(**TINY, tie_word_embeddings=True))
+    else:
+        config = hf.Gemma3TextConfig(**{**TINY, "num_hidden_layers": 7}, sliding_window=8, query_pre_attn_scalar=16)
+        model = hf.Gemma3ForCausalLM(config)
+        model.config._attn_implementation = "eager"
+    randomize_(model, seed)
+    if arch == "gemma3":  # norm weights are offsets from 1 in HF's Gemma 3
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.sub_(1.0)
+    return model.eval()
+
+
+@pytest.fixture(params=["llama", "qwen3", "gemma3"])
+def written(request, hf, tmp_path):
+    ref = tiny_hf(hf, request.param)
+    path = tmp_path / f"{request.param}.gguf"
+    hf_to_gguf(ref, request.param, path, vocab=128)
+    return request.param, ref, path
+
+
+def test_loaded_model_equals_the_model_the_file_was_written_from(written):
+    """llama: q/k rows un-permuted; gemma3: 1 subtracted from every norm; tied / untied heads."""
+    _arch, ref, path = written
+    ours = ctxlab.from_pretrained(path)
+    ids = torch.randint(3, 128, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-5
+    assert ours.config.tie_word_embeddings == ref.config.tie_word_embeddings
+    expected = config_from_dict(ref.config.to_dict())
+    assert ours.config.layers == expected.layers
+    assert (ours.config.hidden_size, ours.config.vocab_size, ours.config.norm_eps) == (64, 128, expected.norm_eps)
+    assert (ours.config.bos_token_id, ours.config.eos_token_id) == (2, (1,))  # from tokenizer.ggml.*
+
+
+def test_load_config_reads_only_the_metadata(written):
+    _arch, _ref, path = written
+    assert ctxlab.load_config(path) == ctxlab.from_pretrained(path).config
+
+
+def test_gemma_norms_are_converted_in_float32_before_the_cast(hf, tmp_path):
+    ref = tiny_hf(hf, "gemma3")
+    hf_to_gguf(ref, "gemma3", tmp_path / "g.gguf", vocab=128)
+    ours = ctxlab.from_pretrained(tmp_path / "g.gguf", dtype=torch.bfloat16)
+    w = ref.model.layers[0].input_layernorm.weight.detach()
+    assert torch.equal(ours.model.layers[0].input_layernorm.weight, ((w + 1.0) - 1.0).to(torch.bfloat16))
+    assert ours.dtype == torch.bfloat16 and all(p.dtype == torch.bfloat16 for p in ours.parameters())
+
+
+def test_unpermute_inverts_llama_cpp_permute():
+    w = np.random.default_rng(0).standard_normal((6 * 8, 5)).astype(np.float32)
+    for heads in (6, 3, 1):
+        permuted = torch.from_numpy(llama_cpp_permute(w, heads))
+        assert not torch.equal(permuted, torch.from_numpy(w))
+        assert torch.equal(architectures.unpermute_rows(permuted, heads), torch.from_numpy(w))
+    bias = np.arange(48, dtype=np.float32)
+    assert torch.equal(
+        architectures.unpermute_rows(torch.from_numpy(llama_cpp_permute(bias, 6)), 6), torch.from_numpy(bias)
+    )
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3"])
+def test_name_table_agrees_with_gguf_py_name_map(hf, arch):
+    """Every tensor of the model, named by gguf-py's map, comes back to its own name through our table."""
+    model = tiny_hf(hf, arch)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], model.config.num_hidden_layers)
+    table = architectures.ARCHITECTURES[arch]
+    for ours in model.state_dict():
+        stem, _, kind = ours.rpartition(".")
+        assert table.our_name(f"{names.get_name(stem)}.{kind}") == ours
+    assert table.our_name("blk.0.attn_q.scale") is None and table.our_name("rope_freqs.weight") is None
+
+
+TYPES = [T.F32, T.F16, T.BF16, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q8_0, T.Q4_K, T.Q6_K, T.Q5_K, T.Q3_K]
+
+
+@pytest.mark.parametrize("kind", TYPES, ids=lambda k: k.name)
+def test_every_type_converts_like_gguf_quants_in_chunks(tmp_path, monkeypatch, kind):
+    """Offsets, reading in chunks of rows and conversion equal gguf's reader + dequantize."""
+    rows, cols = 6, 512
+    data = tensor_data(kind, rows, cols)
+    write_gguf(tmp_path / "t.gguf", "llama", {}, {"x.weight": (data, int(kind), (rows, cols)),
+                                                  "y.weight": (tensor_data(T.F32, 2, 32, 1), 0, (2, 32))})  # fmt: skip
+    reader = gguf.GGUFReader(tmp_path / "t.gguf")
+    expected = torch.from_numpy(gguf.quants.dequantize(reader.tensors[0].data, kind).astype(np.float32))
+    f = ctx_gguf.read_header(tmp_path / "t.gguf")
+    table = architectures.ARCHITECTURES["llama"]
+    with open(tmp_path / "t.gguf", "rb") as fh:
+        for chunk in (2 * cols, rows * cols):  # three chunks of two rows; one chunk
+            monkeypatch.setattr(dequant, "CHUNK_ELEMENTS", chunk)
+            for dtype in (torch.float32, torch.bfloat16):
+                got = ctx_gguf._convert(fh, f.tensors["x.weight"], table, None, dtype, None)
+                assert got.dtype == dtype and got.shape == (rows, cols)
+                assert torch.equal(got, expected.reshape(rows, cols).to(dtype))
+
+
+def test_header_matches_gguf_reader(tmp_path):
+    meta = {"llama.block_count": 3, "general.name": "tiny", "llama.rope.freq_base": 1e-6, "flag": True,
+            "tokenizer.ggml.tokens": ["a", "é", "日本", ""], "tokenizer.ggml.scores": [0.5, -1.0, 2.0, 0.0],
+            "general.alignment": 64}  # fmt: skip
+    tensors = {
+        "a.weight": (tensor_data(T.Q8_0, 3, 64), int(T.Q8_0), (3, 64)),
+        "b.weight": (tensor_data(T.F32, 1, 5), 0, (1, 5)),
+    }
+    write_gguf(tmp_path / "h.gguf", "llama", meta, tensors)
+    ours = ctx_gguf.read_header(tmp_path / "h.gguf")
+    reader = gguf.GGUFReader(tmp_path / "h.gguf")
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        value = field.contents()
+        assert ours.metadata[key] == (float(str(np.float32(value))) if isinstance(value, float) else value), key
+    assert ours.metadata["llama.rope.freq_base"] == 1e-6  # the float32 read back as its shortest decimal
+    for t in reader.tensors:
+        info = ours.tensors[t.name]
+        assert (info.offset, info.shape, info.type_id) == (
+            int(t.data_offset),
+            tuple(int(d) for d in reversed(t.shape)),
+            int(t.tensor_type),
+        )
+
+
+# ------------------------------------------------------------------------------------------------ errors
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    write_gguf(tmp_path / "m.gguf", "mamba", {}, {"x.weight": (tensor_data(T.F32, 1, 4), 0, (1, 4))})
+    with pytest.raises(
+        ctxlab.ConfigError, match=r"architecture 'mamba' is not supported; supported: \['gemma3', 'llama', 'qwen3'\]"
+    ):
+        ctxlab.from_pretrained(tmp_path / "m.gguf")
+
+
+def test_every_unsupported_type_and_unknown_tensor_in_one_error(written, tmp_path):
+    arch, _ref, path = written
+    f = gguf.GGUFReader(path)
+    tensors = {
+        t.name: (np.array(t.data).reshape(tuple(reversed([int(d) for d in t.shape]))), int(t.tensor_type), None)
+        for t in f.tensors
+    }
+    tensors["blk.0.attn_q.weight"] = (np.zeros((1, 292), np.uint8), int(T.Q8_K), (1, 256))
+    tensors["blk.0.ffn_up.weight"] = (np.zeros((96, 64), np.int32), int(T.I32), (96, 64))
+    tensors["blk.0.surprise.weight"] = (tensor_data(T.F32, 1, 4), 0, (1, 4))
+    meta = {k: fl.contents() for k, fl in f.fields.items() if not k.startswith("GGUF.") and k != "general.architecture"}
+    write_gguf(tmp_path / "bad.gguf", arch, meta, tensors)
+    with pytest.raises(ctxlab.CheckpointError) as e:
+        ctxlab.from_pretrained(tmp_path / "bad.gguf")
+    assert "unsupported GGML tensor type(s) ['Q8_K', 'I32']" in str(e.value) and "blk.0.surprise.weight" in str(e.value)
+    assert "blk.0.attn_q.weight" in str(e.value) and "blk.0.ffn_up.weight" in str(e.value)
+
+
+def test_truncated_files_are_reported(written, tmp_path):
+    _arch, _ref, path = written
+    data = path.read_bytes()
+    (tmp_path / "half.gguf").write_bytes(data[: len(data) - 1000])
+    with pytest.raises(ctxlab.CheckpointError, match="truncated"):
+        ctxlab.from_pretrained(tmp_path / "half.gguf")
+    (tmp_path / "head.gguf").write_bytes(data[:300])
+    with pytest.raises(ctxlab.CheckpointError, match="truncated GGUF header"):
+        ctxlab.load_config(tmp_path / "head.gguf")
+    (tmp_path / "not.gguf").write_bytes(b"PK\x03\x04" + data[4:100])
+    with pytest.raises(ctxlab.CheckpointError, match="not a GGUF file"):
+        ctxlab.from_pretrained(tmp_path / "not.gguf")
+    with pytest.raises(ctxlab.CheckpointError, match="no such GGUF file"):
+        ctxlab.load_config(tmp_path / "absent.gguf")
+
+
+def test_missing_gguf_package_names_the_extra(written, monkeypatch):
+    _arch, _ref, path = written
+    monkeypatch.setitem(sys.modules, "gguf", None)
+    with pytest.raises(ImportError, match=r'pip install "ctxlab\[gguf\]"'):
+        ctxlab.from_pretrained(path)
+
+
+def test_cli_inspect_reads_a_gguf_file(written, capsys):
+    from ctxlab.cli import main
+
+    _arch, ref, path = written
+    assert main(["inspect", str(path), "--json", "--context", "64"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["num_layers"] == ref.config.num_hidden_layers and info["vocab_size"] == 128
+
+
+def test_cli_generate_runs_the_gguf_weights(written, capsys):
+    """Token ids in, the model's own greedy tokens out (no random-weights warning)."""
+    from ctxlab.cli import main
+
+    _arch, ref, path = written
+    assert main(["generate", str(path), "--prompt-ids", "3,4,5", "--max-new-tokens", "4", "--json"]) == 0
+    out = capsys.readouterr()
+    assert "RANDOM" not in out.err
+    with torch.no_grad():
+        expected = ref.generate(
+            torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+    assert json.loads(out.out)["generated_ids"] == expected[0, 3:].tolist()
