@@ -1,7 +1,6 @@
 """``ctxlab chat`` and ``ctxlab perplexity`` on the real SmolLM2-135M-Instruct GGUF file.
 
-Needs ``ctxlab.from_pretrained("x.gguf")``; until the GGUF model loader is merged the module is skipped
-with "GGUF model loading not available".
+Skipped, with the install command, when the model package (or ``gguf``) is absent.
 """
 
 from __future__ import annotations
@@ -13,7 +12,6 @@ import torch
 
 import ctxlab
 from ctxlab.cli import main
-from ctxlab.errors import CheckpointError
 
 TEXT = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. It is named after "
@@ -30,11 +28,7 @@ def smollm2(tmp_path_factory):
     from gguf_files import smollm2_path
 
     path = smollm2_path()
-    try:
-        model = ctxlab.from_pretrained(path, dtype=torch.float32)
-    except (NotImplementedError, CheckpointError) as e:
-        pytest.skip(f"GGUF model loading not available ({e})")
-    return path, model
+    return path, ctxlab.from_pretrained(path, dtype=torch.float32)
 
 
 @pytest.mark.slow
