@@ -210,8 +210,7 @@ class CompressedAttention(nn.Module):
         ratio = spec.compress.ratio
         if ratio == 0:
             return f"compressed: sliding window only (w={spec.window})"
-        kind = "CSA" if spec.indexer is not None else "HCA"
-        return f"compressed {kind} (ratio {ratio}, w={spec.window})"
+        return f"compressed {'CSA' if spec.indexer is not None else 'HCA'} (ratio {ratio})"
 
     @staticmethod
     def shrink(spec: LayerSpec) -> dict:
