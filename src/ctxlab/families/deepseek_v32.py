@@ -45,7 +45,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     )
     qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     scale = qk_head_dim**-0.5
-    if rope.type != "default" and rope_params.get("mscale_all_dim"):
+    if rope.type != "default" and rope_params.get("mscale_all_dim") and rope.factor is not None:
         scale *= _yarn_mscale(rope.factor, rope_params["mscale_all_dim"]) ** 2
     indexer = IndexerSpec(
         n_heads=d.get("index_n_heads", 64),

@@ -63,11 +63,13 @@ def config_from_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             return ModelConfig.from_dict(native)
         except (TypeError, AttributeError) as e:
             raise ConfigError([f"{name or 'config'}: malformed ctxlab config ({e})"]) from None
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ConfigError(
             [f"{name or 'config'}: model_type = {model_type!r} is not supported; supported: {sorted(FAMILIES)}"]
         )
-    return FAMILIES[model_type].from_hf(d, name=name)
+    from ..families.fields import check_fields
+
+    return FAMILIES[model_type].from_hf(check_fields(d, name or "config"), name=name)
 
 
 def export_config(cfg: ModelConfig) -> dict[str, Any]:
