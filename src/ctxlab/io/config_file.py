@@ -31,10 +31,14 @@ def load_config(source: str | Path | ModelConfig) -> ModelConfig:
             raise ConfigError([f"{source}: a checkpoint directory needs a config.json; none found"])
     if path.is_file():
         return config_from_dict(_read_json(path), name=str(source))
+    from ..catalog import did_you_mean
+
     raise ConfigError(
         [
-            f"{source!r} is neither a preset nor an existing config.json / checkpoint directory; "
-            f"presets: {', '.join(preset_names())}"
+            (
+                f"{source!r} is neither a preset nor an existing config.json / checkpoint directory; "
+                f"{did_you_mean(str(source))}presets: {', '.join(preset_names())}"
+            )
         ]
     )
 
@@ -42,8 +46,10 @@ def load_config(source: str | Path | ModelConfig) -> ModelConfig:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError([f"{path}: not valid JSON ({e})"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot be read ({e.strerror or e})"]) from None
     if not isinstance(d, dict):
         raise ConfigError([f"{path}: a config.json holds one JSON object; got a {type(d).__name__}"])
     return d

@@ -24,6 +24,10 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, hidden_size, i))
         self.act, self.limit = ACTIVATIONS[activation], limit
 
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.gate_up_proj.normal_(0.0, std, generator=generator)
+        self.down_proj.normal_(0.0, std, generator=generator)
+
     def forward(self, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
         """x [N, H], top_index / top_weight [N, K] -> weighted sum of the chosen experts [N, H]."""
         out = torch.zeros_like(x)
@@ -59,6 +63,10 @@ class SoftmaxTopKRouter(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(moe.num_experts))
         self.root_size = hidden_size**-0.5
 
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.scale.fill_(1.0)
+        self.per_expert_scale.fill_(1.0)
+
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K] fp32)."""
         probs = F.softmax(self.proj(self.norm(x) * self.scale * self.root_size), dim=-1, dtype=torch.float32)
@@ -89,6 +97,13 @@ class BiasedTopKRouter(nn.Module):
         self.score = SCORE_FUNCTIONS[moe.score_fn]
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
+
+    keep_in_fp32 = ("e_score_correction_bias",)  # chooses experts by small margins (HF keeps it fp32 too)
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """Router weights and the correction bias drawn normal(0, std), as ctxlab always has."""
+        self.weight.normal_(0.0, std, generator=generator)
+        self.e_score_correction_bias.normal_(0.0, std, generator=generator)
 
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K] in x's dtype)."""
@@ -142,6 +157,15 @@ class EDARouter(nn.Module):
         self.router_mlp = RouterMLP(width, moe.num_experts + 1, eps)
         self.register_buffer("balancing_biases", torch.zeros(moe.num_experts + 1, dtype=torch.float32))
 
+    keep_in_fp32 = ("balancing_biases",)  # chooses experts by small margins (HF keeps it fp32 too)
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        if self.router_states_scale is not None:
+            self.router_states_scale.fill_(1.0)
+
+    def reset_buffers(self, generator: torch.Generator | None = None) -> None:
+        self.balancing_biases.zero_()
+
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K]); reads and sets ``ctx.router_state`` [N, R]."""
         r = self.down_proj(x)
@@ -177,6 +201,15 @@ class HashRouter(nn.Module):
         self.score = SCORE_FUNCTIONS[moe.score_fn]
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.register_buffer("tid2eid", torch.zeros(vocab_size, moe.top_k, dtype=torch.long))
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.weight.normal_(0.0, std, generator=generator)
+
+    def reset_buffers(self, generator: torch.Generator | None = None) -> None:
+        """Distinct random experts for every token id."""
+        experts = self.weight.shape[0]
+        ranks = torch.rand(self.tid2eid.shape[0], experts, generator=generator, device=self.tid2eid.device)
+        self.tid2eid.copy_(ranks.argsort(-1)[:, : self.tid2eid.shape[1]])
 
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx is None or ctx.input_ids is None:

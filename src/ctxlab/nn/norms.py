@@ -17,6 +17,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
 
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.weight.fill_(1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
