@@ -14,6 +14,7 @@ from .config import (
     OUTPUT_GATES,
     RESIDUALS,
     ROPE_TYPES,
+    ROUTER_PRECISIONS,
     ROUTERS,
     SCORE_FUNCTIONS,
     LayerSpec,
@@ -120,6 +121,8 @@ def _validate_layer(i: int, s: LayerSpec, cfg: ModelConfig) -> list[str]:
                 f"{at}.compress = {c}: ratio must be >= 0 (0 = window only), o_groups must divide "
                 f"num_heads * head_dim = {s.num_heads * s.head_dim}, and the layer needs a window"
             )
+    if s.moe is not None and s.moe.router_precision not in ROUTER_PRECISIONS:
+        p.append(f"{at}.moe.router_precision = {s.moe.router_precision!r}: allowed: {list(ROUTER_PRECISIONS)}")
     if s.moe is not None and s.moe.score_fn not in SCORE_FUNCTIONS:
         p.append(f"{at}.moe.score_fn = {s.moe.score_fn!r}: allowed: {list(SCORE_FUNCTIONS)}")
     if s.moe is not None and s.moe.num_experts % max(s.moe.n_group, 1):

@@ -58,6 +58,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         top_k=d.get("num_experts_per_tok", 8),
         intermediate_size=d.get("moe_intermediate_size", 2048),
         router="biased_topk",
+        router_precision="logits_fp32",  # HF DeepseekV32TopkRouter: the logit matmul in float32
         routed_scaling=float(d.get("routed_scaling_factor", 2.5)),
         shared_expert_size=d.get("moe_intermediate_size", 2048) * d.get("n_shared_experts", 1),
         n_group=d.get("n_group", 8),

@@ -95,6 +95,7 @@ class BiasedTopKRouter(nn.Module):
         self.top_k, self.softcap = moe.top_k, moe.router_logit_softcap
         self.n_group, self.topk_group = moe.n_group, moe.topk_group
         self.score = SCORE_FUNCTIONS[moe.score_fn]
+        self.precision = moe.router_precision
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
 
@@ -107,11 +108,17 @@ class BiasedTopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K] in x's dtype)."""
-        logits = F.linear(x, self.weight).float()  # [N, E]
+        if self.precision == "logits_fp32":
+            logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        else:
+            logits = F.linear(x, self.weight)
+        if self.precision == "scores_fp32":
+            logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        scores = self.score(logits)
-        choice = scores + self.e_score_correction_bias.float()
+        scores = self.score(logits)  # float32, or the model dtype with "scores_model_dtype"
+        choice = scores.float() + self.e_score_correction_bias.float()
+        scores = scores.float()
         if self.n_group > 1:  # group-limited: only the best topk_group groups (by their two best) compete
             grouped = choice.view(-1, self.n_group, choice.shape[-1] // self.n_group)
             best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices  # [N, topk_group]
