@@ -8,6 +8,7 @@ Public API (see docs/architecture.md)::
     logits = model(ids); cache = model.new_cache(1, 4096); logits = model(ids, cache=cache)
     ctxlab.kv_cache_bytes(cfg, 131072, "bfloat16"); ctxlab.count_params(cfg); ctxlab.decode_flops(cfg, n)
     ctxlab.generate(model, ids, max_new_tokens=32)
+    ctxlab.list_presets()                            # name, family, params, layers, trained context
 """
 
 from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
@@ -17,6 +18,8 @@ from .generate import generate, sample, stream
 from .io.checkpoint import from_pretrained, save_pretrained
 from .io.config_file import load_config
 from .model import CausalLM, build_model
+from .catalog import list_presets
+from .errors import InputError
 from .presets import preset_names
 
 __version__ = "0.1.0"
@@ -27,6 +30,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CtxlabError",
+    "InputError",
     "LayerSpec",
     "ModelConfig",
     "RopeSpec",
@@ -38,6 +42,7 @@ __all__ = [
     "generate",
     "kv_cache_bytes",
     "kv_cache_bytes_per_layer",
+    "list_presets",
     "load_config",
     "preset_names",
     "sample",

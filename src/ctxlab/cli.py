@@ -388,13 +388,20 @@ def error_message(e: BaseException) -> str:
     return str(e)
 
 
+class PipeConsole(Console):
+    """A rich console that hands a closed pipe to ``main`` (rich alone exits with code 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors (code 2)
         return e.code if isinstance(e.code, int) else 0
-    console = Console(file=sys.stdout, highlight=False, width=tables.console_width())
+    console = PipeConsole(file=sys.stdout, highlight=False, width=tables.console_width())
     try:
         return args.func(args, console)
     except CtxlabError as e:  # bad input: names, values, files (anything else is a bug: its traceback stays)
