@@ -27,7 +27,9 @@ def ctxlab_run(*argv: str, columns: int | None = None, **kwargs) -> subprocess.C
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     if columns is not None:
         env["COLUMNS"] = str(columns)
-    return subprocess.run([*script(), *argv], capture_output=True, text=True, env=env, timeout=600, **kwargs)
+    return subprocess.run(
+        [*script(), *argv], capture_output=True, text=True, env=env, timeout=600, check=False, **kwargs
+    )
 
 
 def assert_user_error(done: subprocess.CompletedProcess, *needles: str) -> None:
