@@ -30,12 +30,14 @@ def add_name_column(table: Table, header: str, names: list[str]) -> None:
     table.add_column(header, no_wrap=True, min_width=width, overflow="fold")
 
 
-NAME_HEADERS = ("Model", "Name", "Family preset")
+NAME_HEADERS = ("Model", "Name", "Family preset", "Baseline")
 
 
-def fit(table: Table, console: Console, drop_order: list[str] = ()) -> Table:
-    """The name column made unbreakable; then the columns in ``drop_order`` (first = least important)
-    dropped until the table fits the console."""
+def fit(table: Table, console: Console, drop_order: list[str] | None = None) -> Table:
+    """The name columns made unbreakable; then the columns in ``drop_order`` (first = least important;
+    default: from the right, name columns kept) dropped until the table fits the console."""
+    if drop_order is None:
+        drop_order = [c.header for c in reversed(table.columns) if c.header not in NAME_HEADERS]
     for column in table.columns:
         if column.header in NAME_HEADERS:
             column.no_wrap = True
