@@ -56,7 +56,7 @@ def test_report_shows_active_params_and_trained_context(capsys):
     assert v4["params_active"] < v4["params_total"]
     assert (v4["trained_context"], v4["beyond_trained_context"]) == (1048576, False)
     assert (rows["llama-3-8b"]["trained_context"], rows["llama-3-8b"]["beyond_trained_context"]) == (8192, True)
-    code, out, _ = run(capsys, "report", "--models", "llama-3-8b", "deepseek-v4-flash", "--context", "128k")
+    _, out, _ = run(capsys, "report", "--models", "llama-3-8b", "deepseek-v4-flash", "--context", "128k")
     assert "8,192*" in out and "1,048,576 " in out and "13.80B" in out and "= total" in out
     assert "beyond the context these models were trained for" in out
 
@@ -84,7 +84,7 @@ def test_inspect_deepseek_v4_names_csa_hca_and_sliding_layers(capsys):
         21,
         20,
     )
-    code, out, _ = run(capsys, "inspect", "deepseek-v4-flash")
+    _, out, _ = run(capsys, "inspect", "deepseek-v4-flash")
     assert "2 sliding only, 21 CSA ratio 4, 20 HCA ratio 128" in out
     assert not re.search(r"│ +\d+ │ compressed", out)  # the attention column names the variant
     assert len(re.findall(r"│ +\d+ │ (?:CSA ratio 4|HCA ratio 128|sliding only) ", out)) == 43
@@ -117,7 +117,7 @@ def test_generate_prints_a_summary_line(capsys):
 
 
 def test_top_level_help_lists_every_command_without_markup(capsys):
-    code, out, _ = run(capsys, "--help")
+    _, out, _ = run(capsys, "--help")
     commands = list(cli.build_parser()._subparsers._group_actions[0].choices)
     assert {"report", "inspect", "claims", "generate", "list"} <= set(commands)
     for name in commands:
