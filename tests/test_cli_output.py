@@ -50,6 +50,7 @@ def test_inspect_header_keeps_the_name_at_80_columns():
 
 def test_report_shows_active_params_and_trained_context(capsys):
     code, out, _ = run(capsys, "report", "--json", "--models", "llama-3-8b", "deepseek-v4-flash", "--context", "128k")
+    assert code == 0
     rows = {r["model"]: r for r in json.loads(out)["models"]}
     v4 = rows["deepseek-v4-flash"]
     assert v4["params_active"] == ctxlab.count_params(ctxlab.load_config("deepseek-v4-flash"))["active"]
@@ -75,6 +76,7 @@ def test_claims_print_counts_as_integers(capsys):
 def test_inspect_deepseek_v4_names_csa_hca_and_sliding_layers(capsys):
     cfg = ctxlab.load_config("deepseek-v4-flash")
     code, out, _ = run(capsys, "inspect", "deepseek-v4-flash", "--json")
+    assert code == 0
     variants = [r["attention_variant"] for r in json.loads(out)["layers"]]
     expected = ["sliding only" if s.compress.ratio == 0 else f"{'CSA' if s.compress.overlap else 'HCA'} ratio "
                 f"{s.compress.ratio}" for s in cfg.layers]  # fmt: skip
