@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 
@@ -64,10 +63,8 @@ def test_claims_cover_the_required_topics():
         assert needle in text, needle
 
 
-def test_claims_command_json_and_speed(capsys):
-    start = time.perf_counter()
+def test_claims_command_json(capsys):  # speed belongs in benchmarks, not in a test on a shared machine
     assert main(["claims"]) == 0
-    assert time.perf_counter() - start < 10
     assert "holds only under" in capsys.readouterr().out
     assert main(["claims", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)["claims"]

@@ -9,6 +9,7 @@ Public API (see docs/architecture.md)::
     ctxlab.kv_cache_bytes(cfg, 131072, "bfloat16"); ctxlab.count_params(cfg); ctxlab.decode_flops(cfg, n)
     ctxlab.generate(model, ids, max_new_tokens=32)
     tok = ctxlab.load_tokenizer("dir_or.gguf"); ctxlab.perplexity(model, tok.encode(text), context=512)
+    ctxlab.list_presets()                            # name, family, params, layers, trained context
 """
 
 from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
@@ -21,6 +22,8 @@ from .io.config_file import load_config
 from .io.text_tokenizer import load_tokenizer
 from .model import CausalLM, build_model
 from .perplexity import perplexity
+from .reporting.catalog import list_presets
+from .errors import InputError
 from .presets import preset_names
 
 __version__ = "0.1.0"
@@ -31,6 +34,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CtxlabError",
+    "InputError",
     "LayerSpec",
     "ModelConfig",
     "RopeSpec",
@@ -42,6 +46,7 @@ __all__ = [
     "generate",
     "kv_cache_bytes",
     "kv_cache_bytes_per_layer",
+    "list_presets",
     "load_config",
     "load_tokenizer",
     "perplexity",

@@ -48,6 +48,9 @@ class Block(nn.Module):
         if spec.layer_scalar:
             self.register_buffer("layer_scalar", torch.ones(1))
 
+    def reset_buffers(self, generator: torch.Generator | None = None) -> None:
+        self.layer_scalar.fill_(1.0)
+
     @staticmethod
     def normed(norm: RMSNorm, x: torch.Tensor) -> torch.Tensor:
         """A norm of the residual, read in the weights' dtype (the residual may be float32)."""

@@ -1,16 +1,29 @@
-"""``ctxlab`` command line: ``report`` (cost of presets), ``inspect`` (one model, layer by layer), ``generate``,
-``chat`` and ``perplexity`` (real checkpoints).
+"""ctxlab: KV cache, parameters and decode FLOPs of long-context LLMs; layer-by-layer inspection; generation.
 
-Human tables go to stdout (rich), ``--json`` prints exact integers for machines, warnings go to
-stderr. Errors a user can fix (bad name, bad value, missing file) exit with code 2 and a message,
-never a traceback.
+Commands:
+
+* ``ctxlab report``: the cost of many models (params, KV cache per token and at a context, decode FLOPs)
+* ``ctxlab inspect MODEL``: one model's summary and per-layer table
+* ``ctxlab claims``: published efficiency claims checked against the configs
+* ``ctxlab generate MODEL``: generate tokens from a checkpoint (or a preset with random weights)
+* ``ctxlab list`` (alias ``presets``): every preset with family, params, layers, trained context
+* ``ctxlab chat MODEL``: multi-turn chat with a real checkpoint or .gguf file (its chat template)
+* ``ctxlab perplexity MODEL FILE``: strided perplexity of a text file
+
+Human tables go to stdout (rich), ``--json`` prints exact integers for machines, warnings and
+progress go to stderr. Errors a user can fix (bad name, bad value, missing file: ctxlab's own
+error types and argument errors) exit with code 2 and a one-line message; anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import sys
+import time
 from functools import partial
 from pathlib import Path
 
@@ -18,30 +31,38 @@ import torch
 from rich.console import Console
 from rich.markup import escape
 
-from . import __version__
+from . import __version__, progress
 from .accounting import count_params, decode_flops_terms, kv_cache_bytes
-from .dtypes import as_dtype
-from .errors import ConfigError, CtxlabError
+from .dtypes import DTYPES, dtype_name
+from .errors import ConfigError, CtxlabError, InputError
 from .generate import stream
 from .io.checkpoint import from_pretrained
 from .io.config_file import load_config
-from .io.tokenizer import decode, encode, load_tokenizer
+from .io.gguf import is_gguf
+from .io.text_tokenizer import TextTokenizer
+from .io.text_tokenizer import load_tokenizer as load_text_tokenizer
+from .io.tokenizer import TOKENIZER_FILE
+from .memory import generation_bytes
 from .model import build_model
 from .presets import preset_names, preset_path
 from .reporting import rows, tables
+from .reporting.table_fit import fit
 from .reporting.tables import CONVENTIONS_NOTE, UNITS_NOTE, fmt_bytes, fmt_count
 
+MAX_TOKENS = 1 << 40  # no cache or context anywhere near it; larger numbers are typos
+PROGRESS_MIN_BYTES = 256 << 20  # show a progress bar for models at least this large
 
-def count(text: str, minimum: int = 1, suffixes: bool = False) -> int:
-    """An integer >= ``minimum``; with ``suffixes``, '128k' = 128 * 1024 and '1m' = 1024 * 1024."""
+
+def count(text: str, minimum: int = 1, suffixes: bool = False, maximum: int = MAX_TOKENS) -> int:
+    """An integer in [minimum, maximum]; with ``suffixes``, '128k' = 128 * 1024 and '1m' = 1024 * 1024."""
     scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1) if suffixes else 1
     try:
         n = int(text[:-1] if scale > 1 else text) * scale
     except ValueError:
         n = minimum - 1
-    if n < minimum:
+    if not minimum <= n <= maximum:
         example = ", e.g. 4096 or 128k" if suffixes else ""
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= {minimum}{example}")
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer in [{minimum}, 2^40 = {maximum}]{example}")
     return n
 
 
@@ -50,15 +71,33 @@ positive = partial(count, minimum=1)
 nonnegative = partial(count, minimum=0)
 
 
-def token_ids(text: str) -> list[int]:
-    """'1,2,3' (or '1 2 3') -> [1, 2, 3]."""
+def real(text: str, low: float = 0.0, high: float = math.inf, low_open: bool = False, what: str = "") -> float:
+    """A finite number in [low, high] (or (low, high] with ``low_open``); nan and inf are refused."""
     try:
-        ids = [int(t) for t in text.replace(",", " ").split()]
+        x = float(text)
     except ValueError:
-        ids = []
-    if not ids:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected token ids separated by commas, e.g. 1,2,3")
-    return ids
+        x = math.nan
+    if not (math.isfinite(x) and (x > low if low_open else x >= low) and x <= high):
+        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}"
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number {bound}{what}")
+    return x
+
+
+temperature = partial(real, what=" (0 = greedy)")
+probability = partial(real, high=1.0, low_open=True)
+gibibytes = partial(real, low_open=True, what=" GiB")
+
+
+def token_ids(text: str) -> list[int]:
+    """'1,2,3' (or '1 2 3') -> [1, 2, 3]; an empty entry ('1,,2') or a non-integer is refused."""
+    parts = [t.strip() for t in text.split(",")]
+    entries = [w for part in parts for w in (part.split() or [""])]
+    if not all(e.lstrip("-").isdigit() for e in entries):
+        bad = next((repr(e) for e in entries if not e.lstrip("-").isdigit()), "")
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected token ids separated by commas, e.g. 1,2,3 (entry {bad or repr('')} is not an integer)"
+        )
+    return [int(e) for e in entries]
 
 
 # ---------------------------------------------------------------------------------------- report
@@ -82,7 +121,8 @@ def cmd_report(args, console: Console) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    console.print(tables.report_table(out["models"], args.context, args.dtype, args.batch_size))
+    console.print(fit(tables.report_table(out["models"], args.context, args.dtype, args.batch_size), console,
+                      tables.REPORT_DROP_ORDER))
     extra = (
         ("kv_sharing", lambda rows: tables.sharing_table(rows, args.context, args.dtype)),
         ("head_budgets", lambda rows: tables.head_budget_table(rows, args.context)),
@@ -92,7 +132,7 @@ def cmd_report(args, console: Console) -> int:
     )
     for key, render in extra:
         if out[key]:
-            console.print(render(out[key]))
+            console.print(fit(render(out[key]), console))
     return 0
 
 
@@ -124,12 +164,12 @@ def cmd_inspect(args, console: Console) -> int:
         f"[bold]{escape(args.model)}[/]: family {cfg.family}, {cfg.num_layers} layers, hidden {cfg.hidden_size}, "
         f"vocab {cfg.vocab_size}\nparams: total {fmt_count(params['total'])}, effective {fmt_count(params['effective'])}"
         f"{towers if params['non_text'] else ''}, active {fmt_count(params['active'])}\n"
-        f"{rows.kv_roles(cfg)}{rows.head_budget_line(cfg, args.context)}"
+        f"{rows.kv_roles(cfg)}{escape(rows.compression_line(cfg))}{rows.head_budget_line(cfg, args.context)}"
         f"KV cache at {args.context:,} tokens ({args.dtype}, batch 1): "
         f"realized {fmt_bytes(info['kv_bytes_realized'])}, naive {fmt_bytes(info['kv_bytes_naive'])}\n"
         f"decode GFLOPs at position {args.context:,}: {flops}\n({UNITS_NOTE})"
     )
-    console.print(tables.layer_table(info["layers"], args.context, args.dtype))
+    console.print(fit(tables.layer_table(info["layers"], args.context, args.dtype), console, ["KV source", "RoPE"]))
     return 0
 
 
@@ -142,51 +182,80 @@ def cmd_claims(args, console: Console) -> int:
 
     out = {"claims": evaluate_all()}
     if args.measure:
-        out["measured_caches"] = [measured_cache(n, args.tokens) for n in FAMILY_PRESETS]
+        out["measured_caches"] = []
+        with progress.bar("measuring caches", total=len(FAMILY_PRESETS), show=not args.json):
+            for name in FAMILY_PRESETS:
+                out["measured_caches"].append(measured_cache(name, args.tokens))
+                progress.advance(1)
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    console.print(tables.claims_table(out["claims"]))
+    console.print(fit(tables.claims_table(out["claims"]), console, ["Source"]))
     if args.measure:
-        console.print(tables.measured_table(out["measured_caches"]))
+        console.print(fit(tables.measured_table(out["measured_caches"]), console))
     return 0
 
 
 # -------------------------------------------------------------------------------------- generate
 
 
-def load_for_generation(source: str, dtype: torch.dtype, max_memory_gb: float):
-    """(model, tokenizer or None): a checkpoint directory, or random weights for a preset / config.json."""
+def load_for_generation(source: str, dtype: torch.dtype, max_memory_gb: float, tokens: int, quiet: bool):
+    """A checkpoint directory, or random weights for a preset / config.json; refused when the weights
+    plus the cache of ``tokens`` positions would exceed ``max_memory_gb``."""
     cfg = load_config(source)
-    need = count_params(cfg)["total"] * torch.empty((), dtype=dtype).element_size()
-    if need > max_memory_gb * (1 << 30):
-        raise ValueError(
-            f"{source}: its weights need about {fmt_bytes(need)} in {str(dtype).removeprefix('torch.')}, more than "
-            f"--max-memory-gb {max_memory_gb:g} GiB; raise --max-memory-gb if this machine has the memory, or use "
-            f"a small model (tiny presets: {', '.join(n for n in preset_names() if n.startswith('tiny-'))})"
+    need = generation_bytes(cfg, dtype, tokens)
+    if need["total"] > max_memory_gb * (1 << 30):
+        raise InputError(
+            f"{source}: its weights ({fmt_bytes(need['weights'])} in {dtype_name(dtype)}) and KV cache "
+            f"({fmt_bytes(need['cache'])}) need about {fmt_bytes(need['total'])}, more than --max-memory-gb "
+            f"{max_memory_gb:g} GiB; raise --max-memory-gb if this machine has the memory, or use a small model "
+            f"(tiny presets: {', '.join(n for n in preset_names() if n.startswith('tiny-'))})"
         )
-    if preset_path(source) is None and (Path(source).is_dir() or str(source).lower().endswith(".gguf")):
-        return from_pretrained(source, dtype=dtype), load_tokenizer(source)
-    print(f"ctxlab generate: warning: {source} is not a checkpoint directory; using RANDOM weights "
-          "(build_model seed 0), so the output is meaningless", file=sys.stderr)
-    return build_model(cfg, dtype=dtype, seed=0), None
+    checkpoint = preset_path(source) is None and (Path(source).is_dir() or is_gguf(source))
+    if not checkpoint:
+        print(f"ctxlab generate: warning: {source} is not a checkpoint directory; using RANDOM weights "
+              "(build_model seed 0), so the output is meaningless", file=sys.stderr)
+    if not quiet:
+        print(f"ctxlab generate: memory estimate {fmt_bytes(need['total'])} (weights {fmt_bytes(need['weights'])}"
+              f" + KV cache {fmt_bytes(need['cache'])})", file=sys.stderr)
+    verb = "loading" if checkpoint else "building"
+    with progress.bar(f"{verb} {source}", total=need["weights"], show=not quiet and need["weights"] >= PROGRESS_MIN_BYTES,
+                      unit_bytes=True):  # fmt: skip
+        model = from_pretrained(source, dtype=dtype) if checkpoint else build_model(cfg, dtype=dtype, seed=0)
+    return model, need
+
+
+def prompt_tokenizer(source: str) -> TextTokenizer | None:
+    """The tokenizer of a real checkpoint (a .gguf file, or a directory with tokenizer.json), else None."""
+    if preset_path(source) is None and (is_gguf(source) or (Path(source) / TOKENIZER_FILE).is_file()):
+        return load_text_tokenizer(source)
+    return None
 
 
 def cmd_generate(args, console: Console) -> int:
-    model, tok = load_for_generation(args.model, as_dtype(args.dtype), args.max_memory_gb)
-    if args.prompt is not None:
+    dtype = DTYPES[args.dtype]
+    model_tokens = args.max_new_tokens + (len(args.prompt_ids) if args.prompt_ids else 0)
+    tok = None
+    if args.prompt is not None:  # the tokenizer is read only when text has to be encoded
+        tok = prompt_tokenizer(args.model)
         if tok is None:
-            raise ValueError(f"--prompt needs a tokenizer.json in the checkpoint directory and {args.model} has none; "
+            raise InputError(f"--prompt needs a tokenizer.json in the checkpoint directory and {args.model} has none; "
                              "pass token ids instead, e.g. --prompt-ids 1,2,3")
-        prompt = encode(tok, args.prompt)
+        prompt = tok.encode(args.prompt)
+        model_tokens += len(prompt)
     else:
         prompt = args.prompt_ids
+    model, need = load_for_generation(args.model, dtype, args.max_memory_gb, model_tokens, quiet=args.json)
     steps = stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, prefill_chunk=args.prefill_chunk)
-    show = (lambda ids: decode(tok, ids)) if tok is not None else (lambda ids: " ".join(map(str, ids)))
+                   top_p=args.top_p, seed=args.seed, prefill_chunk=args.prefill_chunk,
+                   allow_past_max_positions=args.allow_past_max_positions)
+    show = tok.decode if tok is not None else (lambda ids: " ".join(map(str, ids)))
     new: list[int] = []
     printed = ""
+    start = time.perf_counter()
+    first = None  # when the first token came out: the end of the prefill
     for step, _finished in steps:
+        first = time.perf_counter() if first is None else first
         new.append(int(step[0]))
         if args.stream and not args.json:
             text = show(new)
@@ -194,14 +263,47 @@ def cmd_generate(args, console: Console) -> int:
                 sys.stdout.write(text[len(printed) :])
                 sys.stdout.flush()
                 printed = text
+    summary = generation_summary(len(prompt), new, start, first, time.perf_counter())
     if args.json:
         out = {"model": args.model, "prompt_ids": prompt, "generated_ids": new,
-               "text": decode(tok, new) if tok is not None else None}
+               "text": tok.decode(new) if tok is not None else None, "summary": summary,
+               "memory_estimate_bytes": need}
         print(json.dumps(out))
-    elif args.stream:
+        return 0
+    if args.stream:
         print(show(new)[len(printed) :])
     else:
         print(show(new))
+    print(f"ctxlab generate: {summary['prompt_tokens']} prompt tokens, {summary['new_tokens']} new tokens; "
+          f"prefill {summary['prefill_tokens_per_s']:,.1f} tok/s, decode {summary['decode_tokens_per_s']:,.1f} tok/s",
+          file=sys.stderr)
+    return 0
+
+
+def generation_summary(prompt_tokens: int, new: list[int], start: float, first: float | None, end: float) -> dict:
+    """Token counts and speeds: prefill = prompt tokens / time to the first new token; decode = the
+    other new tokens / the time after it (0 when there were none)."""
+    first = end if first is None else first
+    prefill_s, decode_s = max(first - start, 1e-9), max(end - first, 1e-9)
+    decoded = max(len(new) - 1, 0)
+    return {
+        "prompt_tokens": prompt_tokens, "new_tokens": len(new), "prefill_seconds": first - start,
+        "decode_seconds": end - first, "prefill_tokens_per_s": prompt_tokens / prefill_s if new else 0.0,
+        "decode_tokens_per_s": decoded / decode_s if decoded else 0.0,
+    }  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ list
+
+
+def cmd_list(args, console: Console) -> int:
+    from .reporting.catalog import list_presets
+
+    rows = list_presets(include_tiny=True)
+    if args.json:
+        print(json.dumps({"presets": rows}, indent=2))
+        return 0
+    console.print(fit(tables.presets_table(rows), console, tables.PRESETS_DROP_ORDER))
     return 0
 
 
@@ -211,8 +313,6 @@ def cmd_generate(args, console: Console) -> int:
 def load_checkpoint(source: str, dtype: torch.dtype, chat: bool = False):
     """(model, TextTokenizer) of a real checkpoint: a directory with tokenizer.json, or a .gguf file.
     With ``chat``, a tokenizer without chat template is refused before the weights are read."""
-    from .io.text_tokenizer import load_tokenizer as load_text_tokenizer
-
     if preset_path(source) is not None or not Path(source).exists():
         raise ValueError(f"{source}: not a checkpoint directory or .gguf file (random-weight presets are "
                          "meaningless here; `ctxlab generate` runs them)")
@@ -225,7 +325,7 @@ def load_checkpoint(source: str, dtype: torch.dtype, chat: bool = False):
 def cmd_chat(args, console: Console) -> int:
     from .chat import ChatSession, run_chat, user_messages
 
-    model, tokenizer = load_checkpoint(args.model, as_dtype(args.dtype), chat=True)
+    model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype], chat=True)
     session = ChatSession(model, tokenizer, context=args.context, system=args.system, temperature=args.temperature,
                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, prefill_chunk=args.prefill_chunk)
     messages = args.message if args.message else user_messages(sys.stdin, sys.stderr)
@@ -237,7 +337,7 @@ def cmd_perplexity(args, console: Console) -> int:
 
     from .perplexity import perplexity
 
-    model, tokenizer = load_checkpoint(args.model, as_dtype(args.dtype))
+    model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype])
     ids = tokenizer.encode(Path(args.file).read_text(encoding="utf-8"))
     stride = args.stride if args.stride is not None else max(1, args.context // 2)
     bar = Console(file=sys.stderr)
@@ -259,7 +359,7 @@ def cmd_perplexity(args, console: Console) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="ctxlab", formatter_class=fmt, description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="ctxlab", formatter_class=fmt, description=__doc__.splitlines()[0].removeprefix("ctxlab: "))
     p.add_argument("--version", action="version", version=f"ctxlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -313,21 +413,31 @@ def build_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer.json in the checkpoint directory)")
     prompt.add_argument("--prompt-ids", type=token_ids, metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
     g.add_argument("--max-new-tokens", type=nonnegative, default=32, help="tokens to generate (fewer if EOS comes)")
-    g.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (argmax)")
+    g.add_argument("--temperature", type=temperature, default=0.0, help="sampling temperature; 0 = greedy (argmax)")
     g.add_argument("--top-k", type=positive, help="sample among the k most likely tokens only (None = all)")
-    g.add_argument("--top-p", type=float, help="nucleus sampling: keep the most likely tokens up to this "
+    g.add_argument("--top-p", type=probability, help="nucleus sampling: keep the most likely tokens up to this "
                    "probability mass, in (0, 1] (None = off)")
     g.add_argument("--seed", type=int, help="seed of the sampling generator (None = not reproducible when "
                    "--temperature > 0); the random weights of a preset always use seed 0")
-    g.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight and cache element type")
+    g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weight and cache element type")
     g.add_argument("--prefill-chunk", type=tokens, help="feed the prompt in chunks of this many tokens (None = all)")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they are generated")
     g.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, generated_ids, text)")
-    g.add_argument("--max-memory-gb", type=float, default=8.0,
-                   help="refuse a model whose weights (total params x element size) exceed this many GiB")
+    g.add_argument("--max-memory-gb", type=gibibytes, default=8.0,
+                   help="refuse a model whose weights (total params x element size) plus KV cache exceed this many GiB")
+    g.add_argument("--allow-past-max-positions", action="store_true",
+                   help="generate past the model's max_position_embeddings (the context it was trained for); "
+                   "refused otherwise")
     g.set_defaults(func=cmd_generate)
 
+    for name, aliases in (("list", ["presets"]),):
+        q = sub.add_parser(name, aliases=aliases, formatter_class=fmt, help="every preset: family, params, layers, "
+                           "trained context, description", description="Every built-in preset: family, parameters "
+                           "(total and active per token), layers, trained context (max_position_embeddings) and "
+                           "what it is. Use a name with report, inspect or generate.")
+        q.add_argument("--json", action="store_true", help="print JSON with exact integers instead of a table")
+        q.set_defaults(func=cmd_list)
     sampling = argparse.ArgumentParser(add_help=False)  # shared by chat
     sampling.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (argmax)")
     sampling.add_argument("--top-k", type=positive, help="sample among the k most likely tokens only (None = all)")
@@ -374,18 +484,29 @@ def error_message(e: BaseException) -> str:
     return str(e)
 
 
+class PipeConsole(Console):
+    """A rich console that hands a closed pipe to ``main`` (rich alone exits with code 1)."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, --version, usage errors (code 2)
         return e.code if isinstance(e.code, int) else 0
-    console = Console(file=sys.stdout, highlight=False, width=None if sys.stdout.isatty() else 160)
+    console = PipeConsole(file=sys.stdout, highlight=False, width=tables.console_width())
     try:
         return args.func(args, console)
-    except (CtxlabError, ValueError, OSError) as e:  # bad input, unreadable / unwritable files
+    except CtxlabError as e:  # bad input: names, values, files (anything else is a bug: its traceback stays)
         print(f"ctxlab {args.command}: error: {error_message(e)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (ctxlab report | head): stop quietly, as Unix tools do
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # nothing left to flush into the closed pipe at exit
+        return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the broken pipe
     except KeyboardInterrupt:
         print(f"ctxlab {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -70,6 +70,10 @@ class MoESpec:
     ``topk_group`` groups compete.
     ``routed_scaling`` multiplies the routed sum; ``shared_expert_size`` > 0 adds an always-on
     gated MLP of that width; ``router_logit_softcap`` caps router logits with tanh.
+    ``router_precision`` (``biased_topk``; matters below float32 only): ``"scores_fp32"`` (logits
+    in the model dtype, scores in float32; HF Laguna), ``"logits_fp32"`` (the logit matmul itself in
+    float32; HF DeepSeek V3.2), ``"scores_model_dtype"`` (logits and scores in the model dtype, then
+    the float32 bias added; HF DeepSeek V4). Choices near a tie follow the precision.
     """
 
     num_experts: int
@@ -84,6 +88,9 @@ class MoESpec:
     n_group: int = 1
     topk_group: int = 1
     score_fn: str = "sigmoid"
+    router_precision: str = "scores_fp32"
+
+
 
 
 @dataclass(frozen=True)

@@ -1,23 +1,25 @@
-"""Dtype names accepted everywhere (CLI, ``from_pretrained``, accounting)."""
+"""The element types ctxlab builds, loads and caches in, by name: one list for the CLI and the Python API."""
 
 from __future__ import annotations
 
 import torch
 
-DTYPES = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-}
+from .errors import InputError
+
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # short names the accounting also takes
 
 
-def as_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    """A torch dtype from itself or one of the names in :data:`DTYPES`."""
-    if isinstance(dtype, torch.dtype):
+def resolve_dtype(dtype: str | torch.dtype, what: str = "dtype") -> torch.dtype:
+    """``"bfloat16"`` / ``torch.bfloat16`` -> ``torch.bfloat16``; anything else is an InputError listing the names."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
         return dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype = {dtype!r}: allowed: {sorted(DTYPES)}")
-    return DTYPES[dtype]
+    if isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        if ALIASES.get(name, name) in DTYPES:
+            return DTYPES[ALIASES.get(name, name)]
+    raise InputError(f"{what} = {dtype!r}: allowed: {', '.join(DTYPES)} (names or the torch dtypes)")
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -23,3 +23,8 @@ class CheckpointError(CtxlabError, ValueError):
 
 class CacheOverflowError(CtxlabError, IndexError):
     """More tokens were written to a cache than it was allocated for."""
+
+
+class InputError(CtxlabError, ValueError):
+    """A bad argument to a ctxlab function or command: token ids, prompts, sampling settings, dtype
+    names, output paths, a generation longer than the model's trained context."""

@@ -13,6 +13,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 from .cache import Cache
+from .errors import InputError
 from .model import CausalLM
 
 Prompts = torch.Tensor | Sequence[Sequence[int]]
@@ -26,12 +27,12 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
-    if temperature < 0:
-        raise ValueError(f"temperature = {temperature}: must be >= 0 (0 = greedy)")
+    if not temperature >= 0:  # also refuses nan
+        raise InputError(f"temperature = {temperature}: must be a number >= 0 (0 = greedy)")
     if top_k is not None and top_k <= 0:
-        raise ValueError(f"top_k = {top_k}: must be a positive integer or None")
+        raise InputError(f"top_k = {top_k}: must be a positive integer or None")
     if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p = {top_p}: must be in (0, 1] or None")
+        raise InputError(f"top_p = {top_p}: must be in (0, 1] or None")
     logits = logits.float()
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -53,14 +54,25 @@ def left_pad(prompts: Prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     """(ids [B, T_max] left-padded, pad [B]) from a tensor or a list of token-id lists."""
     if isinstance(prompts, torch.Tensor):
         if prompts.dim() != 2 or prompts.shape[1] == 0:
-            raise ValueError(f"input_ids must have shape [batch, tokens] with tokens >= 1; got {tuple(prompts.shape)}")
+            raise InputError(f"input_ids must have shape [batch, tokens] with tokens >= 1; got {tuple(prompts.shape)}")
         return prompts, torch.zeros(prompts.shape[0], dtype=torch.long)
+    if not isinstance(prompts, (list, tuple)) or any(isinstance(p, (int, str)) or not hasattr(p, "__len__") for p in prompts):
+        example = f"[{list(prompts)[:3]}]" if isinstance(prompts, (list, tuple)) else "[[1, 2, 3]]"
+        raise InputError(
+            "prompts are a [B, T] tensor or a list of token-id lists (one per sequence), e.g. "
+            f"{example}; got {type(prompts).__name__} {_preview(prompts)}"
+        )
     rows = [list(p) for p in prompts]
     if not rows or any(len(r) == 0 for r in rows):
-        raise ValueError("every prompt needs at least one token")
+        raise InputError("every prompt needs at least one token")
     width = max(len(r) for r in rows)
     ids = torch.tensor([[pad_id] * (width - len(r)) + r for r in rows], dtype=torch.long)
     return ids, torch.tensor([width - len(r) for r in rows], dtype=torch.long)
+
+
+def _preview(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 @torch.no_grad()
@@ -89,21 +101,25 @@ def stream(
     seed: int | None = None,
     eos_token_id: int | Sequence[int] | None = None,
     prefill_chunk: int | None = None,
+    allow_past_max_positions: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(tokens [B], finished [B])`` once per generated position.
 
     Rows that have produced an EOS token keep yielding the pad token (``finished`` True);
     the stream ends when every row has finished or after ``max_new_tokens`` steps.
+    A prompt plus ``max_new_tokens`` longer than the model's ``max_position_embeddings`` (the
+    context it was trained for) is refused unless ``allow_past_max_positions``.
     """
     if max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
+        raise InputError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
     if prefill_chunk is not None and not (isinstance(prefill_chunk, int) and prefill_chunk > 0):
-        raise ValueError(f"prefill_chunk = {prefill_chunk!r}: must be a positive number of tokens, or None (whole prompt)")
+        raise InputError(f"prefill_chunk = {prefill_chunk!r}: must be a positive number of tokens, or None (whole prompt)")
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)
     pad_id = cfg.pad_token_id if cfg.pad_token_id is not None else (int(eos[0]) if len(eos) else 0)
     ids, pad = left_pad(prompts, pad_id)
+    check_positions(cfg, ids.shape[1], max_new_tokens, allow_past_max_positions)
     ids, device = ids.to(model.device), model.device
     if max_new_tokens == 0:
         return
@@ -120,6 +136,18 @@ def stream(
         if bool(finished.all()) or i == max_new_tokens - 1:
             return
         logits = decode_step(model, tokens, cache)
+
+
+def check_positions(cfg, prompt_tokens: int, new_tokens: int, allow: bool) -> None:
+    """Refuse to run past the trained context (``max_position_embeddings``) unless allowed."""
+    limit = cfg.max_position_embeddings
+    if prompt_tokens + new_tokens > limit and not allow:
+        raise InputError(
+            f"{prompt_tokens} prompt tokens + {new_tokens} new tokens = {prompt_tokens + new_tokens} positions, more "
+            f"than {cfg.name or cfg.family}'s max_position_embeddings = {limit} (the context it was trained for); "
+            "shorten the prompt or max_new_tokens, or pass allow_past_max_positions=True "
+            "(CLI: --allow-past-max-positions) to run on anyway"
+        )
 
 
 def generate(model: CausalLM, prompts: Prompts, max_new_tokens: int = 32, **kwargs) -> torch.Tensor | list[list[int]]:

@@ -16,6 +16,9 @@ from . import blocks  # noqa: F401  (registers the block kinds)
 from .attention.context import ForwardContext
 from .cache import Cache
 from .config import ModelConfig
+from .dtypes import dtype_name, resolve_dtype
+from .errors import InputError
+from .init import fp32_tensors, initialise
 from .io.writer import save_pretrained as save_checkpoint
 from .nn import ple
 from .nn.norms import RMSNorm
@@ -41,6 +44,11 @@ class DecoderStack(nn.Module):
         if cfg.input_affine:  # HF names: ZayaModel.input_hidden_states_{scale,bias}
             self.input_hidden_states_scale = nn.Parameter(torch.ones(cfg.hidden_size))
             self.input_hidden_states_bias = nn.Parameter(torch.zeros(cfg.hidden_size))
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """The embedding affine: unit scale, bias drawn normal(0, std) as ctxlab always has."""
+        self.input_hidden_states_scale.fill_(1.0)
+        self.input_hidden_states_bias.normal_(0.0, std, generator=generator)
 
     def embed(self, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """ids [B, T] -> embeddings [B, T, H]; fills ``ctx.per_layer_inputs`` for PLE models."""
@@ -79,6 +87,21 @@ class CausalLM(nn.Module):
                     module.unit_offset = True
         self._kv_sources = frozenset(s.kv_source for s in cfg.layers if s.kv_source is not None)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Every cast (``to``, ``to_empty``, ``bfloat16()``, ...) as torch does it, except that tensors a
+        module declares in ``keep_in_fp32`` keep their dtype (they still move between devices)."""
+        kept = [(module, name, getattr(module, name).detach()) for module, name in fp32_tensors(self)]
+        super()._apply(fn, recurse)
+        for module, name, before in kept:
+            after = getattr(module, name)
+            if after.dtype != before.dtype:
+                restored = before.to(device=after.device)
+                if isinstance(after, nn.Parameter):
+                    after.data = restored
+                else:
+                    setattr(module, name, restored)
+        return self
+
     @property
     def dtype(self) -> torch.dtype:
         return self.lm_head.weight.dtype
@@ -115,12 +138,12 @@ class CausalLM(nn.Module):
     def _check_ids(self, ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int):
             got = f"{type(ids).__name__} {getattr(ids, 'dtype', '')} {tuple(getattr(ids, 'shape', ()))}"
-            raise ValueError(f"input_ids must be an integer tensor of shape [batch, tokens]; got {got}")
+            raise InputError(f"input_ids must be an integer tensor of shape [batch, tokens]; got {got}")
         if ids.shape[1] == 0:
-            raise ValueError("input_ids has no tokens (shape [B, 0])")
+            raise InputError("input_ids has no tokens (shape [B, 0])")
         lo, hi = int(ids.min()), int(ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token ids must be in [0, {self.config.vocab_size}); got ids in [{lo}, {hi}]")
+            raise InputError(f"token ids must be in [0, {self.config.vocab_size}); got ids in [{lo}, {hi}]")
         return ids.long()
 
     def new_cache(self, batch_size: int = 1, max_tokens: int = 4096) -> Cache:
@@ -133,35 +156,36 @@ class CausalLM(nn.Module):
 
 
 def build_model(
-    cfg: ModelConfig, dtype: torch.dtype = torch.float32, seed: int | None = 0, device=None, init_std: float = 0.02
+    cfg: ModelConfig,
+    dtype: torch.dtype | str = torch.float32,
+    seed: int | None = 0,
+    device=None,
+    init_std: float = 0.02,
 ) -> CausalLM:
     """A randomly initialised model (normal(0, init_std) weights, unit norms) of ``cfg``.
 
-    Norm weights start at 1, or at 0 when ``cfg.norm_unit_offset`` (the norm adds the 1)."""
+    Norm weights start at 1, or at 0 when ``cfg.norm_unit_offset`` (the norm adds the 1). Built on the meta device, allocated once in ``dtype`` (tensors declared ``keep_in_fp32`` stay
+    float32) and initialised module by module (:func:`ctxlab.init.initialise`), so the peak memory
+    is the weights in ``dtype``, never a float32 copy. ``dtype``: a torch dtype or its name
+    (float32, bfloat16, float16). The same seed gives the same weights in every dtype (bfloat16
+    values are the float32 ones rounded).
+    """
+    dtype = resolve_dtype(dtype)
     check_dtype(cfg, dtype)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    model = CausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if cfg.norm_unit_offset and (name.endswith("norm.weight") or "layernorm" in name):
-                p.zero_()
-            elif name.endswith(("norm.weight", ".scale", "per_expert_scale", "_scale")) or "layernorm" in name:
-                p.fill_(1.0)
-            elif name.endswith(".bias"):
-                p.zero_()
-            else:
-                p.normal_(0.0, init_std, generator=generator)
-        for name, b in model.named_buffers():
-            if name.endswith("tid2eid"):  # hash routing: distinct random experts per token id
-                experts = model.get_submodule(name.rsplit(".", 2)[0]).experts.gate_up_proj.shape[0]
-                b.copy_(torch.rand(b.shape[0], experts, generator=generator).argsort(-1)[:, : b.shape[1]])
-    return model.to(dtype=dtype, device=device).eval()
+    with torch.device("meta"):
+        model = CausalLM(cfg)
+    model.to(dtype=dtype).to_empty(device="cpu")
+    if cfg.tie_word_embeddings:  # to_empty gives each module its own tensor; tie them again
+        model.lm_head.weight = model.model.embed_tokens.weight
+    initialise(model, generator, init_std)
+    return model.to(device=device).eval() if device is not None else model.eval()
 
 
 def check_dtype(cfg: ModelConfig, dtype: torch.dtype) -> None:
     """Refuse float16 for configs that overflow in it (Gemma: large norms and activations)."""
     if dtype == torch.float16 and not cfg.float16_ok:
-        raise ValueError(
+        raise InputError(
             f"{cfg.name or cfg.family}: float16 is refused for {cfg.family} models (activations overflow "
-            "float16's range, HF transformers #36822); use torch.bfloat16 or torch.float32"
+            f"float16's range, HF transformers #36822); use torch.bfloat16 or torch.float32 (got {dtype_name(dtype)})"
         )

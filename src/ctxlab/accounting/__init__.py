@@ -7,7 +7,7 @@
 * ``savings.py``: what KV sharing saves under each convention, and comparison baselines.
 """
 
-from ..dtypes import as_dtype
+from ..dtypes import resolve_dtype as as_dtype
 from .flops import decode_flops, decode_flops_terms
 from .kv import KV_CONVENTIONS, kv_cache_bytes, kv_cache_bytes_per_layer
 from .params import count_params

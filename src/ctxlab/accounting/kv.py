@@ -14,7 +14,7 @@ import dataclasses
 import torch
 
 from ..config import ModelConfig
-from ..dtypes import as_dtype
+from ..dtypes import resolve_dtype
 from ..planner import layer_cache_spec
 
 KV_CONVENTIONS = ("realized", "uncapped", "naive")
@@ -32,7 +32,7 @@ def kv_cache_bytes_per_layer(
         raise ValueError(f"convention = {convention!r}: allowed: {list(KV_CONVENTIONS)}")
     if not (isinstance(context_len, int) and context_len > 0):
         raise ValueError(f"context_len = {context_len!r}: must be a positive integer")
-    dt = as_dtype(dtype)
+    dt = resolve_dtype(dtype)
     out = []
     for layer in cfg.layers:
         if convention != "realized":  # as if the layer had no window

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import MLASpec, ModelConfig, RopeSpec
-from ..dtypes import as_dtype
+from ..dtypes import resolve_dtype
 from .kv import kv_cache_bytes
 
 SHARING_CONVENTIONS = ("realized", "uncapped")
@@ -47,7 +47,7 @@ class UniformEstimate:
     def saving(self, cfg: ModelConfig, context_len: int, dtype="bfloat16") -> int:
         """Bytes saved by the model's consumer layers under these assumptions."""
         consumers = sum(s.kv_source is not None for s in cfg.layers)
-        itemsize = torch.empty((), dtype=as_dtype(dtype)).element_size()
+        itemsize = torch.empty((), dtype=resolve_dtype(dtype)).element_size()
         return consumers * context_len * self.n_kv_heads * (self.emb_dim // self.n_heads) * 2 * itemsize
 
 

@@ -94,6 +94,9 @@ class KeyTemperature(nn.Module):
         self.scale = spec.head_dim**0.5
         self.temp = nn.Parameter(torch.zeros(spec.num_kv_heads))
 
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.temp.normal_(0.0, std, generator=generator)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, T, H, d]
         eps = torch.finfo(q.dtype).eps
         q = q * (self.scale / q.norm(dim=-1, keepdim=True).clamp_min(eps))

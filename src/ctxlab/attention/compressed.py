@@ -50,6 +50,11 @@ class Compressor(nn.Module):
         self.position_bias = nn.Parameter(torch.zeros(ratio, width))
         self.kv_norm = RMSNorm(dim, norm_eps)
 
+    keep_in_fp32 = ("position_bias",)  # HF: _keep_in_fp32_modules_strict
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.position_bias.normal_(0.0, std, generator=generator)
+
     @staticmethod
     def state_shapes(dim: int, ratio: int, overlap: bool, prefix: str = "") -> tuple[tuple[str, tuple[int, ...]], ...]:
         """The pending partial block (raw kv and gate) and, with overlap, the previous block's half."""
@@ -142,6 +147,11 @@ class CompressedAttention(nn.Module):
             self.compressor = Compressor(hidden_size, d, c.ratio, c.overlap, norm_eps)
             if spec.indexer is not None:
                 self.compressor.indexer = Indexer(hidden_size, c.q_lora_rank, spec.indexer, c.ratio, norm_eps)
+
+    keep_in_fp32 = ("sinks",)  # HF: _keep_in_fp32_modules_strict
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.sinks.normal_(0.0, std, generator=generator)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape

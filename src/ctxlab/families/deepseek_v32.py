@@ -40,7 +40,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     )
     qk_head_dim = mla.qk_nope_head_dim + mla.qk_rope_head_dim
     scale = qk_head_dim**-0.5
-    if rope.type != "default" and rope_params.get("mscale_all_dim"):
+    if rope.type != "default" and rope_params.get("mscale_all_dim") and rope.factor is not None:
         scale *= yarn_mscale(rope.factor, rope_params["mscale_all_dim"]) ** 2
     indexer = IndexerSpec(
         n_heads=d.get("index_n_heads", 64),
@@ -53,6 +53,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         top_k=d.get("num_experts_per_tok", 8),
         intermediate_size=d.get("moe_intermediate_size", 2048),
         router="biased_topk",
+        router_precision="logits_fp32",  # HF DeepseekV32TopkRouter: the logit matmul in float32
         routed_scaling=float(d.get("routed_scaling_factor", 2.5)),
         shared_expert_size=d.get("moe_intermediate_size", 2048) * d.get("n_shared_experts", 1),
         n_group=d.get("n_group", 8),

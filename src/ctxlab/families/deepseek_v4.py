@@ -92,6 +92,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         routed_scaling=float(d.get("routed_scaling_factor", 1.5)),
         shared_expert_size=d.get("moe_intermediate_size", 2048) * d.get("n_shared_experts", 1),
         score_fn=d.get("scoring_func", "sqrtsoftplus"),
+        router_precision="scores_model_dtype",  # HF DeepseekV4TopKRouter: scores in the model dtype
     )
     indexer = IndexerSpec(
         n_heads=d.get("index_n_heads", 64),

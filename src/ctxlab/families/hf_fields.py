@@ -7,6 +7,7 @@ from typing import Any
 
 from ..config import RopeSpec
 from ..registry import ROPE_TYPES
+from .fields import ROPE_FIELDS, check_fields
 from ..errors import ConfigError
 
 _ROPE_FIELDS = {
@@ -37,7 +38,10 @@ def parse_rope(params: dict[str, Any] | None, where: str, default_theta: float =
 
     Fails loudly on rope types that change the math and are not implemented here.
     """
-    params = dict(params or {})
+
+    if params is not None and not isinstance(params, dict):
+        raise ConfigError([f"{where} = {params!r}: must be a JSON object of rope parameters"])
+    params = check_fields(dict(params or {}), where, ROPE_FIELDS)
     rope_type = params.pop("rope_type", None) or params.pop("type", None) or "default"
     if rope_type not in ROPE_TYPES:
         raise ConfigError([f"{where}.rope_type = {rope_type!r}: not supported; allowed: {list(ROPE_TYPES)}"])

@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from .. import progress
+from ..dtypes import resolve_dtype
 from ..errors import CheckpointError
 from ..families import FAMILIES
 from ..model import CausalLM, check_dtype
@@ -47,7 +49,10 @@ def weight_files(directory: Path) -> dict[str, Path]:
     """tensor name -> safetensors file holding it (single file or sharded index)."""
     index = directory / INDEX_FILE
     if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map")
+        try:
+            weight_map = json.loads(index.read_text()).get("weight_map")
+        except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{index}: not a JSON object with a 'weight_map' ({e})") from None
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
         files = {name: directory / shard for name, shard in weight_map.items()}
@@ -87,9 +92,15 @@ def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def from_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, device=None) -> CausalLM:
-    """Load ``config.json`` + safetensors weights from ``directory`` into a :class:`CausalLM`
-    (or a ``.gguf`` file: :func:`ctxlab.io.gguf.loader.load_gguf`)."""
+def from_pretrained(directory: str | Path, dtype: torch.dtype | str = torch.float32, device=None) -> CausalLM:
+    """Load ``config.json`` + safetensors weights from ``directory`` into a :class:`CausalLM` (or a
+    ``.gguf`` file: :func:`ctxlab.io.gguf.loader.load_gguf`).
+
+    ``dtype``: a torch dtype or its name (float32, bfloat16, float16). Each tensor is read and cast
+    on its own, straight into the model's dtype (tensors declared ``keep_in_fp32`` stay float32),
+    so the peak memory is the weights in ``dtype`` plus one tensor.
+    """
+    dtype = resolve_dtype(dtype)
     if is_gguf(directory):
         return load_gguf(directory, dtype=dtype, device=device)
     directory = Path(directory)
@@ -101,13 +112,14 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, d
 
     check_dtype(cfg, dtype)
     with torch.device("meta"):
-        model = CausalLM(cfg)
+        model = CausalLM(cfg).to(dtype)  # the dtype of every tensor, fp32-declared ones included
     plan = layout.sources(model_tensor_shapes(model), FAMILIES.get(cfg.family))
     expected = {n: s for src in plan.values() for n, s in zip(src.names, src.shapes)}
     names = checkpoint_names(cfg, found)  # checkpoint-layout name -> name in the file
     check_tensor_names(expected, {canonical: found[raw] for canonical, raw in names.items()}, directory)
 
-    tensors = _read({names[n] for n in expected}, files, dtype, device)
+    dtypes = {n: t.dtype for n, t in model.state_dict().items()}
+    tensors = _read({names[n]: dtypes[ours] for ours, src in plan.items() for n in src.names}, files, device)
     state = {ours: src.combine([tensors.pop(names[n]) for n in src.names]) for ours, src in plan.items()}
     model.load_state_dict(state, strict=False, assign=True)
     if cfg.tie_word_embeddings:
@@ -115,15 +127,28 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype = torch.float32, d
     return model.eval()
 
 
-def _read(wanted: set[str], files: dict[str, Path], dtype: torch.dtype, device) -> dict[str, torch.Tensor]:
-    """Read the named tensors, one at a time, cast floating-point ones to ``dtype``."""
+READ_BATCH_BYTES = 64 << 20  # reopen a file after this much: its mapped pages leave the process's memory
+
+
+def _read(wanted: dict[str, torch.dtype], files: dict[str, Path], device) -> dict[str, torch.Tensor]:
+    """Read the named tensors one at a time, each cast to its dtype in ``wanted`` (floating point only).
+
+    ``safe_open`` maps the file; pages it has read stay in the process's resident memory until the
+    file is closed, so the file is reopened every ``READ_BATCH_BYTES``: the peak is the loaded
+    tensors plus one batch, not plus the whole file."""
     out = {}
     for path in sorted({files[n] for n in wanted}):
-        with open_safetensors(path) as f:
-            for name in f.keys():
-                if name in wanted and files[name] == path:
+        names = [n for n in wanted if files[n] == path]
+        while names:
+            with open_safetensors(path) as f:
+                done = 0
+                while names and done < READ_BATCH_BYTES:
+                    name = names.pop()
                     t = f.get_tensor(name)
-                    out[name] = t.to(dtype=dtype if t.is_floating_point() else t.dtype, device=device)
+                    done += t.numel() * t.element_size()
+                    out[name] = t.to(dtype=wanted[name] if t.is_floating_point() else t.dtype, device=device)
+                    del t
+                    progress.advance(out[name].numel() * out[name].element_size())
     return out
 
 

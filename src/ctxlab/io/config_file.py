@@ -13,8 +13,9 @@ from typing import Any
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..families import FAMILIES
+from ..families.fields import check_fields
 from .gguf import hf_config, is_gguf, open_gguf
-from ..presets import preset_names, preset_path
+from ..presets import did_you_mean, preset_names, preset_path
 
 NATIVE_MODEL_TYPE = "ctxlab"
 
@@ -36,10 +37,13 @@ def load_config(source: str | Path | ModelConfig) -> ModelConfig:
             raise ConfigError([f"{source}: a checkpoint directory needs a config.json; none found"])
     if path.is_file():
         return config_from_dict(_read_json(path), name=str(source))
+
     raise ConfigError(
         [
-            f"{source!r} is neither a preset nor an existing config.json / checkpoint directory / .gguf file; "
-            f"presets: {', '.join(preset_names())}"
+            (
+                f"{source!r} is neither a preset nor an existing config.json / checkpoint directory / .gguf file; "
+                f"{did_you_mean(str(source))}presets: {', '.join(preset_names())}"
+            )
         ]
     )
 
@@ -47,8 +51,10 @@ def load_config(source: str | Path | ModelConfig) -> ModelConfig:
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError([f"{path}: not valid JSON ({e})"]) from None
+    except OSError as e:
+        raise ConfigError([f"{path}: cannot be read ({e.strerror or e})"]) from None
     if not isinstance(d, dict):
         raise ConfigError([f"{path}: a config.json holds one JSON object; got a {type(d).__name__}"])
     return d
@@ -66,11 +72,12 @@ def config_from_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
             return ModelConfig.from_dict(native)
         except (TypeError, AttributeError) as e:
             raise ConfigError([f"{name or 'config'}: malformed ctxlab config ({e})"]) from None
-    if model_type not in FAMILIES:
+    if not isinstance(model_type, str) or model_type not in FAMILIES:
         raise ConfigError(
             [f"{name or 'config'}: model_type = {model_type!r} is not supported; supported: {sorted(FAMILIES)}"]
         )
-    return FAMILIES[model_type].from_hf(d, name=name)
+
+    return FAMILIES[model_type].from_hf(check_fields(d, name or "config"), name=name)
 
 
 def export_config(cfg: ModelConfig) -> dict[str, Any]:

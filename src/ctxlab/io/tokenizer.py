@@ -10,6 +10,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer
 
+from ..errors import CheckpointError
+
 TOKENIZER_FILE = "tokenizer.json"
 
 
@@ -18,7 +20,11 @@ def load_tokenizer(directory: str | Path) -> Tokenizer | None:
     path = Path(directory) / TOKENIZER_FILE
     if not path.is_file():
         return None
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 (the Rust side raises plain Exception for any malformed file)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(f"{path}: not a readable tokenizer.json ({reason})") from None
 
 
 def encode(tok: Tokenizer, text: str) -> list[int]:

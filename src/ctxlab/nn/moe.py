@@ -25,6 +25,10 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, hidden_size, i))
         self.act, self.limit = ACTIVATIONS[activation], limit
 
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.gate_up_proj.normal_(0.0, std, generator=generator)
+        self.down_proj.normal_(0.0, std, generator=generator)
+
     def forward(self, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
         """x [N, H], top_index / top_weight [N, K] -> weighted sum of the chosen experts [N, H]."""
         out = torch.zeros_like(x)
@@ -61,6 +65,10 @@ class SoftmaxTopKRouter(nn.Module):
         self.per_expert_scale = nn.Parameter(torch.ones(moe.num_experts))
         self.root_size = hidden_size**-0.5
 
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.scale.fill_(1.0)
+        self.per_expert_scale.fill_(1.0)
+
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K] fp32)."""
         probs = F.softmax(self.proj(self.norm(x) * self.scale * self.root_size), dim=-1, dtype=torch.float32)
@@ -73,6 +81,7 @@ class SoftmaxTopKRouter(nn.Module):
         return moe.num_experts * hidden_size + hidden_size + moe.num_experts
 
 
+ROUTER_PRECISIONS = ("scores_fp32", "logits_fp32", "scores_model_dtype")  # MoESpec.router_precision
 SCORE_FUNCTIONS = {"sigmoid": torch.sigmoid, "sqrtsoftplus": lambda x: F.softplus(x).sqrt()}
 
 
@@ -90,16 +99,30 @@ class BiasedTopKRouter(nn.Module):
         self.top_k, self.softcap = moe.top_k, moe.router_logit_softcap
         self.n_group, self.topk_group = moe.n_group, moe.topk_group
         self.score = SCORE_FUNCTIONS[moe.score_fn]
+        self.precision = moe.router_precision
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.e_score_correction_bias = nn.Parameter(torch.zeros(moe.num_experts), requires_grad=False)
 
+    keep_in_fp32 = ("e_score_correction_bias",)  # chooses experts by small margins (HF keeps it fp32 too)
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """Router weights and the correction bias drawn normal(0, std), as ctxlab always has."""
+        self.weight.normal_(0.0, std, generator=generator)
+        self.e_score_correction_bias.normal_(0.0, std, generator=generator)
+
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K] in x's dtype)."""
-        logits = F.linear(x, self.weight).float()  # [N, E]
+        if self.precision == "logits_fp32":
+            logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        else:
+            logits = F.linear(x, self.weight)
+        if self.precision == "scores_fp32":
+            logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
-        scores = self.score(logits)
-        choice = scores + self.e_score_correction_bias.float()
+        scores = self.score(logits)  # float32, or the model dtype with "scores_model_dtype"
+        choice = scores.float() + self.e_score_correction_bias.float()
+        scores = scores.float()
         if self.n_group > 1:  # group-limited: only the best topk_group groups (by their two best) compete
             grouped = choice.view(-1, self.n_group, choice.shape[-1] // self.n_group)
             best = grouped.topk(2, dim=-1).values.sum(-1).topk(self.topk_group, dim=-1).indices  # [N, topk_group]
@@ -146,6 +169,15 @@ class EDARouter(nn.Module):
         self.router_mlp = RouterMLP(width, moe.num_experts + 1, eps)
         self.register_buffer("balancing_biases", torch.zeros(moe.num_experts + 1, dtype=torch.float32))
 
+    keep_in_fp32 = ("balancing_biases",)  # chooses experts by small margins (HF keeps it fp32 too)
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        if self.router_states_scale is not None:
+            self.router_states_scale.fill_(1.0)
+
+    def reset_buffers(self, generator: torch.Generator | None = None) -> None:
+        self.balancing_biases.zero_()
+
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K]); reads and sets ``ctx.router_state`` [N, R]."""
         r = self.down_proj(x)
@@ -189,6 +221,15 @@ class HashRouter(nn.Module):
         self.weight = nn.Parameter(torch.zeros(moe.num_experts, hidden_size))
         self.register_buffer("tid2eid", torch.zeros(vocab_size, moe.top_k, dtype=torch.long))
 
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.weight.normal_(0.0, std, generator=generator)
+
+    def reset_buffers(self, generator: torch.Generator | None = None) -> None:
+        """Distinct random experts for every token id."""
+        experts = self.weight.shape[0]
+        ranks = torch.rand(self.tid2eid.shape[0], experts, generator=generator, device=self.tid2eid.device)
+        self.tid2eid.copy_(ranks.argsort(-1)[:, : self.tid2eid.shape[1]])
+
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx is None or ctx.input_ids is None:
             raise ValueError("hash-routed MoE layers need the token ids (call the model with input_ids)")
@@ -224,6 +265,8 @@ def validate_moe(at: str, layer_index: int, spec: LayerSpec, cfg) -> list[str]:
         p.append(f"{at}.moe.router = {m.router!r}: allowed: {ROUTERS.names()}")
     else:
         p.extend(getattr(ROUTERS[m.router], "validate", lambda at, m: [])(at, m))
+    if m.router_precision not in ROUTER_PRECISIONS:
+        p.append(f"{at}.moe.router_precision = {m.router_precision!r}: allowed: {list(ROUTER_PRECISIONS)}")
     if m.score_fn not in SCORE_FUNCTIONS:
         p.append(f"{at}.moe.score_fn = {m.score_fn!r}: allowed: {list(SCORE_FUNCTIONS)}")
     if m.num_experts % max(m.n_group, 1):

@@ -20,6 +20,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim)) if with_scale else None
         self.unit_offset = unit_offset
 
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """A unit scale: weight 1, or 0 when the norm adds the 1 itself (``unit_offset``)."""
+        self.weight.fill_(0.0 if self.unit_offset else 1.0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()

@@ -28,6 +28,13 @@ class ResidualScaling(nn.Module):
         self.residual_scale = nn.Parameter(torch.ones(hidden_size))
         self.residual_bias = nn.Parameter(torch.zeros(hidden_size))
 
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        """Unit scales; the biases drawn normal(0, std), as ctxlab always has (seeded builds stay the same)."""
+        self.hidden_states_scale.fill_(1.0)
+        self.hidden_states_bias.normal_(0.0, std, generator=generator)
+        self.residual_scale.fill_(1.0)
+        self.residual_bias.normal_(0.0, std, generator=generator)
+
     def forward(self, branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         branch = (branch + self.hidden_states_bias) * self.hidden_states_scale
         return branch + (residual + self.residual_bias) * self.residual_scale
@@ -121,6 +128,13 @@ class HyperConnection(nn.Module):
         self.base = nn.Parameter(torch.zeros((2 + streams) * streams))
         self.scale = nn.Parameter(torch.ones(3))
 
+    keep_in_fp32 = ("fn", "base", "scale")  # HF: attn_hc / ffn_hc in _keep_in_fp32_modules_strict
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.fn.normal_(0.0, std, generator=generator)
+        self.base.normal_(0.0, std, generator=generator)
+        self.scale.fill_(1.0)
+
     def mixing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [B, T, n, H] -> pre [B, T, n], post [B, T, n], comb [B, T, n, n] (float32)."""
         n = self.n
@@ -205,6 +219,13 @@ class HyperHead(nn.Module):
         self.hc_fn = nn.Parameter(torch.zeros(streams, streams * hidden_size))
         self.hc_base = nn.Parameter(torch.zeros(streams))
         self.hc_scale = nn.Parameter(torch.ones(1))
+
+    keep_in_fp32 = ("hc_fn", "hc_base", "hc_scale")  # HF: hc_head in _keep_in_fp32_modules_strict
+
+    def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
+        self.hc_fn.normal_(0.0, std, generator=generator)
+        self.hc_base.normal_(0.0, std, generator=generator)
+        self.hc_scale.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, n, H] -> [B, T, H]
         flat = x.flatten(2).float()

@@ -12,6 +12,7 @@ to close; no ``matplotlib.use`` that would switch e.g. a notebook's backend).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -48,7 +49,22 @@ def output_path(path) -> Path:
     p = Path(path)
     if p.is_dir() or str(path).endswith(("/", "\\")):
         raise CtxlabError(f"--plot {path}: is a directory; give a file name such as {p / 'plot.png'}")
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.is_dir():
+        reason = "is not a directory" if parent.exists() else "does not exist"
+        raise CtxlabError(f"--plot {path}: cannot write there: directory {parent} {reason}")
+    if not os.access(parent, os.W_OK):
+        raise CtxlabError(f"--plot {path}: cannot write there: directory {parent} is not writable")
     return p if p.suffix else p.with_suffix(".png")
+
+
+def save(fig, path) -> None:
+    """``fig`` as a PNG at :func:`output_path` ``(path)``; an OS failure names the file and the reason."""
+    target = output_path(path)
+    try:
+        fig.savefig(target, dpi=DPI, bbox_inches="tight")
+    except OSError as e:
+        raise CtxlabError(f"--plot {path}: cannot write {target} ({e.strerror or e})") from None
 
 
 def _colours(n: int) -> list:
@@ -92,7 +108,7 @@ def kv_vs_context(models: list[str], path, dtype: str = "bfloat16", contexts: li
     ax.set_title("KV-cache size vs context length (solid: realized, dashed: naive)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
-    fig.savefig(output_path(path), dpi=DPI, bbox_inches="tight")
+    save(fig, path)
     return fig
 
 
@@ -132,5 +148,5 @@ def per_layer_cache(model: str, path, context: int = 131072, dtype: str = "bfloa
     ax.set_title(f"{cfg.name or model}: per-layer cache at {context:,} tokens ({dtype}); total {total:.3g} GiB")
     ax.set_xlim(-0.6, len(sizes) - 0.4)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")  # outside: bars stay clear
-    fig.savefig(output_path(path), dpi=DPI, bbox_inches="tight")
+    save(fig, path)
     return fig

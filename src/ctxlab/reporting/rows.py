@@ -33,6 +33,7 @@ def report_row(name: str, context: int, dtype: str, batch_size: int) -> dict:
         "kv_bytes_realized": kv_cache_bytes(cfg, context, dtype, batch_size),
         "kv_bytes_naive": kv_cache_bytes(cfg, context, dtype, batch_size, convention="naive"),
         "decode_flops": decode_flops(cfg, context), "context": context, "dtype": dtype, "batch_size": batch_size,
+        "trained_context": cfg.max_position_embeddings, "beyond_trained_context": context > cfg.max_position_embeddings,
     }
 
 
@@ -73,9 +74,29 @@ def layer_rows(cfg, context: int, dtype: str) -> list[dict]:
             "layer": i, "attention": s.attention, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
             "head_dim": s.head_dim, "window": s.window, "rope_type": s.rope.type, "rope_theta": s.rope.theta,
             "kv_source": s.kv_source, "cache_kind": layer_cache_spec(s).kind, "cache_bytes": nbytes,
+            "attention_variant": attention_variant(s), "compress_ratio": s.compress.ratio if s.compress else None,
         }
         for i, (s, nbytes) in enumerate(zip(cfg.layers, per_layer))
     ]
+
+
+def attention_variant(s) -> str:
+    """The attention kind, and for DeepSeek V4's compressed layers which one: CSA (overlapping blocks and
+    the indexer), HCA (blocks pooled alone) or sliding only, with the compression ratio."""
+    if s.compress is None:
+        return s.attention
+    if s.compress.ratio == 0:
+        return "sliding only"
+    return f"{'CSA' if s.compress.overlap else 'HCA'} ratio {s.compress.ratio}"
+
+
+def compression_line(cfg) -> str:
+    """One line for compressed-attention models: how many layers of each variant (else empty)."""
+    variants = [attention_variant(s) for s in cfg.layers if s.compress is not None]
+    if not variants:
+        return ""
+    counts = ", ".join(f"{variants.count(v)} {v}" for v in dict.fromkeys(variants))
+    return f"compressed attention ({len(variants)} layers): {counts} (per layer in the table below)\n"
 
 
 def kv_roles(cfg) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
+from .table_fit import add_name_column, console_width  # noqa: F401  (console_width: the CLI's width)
+
 UNITS_NOTE = (
     "bytes in binary units (KiB/MiB/GiB = 2^10/2^20/2^30 bytes); "
     "params and FLOPs in decimal units (K/M/B = 10^3/10^6/10^9)"
@@ -31,21 +33,54 @@ def fmt_count(n: int) -> str:
     return str(n)
 
 
+REPORT_DROP_ORDER = ["Family", "KV @ context (naive)", "KV/token (naive)", "Layers", "Active params", "Trained context"]
+
+
 def report_table(rows: list[dict], context: int, dtype: str, batch_size: int) -> Table:
+    beyond = [r["model"] for r in rows if r.get("beyond_trained_context")]
+    note = (f"\n* {context:,} tokens is beyond the context these models were trained for (max_position_embeddings): "
+            "figures there are arithmetic, not what the model can use" if beyond else "")  # fmt: skip
     table = Table(
         title=f"Cost at context {context:,} tokens ({dtype}, batch {batch_size})",
-        caption=f"{UNITS_NOTE}.\n{CONVENTIONS_NOTE}. KV/token is per sequence; GFLOPs per decoded token.",
+        caption=f"{UNITS_NOTE}.\n{CONVENTIONS_NOTE}. KV/token is per sequence; GFLOPs per decoded token. "
+        f"Active params: used per token (routed experts at top-k).{note}",
     )
-    for header in ("Model", "Family", "Layers", "Params", "KV/token (naive)", "KV @ context (realized)",
-                   "KV @ context (naive)", "Decode GFLOPs @ context"):
-        table.add_column(header, justify="left" if header in ("Model", "Family") else "right")
+    add_name_column(table, "Model", [r["model"] for r in rows])
+    for header in ("Family", "Layers", "Params", "Active params", "Trained context", "KV/token (naive)",
+                   "KV @ context (realized)", "KV @ context (naive)", "Decode GFLOPs @ context"):
+        table.add_column(header, justify="left" if header == "Family" else "right")
     for r in rows:
+        active = fmt_count(r["params_active"]) if r["params_active"] != r["params_total"] else "= total"
+        trained = f"{r['trained_context']:,}{'*' if r.get('beyond_trained_context') else ''}"
         table.add_row(
-            escape(r["model"]), r["family"], str(r["num_layers"]), fmt_count(r["params_total"]),
+            escape(r["model"]), r["family"], str(r["num_layers"]), fmt_count(r["params_total"]), active, trained,
             fmt_bytes(r["kv_bytes_per_token_naive"]), fmt_bytes(r["kv_bytes_realized"]),
             fmt_bytes(r["kv_bytes_naive"]), f"{r['decode_flops'] / 1e9:,.2f}",
         )
     return table
+
+
+def presets_table(rows: list[dict], width: int | None = None) -> Table:
+    table = Table(title="Presets (ctxlab list)", caption="params in decimal units (K/M/B = 10^3/10^6/10^9); active: "
+                  "used per token (routed experts at top-k); trained context: max_position_embeddings")
+    add_name_column(table, "Name", [r["name"] for r in rows])
+    for header in ("Family", "Params", "Active", "Layers", "Trained context", "Description"):
+        table.add_column(header, justify="left" if header in ("Family", "Description") else "right")
+    for r in rows:
+        active = fmt_count(r["params_active"]) if r["params_active"] != r["params_total"] else "= total"
+        table.add_row(escape(r["name"]), r["family"], fmt_count(r["params_total"]), active, str(r["num_layers"]),
+                      f"{r['trained_context']:,}", escape(r["description"]))
+    return table
+
+
+PRESETS_DROP_ORDER = ["Family", "Layers", "Active", "Description"]
+
+
+def fmt_number(x: float) -> str:
+    """Whole numbers as integers (1024, not 1.02e+03); others to 3 significant digits."""
+    if isinstance(x, int) or (isinstance(x, float) and x.is_integer() and abs(x) < 1e15):
+        return f"{int(x)}"
+    return f"{x:.3g}"
 
 
 def sharing_table(rows: list[dict], context: int, dtype: str) -> Table:
@@ -85,14 +120,15 @@ def head_budget_table(rows: list[dict], context: int) -> Table:
 
 def layer_table(rows: list[dict], context: int, dtype: str) -> Table:
     table = Table(title=f"Layers (cache bytes at {context:,} tokens, {dtype}, batch 1, binary units)")
-    for header in ("Layer", "Attention", "Q heads", "KV heads", "Head dim", "Window", "RoPE",
+    table.add_column("Layer", justify="right", no_wrap=True)
+    for header in ("Attention", "Q heads", "KV heads", "Head dim", "Window", "RoPE",
                    "KV source", "Cache", "Cache bytes"):
         table.add_column(header, justify="right" if header in ("Layer", "Q heads", "KV heads", "Head dim",
                                                                "Window", "Cache bytes") else "left")
     for r in rows:
         rope = "none" if r["rope_type"] == "none" else f"{r['rope_type']} θ={r['rope_theta']:g}"
         table.add_row(
-            str(r["layer"]), r["attention"], str(r["num_heads"]), str(r["num_kv_heads"]), str(r["head_dim"]),
+            str(r["layer"]), r.get("attention_variant", r["attention"]), str(r["num_heads"]), str(r["num_kv_heads"]), str(r["head_dim"]),
             "global" if r["window"] is None else str(r["window"]), rope,
             "own" if r["kv_source"] is None else f"layer {r['kv_source']}", r["cache_kind"],
             fmt_bytes(r["cache_bytes"]),
@@ -144,12 +180,14 @@ def claims_table(rows: list[dict]) -> Table:
     table = Table(title="Published claims, checked against the real configs (ctxlab claims)",
                   caption="convention: what the published figure assumes; under convention / real: ctxlab's figures "
                   "computed from the presets (real = what the config says or a cache of this library holds)")
-    for header in ("Model", "Claim", "Published", "Under convention", "Real", "Verdict", "Source"):
+    add_name_column(table, "Model", [r["model"] for r in rows])
+    for header in ("Claim", "Published", "Under convention", "Real", "Verdict", "Source"):
         table.add_column(header, justify="right" if header in ("Published", "Under convention", "Real") else "left",
                          overflow="fold")
     for r in rows:
-        table.add_row(escape(r["model"]), escape(r["claim"]), f"{r['published']:g} ±{r['tolerance']:g} {r['unit']}",
-                      f"{r['under_convention']:.3g}", f"{r['realized']:.3g}", escape(r["verdict"]),
+        table.add_row(escape(r["model"]), escape(r["claim"]),
+                      f"{fmt_number(r['published'])} ±{fmt_number(r['tolerance'])} {r['unit']}",
+                      fmt_number(r["under_convention"]), fmt_number(r["realized"]), escape(r["verdict"]),
                       escape(r["source"] if len(r["source"]) <= 60 else r["source"][:57] + "..."))
     return table
 
