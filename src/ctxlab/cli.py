@@ -1,4 +1,5 @@
-"""``ctxlab`` command line: ``report`` (cost of presets), ``inspect`` (one model, layer by layer), ``generate``.
+"""``ctxlab`` command line: ``report`` (cost of presets), ``inspect`` (one model, layer by layer), ``generate``,
+``train`` and ``lab run`` / ``lab report`` (the mechanism lab, ``ctxlab.lab.cli``).
 
 Human tables go to stdout (rich), ``--json`` prints exact integers for machines, warnings go to
 stderr. Errors a user can fix (bad name, bad value, missing file) exit with code 2 and a message,
@@ -275,6 +276,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-memory-gb", type=float, default=8.0,
                    help="refuse a model whose weights (total params x element size) exceed this many GiB")
     g.set_defaults(func=cmd_generate)
+
+    from .lab.cli import add_commands  # ctxlab train, ctxlab lab run / report
+
+    add_commands(sub, fmt)
     return p
 
 
