@@ -47,6 +47,10 @@ def cmd_lab_run(args, console) -> int:
     from .recipes import recipe_names
     from .runner import run_recipe
 
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     names = recipe_names() if args.recipes == ["all"] else args.recipes
     for name in names:
         run_recipe(name, args.runs, budget=args.budget, tasks=args.tasks, seeds=args.seeds,
@@ -108,6 +112,7 @@ def add_commands(sub, fmt) -> None:
     r.add_argument("--budget", choices=("full", "reduced", "ci"), default="full", help="steps per run (study.json)")
     r.add_argument("--tasks", nargs="+", choices=("mqar", "passkey", "code"), help="only these tasks (None = all)")
     r.add_argument("--seeds", nargs="+", type=int, help="seeds (None = the study's: 0 1 2)")
+    r.add_argument("--threads", type=int, help="torch threads (None = torch's default; 1 is faster on a busy machine)")
     r.set_defaults(func=cmd_lab_run)
     p = lab_sub.add_parser("report", formatter_class=fmt, help="table, significance and plots of a study",
                            description="Mean ± std over seeds per recipe and metric, Welch's t-test marks against "

@@ -237,6 +237,7 @@ def write_report(runs: str | Path, out: str | Path, plots_dir: str | Path | None
     if plots_dir is not None:
         plots_dir = Path(plots_dir)
         plots_dir.mkdir(parents=True, exist_ok=True)
+        (plots_dir / "summary.json").write_text(json.dumps(summary, indent=1))  # every number behind the table
         trade, losses = plots_dir / "bits_per_byte_vs_kv.png", plots_dir / "loss_curves.png"
         plot_tradeoff(summary, trade)
         plot_losses(runs, summary, losses)

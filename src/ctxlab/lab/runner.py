@@ -3,7 +3,7 @@
 Layout: ``<runs>/<recipe>/<task>/seed<k>/{result.json, metrics.jsonl, checkpoint.pt}`` and
 ``<runs>/corpus.json`` (the code corpus manifest: every file's path, split and SHA-256). A run whose
 ``result.json`` exists with the same training config is skipped, and an interrupted run resumes from its
-checkpoint, so rerunning the documented command completes a study instead of repeating it.
+checkpoint (deleted once the run has finished), so rerunning the documented command completes a study instead of repeating it.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from ..train import TrainConfig, make_task, train
-from ..train.loop import RESULT
+from ..train.loop import CHECKPOINT, RESULT
 from .recipes import load_recipe
 
 BUDGETS = ("full", "reduced", "ci")
@@ -25,7 +25,7 @@ def study() -> dict:
     return json.loads((resources.files("ctxlab.lab") / "study.json").read_text())
 
 
-def run_plan(budget: str, tasks: list[str] | None = None, seeds: list[int] | None = None) -> list[tuple[str, dict, TrainConfig]]:
+def run_plan(budget: str, tasks: list[str] | None = None) -> list[tuple[str, dict, TrainConfig]]:
     """[(task name, task params, TrainConfig without the seed)] for ``budget``."""
     s = study()
     if budget not in s["budgets"]:
@@ -38,9 +38,7 @@ def run_plan(budget: str, tasks: list[str] | None = None, seeds: list[int] | Non
     for name, spec in s["tasks"].items():
         if tasks and name not in tasks:
             continue
-        train_kw = {**spec["train"], "steps": b["steps"][name]}
-        if "micro_batch" in b:
-            train_kw["micro_batch"] = b["micro_batch"]
+        train_kw = {**spec["train"], **b.get("train", {}), "steps": b["steps"][name]}
         plan.append((name, {**spec["params"], **b.get("eval", {}).get(name, {})}, TrainConfig(**train_kw)))
     return plan
 
@@ -72,6 +70,7 @@ def run_recipe(name: str, runs: str | Path, budget: str = "full", tasks: list[st
                            model_transform=recipe.model_transform(), extra_result=extra)  # fmt: skip
             log(f"{recipe.name} {task_name} seed {seed}: {_headline(result)} "
                 f"({time.perf_counter() - start:.0f} s, {result['tokens_per_s']:.0f} tok/s)")  # fmt: skip
+            (out / CHECKPOINT).unlink(missing_ok=True)  # finished: result.json marks it done; save the disk
             results.append(result)
     return results
 
