@@ -136,9 +136,13 @@ def test_report_table_and_plots(tmp_path):
 
 
 def test_cli_train_lab_run_and_errors(tmp_path, capsys):
-    assert main(["lab", "run", "gqa", "--budget", "ci", "--tasks", "mqar", "--seeds", "0", "--runs", str(tmp_path)]) == 0
+    assert (
+        main(["lab", "run", "gqa", "--budget", "ci", "--tasks", "mqar", "--seeds", "0", "--runs", str(tmp_path)]) == 0
+    )
     assert (tmp_path / "gqa" / "mqar" / "seed0" / "result.json").exists()
-    assert main(["lab", "run", "gqa", "--budget", "ci", "--tasks", "mqar", "--seeds", "0", "--runs", str(tmp_path)]) == 0
+    assert (
+        main(["lab", "run", "gqa", "--budget", "ci", "--tasks", "mqar", "--seeds", "0", "--runs", str(tmp_path)]) == 0
+    )
     assert "done already" in capsys.readouterr().err
     assert main(["train", "--recipe", "nope", "--task", "mqar", "--out", str(tmp_path / "x")]) == 2
     assert "recipe 'nope'" in capsys.readouterr().err

@@ -70,7 +70,10 @@ def test_killed_run_resumes_bit_identical(tmp_path):
     resumed, reference = losses(killed), losses(whole)
     assert [s for s, _ in resumed] == list(range(1, steps + 1))  # every step once, none lost or repeated
     assert resumed == reference  # bit-identical floats
-    assert json.loads((killed / "result.json").read_text())["eval"] == json.loads((whole / "result.json").read_text())["eval"]
+    assert (
+        json.loads((killed / "result.json").read_text())["eval"]
+        == json.loads((whole / "result.json").read_text())["eval"]
+    )
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

@@ -8,8 +8,10 @@ Public API (see docs/architecture.md)::
     logits = model(ids); cache = model.new_cache(1, 4096); logits = model(ids, cache=cache)
     ctxlab.kv_cache_bytes(cfg, 131072, "bfloat16"); ctxlab.count_params(cfg); ctxlab.decode_flops(cfg, n)
     ctxlab.generate(model, ids, max_new_tokens=32)
+    ctxlab.train.train(cfg, ctxlab.train.make_task("mqar"), ctxlab.train.TrainConfig(steps=200), "runs/x")
 """
 
+from . import train
 from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
 from .config import LayerSpec, ModelConfig, RopeSpec
 from .errors import CacheOverflowError, CheckpointError, ConfigError, CtxlabError
@@ -43,4 +45,5 @@ __all__ = [
     "sample",
     "save_pretrained",
     "stream",
+    "train",
 ]

@@ -17,5 +17,18 @@ every = int(sys.argv[6]) if len(sys.argv) > 6 else 1
 layer = LayerSpec(num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64)
 cfg = ModelConfig(family="ctxlab", vocab_size=256, hidden_size=32, layers=(layer, layer))
 task = make_task("mqar", seq_len=32, pairs=4, eval_examples=8)
-train(cfg, task, TrainConfig(steps=steps, micro_batch=micro, grad_accum=accum, warmup_steps=3, checkpoint_every=every,
-                             strategy=strategy, lr=1e-2), out, progress=False)
+train(
+    cfg,
+    task,
+    TrainConfig(
+        steps=steps,
+        micro_batch=micro,
+        grad_accum=accum,
+        warmup_steps=3,
+        checkpoint_every=every,
+        strategy=strategy,
+        lr=1e-2,
+    ),
+    out,
+    progress=False,
+)

@@ -81,8 +81,13 @@ def add_commands(sub, fmt) -> None:
     model.add_argument("--recipe", help="lab recipe name (see `ctxlab lab run --help`) or recipe .json file")
     model.add_argument("--config", help="preset name, config.json path or checkpoint directory")
     t.add_argument("--task", choices=("mqar", "passkey", "code"), required=True, help="training task")
-    t.add_argument("--task-param", type=_key_value, action="append", metavar="NAME=VALUE",
-                   help="task parameter, repeatable (e.g. seq_len=128, pairs=8)")
+    t.add_argument(
+        "--task-param",
+        type=_key_value,
+        action="append",
+        metavar="NAME=VALUE",
+        help="task parameter, repeatable (e.g. seq_len=128, pairs=8)",
+    )
     t.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoint.pt, result.json)")
     t.add_argument("--steps", type=int, default=200, help="optimizer steps")
     t.add_argument("--micro-batch", type=int, default=16, help="sequences per process per forward")
@@ -98,8 +103,12 @@ def add_commands(sub, fmt) -> None:
     t.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = at the end)")
     t.add_argument("--diagnostics-every", type=int, default=10, help="steps between hyper-connection gain logs")
     t.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="multi-process wrapping under torchrun")
-    t.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
-                   help="continue from --out/checkpoint.pt when it exists")
+    t.add_argument(
+        "--resume",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="continue from --out/checkpoint.pt when it exists",
+    )
     t.set_defaults(func=cmd_train)
 
     lab = sub.add_parser("lab", formatter_class=fmt, help="the mechanism study: run recipes, report the comparison")

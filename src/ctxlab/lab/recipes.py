@@ -76,7 +76,18 @@ def _read(name_or_path: str) -> dict:
     return json.loads(entry.read_text())
 
 
-KNOWN_KEYS = {"name", "base", "mechanism", "description", "model", "layer", "layers", "num_layers", "transform", "match"}
+KNOWN_KEYS = {
+    "name",
+    "base",
+    "mechanism",
+    "description",
+    "model",
+    "layer",
+    "layers",
+    "num_layers",
+    "transform",
+    "match",
+}
 
 
 def _resolve(raw: dict, seen: tuple[str, ...] = ()) -> tuple[dict, str]:

@@ -130,42 +130,58 @@ def markdown(summary: dict, plot_paths: dict[str, str] | None = None) -> str:
         cells += [_cell(r["metrics"].get(c), digits[c]) for c, *_ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     n = max((m["n"] for r in rows for m in r["metrics"].values()), default=0)
-    lines += ["", f"Mean ± sample standard deviation over {n} seeds. † = Welch's t-test against `{summary['baseline']}` "
-              f"gives p < {summary['alpha']} (two-sided; scipy.stats.ttest_ind, equal_var=False). "
-              f"KV bytes/token: bfloat16 cache bytes at a {summary['cost_context']}-token context divided by "
-              "the context (ring and compressed caches make it context-dependent); decode FLOPs: matmul FLOPs of "
-              f"the token at position {summary['cost_context']} (`ctxlab.decode_flops`). Train tok/s: the code task's "
-              "training throughput on this (shared) machine.", ""]  # fmt: skip
-    lines += ["Parameter matching (FFN width on every layer, chosen by `ctxlab.lab.recipes` to bring the total "
-              "closest to the baseline's):", "", "| recipe | FFN width | params | vs baseline |", "|---|---|---|---|"]
+    ctx = summary["cost_context"]
+    notes = (
+        f"Mean ± sample standard deviation over {n} seeds. † = Welch's t-test against `{summary['baseline']}` "
+        f"gives p < {summary['alpha']} (two-sided; scipy.stats.ttest_ind, equal_var=False). KV bytes/token: "
+        f"bfloat16 cache bytes at a {ctx}-token context divided by the context (ring and compressed caches make "
+        f"it context-dependent); decode FLOPs: matmul FLOPs of the token at position {ctx} "
+        "(`ctxlab.decode_flops`). Train tok/s: the code task's training throughput on this (shared) machine."
+    )
+    matching = (
+        "Parameter matching (FFN width on every layer, chosen by `ctxlab.lab.recipes` to bring the total "
+        "closest to the baseline's):"
+    )
+    lines += ["", notes, "", matching, "", "| recipe | FFN width | params | vs baseline |", "|---|---|---|---|"]
     for r in rows:
         m = r["matched"]
         if m:
-            lines.append(f"| `{r['recipe']}` | {m['baseline_value']} → {m['value']} | {m['params']:,} | "
-                         f"{100 * (m['params'] / m['baseline_params'] - 1):+.2f}% |")  # fmt: skip
+            change = 100 * (m["params"] / m["baseline_params"] - 1)
+            lines.append(
+                f"| `{r['recipe']}` | {m['baseline_value']} → {m['value']} | {m['params']:,} | {change:+.2f}% |"
+            )
     diag = [r for r in rows if any(k.startswith("max_hc") for k in r["diagnostics"])]
     if diag:
         base = next((r for r in rows if r["recipe"] == summary["baseline"]), None)
-        lines += ["", "Hyper-connection diagnostics (code task, maxima over all logged steps and seeds; "
-                  "composite = product of every connection's residual mixing matrix, gain = largest absolute "
-                  "row (forward) / column (backward) sum):", "",
-                  "| recipe | composite gain fwd | composite gain bwd | largest single-layer gain | max grad norm |",
-                  "|---|---|---|---|---|"]  # fmt: skip
+        about = (
+            "Hyper-connection diagnostics (code task, maxima over all logged steps and seeds; composite = product "
+            "of every connection's residual mixing matrix, gain = largest absolute row (forward) / column "
+            "(backward) sum):"
+        )
+        head = "| recipe | composite gain fwd | composite gain bwd | largest single-layer gain | max grad norm |"
+        lines += ["", about, "", head, "|---|---|---|---|---|"]
+        keys = ("max_hc_composite_gain_fwd", "max_hc_composite_gain_bwd", "max_hc_max_layer_gain", "max_grad_norm")
         for r in ([base] if base else []) + diag:
-            d = r["diagnostics"]
-            lines.append(f"| `{r['recipe']}` | {d.get('max_hc_composite_gain_fwd', float('nan')):.3g} | "
-                         f"{d.get('max_hc_composite_gain_bwd', float('nan')):.3g} | "
-                         f"{d.get('max_hc_max_layer_gain', float('nan')):.3g} | {d.get('max_grad_norm', float('nan')):.3g} |")  # fmt: skip
-    lines += ["", "Runs: " + ", ".join(
+            values = " | ".join(f"{r['diagnostics'].get(k, float('nan')):.3g}" for k in keys)
+            lines.append(f"| `{r['recipe']}` | {values} |")
+    plans = ", ".join(
         f"{t}: {p['steps']} steps × {p['global_batch']} sequences × {p['seq_len']} tokens = {p['tokens']:,} tokens"
-        for t, p in sorted(meta["plans"].items())) + f"; {meta['runs']} runs, {meta['train_seconds'] / 60:.1f} "
-        f"min of training in all. Budget: {', '.join(meta['budgets'])}. Machine: {meta['machine']}, torch "
-        f"{meta['torch']}, Python {meta['python']}, {meta['threads']} torch threads.", ""]  # fmt: skip
+        for t, p in sorted(meta["plans"].items())
+    )
+    runs_line = (
+        f"Runs: {plans}; {meta['runs']} runs, {meta['train_seconds'] / 60:.1f} min of training in all. "
+        f"Budget: {', '.join(meta['budgets'])}. Machine: {meta['machine']}, torch {meta['torch']}, "
+        f"Python {meta['python']}, {meta['threads']} torch threads."
+    )
+    lines += ["", runs_line, ""]
     c = meta["corpus"]
     if c.get("sha256"):
-        lines += [f"Code corpus: Python {c['python']} standard library, {c['files']} `.py` files "
-                  f"({c['heldout_files']} held out, {c['heldout_bytes']:,} bytes; {c['train_bytes']:,} training bytes), "
-                  f"SHA-256 `{c['sha256']}` (file list in the runs directory's `corpus.json`).", ""]  # fmt: skip
+        corpus = (
+            f"Code corpus: Python {c['python']} standard library, {c['files']} `.py` files ({c['heldout_files']} "
+            f"held out, {c['heldout_bytes']:,} bytes; {c['train_bytes']:,} training bytes), SHA-256 "
+            f"`{c['sha256']}` (file list in the runs directory's `corpus.json`)."
+        )
+        lines += [corpus, ""]
     for title, path in (plot_paths or {}).items():
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)

@@ -130,7 +130,7 @@ def train(
         torch.autocast(device_type=world.device.type, dtype=torch.bfloat16) if cfg.bf16 else contextlib.nullcontext()
     )
     bar = TrainProgress(cfg.steps, start, f"{task.name} seed {cfg.seed}", enabled=progress if world.main else False)
-    metrics = open(metrics_path, "a") if world.main else None
+    metrics = open(metrics_path, "a") if world.main else None  # noqa: SIM115 (closed in finally)
     train_seconds, trained_steps, last_eval = 0.0, 0, None
     try:
         for step in range(start, cfg.steps):

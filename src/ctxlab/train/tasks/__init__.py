@@ -18,4 +18,4 @@ def make_task(name: str, **params) -> Task:
         raise ValueError(f"task {name!r}: bad parameters {sorted(params)}: {e}") from None
 
 
-__all__ = ["IGNORE", "TASKS", "Batch", "CodeLM", "MQAR", "Passkey", "Task", "example_generator", "gather", "make_task"]
+__all__ = ["IGNORE", "MQAR", "TASKS", "Batch", "CodeLM", "Passkey", "Task", "example_generator", "gather", "make_task"]

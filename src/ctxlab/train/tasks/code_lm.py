@@ -64,7 +64,9 @@ class CodeLM(Task):
 
     def example(self, seed: int, index: int):
         data = self.corpus["train"]
-        start = int(torch.randint(0, data.numel() - self.seq_len - 1, (1,), generator=example_generator(seed, "train", index)))
+        start = int(
+            torch.randint(0, data.numel() - self.seq_len - 1, (1,), generator=example_generator(seed, "train", index))
+        )
         window = data[start : start + self.seq_len + 1].long()
         return window[:-1], window[1:]
 

@@ -20,7 +20,9 @@ class MQAR(Task):
 
     def __init__(self, seq_len: int = 128, pairs: int = 8, vocab_size: int = 256, eval_examples: int = 256):
         if pairs < 1 or 4 * pairs > seq_len:
-            raise ValueError(f"mqar: pairs = {pairs} with seq_len = {seq_len}: need 1 <= pairs and 4 * pairs <= seq_len")
+            raise ValueError(
+                f"mqar: pairs = {pairs} with seq_len = {seq_len}: need 1 <= pairs and 4 * pairs <= seq_len"
+            )
         if vocab_size // 2 - 1 < pairs:
             raise ValueError(f"mqar: pairs = {pairs} needs more than {vocab_size // 2 - 1} distinct keys (vocab_size)")
         self.seq_len, self.pairs, self.vocab_size, self.eval_examples = seq_len, pairs, vocab_size, eval_examples
@@ -46,7 +48,10 @@ class MQAR(Task):
     def evaluate(self, model: torch.nn.Module, batch_size: int = 64) -> dict:
         correct = total = 0
         for start in range(0, self.eval_examples, batch_size):
-            pairs = [self._sequence(example_generator(0, "eval", i)) for i in range(start, min(start + batch_size, self.eval_examples))]
+            pairs = [
+                self._sequence(example_generator(0, "eval", i))
+                for i in range(start, min(start + batch_size, self.eval_examples))
+            ]
             inputs, targets = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
             pred = model(inputs).argmax(-1)  # [B, T]
             mask = targets != IGNORE

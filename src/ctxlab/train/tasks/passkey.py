@@ -34,7 +34,7 @@ class Passkey(Task):
         self.eval_lengths = tuple(eval_lengths or (seq_len, 2 * seq_len))
 
     def _sequence(self, g: torch.Generator, length: int, depth: float | None = None):
-        number = str(int(torch.randint(10**(DIGITS - 1), 10**DIGITS, (1,), generator=g))).encode()
+        number = str(int(torch.randint(10 ** (DIGITS - 1), 10**DIGITS, (1,), generator=g))).encode()
         if depth is None:
             depth = float(torch.rand((), generator=g))
         key = _key_sentence(number)
