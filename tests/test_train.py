@@ -161,6 +161,13 @@ def test_code_corpus_split_is_by_file_and_recorded():
     assert len(m["sha256"]) == 64 and not any("site-packages" in p for p in paths)
 
 
+def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
+    task = make_task("mqar", seq_len=32, pairs=2, eval_examples=4)
+    train(tiny_config(1, 16), task, TrainConfig(steps=2, micro_batch=2), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"differs in \['lr'\]"):
+        train(tiny_config(1, 16), task, TrainConfig(steps=2, micro_batch=2, lr=1e-4), tmp_path, progress=False)
+
+
 def test_bad_train_config_names_the_field():
     with pytest.raises(ValueError, match="micro_batch = 0"):
         TrainConfig(micro_batch=0)

@@ -113,6 +113,12 @@ def train(
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
     if resume and ckpt_path.exists():
         state = checkpoint.load(ckpt_path)
+        differs = sorted(k for k, v in cfg.to_dict().items() if state["train_config"].get(k) != v)
+        if differs:
+            raise ValueError(
+                f"{ckpt_path}: written by a run with a different training config (differs in {differs}); "
+                "use another output directory, or resume=False (--no-resume) to start over"
+            )
         _load_state(model, optimizer, state["model"], state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng_states(state["rng"])
