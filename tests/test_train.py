@@ -185,3 +185,12 @@ def test_bits_per_byte_is_cross_entropy_in_bits():
             return torch.zeros(*ids.shape, 256)
 
     assert task.evaluate(Uniform())["bits_per_byte"] == pytest.approx(math.log2(256))
+
+
+def test_progress_bar_goes_to_stderr_only_when_asked(tmp_path, capsys):
+    task = make_task("mqar", seq_len=32, pairs=2, eval_examples=4)
+    train(tiny_config(1, 16), task, TrainConfig(steps=3, micro_batch=2), tmp_path / "a", progress=True)
+    out = capsys.readouterr()
+    assert "loss" in out.err and "tok/s" in out.err and "3/3" in out.err and out.out == ""
+    train(tiny_config(1, 16), task, TrainConfig(steps=3, micro_batch=2), tmp_path / "b")  # stderr is not a TTY here
+    assert capsys.readouterr().err == ""
