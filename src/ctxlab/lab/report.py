@@ -187,6 +187,11 @@ def markdown(summary: dict, plot_paths: dict[str, str] | None = None) -> str:
     return "\n".join(lines)
 
 
+def _color(plt, summary: dict, recipe: str, index: int):
+    """Black for the baseline; otherwise 20 distinct colours (tab20), so 13 recipes never share one."""
+    return "black" if recipe == summary["baseline"] else plt.get_cmap("tab20")(index % 20)
+
+
 def plot_tradeoff(summary: dict, path: str | Path) -> None:
     """Held-out bits per byte against KV bytes per token (log x), one point per recipe with ± std bars."""
     import matplotlib
@@ -195,12 +200,12 @@ def plot_tradeoff(summary: dict, path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in summary["rows"]:
+    for i, r in enumerate(summary["rows"]):
         m = r["metrics"].get("held-out bits/byte")
         if m is None:
             continue
         ax.errorbar(r["kv_bytes_per_token"], m["mean"], yerr=m["std"], fmt="o", capsize=3,
-                    color="black" if r["recipe"] == summary["baseline"] else None)  # fmt: skip
+                    color=_color(plt, summary, r["recipe"], i))  # fmt: skip
         ax.annotate(r["recipe"], (r["kv_bytes_per_token"], m["mean"]), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)  # fmt: skip
     ax.set_xscale("log")
@@ -224,16 +229,16 @@ def plot_losses(runs: str | Path, summary: dict, path: str | Path) -> None:
     tasks = sorted({t for r in data.values() for t in r})
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for recipe in [r["recipe"] for r in summary["rows"]]:
+        for i, recipe in enumerate(r["recipe"] for r in summary["rows"]):
             curves = [[rec["loss"] for rec in _metric_lines(runs, recipe, task, res["train"]["seed"])]
                       for res in data[recipe].get(task, [])]  # fmt: skip
             curves = [c for c in curves if c]
             if not curves:
                 continue
             n = min(map(len, curves))
-            mean = [sum(c[i] for c in curves) / len(curves) for i in range(n)]
+            mean = [sum(c[j] for c in curves) / len(curves) for j in range(n)]
             ax.plot(range(1, n + 1), mean, label=recipe, lw=2.2 if recipe == summary["baseline"] else 1.0,
-                    color="black" if recipe == summary["baseline"] else None)  # fmt: skip
+                    color=_color(plt, summary, recipe, i), ls=("-", "--", ":")[i % 3])  # fmt: skip
         ax.set_title(f"{task}: training loss (mean over seeds)")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats / supervised token)")
