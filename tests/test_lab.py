@@ -159,3 +159,17 @@ def test_bf16_autocast_trains(tmp_path):
     r = train(load_recipe("gqa").config, make_task("mqar", seq_len=32, pairs=2, eval_examples=4),
               TrainConfig(steps=2, micro_batch=2, bf16=True), tmp_path, progress=False)  # fmt: skip
     assert math.isfinite(r["eval"]["mqar_accuracy"])
+
+
+def test_runner_finishes_a_run_killed_after_its_last_checkpoint(tmp_path):
+    from ctxlab.lab.runner import run_plan
+
+    ((task_name, params, cfg),) = run_plan("ci", ["mqar"])
+    recipe, out = load_recipe("gqa"), tmp_path / "gqa" / "mqar" / "seed0"
+    first = train(recipe.config, make_task(task_name, **params), cfg, out, progress=False,
+                  extra_result={"recipe": recipe.to_dict()})  # fmt: skip
+    (out / "result.json").unlink()  # as if killed between the final checkpoint and result.json
+    logs = []
+    (again,) = run_recipe("gqa", tmp_path, budget="ci", tasks=["mqar"], seeds=[0], log=logs.append)
+    assert again["eval"] == first["eval"] and again["tokens_per_s"] is None and "gqa mqar seed 0" in logs[0]
+    assert (out / "result.json").exists() and not (out / "checkpoint.pt").exists()

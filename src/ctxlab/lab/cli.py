@@ -39,7 +39,8 @@ def cmd_train(args, console) -> int:
     )  # fmt: skip
     result = train(model_config, task, cfg, args.out, resume=args.resume, model_transform=transform)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
-        console.print(f"{args.task}: {result['eval']}  ({result['tokens_per_s']:.0f} tokens/s; results in {args.out})")
+        speed = f"{result['tokens_per_s']:.0f} tokens/s; " if result["tokens_per_s"] else ""
+        console.print(f"{args.task}: {result['eval']}  ({speed}results in {args.out})")
     return 0
 
 

@@ -68,8 +68,10 @@ def run_recipe(name: str, runs: str | Path, budget: str = "full", tasks: list[st
             extra = {"recipe": recipe.to_dict(), "budget": budget}
             result = train(recipe.config, task, cfg, out, resume=True, progress=progress,
                            model_transform=recipe.model_transform(), extra_result=extra)  # fmt: skip
-            log(f"{recipe.name} {task_name} seed {seed}: {_headline(result)} "
-                f"({time.perf_counter() - start:.0f} s, {result['tokens_per_s']:.0f} tok/s)")  # fmt: skip
+            speed = f", {result['tokens_per_s']:.0f} tok/s" if result["tokens_per_s"] else ""
+            log(
+                f"{recipe.name} {task_name} seed {seed}: {_headline(result)} ({time.perf_counter() - start:.0f} s{speed})"
+            )
             (out / CHECKPOINT).unlink(missing_ok=True)  # finished: result.json marks it done; save the disk
             results.append(result)
     return results
