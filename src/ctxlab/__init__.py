@@ -10,8 +10,10 @@ Public API (see docs/architecture.md)::
     ctxlab.generate(model, ids, max_new_tokens=32)
     tok = ctxlab.load_tokenizer("dir_or.gguf"); ctxlab.perplexity(model, tok.encode(text), context=512)
     ctxlab.list_presets()                            # name, family, params, layers, trained context
+    ctxlab.train.train(cfg, ctxlab.train.make_task("mqar"), ctxlab.train.TrainConfig(steps=200), "runs/x")
 """
 
+from . import train
 from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
 from .config import LayerSpec, ModelConfig, RopeSpec
 from .errors import CacheOverflowError, CheckpointError, ConfigError, CtxlabError
@@ -54,4 +56,5 @@ __all__ = [
     "sample",
     "save_pretrained",
     "stream",
+    "train",
 ]

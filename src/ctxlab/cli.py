@@ -9,6 +9,7 @@ Commands:
 * ``ctxlab list`` (alias ``presets``): every preset with family, params, layers, trained context
 * ``ctxlab chat MODEL``: multi-turn chat with a real checkpoint or .gguf file (its chat template)
 * ``ctxlab perplexity MODEL FILE``: strided perplexity of a text file
+* ``ctxlab train`` and ``ctxlab lab run`` / ``lab report``: the mechanism lab (``ctxlab.lab.cli``)
 
 Human tables go to stdout (rich), ``--json`` prints exact integers for machines, warnings and
 progress go to stderr. Errors a user can fix (bad name, bad value, missing file: ctxlab's own
@@ -475,6 +476,10 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight element type")
     pp.add_argument("--json", action="store_true", help="print JSON (ppl, nll, tokens, windows, ...)")
     pp.set_defaults(func=cmd_perplexity)
+
+    from .lab.cli import add_commands  # ctxlab train, ctxlab lab run / report
+
+    add_commands(sub, fmt)
     return p
 
 

@@ -1,0 +1,95 @@
+"""``ctxlab lab run``: train recipes on the study's tasks and seeds, one result directory per run.
+
+Layout: ``<runs>/<recipe>/<task>/seed<k>/{result.json, metrics.jsonl, checkpoint.pt}`` and
+``<runs>/corpus.json`` (the code corpus manifest: every file's path, split and SHA-256). A run whose
+``result.json`` exists with the same training config is skipped, and an interrupted run resumes from its
+checkpoint (deleted once the run has finished), so rerunning the documented command completes a study instead of repeating it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from importlib import resources
+from pathlib import Path
+
+from ..train import TrainConfig, make_task, train
+from ..train.loop import CHECKPOINT, RESULT
+from .recipes import load_recipe
+
+BUDGETS = ("full", "reduced", "ci")
+
+
+def study() -> dict:
+    return json.loads((resources.files("ctxlab.lab") / "study.json").read_text())
+
+
+def run_plan(budget: str, tasks: list[str] | None = None) -> list[tuple[str, dict, TrainConfig]]:
+    """[(task name, task params, TrainConfig without the seed)] for ``budget``."""
+    s = study()
+    if budget not in s["budgets"]:
+        raise ValueError(f"budget = {budget!r}: allowed: {sorted(s['budgets'])}")
+    b = s["budgets"][budget]
+    unknown = sorted(set(tasks or ()) - set(s["tasks"]))
+    if unknown:
+        raise ValueError(f"tasks {unknown}: unknown; allowed: {sorted(s['tasks'])}")
+    plan = []
+    for name, spec in s["tasks"].items():
+        if tasks and name not in tasks:
+            continue
+        train_kw = {**spec["train"], **b.get("train", {}), "steps": b["steps"][name]}
+        plan.append((name, {**spec["params"], **b.get("eval", {}).get(name, {})}, TrainConfig(**train_kw)))
+    return plan
+
+
+def run_recipe(name: str, runs: str | Path, budget: str = "full", tasks: list[str] | None = None,
+               seeds: list[int] | None = None, progress: bool | None = None, log=print) -> list[dict]:  # fmt: skip
+    """Train recipe ``name`` on every planned task x seed; returns the results (skipped runs included)."""
+    recipe = load_recipe(name)
+    runs = Path(runs)
+    seeds = list(seeds if seeds is not None else study()["seeds"])
+    results = []
+    for task_name, params, base_cfg in run_plan(budget, tasks):
+        task = make_task(task_name, **params)
+        if task_name == "code":
+            _write_corpus(runs, task.manifest)
+        for seed in seeds:
+            cfg = TrainConfig.from_dict({**base_cfg.to_dict(), "seed": seed})
+            out = runs / recipe.name / task_name / f"seed{seed}"
+            done = out / RESULT
+            if done.exists():
+                old = json.loads(done.read_text())
+                if old.get("train") == cfg.to_dict() and old.get("task") == task.describe():
+                    log(f"{recipe.name} {task_name} seed {seed}: done already ({done})")
+                    results.append(old)
+                    continue
+            start = time.perf_counter()
+            extra = {"recipe": recipe.to_dict(), "budget": budget}
+            result = train(recipe.config, task, cfg, out, resume=True, progress=progress,
+                           model_transform=recipe.model_transform(), extra_result=extra)  # fmt: skip
+            speed = f", {result['tokens_per_s']:.0f} tok/s" if result["tokens_per_s"] else ""
+            log(
+                f"{recipe.name} {task_name} seed {seed}: {_headline(result)} ({time.perf_counter() - start:.0f} s{speed})"
+            )
+            (out / CHECKPOINT).unlink(missing_ok=True)  # finished: result.json marks it done; save the disk
+            results.append(result)
+    return results
+
+
+def _headline(result: dict) -> str:
+    e = result["eval"]
+    for key in ("mqar_accuracy", "passkey_accuracy", "bits_per_byte"):
+        if key in e:
+            return f"{key} {e[key]:.4f}"
+    return ""
+
+
+def _write_corpus(runs: Path, manifest: dict) -> None:
+    runs.mkdir(parents=True, exist_ok=True)
+    path = runs / "corpus.json"
+    if path.exists() and json.loads(path.read_text()).get("sha256") == manifest["sha256"]:
+        return
+    tmp = path.with_name("corpus.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=0))
+    os.replace(tmp, path)
