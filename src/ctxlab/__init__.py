@@ -11,6 +11,7 @@ Public API (see docs/architecture.md)::
 """
 
 from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
+from .bench import bench
 from .config import LayerSpec, ModelConfig, RopeSpec
 from .errors import CacheOverflowError, CheckpointError, ConfigError, CtxlabError
 from .generate import generate, sample, stream
@@ -18,6 +19,7 @@ from .io.checkpoint import from_pretrained, save_pretrained
 from .io.config_file import load_config
 from .model import CausalLM, build_model
 from .presets import preset_names
+from .quant import quantize_ as quantize
 
 __version__ = "0.1.0"
 
@@ -30,6 +32,7 @@ __all__ = [
     "LayerSpec",
     "ModelConfig",
     "RopeSpec",
+    "bench",
     "build_model",
     "count_params",
     "decode_flops",
@@ -40,6 +43,7 @@ __all__ = [
     "kv_cache_bytes_per_layer",
     "load_config",
     "preset_names",
+    "quantize",
     "sample",
     "save_pretrained",
     "stream",

@@ -35,14 +35,17 @@ class LightningIndexer(nn.Module):
     def select(self, x, q_res, keys, allowed, rotary, cos, sin) -> torch.Tensor:
         """Indices [B, T, k] of the ``k = min(topk, S)`` best keys for each query.
 
-        x [B, T, H], q_res [B, T, q_lora], keys [B, 1, S, D_I], allowed [B, 1, T, S] (causal mask).
+        x [B, T, H], q_res [B, T, q_lora], keys [B, 1, S, D_I], allowed [B, 1, T, S] (causal mask),
+        or None when every key may be chosen (decode without padding).
         """
         B, T, _ = x.shape
         s = self.spec
         q = rotary.apply(self.wq_b(q_res).view(B, T, s.n_heads, s.head_dim).transpose(1, 2), cos, sin)
         scores = F.relu(q.float() @ keys.float().transpose(-1, -2) * s.head_dim**-0.5)  # [B, H_I, T, S]
         weights = self.weights_proj(x).float() * s.n_heads**-0.5  # [B, T, H_I]
-        index = torch.einsum("bth,bhts->bts", weights, scores).masked_fill(~allowed[:, 0], float("-inf"))
+        index = torch.einsum("bth,bhts->bts", weights, scores)
+        if allowed is not None:
+            index = index.masked_fill(~allowed[:, 0], float("-inf"))
         k = min(s.topk, index.shape[-1])
         return torch.sort(index, dim=-1, descending=True, stable=True).indices[..., :k]
 
