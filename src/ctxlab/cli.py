@@ -215,6 +215,8 @@ def cmd_bench(args, console: Console) -> int:
     from .bench import bench
     from .bench import tables as bench_tables
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     model, _ = load_for_generation(args.model, as_dtype(args.dtype), args.max_memory_gb)
     if args.quantize:
         from .quant import quantize_
@@ -337,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--compile", action="store_true", help="compile the decode step (warm-up reported separately)")
     b.add_argument("--against", choices=("transformers", "llama.cpp"), help="also run the same weights in "
                    "transformers (saved and reloaded), or llama-cpp-python on MODEL as a GGUF file")
+    b.add_argument("--threads", type=positive, help="torch threads (None = torch's default); on a shared, "
+                   "oversubscribed machine 1 thread gives far steadier numbers")
     b.add_argument("--json", action="store_true", help="print the result as one JSON object")
     b.add_argument("--max-memory-gb", type=float, default=8.0,
                    help="refuse a model whose weights (total params x element size) exceed this many GiB")

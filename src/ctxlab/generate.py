@@ -94,6 +94,9 @@ def compiled_decode_step(model: CausalLM):
     """
     fn = model.__dict__.get("_compiled_decode")
     if fn is None:
+        # every model shares the one code object of _decode_logits, and Dynamo's recompile limit
+        # (8) counts graphs per code object: each compiled model uses about two, some more
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         fn = torch.compile(_decode_logits, fullgraph=True, dynamic=True)
         model.__dict__["_compiled_decode"] = fn  # a plain attribute, not a submodule or parameter
     return torch.no_grad()(fn)
