@@ -79,7 +79,7 @@ def markdown(results: list[dict]) -> str:
     head += " tok/s: ctxlab / transformers (×) |"
     for c in contexts:
         head += f" decode @{c}: ctxlab / transformers ms (×) | roofline ratio @{c} |"
-    lines = [head, "|" + "---|" * (2 + 2 * len(contexts))]
+    lines = [head, "|" + "---|" * (3 + 2 * len(contexts))]
     for r in results:
         p = r["params"]
         pre = r["prefill"][0]
