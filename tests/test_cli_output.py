@@ -14,7 +14,7 @@ import pytest
 import ctxlab
 from ctxlab import cli
 from ctxlab.cli import main
-from ctxlab.tables import fmt_number
+from ctxlab.reporting.tables import fmt_number
 from test_cli_errors import ctxlab_run, script
 
 

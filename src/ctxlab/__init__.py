@@ -15,6 +15,7 @@ Public API (see docs/architecture.md)::
 
 from . import train
 from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
+from .bench import bench
 from .config import LayerSpec, ModelConfig, RopeSpec
 from .errors import CacheOverflowError, CheckpointError, ConfigError, CtxlabError
 from .generate import generate, sample, stream
@@ -27,6 +28,7 @@ from .perplexity import perplexity
 from .reporting.catalog import list_presets
 from .errors import InputError
 from .presets import preset_names
+from .quant import quantize_ as quantize
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,7 @@ __all__ = [
     "LayerSpec",
     "ModelConfig",
     "RopeSpec",
+    "bench",
     "build_model",
     "count_params",
     "decode_flops",
@@ -53,6 +56,7 @@ __all__ = [
     "load_tokenizer",
     "perplexity",
     "preset_names",
+    "quantize",
     "sample",
     "save_pretrained",
     "stream",

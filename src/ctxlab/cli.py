@@ -247,8 +247,12 @@ def cmd_generate(args, console: Console) -> int:
     else:
         prompt = args.prompt_ids
     model, need = load_for_generation(args.model, dtype, args.max_memory_gb, model_tokens, quiet=args.json)
+    if args.quantize:
+        from .quant import quantize_
+
+        quantize_(model, args.quantize)
     steps = stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, prefill_chunk=args.prefill_chunk,
+                   top_p=args.top_p, seed=args.seed, prefill_chunk=args.prefill_chunk, compile=args.compile,
                    allow_past_max_positions=args.allow_past_max_positions)
     show = tok.decode if tok is not None else (lambda ids: " ".join(map(str, ids)))
     new: list[int] = []
@@ -355,6 +359,44 @@ def cmd_perplexity(args, console: Console) -> int:
     return 0
 
 
+# ----------------------------------------------------------------------------------------- bench
+
+
+def cmd_bench(args, console: Console) -> int:
+    from rich.progress import Progress
+
+    from .bench import bench
+    from .bench import tables as bench_tables
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    tokens = max(args.context + args.prompt) + args.steps
+    model, _ = load_for_generation(args.model, DTYPES[args.dtype], args.max_memory_gb, tokens, quiet=args.json)
+    if args.quantize:
+        from .quant import quantize_
+
+        quantize_(model, args.quantize)
+    with Progress(console=Console(file=sys.stderr), transient=True) as progress:
+        task = progress.add_task("bench", total=None)
+        result = bench(model, contexts=args.context, prompts=args.prompt, steps=args.steps, repeats=args.repeats,
+                       against=args.against, compile=args.compile, source=args.model,
+                       progress=lambda message: progress.update(task, description=message))  # fmt: skip
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    if result["against_skipped"]:
+        print(f"ctxlab bench: --against {args.against} skipped: {result['against_skipped']}", file=sys.stderr)
+    for table in bench_tables(result):
+        console.print(table)
+    console.print(f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB (whole process); torch {result['torch']}")
+    return 0
+
+
+def token_list(text: str) -> list[int]:
+    """``512,4k,16k`` -> [512, 4096, 16384]."""
+    return [tokens(part) for part in text.split(",") if part.strip()]
+
+
 # ---------------------------------------------------------------------------------------- parser
 
 
@@ -422,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "--temperature > 0); the random weights of a preset always use seed 0")
     g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weight and cache element type")
     g.add_argument("--prefill-chunk", type=tokens, help="feed the prompt in chunks of this many tokens (None = all)")
+    g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile (needs a C++ "
+                   "compiler; tens of seconds of warm-up on a small CPU, worth it only for long generations)")
     g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
                    help="print tokens as they are generated")
     g.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, generated_ids, text)")
@@ -430,6 +474,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--allow-past-max-positions", action="store_true",
                    help="generate past the model's max_position_embeddings (the context it was trained for); "
                    "refused otherwise")
+    g.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (int4 needs "
+                   "--dtype bfloat16)")
     g.set_defaults(func=cmd_generate)
 
     for name, aliases in (("list", ["presets"]),):
@@ -480,6 +526,31 @@ def build_parser() -> argparse.ArgumentParser:
     from .lab.cli import add_commands  # ctxlab train, ctxlab lab run / report
 
     add_commands(sub, fmt)
+
+    b = sub.add_parser("bench", formatter_class=fmt, help="measure prefill and decode speed on this machine",
+                       description="Prefill tokens/s at each --prompt length and decode ms/token at each --context "
+                       "length (cache filled by a chunked prefill of random tokens, then timed decode steps), cache "
+                       "bytes, peak RSS, and the decode roofline ratio (measured ms/token / (bytes read per token / "
+                       "copy bandwidth measured at the start)). --against runs the same weights in another engine "
+                       "in the same run, alternating with ctxlab; medians of --repeats.")
+    b.add_argument("model", metavar="MODEL", help="checkpoint directory, or a preset name / config.json path "
+                   "(random weights)")
+    b.add_argument("--context", type=token_list, default=[512, 4096, 16384], help="decode context lengths, "
+                   "comma-separated (k = 1024)")
+    b.add_argument("--prompt", type=token_list, default=[512, 2048], help="prefill prompt lengths, comma-separated")
+    b.add_argument("--steps", type=positive, default=16, help="timed decode steps per context")
+    b.add_argument("--repeats", type=positive, default=3, help="repeats (medians are reported)")
+    b.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="weight and cache type")
+    b.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (int4 needs bfloat16)")
+    b.add_argument("--compile", action="store_true", help="compile the decode step (warm-up reported separately)")
+    b.add_argument("--against", choices=("transformers", "llama.cpp"), help="also run the same weights in "
+                   "transformers (saved and reloaded), or llama-cpp-python on MODEL as a GGUF file")
+    b.add_argument("--threads", type=positive, help="torch threads (None = torch's default); on a shared, "
+                   "oversubscribed machine 1 thread gives far steadier numbers")
+    b.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    b.add_argument("--max-memory-gb", type=gibibytes, default=8.0,
+                   help="refuse a model whose weights plus KV cache exceed this many GiB")
+    b.set_defaults(func=cmd_bench)
     return p
 
 

@@ -77,17 +77,41 @@ def _preview(value) -> str:
 
 @torch.no_grad()
 def prefill(model: CausalLM, ids: torch.Tensor, cache: Cache, chunk_size: int | None = None) -> torch.Tensor:
-    """Feed the prompt in chunks of ``chunk_size`` tokens; return the last position's logits [B, V]."""
+    """Feed the prompt in chunks of ``chunk_size`` tokens; return the last position's logits [B, V].
+    The ids are checked once here, not per chunk."""
+    ids = model._check_ids(ids)
     step = ids.shape[1] if chunk_size is None else chunk_size
     for start in range(0, ids.shape[1], step):
-        logits = model(ids[:, start : start + step], cache=cache, last_only=True)
+        logits = model(ids[:, start : start + step], cache=cache, last_only=True, check_ids=False)
     return logits[:, -1]
 
 
 @torch.no_grad()
 def decode_step(model: CausalLM, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
-    """One token per row [B] -> next-token logits [B, V]."""
-    return model(tokens[:, None], cache=cache)[:, -1]
+    """One token per row [B] -> next-token logits [B, V]. The tokens are not range-checked (no host
+    sync): they are sampled ids, or ids the caller checked."""
+    return model(tokens[:, None], cache=cache, check_ids=False)[:, -1]
+
+
+def _decode_logits(model: CausalLM, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+    return model(tokens[:, None], cache=cache, check_ids=False)[:, -1]
+
+
+def compiled_decode_step(model: CausalLM):
+    """``decode_step(model, tokens, cache)`` compiled with ``torch.compile(fullgraph=True, dynamic=True)``, one per model.
+
+    The cache length is a Python int on the cache: the first step compiles for its value, the
+    second recompiles it as a symbolic size (automatic dynamic shapes), later steps reuse that
+    graph. On CPU, Inductor needs a C++ compiler and the warm-up takes tens of seconds on 2 cores.
+    """
+    fn = model.__dict__.get("_compiled_decode")
+    if fn is None:
+        # every model shares the one code object of _decode_logits, and Dynamo's recompile limit
+        # (8) counts graphs per code object: each compiled model uses about two, some more
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        fn = torch.compile(_decode_logits, fullgraph=True, dynamic=True)
+        model.__dict__["_compiled_decode"] = fn  # a plain attribute, not a submodule or parameter
+    return torch.no_grad()(fn)
 
 
 @torch.no_grad()
@@ -102,8 +126,11 @@ def stream(
     eos_token_id: int | Sequence[int] | None = None,
     prefill_chunk: int | None = None,
     allow_past_max_positions: bool = False,
+    compile: bool = False,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(tokens [B], finished [B])`` once per generated position.
+
+    ``compile=True`` runs the decode steps through :func:`compiled_decode_step` (prefill stays eager).
 
     Rows that have produced an EOS token keep yielding the pad token (``finished`` True);
     the stream ends when every row has finished or after ``max_new_tokens`` steps.
@@ -128,6 +155,7 @@ def stream(
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     logits = prefill(model, ids, cache, prefill_chunk)
+    step = compiled_decode_step(model) if compile else decode_step
     for i in range(max_new_tokens):
         tokens = sample(logits, temperature, top_k, top_p, generator)
         tokens = torch.where(finished, torch.full_like(tokens, pad_id), tokens)
@@ -135,7 +163,7 @@ def stream(
         yield tokens, finished.clone()
         if bool(finished.all()) or i == max_new_tokens - 1:
             return
-        logits = decode_step(model, tokens, cache)
+        logits = step(model, tokens, cache)
 
 
 def check_positions(cfg, prompt_tokens: int, new_tokens: int, allow: bool) -> None:

@@ -103,18 +103,25 @@ class CausalLM(nn.Module):
         return self
 
     @property
-    def dtype(self) -> torch.dtype:
-        return self.lm_head.weight.dtype
+    def dtype(self) -> torch.dtype:  # the final norm's: the LM head may be quantized (ctxlab.quant)
+        return self.model.norm.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.lm_head.weight.device
+        return self.model.norm.weight.device
 
     def forward(
-        self, input_ids: torch.Tensor, cache: Cache | None = None, last_only: bool = False
+        self,
+        input_ids: torch.Tensor,
+        cache: Cache | None = None,
+        last_only: bool = False,
+        check_ids: bool = True,
     ) -> torch.Tensor:
-        """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``)."""
-        ids = self._check_ids(input_ids)
+        """input_ids [B, T] -> logits [B, T, vocab] (or [B, 1, vocab] with ``last_only``).
+
+        ``check_ids=False`` skips the range check of the ids, which reads them back from the device
+        (a host sync): generation checks the prompt once and then feeds it only sampled ids."""
+        ids = self._check_ids(input_ids) if check_ids else input_ids
         B, T = ids.shape
         if cache is None:
             positions = torch.arange(T, device=ids.device).expand(B, T)
@@ -147,8 +154,12 @@ class CausalLM(nn.Module):
         return ids.long()
 
     def new_cache(self, batch_size: int = 1, max_tokens: int = 4096) -> Cache:
-        """Allocate every layer's cache up front, in the model's dtype and device."""
-        return new_cache(self.config, batch_size, max_tokens, self.dtype, self.device)
+        """Allocate every layer's cache up front, in the model's dtype and device, with the RoPE
+        tables of every position it can hold."""
+        cache = new_cache(self.config, batch_size, max_tokens, self.dtype, self.device)
+        rotaries = [m.self_attn.rotary for m in self.model.layers if hasattr(m.self_attn, "rotary")]
+        cache.precompute_rope(rotaries, self.dtype)
+        return cache
 
     def save_pretrained(self, directory: str | Path, max_shard_bytes: int | None = None) -> None:
         """Write ``config.json`` + safetensors in the HF layout (transformers loads it back)."""

@@ -20,14 +20,14 @@ cache next to the latent K/V, so chunked prefill and decode continue exactly whe
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache.spec import CacheSpec
 from ..config import LayerSpec
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
-from .context import ForwardContext, attention_mask, scope
+from .context import ForwardContext, scope
+from .kernels import grouped_attention
 
 
 def _conv_shape(spec: LayerSpec) -> tuple[int, int]:
@@ -133,8 +133,8 @@ class CCAttention(nn.Module):
         else:
             kv, k_pos = layer_cache.update({"k": k, "v": v}, ctx.cache)
             k, v = kv["k"], kv["v"]
-        mask = attention_mask(ctx.positions, k_pos, s.window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale, enable_gqa=True)
+        mask, causal = ctx.sdpa_mask(k_pos, s.window)
+        out = grouped_attention(q, k, v, mask, s.scale, causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
 
     # --- declarations read by the validation, the cache planner and the accounting --------

@@ -28,7 +28,7 @@ from ..config import IndexerSpec, LayerSpec
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
-from .context import ForwardContext, attention_mask
+from .context import ForwardContext
 from .dsa import indexer_topk, tiny_indexer, validate_indexer
 
 
@@ -156,7 +156,7 @@ class CompressedAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
         s = self.spec
-        if bool((ctx.positions < 0).any()):
+        if ctx.padded:
             raise ValueError("compressed attention (CSA/HCA) pools tokens by position: left-padded batches "
                              "(prompts of different lengths) are not supported; run them one at a time")  # fmt: skip
         cos, sin = ctx.rope_tables(self.rotary, x.dtype)
@@ -169,7 +169,9 @@ class CompressedAttention(nn.Module):
         else:
             stored, k_pos = layer_cache.update({"kv": kv}, ctx.cache)
             keys = stored["kv"]
-        allowed = attention_mask(ctx.positions, k_pos, s.window)  # [B, 1, T, S]
+        # decode: the ring returns only the window's written slots and every stored entry is complete,
+        # so nothing needs masking
+        allowed = None if ctx.decoding else ctx.mask(k_pos, s.window)  # [B, 1, T, S]
         if s.compress.ratio:
             keys, allowed = self._with_entries(x, q_res, keys, allowed, ctx, layer_cache)
         out = self._attend(q, keys, allowed)  # [B, H, T, D]
@@ -177,14 +179,17 @@ class CompressedAttention(nn.Module):
         return self.o_b_proj(self._grouped_out(out.transpose(1, 2).reshape(B, T, -1)))
 
     def _with_entries(self, x, q_res, keys, allowed, ctx: ForwardContext, layer_cache):
-        """Append the compressed entries (and their visibility) to the window's keys and mask."""
+        """Append the compressed entries (and their visibility, unless ``allowed`` is None: all
+        visible) to the window's keys and mask."""
         comp, ratio = self.compressor, self.spec.compress.ratio
         start = 0 if ctx.cache is None else ctx.cache.length
         state = None if layer_cache is None else layer_cache.state
         entries = comp(x, start, state, "", self.rotary)
         if layer_cache is not None:
             entries = layer_cache.append_entries("kv", entries)
-        visible = torch.arange(entries.shape[-2], device=x.device) < ((ctx.positions + 1) // ratio)[..., None]  # [B, T, E]
+        visible = None
+        if allowed is not None:
+            visible = torch.arange(entries.shape[-2], device=x.device) < ((ctx.positions + 1) // ratio)[..., None]  # [B, T, E]
         if self.spec.indexer is not None:  # its compressor runs on every call: it keeps its own pending block
             index_keys = comp.indexer(x, start, state, "index_", self.rotary)
             if layer_cache is not None:
@@ -194,17 +199,23 @@ class CompressedAttention(nn.Module):
             chosen = comp.indexer.select(x, q_res, index_keys, visible, self.rotary, cos, sin)  # [B, T, k]
             if x.shape[1] == 1 and chosen.shape[-1] < entries.shape[-2]:  # decode: read only the chosen entries
                 entries = entries[:, 0].gather(1, chosen[:, 0, :, None].expand(-1, -1, entries.shape[-1]))[:, None]
-                visible = visible.gather(-1, chosen)
-            else:
+                visible = None if visible is None else visible.gather(-1, chosen)
+            elif visible is not None:
                 visible = visible & torch.zeros_like(visible).scatter(-1, chosen, True)
-        return torch.cat((keys, entries), dim=2), torch.cat((allowed, visible[:, None]), dim=-1)
+        keys = torch.cat((keys, entries), dim=2)
+        return keys, None if allowed is None else torch.cat((allowed, visible[:, None]), dim=-1)
 
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Softmax over [keys | per-head sink]; values = keys (one shared K=V head)."""
-        logits = (q @ keys.transpose(-1, -2) * self.spec.scale).masked_fill(~allowed, float("-inf"))  # [B, H, T, S]
+    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
+        """Softmax over [keys | per-head sink]; values = keys (one shared K=V head). The heads are folded
+        into the query axis (``[B, 1, H·T, D]`` against ``[B, 1, S, D]``), so the keys are never expanded."""
+        B, H, T, D = q.shape
+        S = keys.shape[-2]
+        logits = (q.reshape(B, 1, H * T, D) @ keys.transpose(-1, -2)).view(B, H, T, S) * self.spec.scale
+        if allowed is not None:
+            logits = logits.masked_fill(~allowed, float("-inf"))  # [B, H, T, S]
         sink = self.sinks.view(1, -1, 1, 1).expand(*logits.shape[:-1], 1).to(logits.dtype)
         probs = torch.cat((logits, sink), dim=-1).float().softmax(dim=-1)[..., :-1]
-        return probs.to(keys.dtype) @ keys
+        return (probs.to(keys.dtype).reshape(B, 1, H * T, S) @ keys).view(B, H, T, D)
 
     def _grouped_out(self, out: torch.Tensor) -> torch.Tensor:
         """[B, T, H·D] -> g groups, each through its own block of ``o_a_proj`` -> [B, T, g·c]."""

@@ -29,13 +29,58 @@ class ForwardContext:
     sources: frozenset[int] = frozenset()
     shared_kv: dict[int, tuple] = field(default_factory=dict)
     _rope_tables: dict = field(default_factory=dict)
+    _masks: dict = field(default_factory=dict)
 
     def rope_tables(self, rotary, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin for this forward's positions, computed once per distinct rope."""
+        """cos/sin for this forward's positions, computed once per distinct rope (in decode, rows of
+        the tables the cache precomputed for every position it can hold)."""
         key = (rotary.key, dtype)
         if key not in self._rope_tables:
-            self._rope_tables[key] = rotary.cos_sin(self.positions, dtype)
+            table = None if self.cache is None or self.positions.shape[1] != 1 else self.cache.rope_table(rotary, dtype)
+            if table is None:
+                self._rope_tables[key] = rotary.cos_sin(self.positions, dtype)
+            else:  # decode positions are never padding (>= 0)
+                cos, sin = table
+                self._rope_tables[key] = (cos[self.positions][:, None], sin[self.positions][:, None])
         return self._rope_tables[key]
+
+    @property
+    def padded(self) -> bool:
+        """Whether some row has left padding (a host-side flag of the cache: no device sync)."""
+        return self.cache is not None and self.cache.has_padding
+
+    @property
+    def decoding(self) -> bool:
+        """One new token per row attending over a cache (which returns only valid keys)."""
+        return self.cache is not None and self.positions.shape[1] == 1
+
+    def mask(self, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
+        """:func:`attention_mask` of this forward's queries against ``k_pos``, built once per forward
+        for every layer reading the same key positions (caches share them per step)."""
+        if torch.compiler.is_compiling():  # the compiled graph deduplicates instead
+            return attention_mask(self.positions, k_pos, window)
+        key = (id(k_pos), window)
+        if key not in self._masks:
+            self._masks[key] = (k_pos, attention_mask(self.positions, k_pos, window))
+        return self._masks[key][1]
+
+    def sdpa_mask(self, k_pos: torch.Tensor, window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """``(mask or None, is_causal)`` for attention over ``k_pos``, with no mask when none is needed.
+
+        * decode without left padding: the caches return only written slots of steps at or before
+          the query, all inside the window (rings keep exactly the window): every key is valid;
+        * keys that are exactly this forward's tokens (no cache, or an empty one), no padding, and no
+          window shorter than them: plain causal attention (``is_causal``, nothing materialized);
+        * otherwise the position mask, shared by the layers reading the same key positions.
+        """
+        if not self.padded:
+            T, S = self.positions.shape[1], k_pos.shape[1]
+            if self.decoding:
+                return None, False
+            fresh = self.cache is None or self.cache.length == 0
+            if fresh and S == T and (window is None or window >= T):
+                return None, True
+        return self.mask(k_pos, window), False
 
 
 def scope(spec) -> str:

@@ -35,12 +35,13 @@ class LightningIndexer(nn.Module):
     def select(self, x, q_res, keys, allowed, rotary, cos, sin) -> torch.Tensor:
         """Indices [B, T, k] of the ``k = min(topk, S)`` best keys for each query.
 
-        x [B, T, H], q_res [B, T, q_lora], keys [B, 1, S, D_I], allowed [B, 1, T, S] (causal mask).
+        x [B, T, H], q_res [B, T, q_lora], keys [B, 1, S, D_I], allowed [B, 1, T, S] (causal mask),
+        or None when every key may be chosen (decode without padding).
         """
         B, T, _ = x.shape
         s = self.spec
         q = rotary.apply(self.wq_b(q_res).view(B, T, s.n_heads, s.head_dim).transpose(1, 2), cos, sin)
-        return indexer_topk(q, keys, self.weights_proj(x), allowed[:, 0], s.topk)
+        return indexer_topk(q, keys, self.weights_proj(x), None if allowed is None else allowed[:, 0], s.topk)
 
     @staticmethod
     def param_count(hidden_size: int, q_lora_rank: int, spec: IndexerSpec) -> int:
@@ -57,18 +58,20 @@ class LightningIndexer(nn.Module):
 
 
 def indexer_topk(
-    q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, allowed: torch.Tensor, topk: int
+    q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, allowed: torch.Tensor | None, topk: int
 ) -> torch.Tensor:
     """The lightning indexer's selection, shared by DSA (keys = tokens) and CSA (keys = entries).
 
     q [B, H_I, T, D_I] (rotated), keys [B, 1, S, D_I], weights [B, T, H_I] (projected from the
-    hidden state), allowed [B, T, S] -> indices [B, T, min(topk, S)] of each query's best keys by
+    hidden state), allowed [B, T, S] (None: every key, as in decode) -> indices [B, T, min(topk, S)] of each query's best keys by
     ``sum_h w_h / sqrt(H_I) * ReLU(q_h . k / sqrt(D_I))`` in fp32, ties to the earlier key.
     """
     n_heads, head_dim = q.shape[1], q.shape[-1]
     scores = F.relu(q.float() @ keys.float().transpose(-1, -2) * head_dim**-0.5)  # [B, H_I, T, S]
     w = weights.float() * n_heads**-0.5  # [B, T, H_I]
-    index = torch.einsum("bth,bhts->bts", w, scores).masked_fill(~allowed, float("-inf"))
+    index = torch.einsum("bth,bhts->bts", w, scores)
+    if allowed is not None:
+        index = index.masked_fill(~allowed, float("-inf"))
     k = min(topk, index.shape[-1])
     return torch.sort(index, dim=-1, descending=True, stable=True).indices[..., :k]
 

@@ -6,8 +6,8 @@ a per-layer sliding window, and cross-layer KV sharing: a layer with ``kv_source
 projections and attends over the K/V its producer computed in the same forward. An optional softplus output gate scales each
 head's output before ``o_proj``, per head or per element (HF ``LagunaAttention``). Query heads
 come from the layer's own spec, so layers may have different head budgets over the same KV heads.
-K/V are cached with ``H_kv`` heads and expanded to the query heads only inside attention
-(``enable_gqa``), so the cache stays small.
+K/V are cached with ``H_kv`` heads and never expanded: decode folds each KV group's query heads
+into the query axis (``attention.kernels.grouped_attention``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from ..config import LayerSpec
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
-from .context import ForwardContext, attention_mask, scope
+from .context import ForwardContext, scope
+from .kernels import grouped_attention
 
 OUTPUT_GATES = ("per_head", "per_element")
 
@@ -64,9 +65,8 @@ class GQAttention(nn.Module):
         else:
             k, v, k_pos = ctx.shared_kv[s.kv_source]
 
-        mask = attention_mask(ctx.positions, k_pos, s.window)  # [B, 1, T, S]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=s.scale, enable_gqa=True)
-        out = out.transpose(1, 2)  # [B, T, H_q, D]
+        mask, causal = ctx.sdpa_mask(k_pos, s.window)  # [B, 1, T, S] or None
+        out = grouped_attention(q, k, v, mask, s.scale, causal).transpose(1, 2)  # [B, T, H_q, D]
         if s.output_gate is not None:
             gate = F.softplus(self.g_proj(x).float()).to(out.dtype)  # [B, T, H_q] or [B, T, H_q * D]
             out = out * gate.view(B, T, s.num_heads, -1)

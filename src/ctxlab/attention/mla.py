@@ -73,19 +73,22 @@ class MLAttention(nn.Module):
             stored, k_pos = new, ctx.positions
         else:
             stored, k_pos = ctx.cache[self.layer_idx].update(new, ctx.cache)
-        allowed = attention_mask(ctx.positions, k_pos, s.window)  # [B, 1, T, S]
+        valid_only = ctx.decoding and not ctx.padded  # every returned key may be attended
         selected = None
         if self.indexer is not None:
+            allowed = None if valid_only else ctx.mask(k_pos, s.window)  # [B, 1, T, S]
             selected = self.indexer.select(x, q_res, stored["index_k"], allowed, self.rotary, cos, sin)
         if T == 1 and self.decode_path == "absorbed":
-            out = self._absorbed(q_nope, q_rot, stored, k_pos, ctx.positions, selected)
+            out = self._absorbed(q_nope, q_rot, stored, k_pos, ctx, selected, valid_only)
         else:
+            mask, causal = ctx.sdpa_mask(k_pos, s.window)
             if selected is not None:  # keep only the selected keys
-                allowed = allowed & torch.zeros_like(allowed[:, 0]).scatter(-1, selected, True)[:, None]
-            out = self._expanded(q_nope, q_rot, stored, allowed)
+                keep = torch.zeros_like(ctx.mask(k_pos, s.window)[:, 0]).scatter(-1, selected, True)[:, None]
+                mask, causal = ctx.mask(k_pos, s.window) & keep, False
+            out = self._expanded(q_nope, q_rot, stored, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
-    def _expanded(self, q_nope, q_rot, stored, allowed) -> torch.Tensor:
+    def _expanded(self, q_nope, q_rot, stored, mask, causal: bool) -> torch.Tensor:
         """Per-head keys/values from every cached latent -> output [B, H, T, v]."""
         m = self.spec.mla
         B, _, S, _ = stored["latent"].shape
@@ -93,24 +96,30 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)  # [B, H, S, *]
         k = torch.cat((k_nope, stored["k_rope"].expand(-1, self.spec.num_heads, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_rot), dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, scale=self.spec.scale)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.spec.scale)
 
-    def _absorbed(self, q_nope, q_rot, stored, k_pos, q_pos, selected) -> torch.Tensor:
-        """Attention against the latents themselves (MQA, one head of L + R dims) -> [B, H, T, v]."""
-        m = self.spec.mla
-        w = self.kv_b_proj.weight.view(self.spec.num_heads, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+    def _absorbed(self, q_nope, q_rot, stored, k_pos, ctx: ForwardContext, selected, valid_only: bool) -> torch.Tensor:
+        """Attention against the latents themselves (MQA, one head of L + R dims) -> [B, H, 1, v].
+
+        The heads are folded into the query axis (``[B, 1, H, *]`` against ``[B, 1, S, *]``) and the
+        scores are the sum of the latent and RoPE parts, so the cached latents are read in place
+        (no concatenated key copy), once for the scores and once for the values."""
+        m, H = self.spec.mla, self.spec.num_heads
+        w = self.kv_b_proj.weight.view(H, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         w_uk, w_uv = w[:, : m.qk_nope_head_dim], w[:, m.qk_nope_head_dim :]  # [H, nope, L], [H, v, L]
-        q = torch.cat((torch.einsum("bhtn,hnl->bhtl", q_nope, w_uk), q_rot), dim=-1)  # [B, H, T, L + R]
-        keys = torch.cat((stored["latent"], stored["k_rope"]), dim=-1)  # [B, 1, S, L + R]
-        values = stored["latent"]  # [B, 1, S, L]
-        if selected is not None and selected.shape[-1] < keys.shape[2]:  # gather the chosen latents only
-            index = selected[:, 0]  # [B, k] (one query)
-            keys = keys[:, 0].gather(1, index[..., None].expand(-1, -1, keys.shape[-1]))[:, None]
-            values = keys[..., : m.kv_lora_rank]
-            k_pos = k_pos.gather(1, index)
-        allowed = attention_mask(q_pos, k_pos, self.spec.window)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=allowed, scale=self.spec.scale, enable_gqa=True)
-        return torch.einsum("bhtl,hvl->bhtv", out, w_uv)
+        q_lat = torch.einsum("bhtn,hnl->bthl", q_nope, w_uk)  # [B, 1, H, L]
+        latent, k_rope = stored["latent"], stored["k_rope"]  # [B, 1, S, L], [B, 1, S, R]
+        if selected is not None and selected.shape[-1] < latent.shape[2]:  # gather the chosen latents only
+            index = selected[:, 0, :, None]  # [B, k, 1] (one query)
+            latent = latent[:, 0].gather(1, index.expand(-1, -1, latent.shape[-1]))[:, None]
+            k_rope = k_rope[:, 0].gather(1, index.expand(-1, -1, k_rope.shape[-1]))[:, None]
+            k_pos = k_pos.gather(1, index[..., 0])
+        scores = (q_lat @ latent.transpose(-1, -2)).float() + (q_rot.transpose(1, 2) @ k_rope.transpose(-1, -2)).float()
+        scores = scores * self.spec.scale  # [B, 1, H, S]
+        if not valid_only:  # gathered key positions: a mask of their own
+            scores = scores.masked_fill(~attention_mask(ctx.positions, k_pos, self.spec.window), float("-inf"))
+        out = scores.softmax(dim=-1).to(latent.dtype) @ latent  # [B, 1, H, L]
+        return torch.einsum("bthl,hvl->bhtv", out, w_uv)
 
     # --- declarations read by the validation, the cache planner and the accounting --------
 

@@ -23,14 +23,15 @@ class FullCache:
     def update(self, new: dict[str, torch.Tensor], cache: Cache) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         """Write ``new`` (each ``[B, H, T, D]``) at the cache's current length.
 
-        Returns every stored token so far (views, no copy) and their positions ``[B, S]``.
+        Returns every stored token so far (views of the filled part, no copy) and their positions
+        ``[B, S]`` (one tensor per step, shared by every full-cache layer).
         """
         start = cache.length
         stop = start + next(iter(new.values())).shape[-2]
         for name, x in new.items():
             self.buffers[name][..., start:stop, :] = x
-        steps = torch.arange(stop, device=cache.pad.device)
-        return {n: b[..., :stop, :] for n, b in self.buffers.items()}, cache.step_positions(steps)
+        positions = cache.memo(("full", stop), lambda: cache.step_positions(torch.arange(stop, device=cache.pad.device)))
+        return {n: b[..., :stop, :] for n, b in self.buffers.items()}, positions
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.buffers.values(), *self.state.values()]

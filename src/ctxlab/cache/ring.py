@@ -40,10 +40,17 @@ class RingCache:
         n_new = next(iter(new.values())).shape[-2]
         keep = min(n_new, self.capacity)  # only the chunk's last `capacity` tokens survive
         kept_steps = torch.arange(start + n_new - keep, start + n_new, device=device)
-        if n_new == 1:  # decode: write, then the ring is exactly the window
+        if n_new == 1:  # decode: write, then the ring is exactly the window (read only its written slots)
             self._write(new, kept_steps, keep)
-            steps = self._slot_steps(start + 1, device)
-            return dict(self.buffers), cache.step_positions(steps)
+            filled = min(start + 1, self.capacity)
+            positions = cache.memo(
+                ("ring", self.capacity, start), lambda: cache.step_positions(self._slot_steps(start + 1, device)[:filled])
+            )
+            return {n: b[..., :filled, :] for n, b in self.buffers.items()}, positions
+        if start == 0:  # an empty ring adds nothing to attend over
+            self._write(new, kept_steps, keep)
+            steps = cache.memo(("full", n_new), lambda: cache.step_positions(torch.arange(n_new, device=device)))
+            return dict(new), steps
         old_steps = self._slot_steps(start, device)
         attend = {n: torch.cat((self.buffers[n], x), dim=-2) for n, x in new.items()}  # prefill only
         steps = torch.cat((old_steps, torch.arange(start, start + n_new, device=device)))

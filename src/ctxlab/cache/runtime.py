@@ -21,6 +21,9 @@ class Cache:
         self.max_tokens = max_tokens
         self.length = 0
         self.pad = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.has_padding = False  # host-side, so forwards never read `pad` back from the device
+        self._step_memo: dict = {}  # per-step values every layer of a layout shares (cleared by advance)
+        self._rope_tables: dict = {}  # (rope key, dtype) -> cos/sin [max_tokens, rotary_dim]
 
     def __len__(self) -> int:
         return self.length
@@ -35,6 +38,30 @@ class Cache:
         if pad.shape != (self.batch_size,):
             raise ValueError(f"pad has shape {tuple(pad.shape)}; expected ({self.batch_size},)")
         self.pad = pad.to(device=self.pad.device, dtype=torch.long)
+        self.has_padding = bool((self.pad != 0).any())  # the one sync, at setup
+
+    def memo(self, key, compute):
+        """``compute()`` once per step for ``key`` (e.g. the key positions of every full-cache layer).
+        Under ``torch.compile`` the graph deduplicates instead (keys may hold symbolic ints)."""
+        if torch.compiler.is_compiling():
+            return compute()
+        if key not in self._step_memo:
+            self._step_memo[key] = compute()
+        return self._step_memo[key]
+
+    def precompute_rope(self, rotaries, dtype: torch.dtype) -> None:
+        """cos/sin tables for positions ``0..max_tokens-1`` of each distinct rope, so decode steps
+        index rows instead of recomputing them (the gpt-fast layout)."""
+        positions = torch.arange(self.max_tokens, device=self.pad.device)[None]
+        for rotary in rotaries:
+            key = (rotary.key, dtype)
+            if key not in self._rope_tables:
+                cos, sin = rotary.cos_sin(positions, dtype)  # [1, 1, max_tokens, rot]
+                self._rope_tables[key] = (cos[0, 0], sin[0, 0])
+
+    def rope_table(self, rotary, dtype: torch.dtype):
+        """The precomputed ``(cos, sin)`` [max_tokens, rot] of a rope, or None."""
+        return self._rope_tables.get((rotary.key, dtype))
 
     def step_positions(self, steps: torch.Tensor) -> torch.Tensor:
         """Positions [B, S] of the tokens at ``steps`` [S] (left padding subtracted)."""
@@ -54,6 +81,7 @@ class Cache:
 
     def advance(self, n_new: int) -> None:
         self.length += n_new
+        self._step_memo.clear()
 
     def nbytes(self) -> int:
         """Bytes the cache's tensors really hold, each storage counted once (aliases add nothing)."""

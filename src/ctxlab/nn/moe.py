@@ -30,7 +30,13 @@ class Experts(nn.Module):
         self.down_proj.normal_(0.0, std, generator=generator)
 
     def forward(self, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
-        """x [N, H], top_index / top_weight [N, K] -> weighted sum of the chosen experts [N, H]."""
+        """x [N, H], top_index / top_weight [N, K] -> weighted sum of the chosen experts [N, H].
+
+        Eager: a loop over the chosen experts, reading each one's weights in place. Under
+        ``torch.compile`` (decode steps: a handful of tokens) the chosen experts' weights are
+        gathered instead, so the graph has no host sync and no data-dependent loop."""
+        if torch.compiler.is_compiling():
+            return self._gathered(x, top_index, top_weight)
         out = torch.zeros_like(x)
         for expert in top_index.unique().tolist():
             if expert >= self.gate_up_proj.shape[0]:  # a "skip" class: no expert, no contribution
@@ -40,6 +46,17 @@ class Experts(nn.Module):
             y = F.linear(gated(self.act, gate, up, self.limit), self.down_proj[expert])
             out.index_add_(0, token, (y * top_weight[token, slot, None]).to(out.dtype))
         return out
+
+    def _gathered(self, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
+        """The same sum with the chosen experts' weights gathered: [N·K, 2·I, H] and [N·K, H, I]."""
+        N, K = top_index.shape
+        experts = self.gate_up_proj.shape[0]
+        flat = top_index.reshape(-1).clamp(max=experts - 1)  # a "skip" class gets weight 0 below
+        xs = x[:, None].expand(N, K, x.shape[-1]).reshape(N * K, -1, 1)  # [N·K, H, 1]
+        gate, up = torch.bmm(self.gate_up_proj[flat], xs).squeeze(-1).chunk(2, dim=-1)  # [N·K, I]
+        y = torch.bmm(self.down_proj[flat], gated(self.act, gate, up, self.limit)[..., None]).squeeze(-1)  # [N·K, H]
+        weight = torch.where(top_index < experts, top_weight, torch.zeros_like(top_weight)).reshape(-1, 1)
+        return (y * weight).to(x.dtype).view(N, K, -1).sum(dim=1)
 
     @staticmethod
     def param_count(hidden_size: int, moe: MoESpec) -> int:
@@ -303,7 +320,7 @@ class SparseMoE(nn.Module):
         )
 
     @classmethod
-    def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float, vocab_size: int = 0) -> "SparseMoE":
+    def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float, vocab_size: int = 0) -> SparseMoE:
         return cls(hidden_size, spec, norm_eps, vocab_size)
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # [B, T, H] -> [B, T, H]

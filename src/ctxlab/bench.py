@@ -1,0 +1,299 @@
+"""Measured speed of one model on this machine: prefill tokens/s, decode ms/token at given context
+lengths, peak RSS, cache bytes and the decode roofline ratio; optionally the same measurements of
+the same weights in transformers (or llama.cpp on a GGUF file) in the same run.
+
+* Bandwidth: a copy benchmark (``dst.copy_(src)`` of 256 MiB, median of 5) at the start; bytes
+  moved (read + write) per second.
+* Decode at context ``C``: a cache of ``C + steps`` tokens is filled with ``C`` random tokens by a
+  prefill (not timed; chunks of 16,384 tokens in ctxlab, 2,048 in transformers, whose masked
+  attention would otherwise materialize C × C), then ``steps`` one-token decode steps are timed; ms/token is their
+  median, repeated ``repeats`` times (the median of the repeats is reported). Against transformers,
+  the two engines alternate within every repeat, so both see the same machine load.
+* Roofline: bytes one decode step must read (the weights a token uses: every parameter and buffer
+  except the untied input embedding and unchosen experts, plus the cache's bytes at that context)
+  divided by the measured bandwidth; ratio = measured ms ÷ that time (1.0 = at the memory bound).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .accounting import count_params
+from .generate import compiled_decode_step, decode_step
+from .quant import weight_bytes
+
+AGAINST = ("transformers", "llama.cpp")
+
+
+def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+    """Bytes per second moved by ``dst.copy_(src)`` (read + write), median of ``repeats``."""
+    src = torch.ones(nbytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times)
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def decode_read_bytes(model, cache_bytes: int) -> int:
+    """Bytes one decode step reads at least: the weights a token uses, plus the cache."""
+    counts = count_params(model.config)
+    held = weight_bytes(model)
+    per_param = held / counts["total"]  # the stored bytes per parameter (quantized layers included)
+    used = counts["active"] - (0 if model.config.tie_word_embeddings else counts["embedding"])
+    return int(used * per_param) + cache_bytes
+
+
+def _random_ids(vocab: int, n: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+class CtxlabEngine:
+    """Prefill / fill / decode of a ctxlab model, timed."""
+
+    name = "ctxlab"
+
+    def __init__(self, model, compile: bool = False, chunk: int = 16384):
+        self.model, self.chunk = model, chunk
+        self.step = compiled_decode_step(model) if compile else decode_step
+
+    @torch.no_grad()
+    def prefill_seconds(self, ids: torch.Tensor) -> float:
+        cache = self.model.new_cache(1, ids.shape[1])
+        start = time.perf_counter()
+        self.model(ids, cache=cache, last_only=True)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
+        """Fill a cache with ``ids`` (chunked), then time ``steps`` decode steps: (median ms, cache bytes)."""
+        cache = self.model.new_cache(1, ids.shape[1] + steps)
+        for start in range(0, ids.shape[1], self.chunk):
+            logits = self.model(ids[:, start : start + self.chunk], cache=cache, last_only=True)[:, -1]
+        times = []
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            start = time.perf_counter()
+            logits = self.step(self.model, token, cache)
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times), cache.nbytes()
+
+
+class TransformersEngine:
+    """The same weights in transformers (saved with ``save_pretrained``, loaded with ``AutoModelForCausalLM``)."""
+
+    name = "transformers"
+
+    def __init__(self, model, chunk: int = 2048):
+        import transformers
+
+        self.chunk = chunk
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval()
+
+    @torch.no_grad()
+    def prefill_seconds(self, ids: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for start in range(0, ids.shape[1], self.chunk):
+            out = self.model(input_ids=ids[:, start : start + self.chunk], past_key_values=cache, use_cache=True,
+                             logits_to_keep=1)  # fmt: skip
+        logits, times = out.logits[:, -1], []
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            start = time.perf_counter()
+            logits = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times), 0
+
+
+def against_unavailable(against: str, source: str | None) -> str | None:
+    """Why the comparison ``against`` cannot run here (None: it can)."""
+    if against == "transformers":
+        return None if importlib.util.find_spec("transformers") else "transformers is not installed"
+    if importlib.util.find_spec("llama_cpp") is None:
+        return "llama-cpp-python is not installed (pip install llama-cpp-python); the llama.cpp column is skipped"
+    if source is None or not str(source).endswith(".gguf"):
+        return f"--against llama.cpp needs MODEL to be a GGUF file; got {source!r}"
+    return None
+
+
+class LlamaCppEngine:
+    """llama-cpp-python on the same GGUF file, same number of threads as torch."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str, n_ctx: int):
+        from llama_cpp import Llama
+
+        self.model = Llama(model_path=path, n_ctx=n_ctx, n_threads=torch.get_num_threads(), verbose=False)
+
+    def prefill_seconds(self, ids: torch.Tensor) -> float:
+        self.model.reset()
+        start = time.perf_counter()
+        self.model.eval(ids[0].tolist())
+        return time.perf_counter() - start
+
+    def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
+        self.model.reset()
+        self.model.eval(ids[0].tolist())
+        times, token = [], int(ids[0, -1])
+        for _ in range(steps):
+            start = time.perf_counter()
+            self.model.eval([token])
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times), 0
+
+
+def bench(
+    model,
+    contexts: Sequence[int] = (512, 4096, 16384),
+    prompts: Sequence[int] = (512, 2048),
+    steps: int = 16,
+    repeats: int = 3,
+    against: str | None = None,
+    compile: bool = False,
+    source: str | None = None,
+    progress: Callable[[str], None] | None = None,
+    seed: int = 0,
+) -> dict:
+    """Measure ``model`` (a ctxlab ``CausalLM``); returns a dict of plain numbers (see the module doc).
+
+    ``against``: ``"transformers"`` or ``"llama.cpp"`` (then ``source`` is the GGUF path) runs the same
+    measurements on the other engine, alternating with ctxlab in every repeat; the result says why
+    when the comparison cannot run. ``progress(message)`` is called before each measurement."""
+    for name, values in (("contexts", contexts), ("prompts", prompts)):
+        if any(not isinstance(v, int) or v < 1 for v in values):
+            raise ValueError(f"{name} = {list(values)}: every length must be a positive integer")
+    if steps < 1 or repeats < 1:
+        raise ValueError(f"steps = {steps}, repeats = {repeats}: both must be >= 1")
+    if against is not None and against not in AGAINST:
+        raise ValueError(f"against = {against!r}: allowed: {list(AGAINST)} or None")
+    say = progress or (lambda message: None)
+    say("copy bandwidth")
+    bandwidth = copy_bandwidth()
+    engines = [CtxlabEngine(model, compile=compile)]
+    skipped = against_unavailable(against, source) if against else None
+    if against and not skipped:
+        say(f"loading {against}")
+        other = (
+            TransformersEngine(model) if against == "transformers" else LlamaCppEngine(source, max(contexts) + steps)
+        )
+        engines.append(other)
+    vocab = model.config.vocab_size
+    result = {
+        "model": model.config.name or model.config.family,
+        "dtype": str(model.dtype).removeprefix("torch."),
+        "quantization": getattr(model, "quantization", None),
+        "compile": compile,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "weight_bytes": weight_bytes(model),
+        "against": against,
+        "against_skipped": skipped,
+        "prefill": [],
+        "decode": [],
+    }
+    if compile:  # warm-up (compilation) measured on its own
+        say("compiling the decode step")
+        start = time.perf_counter()
+        engines[0].decode_ms(_random_ids(vocab, 8, seed), 3)
+        result["compile_seconds"] = time.perf_counter() - start
+    for n in prompts:
+        ids = _random_ids(vocab, n, seed)
+        seconds = {e.name: [] for e in engines}
+        for r in range(repeats):
+            for e in engines:
+                say(f"prefill {n} tokens: {e.name} ({r + 1}/{repeats})")
+                seconds[e.name].append(e.prefill_seconds(ids))
+        row = {"prompt_tokens": n}
+        for e in engines:
+            row[f"{e.name}_tokens_per_s"] = n / statistics.median(seconds[e.name])
+        result["prefill"].append(row)
+    for c in contexts:
+        ids = _random_ids(vocab, c, seed)
+        ms = {e.name: [] for e in engines}
+        cache_bytes = 0
+        for r in range(repeats):
+            for e in engines:
+                say(f"decode at {c} tokens: {e.name} ({r + 1}/{repeats})")
+                value, nbytes = e.decode_ms(ids, steps)
+                ms[e.name].append(value)
+                cache_bytes = nbytes or cache_bytes
+        row = {"context": c, "cache_bytes": cache_bytes}
+        for e in engines:
+            row[f"{e.name}_ms_per_token"] = statistics.median(ms[e.name])
+        read = decode_read_bytes(model, cache_bytes)
+        row["bytes_read_per_token"] = read
+        row["roofline_ms"] = 1e3 * read / bandwidth
+        row["roofline_ratio"] = row["ctxlab_ms_per_token"] / row["roofline_ms"]
+        result["decode"].append(row)
+    for row in result["prefill"] + result["decode"]:  # ctxlab's speed-up over the other engine
+        if len(engines) > 1:
+            other = engines[1].name
+            if "prompt_tokens" in row:
+                row["speedup"] = row["ctxlab_tokens_per_s"] / row[f"{other}_tokens_per_s"]
+            else:
+                row["speedup"] = row[f"{other}_ms_per_token"] / row["ctxlab_ms_per_token"]
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    with contextlib.suppress(Exception):
+        del engines
+    return result
+
+
+def tables(result: dict) -> list:
+    """Rich tables of a :func:`bench` result: prefill, then decode."""
+    from rich.table import Table
+
+    other = result["against"] if result["against"] and not result["against_skipped"] else None
+    pre = Table(title=f"prefill — {result['model']} ({result['dtype']}"
+                f"{', ' + result['quantization'] if result['quantization'] else ''}), {result['threads']} threads")  # fmt: skip
+    pre.add_column("prompt tokens", justify="right")
+    pre.add_column("ctxlab tok/s", justify="right")
+    if other:
+        pre.add_column(f"{other} tok/s", justify="right")
+        pre.add_column("ctxlab ÷ " + other, justify="right")
+    for row in result["prefill"]:
+        cells = [str(row["prompt_tokens"]), f"{row['ctxlab_tokens_per_s']:.0f}"]
+        if other:
+            cells += [f"{row[f'{other}_tokens_per_s']:.0f}", f"{row['speedup']:.2f}×"]
+        pre.add_row(*cells)
+    dec = Table(title=f"decode — copy bandwidth {result['bandwidth_gb_s']:.1f} GB/s, weights "
+                f"{result['weight_bytes'] / 2**20:.1f} MiB")  # fmt: skip
+    for name in ("context", "cache MiB", "ctxlab ms/token", "roofline ms", "÷ roofline"):
+        dec.add_column(name, justify="right")
+    if other:
+        dec.add_column(f"{other} ms/token", justify="right")
+        dec.add_column(f"speed-up vs {other}", justify="right")
+    for row in result["decode"]:
+        cells = [str(row["context"]), f"{row['cache_bytes'] / 2**20:.1f}", f"{row['ctxlab_ms_per_token']:.2f}",
+                 f"{row['roofline_ms']:.2f}", f"{row['roofline_ratio']:.2f}"]  # fmt: skip
+        if other:
+            cells += [f"{row[f'{other}_ms_per_token']:.2f}", f"{row['speedup']:.2f}×"]
+        dec.add_row(*cells)
+    return [pre, dec]

@@ -1,0 +1,209 @@
+"""Weight-only quantization for CPU decode: int8 per output channel, int4 per group.
+
+Decode reads every weight once per token, so its time is set by weight bytes (docs/benchmarks.md).
+Activations stay in the model's dtype; only the stored weights shrink:
+
+* ``int8``: ``w ≈ q · s`` with ``q`` int8 and one scale ``s = max|w_row| / 127`` per output channel
+  (symmetric). The matmul is ``torch.ops.aten._weight_int8pack_mm(x, q, s)`` (the CPU kernel
+  torchchat calls in eager mode); the reference is ``F.linear(x, q.to(x.dtype)) * s``.
+* ``int4``: per group of ``group_size`` input channels, asymmetric:
+  ``w ≈ (q - 8) · scale + zero`` with ``q`` in 0..15, ``scale = (max - min) / 15`` and
+  ``zero = min + 8 · scale`` (gpt-fast's ``group_quantize_tensor``). The matmul is
+  ``torch.ops.aten._weight_int4pack_mm_for_cpu`` on the packed codes
+  (``_convert_weight_to_int4pack_for_cpu``), bf16 activations only.
+
+Both include the token embedding and the LM head (tied or not): for small models they are most
+of the bytes (SmolLM2-135M: 28M of 135M parameters). A tied pair shares one set of codes; the
+embedding dequantizes only the rows it looks up. Left as they are: expert tensors of MoE layers
+(3-D parameters), projections whose weight the attention reads directly (MLA's ``kv_b_proj`` on
+the absorbed path, DeepSeek V4's grouped ``o_a_proj``), convolutions, norms, routers' raw weights,
+and int4 layers the kernel does not take (input width not a multiple of the group size, output
+width not a multiple of 16: they stay in bf16). int8 layers whose input width is not a multiple of
+16 keep int8 weights but run the reference path (the packed kernel crashes on them in torch 2.13).
+A quantized model runs forward / generate / bench; it is not saved back (``save_pretrained`` refuses
+nothing, but writes the HF names of the unquantized modules only), so quantize after loading.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("int8", "int4")
+SKIP = ("kv_b_proj", "o_a_proj")  # weights read directly by the attention code, not through forward()
+
+
+def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes [N, K] int8, scales [N] fp32): symmetric, one scale per output channel."""
+    w = w.float()
+    scales = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    return (w / scales[:, None]).round().clamp(-128, 127).to(torch.int8), scales
+
+
+def int4_quantize(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w [N, K] -> (codes [N, K] uint8 in 0..15, scales [N, K/g], zeros [N, K/g]) (fp32), asymmetric per group."""
+    N, K = w.shape
+    groups = w.float().view(N, K // group_size, group_size)
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scales = (hi - lo).clamp(min=1e-6) / 15
+    codes = ((groups - lo[..., None]) / scales[..., None]).round().clamp(0, 15).to(torch.uint8).view(N, K)
+    return codes, scales, lo + 8 * scales
+
+
+def int4_dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes [N, K] (rows may be any subset), scales / zeros [N, K/g] -> weights [N, K] in ``dtype``."""
+    N, K = codes.shape
+    groups = scales.shape[-1]
+    w = (codes.view(N, groups, -1).to(dtype) - 8) * scales.to(dtype)[..., None] + zeros.to(dtype)[..., None]
+    return w.view(N, K)
+
+
+class Int8Linear(nn.Module):
+    """``nn.Linear`` with int8 weights [out, in] and per-output-channel scales [out]."""
+
+    def __init__(self, linear: nn.Linear, codes: torch.Tensor | None = None, scales: torch.Tensor | None = None):
+        super().__init__()
+        if codes is None:
+            codes, scales = int8_quantize(linear.weight.detach())
+        dtype = linear.weight.dtype
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales.to(dtype))
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        # the packed kernel needs K % 16 == 0 (torch 2.13 crashes on other widths); else the reference path
+        self.packed = self.packable
+
+    @property
+    def packable(self) -> bool:
+        return self.in_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if self.packed:
+            scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
+            y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.codes, scales)
+            y = y.view(*x.shape[:-1], self.out_features)
+        else:
+            y = F.linear(x, self.codes.to(x.dtype)) * self.scales.to(x.dtype)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Weight rows (e.g. embedding lookups) [..., in] in the scales' dtype."""
+        return self.codes[rows].to(self.scales.dtype) * self.scales[rows][..., None]
+
+
+class Int4Linear(nn.Module):
+    """``nn.Linear`` with int4 group-quantized weights, packed for ``_weight_int4pack_mm_for_cpu``.
+    Keeps the unpacked codes too when it serves a tied embedding (rows are looked up from them)."""
+
+    def __init__(self, linear: nn.Linear, group_size: int, keep_codes: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
+        codes, scales, zeros = int4_quantize(linear.weight.detach(), group_size)
+        dtype = linear.weight.dtype
+        self.register_buffer(
+            "packed_codes", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
+        )
+        # [K/g, N, 2]: the kernel's layout of (scale, zero) per group and output channel
+        self.register_buffer(
+            "scales_and_zeros", torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)
+        )
+        self.register_buffer("codes", codes if keep_codes else None)
+        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.bfloat16:
+            raise ValueError(f"int4 weights need bfloat16 activations; got {x.dtype} (build the model in bfloat16)")
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x.reshape(-1, self.in_features).contiguous(), self.packed_codes, self.group_size, self.scales_and_zeros
+        )
+        y = y.view(*x.shape[:-1], self.out_features)
+        return y if self.bias is None else y + self.bias
+
+    def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Weight rows [..., in] in bf16, from the kept codes and the group scales / zeros."""
+        scales, zeros = self.scales_and_zeros[..., 0].t(), self.scales_and_zeros[..., 1].t()  # [N, K/g]
+        flat = rows.reshape(-1)
+        w = int4_dequantize(self.codes[flat], scales[flat], zeros[flat], self.scales_and_zeros.dtype)
+        return w.view(*rows.shape, self.in_features)
+
+
+class QuantEmbedding(nn.Module):
+    """An embedding whose table is a quantized linear's weight (the tied LM head or its own):
+    a lookup dequantizes only the rows it reads."""
+
+    def __init__(self, table: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.table, self.dtype = table, dtype
+        self.weight = torch.empty(0, dtype=dtype)  # code reading `embed_tokens.weight.dtype` still works
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.table.dequantized_rows(ids).to(self.dtype)
+
+
+def _quantized(linear: nn.Linear, mode: str, group_size: int, keep_codes: bool = False) -> nn.Module | None:
+    if mode == "int8":
+        return Int8Linear(linear)
+    if linear.in_features % group_size:
+        return None  # stays as it is
+    try:
+        return Int4Linear(linear, group_size, keep_codes=keep_codes)
+    except RuntimeError:  # a shape the packing kernel does not take: stays as it is
+        return None
+
+
+def quantize_(model: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
+    """Replace the model's linear layers, embedding and LM head by weight-only quantized ones, in place.
+
+    ``mode``: ``"int8"`` or ``"int4"`` (needs a bfloat16 model); ``group_size``: input channels per
+    int4 scale (32, 64, 128 or 256). Returns the model."""
+    if mode not in MODES:
+        raise ValueError(f"quantize = {mode!r}: allowed: {list(MODES)}")
+    if mode == "int4" and group_size not in (32, 64, 128, 256):
+        raise ValueError(f"group_size = {group_size}: allowed for int4: 32, 64, 128, 256")
+    dtype = model.lm_head.weight.dtype
+    if mode == "int4" and dtype != torch.bfloat16:
+        raise ValueError(
+            f"quantize='int4' needs a bfloat16 model (the CPU int4 kernel takes bf16 activations); got {dtype}"
+        )
+    embed = model.model.embed_tokens
+    tied = model.lm_head.weight is embed.weight
+    with torch.no_grad():
+        head = _quantized(model.lm_head, mode, group_size, keep_codes=tied)
+        if head is not None:
+            model.lm_head = head
+            if tied:
+                model.model.embed_tokens = QuantEmbedding(head, dtype)
+        if not tied or head is None:
+            as_linear = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, dtype=dtype)
+            as_linear.weight = embed.weight
+            table = _quantized(as_linear, mode, group_size, keep_codes=True)
+            if table is not None:
+                model.model.embed_tokens = QuantEmbedding(table, dtype)
+        for name, module in list(model.model.layers.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if type(child) is nn.Linear and child_name not in SKIP:
+                    replacement = _quantized(child, mode, group_size)
+                    if replacement is not None:
+                        setattr(module, child_name, replacement)
+    model.quantization = mode
+    return model
+
+
+def set_packed(model: nn.Module, packed: bool) -> None:
+    """int8 only: use the packed kernel (True) or the reference ``F.linear(x, q) * s`` path (False)."""
+    for module in model.modules():
+        if isinstance(module, Int8Linear):
+            module.packed = packed and module.packable
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer the model holds (each storage once): the weights a decode
+    step reads at most."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen and storage.nbytes():
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total

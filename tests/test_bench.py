@@ -1,0 +1,81 @@
+"""``ctxlab.bench`` and ``ctxlab bench``: the numbers it reports are consistent with the model and
+cache it measured (timings themselves are not asserted: the machine is shared)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+import ctxlab
+from ctxlab.bench import decode_read_bytes
+from ctxlab.cli import main
+from ctxlab.quant import weight_bytes
+
+
+@pytest.fixture(scope="module")
+def model():
+    return ctxlab.build_model(ctxlab.load_config("tiny-qwen3-sliding"), dtype=torch.bfloat16, seed=0)
+
+
+def test_bench_reports_cache_bytes_and_a_consistent_roofline(model):
+    messages = []
+    result = ctxlab.bench(model, contexts=(8, 40), prompts=(16,), steps=3, repeats=1, progress=messages.append)
+    assert [row["context"] for row in result["decode"]] == [8, 40]
+    for row in result["decode"]:
+        assert row["cache_bytes"] == ctxlab.kv_cache_bytes(model.config, row["context"] + 3, "bfloat16")
+        assert row["bytes_read_per_token"] == decode_read_bytes(model, row["cache_bytes"])
+        assert row["roofline_ms"] == pytest.approx(1e3 * row["bytes_read_per_token"] / (result["bandwidth_gb_s"] * 1e9))
+        assert row["roofline_ratio"] == pytest.approx(row["ctxlab_ms_per_token"] / row["roofline_ms"])
+    assert result["prefill"][0]["prompt_tokens"] == 16 and result["prefill"][0]["ctxlab_tokens_per_s"] > 0
+    assert result["bandwidth_gb_s"] > 0 and result["peak_rss_bytes"] > 0
+    assert "speedup" not in result["decode"][0]
+    assert messages[0] == "copy bandwidth" and any("decode at 40" in m for m in messages)
+
+
+def test_bytes_read_per_token_skip_the_untied_input_embedding():
+    model = ctxlab.build_model(ctxlab.load_config("tiny-llama"), dtype=torch.bfloat16, seed=0)
+    assert not model.config.tie_word_embeddings
+    embedding = model.model.embed_tokens.weight.numel() * 2
+    assert decode_read_bytes(model, 1000) == weight_bytes(model) - embedding + 1000
+
+
+def test_bench_against_transformers_reports_both_engines(model, hf):
+    result = ctxlab.bench(model, contexts=(12,), prompts=(8,), steps=2, repeats=1, against="transformers")
+    row = result["decode"][0]
+    assert row["transformers_ms_per_token"] > 0
+    assert row["speedup"] == pytest.approx(row["transformers_ms_per_token"] / row["ctxlab_ms_per_token"])
+    assert result["prefill"][0]["speedup"] > 0
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed")
+def test_llama_cpp_comparison_is_skipped_with_the_reason(model):
+    result = ctxlab.bench(model, contexts=(4,), prompts=(4,), steps=1, repeats=1, against="llama.cpp")
+    assert "llama-cpp-python is not installed" in result["against_skipped"]
+    assert "llama.cpp_ms_per_token" not in result["decode"][0]
+
+
+def test_bad_bench_arguments_are_refused(model):
+    with pytest.raises(ValueError, match="contexts = \\[0\\]"):
+        ctxlab.bench(model, contexts=(0,))
+    with pytest.raises(ValueError, match="against = 'vllm'"):
+        ctxlab.bench(model, contexts=(4,), against="vllm")
+
+
+def test_cli_bench_json(capsys):
+    code = main(["bench", "tiny-llama", "--context", "8,16", "--prompt", "8", "--steps", "2", "--repeats", "1",
+                 "--quantize", "int8", "--json"])  # fmt: skip
+    assert code == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["quantization"] == "int8" and result["dtype"] == "bfloat16"
+    assert [row["context"] for row in result["decode"]] == [8, 16]
+
+
+def test_cli_bench_table_and_bad_context(capsys):
+    assert main(["bench", "tiny-llama", "--context", "8", "--prompt", "8", "--steps", "1", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "ctxlab ms/token" in out and "copy bandwidth" in out
+    assert main(["bench", "tiny-llama", "--context", "0"]) == 2
+    assert "--context" in capsys.readouterr().err

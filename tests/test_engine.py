@@ -1,0 +1,130 @@
+"""The decode engine: grouped-query decode equals the expanded reference, masks are built only when
+needed and once per step, no host sync in a decode step, MoE decode without the per-expert loop."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ctxlab
+from ctxlab.attention import context as context_module
+from ctxlab.attention.kernels import grouped_attention
+from ctxlab.generate import decode_step, prefill
+from ctxlab.reporting.measure import tiny_like
+from ctxlab.nn.moe import Experts
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 1), (4, 4)])
+@pytest.mark.parametrize("masked", [False, True])
+def test_grouped_decode_equals_sdpa_with_expanded_heads(heads, kv_heads, masked):
+    gen = torch.Generator().manual_seed(0)
+    B, S, D = 2, 37, 16
+    q = torch.randn(B, heads, 1, D, generator=gen)
+    k, v = torch.randn(B, kv_heads, S, D, generator=gen), torch.randn(B, kv_heads, S, D, generator=gen)
+    mask = None
+    if masked:  # left padding: row 1 may not see its first 5 keys
+        mask = torch.ones(B, 1, 1, S, dtype=torch.bool)
+        mask[1, ..., :5] = False
+    group = heads // kv_heads
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, scale=0.3
+    )
+    torch.testing.assert_close(grouped_attention(q, k, v, mask, 0.3), expected, atol=1e-6, rtol=1e-5)
+
+
+def count_masks(monkeypatch) -> list:
+    calls = []
+    real = context_module.attention_mask
+
+    def counting(q_pos, k_pos, window):
+        calls.append(window)
+        return real(q_pos, k_pos, window)
+
+    monkeypatch.setattr(context_module, "attention_mask", counting)
+    return calls
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3-sliding"])
+def test_decode_without_padding_builds_no_mask(monkeypatch, name):
+    model = ctxlab.build_model(ctxlab.load_config(name), seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(2, 30)
+    logits = prefill(model, ids, cache)
+    calls = count_masks(monkeypatch)
+    for _ in range(15):  # the sliding layers' rings (window 8) fill and wrap
+        logits = decode_step(model, logits.argmax(-1), cache)
+    assert calls == []
+
+
+def test_padded_decode_builds_one_mask_per_layout_per_step(monkeypatch):
+    """tiny-qwen3-sliding has full and sliding layers: two key layouts, so two masks a step, whatever
+    the number of layers."""
+    model = ctxlab.build_model(ctxlab.load_config("tiny-qwen3-sliding"), seed=0)
+    cache = model.new_cache(2, 20)
+    cache.set_left_padding(torch.tensor([0, 3]))
+    ids = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    logits = prefill(model, ids, cache)
+    calls = count_masks(monkeypatch)
+    steps = 4
+    for _ in range(steps):
+        logits = decode_step(model, logits.argmax(-1), cache)
+    assert model.config.num_layers > 2
+    assert sorted(calls, key=str) == sorted([None, 8] * steps, key=str)
+
+
+def test_prefill_without_cache_uses_causal_attention_without_a_mask(monkeypatch):
+    model = ctxlab.build_model(ctxlab.load_config("tiny-llama"), seed=0)
+    calls = count_masks(monkeypatch)
+    with torch.no_grad():
+        model(torch.randint(0, model.config.vocab_size, (1, 9)))
+    assert calls == []
+
+
+def test_decode_step_reads_nothing_back_from_the_device(monkeypatch):
+    """No ``.item()`` / ``.tolist()`` / ``bool(tensor)`` in a decode step of a dense model (tensors
+    are on the CPU here, so the reads are caught by making them fail)."""
+    model = ctxlab.build_model(ctxlab.load_config("tiny-qwen3-sliding"), seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 10), generator=torch.Generator().manual_seed(0))
+    cache = model.new_cache(1, 20)
+    token = prefill(model, ids, cache).argmax(-1)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host sync in a decode step")
+
+    for name in ("item", "tolist", "__bool__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    decode_step(model, token, cache)
+
+
+def test_model_call_still_checks_token_ids():
+    model = ctxlab.build_model(ctxlab.load_config("tiny-llama"), seed=0)
+    with pytest.raises(ValueError, match="token ids must be in"):
+        model(torch.tensor([[0, model.config.vocab_size]]))
+    with pytest.raises(ValueError, match="token ids must be in"):
+        ctxlab.generate(model, torch.tensor([[1, -1]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name", ["laguna-xs2", "zaya1-8b", "deepseek-v4-flash"])
+def test_gathered_experts_equal_the_expert_loop(name):
+    """The compiled decode path's gathered experts (incl. ZAYA's skip class) == the eager loop."""
+    cfg = tiny_like(ctxlab.load_config(name))
+    model = ctxlab.build_model(cfg.replace(layers=cfg.layers[:6]), seed=0)
+    experts = next(m for m in model.modules() if isinstance(m, Experts))
+    gen = torch.Generator().manual_seed(0)
+    E = experts.gate_up_proj.shape[0]
+    x = torch.randn(3, cfg.hidden_size, generator=gen)
+    index = torch.tensor([[0, E], [2, 1], [3, 0]])  # E = the skip class
+    weight = torch.rand(3, 2, generator=gen)
+    weight = torch.where(index < E, weight, torch.zeros_like(weight))
+    with torch.no_grad():
+        torch.testing.assert_close(experts._gathered(x, index, weight), experts(x, index, weight), atol=1e-6, rtol=1e-5)
+
+
+def test_decode_uses_the_rope_tables_precomputed_by_the_cache():
+    model = ctxlab.build_model(ctxlab.load_config("tiny-llama"), seed=0)
+    cache = model.new_cache(1, 16)
+    rotary = model.model.layers[0].self_attn.rotary
+    cos, sin = cache.rope_table(rotary, model.dtype)
+    expected_cos, expected_sin = rotary.cos_sin(torch.arange(16)[None], model.dtype)
+    assert torch.equal(cos, expected_cos[0, 0]) and torch.equal(sin, expected_sin[0, 0])

@@ -1,0 +1,110 @@
+"""Weight-only quantization: the packed CPU kernels equal their reference paths, and quantized
+logits stay close to bf16 on a tiny model of every family.
+
+Tolerance: random tiny models amplify any perturbation differently (the tiny Gemma 4 turns bf16
+rounding alone into a 3.8% logit error, Llama into 0.7%), so the quantization error is measured in
+units of the model's own bf16 rounding error (bf16 logits vs float32 logits, same weights):
+int8 within 4× that, int4 (group 32) within 30× (measured: 1.4-3.3× and 12-22×).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import ctxlab
+from ctxlab.reporting.measure import FAMILY_PRESETS, tiny_like
+from ctxlab.quant import Int4Linear, Int8Linear, QuantEmbedding, int4_quantize, quantize_, set_packed, weight_bytes
+
+
+def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("name", FAMILY_PRESETS)
+def test_quantized_logits_stay_close_to_bf16(name):
+    cfg = tiny_like(ctxlab.load_config(name), hidden=128, vocab=256)
+    cfg = cfg.replace(layers=cfg.layers[:4])
+    ids = torch.randint(0, cfg.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    bf16 = ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0)
+    with torch.no_grad():
+        reference = bf16(ids)
+        rounding = relative_error(reference, ctxlab.build_model(cfg, seed=0)(ids))
+        int8 = relative_error(quantize_(copy.deepcopy(bf16), "int8")(ids), reference)
+        int4 = relative_error(quantize_(copy.deepcopy(bf16), "int4", group_size=32)(ids), reference)
+    assert 0 < int8 <= 4 * rounding
+    assert int8 < int4 <= 30 * rounding
+
+
+def test_int8_packed_kernel_equals_the_reference_path():
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 48, bias=True).to(torch.bfloat16)
+    x = torch.randn(5, 3, 64, generator=gen).to(torch.bfloat16)
+    q = Int8Linear(linear)
+    assert q.packed
+    packed = q(x)
+    q.packed = False
+    reference = q(x)
+    expected = F.linear(x, q.codes.to(x.dtype)) * q.scales + linear.bias
+    assert torch.equal(reference, expected)
+    torch.testing.assert_close(packed, reference, atol=2e-2, rtol=2e-2)  # bf16 rounding of two summation orders
+
+
+def test_int8_codes_reconstruct_the_weights_within_half_a_step():
+    linear = torch.nn.Linear(64, 32)
+    q = Int8Linear(linear)
+    error = (q.codes.float() * q.scales[:, None] - linear.weight).abs()
+    assert (error <= q.scales[:, None] / 2 + 1e-7).all()
+
+
+def test_int4_packed_kernel_equals_the_dequantized_weights():
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(128, 32, bias=False).to(torch.bfloat16)
+    with torch.no_grad():
+        linear.weight.normal_(0, 0.05, generator=gen)
+    q = Int4Linear(linear, group_size=32, keep_codes=True)
+    x = torch.randn(4, 128, generator=gen).to(torch.bfloat16)
+    rows = torch.arange(32)
+    dequantized = q.dequantized_rows(rows)  # [32, 128]
+    torch.testing.assert_close(q(x), x @ dequantized.t(), atol=2e-2, rtol=2e-2)
+    codes, scales, _ = int4_quantize(linear.weight.detach(), 32)
+    step = scales.repeat_interleave(32, dim=1)
+    assert ((dequantized.float() - linear.weight.float()).abs() <= step / 2 + 2e-2 * step + 1e-3).all()
+    assert codes.min() >= 0 and codes.max() <= 15
+
+
+def test_tied_embedding_and_head_share_one_set_of_codes():
+    model = ctxlab.build_model(ctxlab.load_config("tiny-qwen3-sliding"), dtype=torch.bfloat16, seed=0)
+    assert model.config.tie_word_embeddings
+    before = weight_bytes(model)
+    quantize_(model, "int8")
+    embed = model.model.embed_tokens
+    assert isinstance(embed, QuantEmbedding) and embed.table is model.lm_head
+    ids = torch.tensor([[3, 7, 3]])
+    expected = model.lm_head.codes[ids].to(torch.bfloat16) * model.lm_head.scales[ids][..., None]
+    assert torch.equal(embed(ids), expected)
+    assert weight_bytes(model) < before
+
+
+def test_quantized_model_generates_with_the_packed_and_reference_paths_alike():
+    model = quantize_(ctxlab.build_model(ctxlab.load_config("tiny-llama"), dtype=torch.bfloat16, seed=0), "int8")
+    ids = torch.randint(0, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(0))
+    packed = ctxlab.generate(model, ids, max_new_tokens=4, eos_token_id=[])
+    set_packed(model, False)
+    reference = ctxlab.generate(model, ids, max_new_tokens=4, eos_token_id=[])
+    assert packed.shape == (2, 10)
+    assert (packed == reference).float().mean() >= 0.9  # bf16 summation order may flip a near tie
+
+
+def test_bad_quantization_settings_are_refused():
+    model = ctxlab.build_model(ctxlab.load_config("tiny-llama"), seed=0)  # float32
+    with pytest.raises(ValueError, match="int4.*bfloat16"):
+        quantize_(model, "int4")
+    with pytest.raises(ValueError, match="quantize = 'int3'"):
+        quantize_(model, "int3")
+    bf16 = ctxlab.build_model(ctxlab.load_config("tiny-llama"), dtype=torch.bfloat16, seed=0)
+    with pytest.raises(ValueError, match="group_size = 48"):
+        quantize_(bf16, "int4", group_size=48)
