@@ -144,7 +144,7 @@ def test_report_into_a_closed_pipe_exits_quietly():
 
 def test_internal_bugs_keep_their_traceback(monkeypatch):
     """Only ctxlab's own errors become exit-2 messages; a ValueError from a bug propagates."""
-    monkeypatch.setattr(cli.reporting, "report_row", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
+    monkeypatch.setattr(cli.rows, "report_row", lambda *a: (_ for _ in ()).throw(ValueError("a bug")))
     with pytest.raises(ValueError, match="a bug"):
         main(["report", "--models", "tiny-llama"])
 

@@ -18,6 +18,7 @@ from ..chat_template import ChatTemplateError, render_chat
 from ..errors import CheckpointError
 from .gguf_tokenizer import read_gguf_tokenizer_fields, tokenizer_from_gguf_fields
 from .tokenizer import TOKENIZER_FILE
+from .tokenizer import load_tokenizer as load_tokenizer_file
 
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # newer HF checkpoints keep the template in its own file
@@ -122,10 +123,9 @@ def _token(tokens: list[str], i: int | None) -> str | None:
 
 
 def directory_text_tokenizer(directory: Path) -> TextTokenizer:
-    file = directory / TOKENIZER_FILE
-    if not file.is_file():
+    backend = load_tokenizer_file(directory)  # a malformed file is a CheckpointError naming it
+    if backend is None:
         raise CheckpointError(f"{directory}: no {TOKENIZER_FILE} (ctxlab reads only the fast tokenizer format)")
-    backend = Tokenizer.from_file(str(file))
     config = _json(directory / CONFIG_FILE)
     special = {name: _content(config.get(name)) for name in SPECIAL_NAMES}
     template = config.get("chat_template")
