@@ -126,7 +126,7 @@ def decode_flops_terms(cfg: ModelConfig, context_len: int) -> dict[str, int]:
     h = cfg.hidden_size
     terms = {"lm_head": 2 * h * cfg.vocab_size}
     if cfg.residual == "mhc":
-        terms["hyper_connections"] = 2 * cfg.hc_mult * h * cfg.hc_mult  # the head's collapse map
+        terms["hyper_connections"] = 2 * cfg.hc_mult * h * (cfg.hc_mult + 1)  # the head's map and collapse
     if cfg.per_layer_input_size:
         terms["per_layer_embedding"] = 2 * cfg.hidden_size * cfg.num_layers * cfg.per_layer_input_size  # context projection
     for s in cfg.layers:  # every layer gets all context_len + 1 positions; windows cap inside

@@ -169,9 +169,9 @@ class HyperBlock(Block):
     @staticmethod
     def decode_flops(cfg: ModelConfig, spec: LayerSpec, positions: int) -> dict[str, int]:
         terms = Block.decode_flops(cfg, spec, positions)
-        if cfg.residual == "mhc":  # per connection: the mixing projection and the stream mix (comb^T X)
+        if cfg.residual == "mhc":  # per connection: the mixing projection, the collapse (pre X), the mix (comb^T X)
             n, h = cfg.hc_mult, cfg.hidden_size
-            terms["hyper_connections"] = 2 * (2 * n * h * (2 + n) * n + 2 * n * n * h)
+            terms["hyper_connections"] = 2 * (2 * n * h * (2 + n) * n + 2 * n * h + 2 * n * n * h)
         return terms
 
 
