@@ -1,18 +1,27 @@
-"""Training-step time of a small model with 4 mHC residual streams vs the same model with one plain
-residual stream, measured side by side in one run (DeepSeek reports +6.7% at n = 4 with fused
-kernels; mHC paper arXiv 2512.24880). Here mHC is plain PyTorch on the CPU: no fused Sinkhorn, no
-fused stream mixing.
+"""What mHC costs: a training step (forward + backward + AdamW) and a decoded token of a model with
+4 mHC residual streams against the same model with one plain residual stream, eager and under
+``torch.compile``, beside DeepSeek's reported +6.7% (n = 4, fused kernels; arXiv 2512.24880).
 
-    python benchmarks/mhc_overhead.py [--hidden 256] [--layers 4] [--seq 256] [--batch 4] [--steps 10]
+    python benchmarks/mhc_overhead.py                      # widths 256 and 512, eager and compiled
+    python benchmarks/mhc_overhead.py --widths 512 --modes eager --reference --markdown
 
-Both models are built from one config; only ``residual`` / ``hc_mult`` differ. Steps alternate
-between the two models so drift on a shared machine hits both alike; medians are reported.
+Both models come from one config (6 ``hyper`` layers, GQA, gated MLP); only ``residual`` /
+``hc_mult`` differ. Within each (width, mode) the models alternate step by step, so drift on a
+shared machine hits them alike, and medians of ``--repeats`` are reported. ``--reference`` adds
+mHC on its reference path (``set_hc_impl(model, "reference")``, the code before the fast path)
+to the eager rows.
+"Extra FLOPs" is the floor: the matmul FLOPs of mHC's terms (ctxlab's accounting,
+``decode_flops_terms(...)["hyper_connections"]``; training counts them 3x, forward + backward)
+over the plain model's FLOPs; anything above it is implementation overhead (memory traffic of
+the n-times wider stream, small ops).
 """
 
 from __future__ import annotations
 
 import argparse
+import platform
 import statistics
+import sys
 import time
 
 import torch
@@ -21,61 +30,167 @@ from rich.table import Table
 
 import ctxlab
 from ctxlab import LayerSpec, ModelConfig
+from ctxlab.nn.residual import set_hc_impl
+
+DEEPSEEK_OVERHEAD = 0.067  # training time, n = 4 (mHC paper)
+VOCAB = 4096
 
 
 def config(hidden: int, layers: int, residual: str, streams: int) -> ModelConfig:
     heads = hidden // 64
     layer = LayerSpec(num_heads=heads, num_kv_heads=max(1, heads // 4), head_dim=64, intermediate_size=4 * hidden, block="hyper")  # fmt: skip
     return ModelConfig(
-        family="benchmark", vocab_size=4096, hidden_size=hidden, layers=(layer,) * layers,
+        family="benchmark", vocab_size=VOCAB, hidden_size=hidden, layers=(layer,) * layers,
         residual=residual, hc_mult=streams, name=f"{residual} x{streams}",
     )  # fmt: skip
 
 
-def train_step(model, optimizer, ids) -> float:
-    start = time.perf_counter()
-    logits = model(ids[:, :-1])
+def build(hidden: int, layers: int) -> dict[str, torch.nn.Module]:
+    return {
+        "plain": ctxlab.build_model(config(hidden, layers, "plain", 1), seed=0),
+        "mhc": ctxlab.build_model(config(hidden, layers, "mhc", 4), seed=0),
+        "mhc_ref": set_hc_impl(ctxlab.build_model(config(hidden, layers, "mhc", 4), seed=0), "reference"),
+    }
+
+
+CLOCK = time.perf_counter  # --clock cpu: time.thread_time (one thread; time spent preempted is not counted)
+
+
+def train_step(fn, optimizer, ids) -> float:
+    start = CLOCK()
+    logits = fn(ids[:, :-1])
     loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return time.perf_counter() - start
+    return CLOCK() - start
+
+
+@torch.no_grad()
+def decode_ms(fn, model, prompt, tokens: int) -> float:
+    """Prefill ``prompt`` (untimed), then greedy-decode ``tokens`` one at a time: ms per token."""
+    cache = model.new_cache(prompt.shape[0], prompt.shape[1] + tokens + 1)
+    token = fn(prompt, cache=cache)[:, -1:].argmax(-1)
+    start = CLOCK()
+    for _ in range(tokens):
+        token = fn(token, cache=cache)[:, -1:].argmax(-1)
+    return (CLOCK() - start) / tokens * 1e3
+
+
+def alternate(run, names, warmup: int, repeats: int) -> dict[str, float]:
+    """Median of ``run(name)`` per name, the names alternating in every repeat."""
+    for _ in range(warmup):
+        for name in names:
+            run(name)
+    times = {name: [] for name in names}
+    for _ in range(repeats):
+        for name in names:
+            times[name].append(run(name))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def extra_flops(hidden: int, layers: int, seq: int) -> tuple[float, float]:
+    """mHC's matmul FLOPs over the plain model's: (training step, decoded token at position ``seq``)."""
+    plain, mhc = config(hidden, layers, "plain", 1), config(hidden, layers, "mhc", 4)
+    per_token = ctxlab.decode_flops_terms(mhc, 0)["hyper_connections"]
+    train_plain = sum(ctxlab.decode_flops(plain, t) for t in range(seq))  # forward, every position
+    return per_token * seq / train_plain, per_token / ctxlab.decode_flops(plain, seq)
+
+
+def measure(args, hidden: int, mode: str) -> list[dict]:
+    torch.manual_seed(0)
+    models = build(hidden, args.layers)
+    names = ["plain", "mhc"] + (["mhc_ref"] if args.reference and mode == "eager" else [])
+    fns = {k: torch.compile(models[k]) if mode == "compiled" else models[k] for k in names}
+    ids = torch.randint(0, VOCAB, (args.batch, args.seq + 1))
+    for k in names:
+        models[k].train()
+    optimizers = {k: torch.optim.AdamW(models[k].parameters(), lr=1e-4) for k in names}
+    train = alternate(lambda k: train_step(fns[k], optimizers[k], ids) * 1e3, names, 2, args.repeats)
+    for k in names:
+        models[k].eval()
+    prompt = ids[:1, : args.prompt]
+    decode = alternate(lambda k: decode_ms(fns[k], models[k], prompt, args.decode_tokens), names, 1, args.repeats)
+    flops_train, flops_decode = extra_flops(hidden, args.layers, args.seq)
+    rows = []
+    for what, times, flops in (("training step", train, flops_train), ("decode token", decode, flops_decode)):
+        row = {"width": hidden, "mode": mode, "what": what, "extra_flops": flops}
+        row.update({k: times[k] for k in names})
+        rows.append(row)
+    return rows
+
+
+def render(rows: list[dict], reference: bool, markdown: bool, title: str) -> None:
+    cols = ["width", "mode", "measure", "plain (ms)", "mHC (ms)", "mHC overhead"]
+    cols += ["mHC reference (ms)", "reference overhead"] if reference else []
+    cols += ["extra FLOPs (floor)", "DeepSeek"]
+    lines = []
+    for r in rows:
+        line = [
+            str(r["width"]),
+            r["mode"],
+            r["what"],
+            f"{r['plain']:.1f}",
+            f"{r['mhc']:.1f}",
+            f"{r['mhc'] / r['plain'] - 1:+.1%}",
+        ]
+        if reference and "mhc_ref" in r:
+            line += [f"{r['mhc_ref']:.1f}", f"{r['mhc_ref'] / r['plain'] - 1:+.1%}"]
+        elif reference:
+            line += ["-", "-"]
+        line += [f"+{r['extra_flops']:.1%}", "+6.7%" if r["what"] == "training step" else "-"]
+        lines.append(line)
+    if markdown:
+        print(f"\n{title}\n")
+        print("| " + " | ".join(cols) + " |")
+        print("|" + "|".join("---" for _ in cols) + "|")
+        for line in lines:
+            print("| " + " | ".join(line) + " |")
+        return
+    table = Table(title=title)
+    for col in cols:
+        table.add_column(col, justify="left" if col in ("mode", "measure") else "right")
+    for line in lines:
+        table.add_row(*line)
+    Console().print(table)
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--hidden", type=int, default=256, help="model width")
-    p.add_argument("--layers", type=int, default=4, help="decoder layers")
-    p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
-    p.add_argument("--batch", type=int, default=4, help="sequences per step")
-    p.add_argument("--steps", type=int, default=10, help="timed steps per model (after 2 warm-up steps)")
+    p = argparse.ArgumentParser(
+        description=__doc__.splitlines()[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument("--widths", type=int, nargs="+", default=[256, 512], help="model widths")
+    p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--layers", type=int, default=6, help="decoder layers")
+    p.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
+    p.add_argument("--batch", type=int, default=4, help="sequences per training step")
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens before decoding")
+    p.add_argument("--decode-tokens", type=int, default=32, help="decoded tokens per repeat")
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per model (after warm-up)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument(
+        "--clock", choices=["wall", "cpu"], default="wall",
+        help="wall: elapsed time; cpu: CPU time of the calling thread (needs --threads 1; robust on a busy machine)",
+    )  # fmt: skip
+    p.add_argument("--reference", action="store_true", help="also time mHC on its reference path")
+    p.add_argument("--markdown", action="store_true", help="print a markdown table instead of a rich one")
     args = p.parse_args()
-    torch.manual_seed(0)
-    models = {
-        "plain residual (1 stream)": ctxlab.build_model(config(args.hidden, args.layers, "plain", 1), seed=0),
-        "mHC (4 streams)": ctxlab.build_model(config(args.hidden, args.layers, "mhc", 4), seed=0),
-    }
-    for m in models.values():
-        m.train()
-    optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
-    ids = torch.randint(0, 4096, (args.batch, args.seq + 1))
-    times = {k: [] for k in models}
-    for step in range(args.steps + 2):
-        for k, m in models.items():  # alternate, so both see the same machine conditions
-            t = train_step(m, optimizers[k], ids)
-            if step >= 2:
-                times[k].append(t)
-    base = statistics.median(times["plain residual (1 stream)"])
-    table = Table(title=f"Training step, {args.layers} layers x {args.hidden} wide, batch {args.batch} x {args.seq} "
-                        f"tokens, {torch.get_num_threads()} threads")  # fmt: skip
-    for col in ("Residual", "Params", "Median step (ms)", "Relative"):
-        table.add_column(col, justify="left" if col == "Residual" else "right")
-    for k, m in models.items():
-        med = statistics.median(times[k])
-        table.add_row(k, f"{sum(p.numel() for p in m.parameters()):,}", f"{med * 1e3:.1f}", f"{med / base:.3f}x")
-    Console().print(table)
-    overhead = statistics.median(times["mHC (4 streams)"]) / base - 1
-    print(f"mHC overhead: {overhead:+.1%} (DeepSeek reports +6.7% at n = 4 with fused kernels)")
+    if args.clock == "cpu" and args.threads != 1:
+        p.error(f"--clock cpu measures one thread's CPU time; it needs --threads 1 (got --threads {args.threads})")
+    global CLOCK
+    CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(args.threads)
+    rows = []
+    for mode in args.modes:  # eager first: its rows are printed (to stderr) before any compile starts
+        for hidden in args.widths:
+            rows += measure(args, hidden, mode)
+            print(f"measured {rows[-2:]}", file=sys.stderr, flush=True)
+    title = (
+        f"mHC (n = 4) vs plain residual: {args.layers} layers, training batch {args.batch} x {args.seq} tokens "
+        f"(fwd + bwd + AdamW), decode after a {args.prompt}-token prompt; median of {args.repeats}; "
+        f"{args.clock} clock; torch {torch.__version__}, {args.threads} threads, {platform.machine()}"
+    )
+    render(rows, args.reference, args.markdown, title)
 
 
 if __name__ == "__main__":

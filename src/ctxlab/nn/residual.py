@@ -15,6 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..registry import BLOCK_KINDS, RESIDUAL_KINDS
+from . import mhc_fused
+
+HC_IMPLS = ("fused", "reference")
 
 
 class ResidualScaling(nn.Module):
@@ -119,7 +122,13 @@ class HyperConnection(nn.Module):
     streams collapse into the block input), ``post`` = 2σ(.) (how the block output spreads back)
     and ``comb`` = Sinkhorn(.) (how the streams mix, a doubly stochastic n x n matrix).
     New streams: ``X' = post ⊗ y + combᵀ X``. The mixing weights are computed in float32; the mix
-    itself runs in the residual's dtype (as HF casts ``post`` and ``comb`` before mixing)."""
+    itself runs in the residual's dtype (as HF casts ``post`` and ``comb`` before mixing).
+
+    ``impl`` picks the schedule: ``"fused"`` (default; :mod:`ctxlab.nn.mhc_fused`, fewer passes
+    over the wide stream, Sinkhorn as one recomputing autograd node) or ``"reference"`` (the
+    straightforward code below, kept as the oracle); :func:`set_hc_impl` sets it model-wide."""
+
+    impl = "fused"
 
     def __init__(self, hidden_size: int, streams: int, iters: int, eps: float, norm_eps: float):
         super().__init__()
@@ -149,10 +158,14 @@ class HyperConnection(nn.Module):
         return pre, post, comb
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if self.impl == "fused":
+            return mhc_fused.split(self, x)
         pre, post, comb = self.mixing(x)
         return (pre[..., None] * x).sum(dim=2).to(x.dtype), (post, comb)
 
     def merge(self, x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if self.impl == "fused":
+            return mhc_fused.merge(x, branch, mixing)
         post, comb = (m.to(x.dtype) for m in mixing)
         return post[..., None] * branch[..., None, :] + comb.transpose(-1, -2) @ x
 
@@ -189,14 +202,15 @@ class HyperConnection(nn.Module):
 
     @staticmethod
     def connection_flops(cfg) -> int:
-        """Decode FLOPs of one connection: the mixing projection and the stream mix (comb^T X)."""
+        """Decode FLOPs of one connection: the mixing projection, the collapse (pre X) and the
+        stream mix (comb^T X), all matmuls on the fused path."""
         n, h = cfg.hc_mult, cfg.hidden_size
-        return 2 * n * h * (2 + n) * n + 2 * n * n * h
+        return 2 * n * h * (2 + n) * n + 2 * n * h + 2 * n * n * h
 
     @staticmethod
     def stack_flops(cfg) -> int:
-        """The head's collapse map."""
-        return 2 * cfg.hc_mult * cfg.hidden_size * cfg.hc_mult
+        """The head's map and its collapse of the streams."""
+        return 2 * cfg.hc_mult * cfg.hidden_size * (cfg.hc_mult + 1)
 
     @staticmethod
     def validate(cfg) -> list[str]:
@@ -211,7 +225,10 @@ class HyperConnection(nn.Module):
 
 
 class HyperHead(nn.Module):
-    """Collapse the streams before the final norm with a pre-style map (HF ``DeepseekV4HyperHead``)."""
+    """Collapse the streams before the final norm with a pre-style map (HF ``DeepseekV4HyperHead``).
+    ``impl`` as in :class:`HyperConnection`."""
+
+    impl = "fused"
 
     def __init__(self, hidden_size: int, streams: int, eps: float, norm_eps: float):
         super().__init__()
@@ -228,6 +245,8 @@ class HyperHead(nn.Module):
         self.hc_scale.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, n, H] -> [B, T, H]
+        if self.impl == "fused":
+            return mhc_fused.collapse(self, x)
         flat = x.flatten(2).float()
         flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
         pre = torch.sigmoid(F.linear(flat, self.hc_fn.float()) * self.hc_scale.float() + self.hc_base.float()) + self.eps
@@ -236,3 +255,14 @@ class HyperHead(nn.Module):
     @staticmethod
     def param_count(hidden_size: int, streams: int) -> int:
         return streams * streams * hidden_size + streams + 1
+
+
+def set_hc_impl(model: nn.Module, impl: str) -> nn.Module:
+    """Run every mHC module of ``model`` (:class:`HyperConnection`, :class:`HyperHead`) on ``impl``:
+    ``"fused"`` (the default) or ``"reference"``. Returns ``model``."""
+    if impl not in HC_IMPLS:
+        raise ValueError(f"hc impl = {impl!r}: allowed {list(HC_IMPLS)}")
+    for module in model.modules():
+        if isinstance(module, (HyperConnection, HyperHead)):
+            module.impl = impl
+    return model
