@@ -38,11 +38,18 @@ VOCAB = 4096
 
 def config(hidden: int, layers: int, residual: str, streams: int) -> ModelConfig:
     heads = hidden // 64
-    layer = LayerSpec(num_heads=heads, num_kv_heads=max(1, heads // 4), head_dim=64, intermediate_size=4 * hidden, block="hyper")  # fmt: skip
+    layer = LayerSpec(
+        num_heads=heads, num_kv_heads=max(1, heads // 4), head_dim=64, intermediate_size=4 * hidden, block="hyper"
+    )
     return ModelConfig(
-        family="benchmark", vocab_size=VOCAB, hidden_size=hidden, layers=(layer,) * layers,
-        residual=residual, hc_mult=streams, name=f"{residual} x{streams}",
-    )  # fmt: skip
+        family="benchmark",
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        layers=(layer,) * layers,
+        residual=residual,
+        hc_mult=streams,
+        name=f"{residual} x{streams}",
+    )
 
 
 def build(hidden: int, layers: int) -> dict[str, torch.nn.Module]:
@@ -169,9 +176,11 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5, help="timed repeats per model (after warm-up)")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument(
-        "--clock", choices=["wall", "cpu"], default="wall",
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
         help="wall: elapsed time; cpu: CPU time of the calling thread (needs --threads 1; robust on a busy machine)",
-    )  # fmt: skip
+    )
     p.add_argument("--reference", action="store_true", help="also time mHC on its reference path")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead of a rich one")
     args = p.parse_args()

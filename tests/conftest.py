@@ -40,7 +40,9 @@ def assert_matches_reference(ref, ours, ids, prompt_len: int, new_tokens: int, t
 
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max().item() <= tol
-        expected = ref.generate(ids[:, :prompt_len], max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+        expected = ref.generate(
+            ids[:, :prompt_len], max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
     assert torch.equal(ctxlab.generate(ours, ids[:, :prompt_len], max_new_tokens=new_tokens, eos_token_id=[]), expected)
 
 

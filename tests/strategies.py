@@ -12,11 +12,17 @@ from ctxlab.config import MoESpec
 ROPES = [
     RopeSpec(),
     RopeSpec(type="yarn", theta=10_000.0, factor=4.0, original_max_position_embeddings=16),
-    RopeSpec(type="llama3", theta=500_000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-             original_max_position_embeddings=16),
+    RopeSpec(
+        type="llama3",
+        theta=500_000.0,
+        factor=8.0,
+        low_freq_factor=1.0,
+        high_freq_factor=4.0,
+        original_max_position_embeddings=16,
+    ),
     RopeSpec(theta=10_000.0, partial_rotary_factor=0.5),
     RopeSpec(type="proportional", theta=1_000_000.0, partial_rotary_factor=0.25),
-]  # fmt: skip
+]
 
 
 @st.composite
@@ -75,7 +81,10 @@ def model_configs(draw, max_layers: int = 4, sharing: bool = True) -> ModelConfi
                     continue
                 src = draw(st.sampled_from(producers))
                 layers[i] = dataclasses.replace(
-                    layers[i], kv_source=src, window=layers[src].window, v_norm=layers[src].v_norm,
+                    layers[i],
+                    kv_source=src,
+                    window=layers[src].window,
+                    v_norm=layers[src].v_norm,
                     num_kv_heads=layers[src].num_kv_heads,
                 )
     vocab = draw(st.sampled_from([17, 64]))

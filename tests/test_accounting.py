@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import ctxlab
+
 from strategies import model_configs
 
 TINY = ["tiny-llama", "tiny-qwen3-sliding"]

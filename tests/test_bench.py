@@ -65,8 +65,23 @@ def test_bad_bench_arguments_are_refused(model):
 
 
 def test_cli_bench_json(capsys):
-    code = main(["bench", "tiny-llama", "--context", "8,16", "--prompt", "8", "--steps", "2", "--repeats", "1",
-                 "--quantize", "int8", "--json"])  # fmt: skip
+    code = main(
+        [
+            "bench",
+            "tiny-llama",
+            "--context",
+            "8,16",
+            "--prompt",
+            "8",
+            "--steps",
+            "2",
+            "--repeats",
+            "1",
+            "--quantize",
+            "int8",
+            "--json",
+        ]
+    )
     assert code == 0
     result = json.loads(capsys.readouterr().out)
     assert result["quantization"] == "int8" and result["dtype"] == "bfloat16"

@@ -54,8 +54,9 @@ def hf_router_calls(ref, ids) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
 
 def our_choice(router, args, ids) -> torch.Tensor:
     x = args[0].reshape(-1, args[0].shape[-1])
-    ctx = ForwardContext(positions=torch.arange(ids.shape[1]).expand(ids.shape), cache=None, sources=frozenset(),
-                         input_ids=ids)  # fmt: skip
+    ctx = ForwardContext(
+        positions=torch.arange(ids.shape[1]).expand(ids.shape), cache=None, sources=frozenset(), input_ids=ids
+    )
     if len(args) > 1 and args[1] is not None and torch.is_tensor(args[1]) and args[1].is_floating_point():
         ctx.router_state = args[1].reshape(-1, args[1].shape[-1])  # ZAYA: the previous layer's router state
     index, _ = router(x, ctx)

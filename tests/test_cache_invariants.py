@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import ctxlab
+
 from conftest import randomize_, stepped_logits
 from strategies import model_configs
 
@@ -49,7 +50,9 @@ def test_chunked_prefill_then_decode_equals_full_forward(cfg, seq, chunk, batch,
 
 
 @SETTINGS
-@given(cfg=model_configs(), n=st.integers(1, 40), batch=st.integers(1, 3), dtype=st.sampled_from(["float32", "bfloat16"]))
+@given(
+    cfg=model_configs(), n=st.integers(1, 40), batch=st.integers(1, 3), dtype=st.sampled_from(["float32", "bfloat16"])
+)
 def test_realized_cache_bytes_equal_analytic_bytes(cfg, n, batch, dtype):
     """``kv_cache_bytes(cfg, n, dtype, batch) == new_cache(batch, n).nbytes()``."""
     model = ctxlab.build_model(cfg, dtype=ctxlab.accounting.as_dtype(dtype))
@@ -67,7 +70,10 @@ def test_consumer_layers_hold_zero_bytes(cfg, n):
         if spec.kv_source is not None:
             assert cache[i].tensors() == [] and per_layer[i] == 0
     producers_only = sum(
-        t.untyped_storage().nbytes() for i, s in enumerate(cfg.layers) if s.kv_source is None for t in cache[i].tensors()
+        t.untyped_storage().nbytes()
+        for i, s in enumerate(cfg.layers)
+        if s.kv_source is None
+        for t in cache[i].tensors()
     )
     assert cache.nbytes() == producers_only
 
@@ -88,7 +94,9 @@ def test_alias_cache_shares_producer_storage_and_matches_full_forward():
     cache = model.new_cache(1, 40)
     assert [c.spec.kind for c in cache.layers] == ["ring", "full", "alias", "alias"]
     assert cache.nbytes() == ctxlab.kv_cache_bytes(cfg, 40, "float32")
-    no_sharing = ctxlab.kv_cache_bytes(cfg.replace(layers=tuple(dataclasses.replace(s, kv_source=None) for s in cfg.layers)), 40, "float32")
+    no_sharing = ctxlab.kv_cache_bytes(
+        cfg.replace(layers=tuple(dataclasses.replace(s, kv_source=None) for s in cfg.layers)), 40, "float32"
+    )
     assert no_sharing == 2 * cache.nbytes()  # consumers mirror their producers exactly
     ids = torch.randint(0, cfg.vocab_size, (1, 30))
     with torch.no_grad():

@@ -164,8 +164,9 @@ def test_ctrl_c_stops_the_answer_not_the_chat(checkpoint):
     exe = Path(sys.executable).with_name("ctxlab")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     argv = [str(exe), "chat", str(checkpoint), "--max-new-tokens", "3000", "--context", "3000"]
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env, bufsize=0)  # fmt: skip
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=0
+    )
     proc.stdin.write("tell me about cats\n")
     proc.stdin.flush()
     assert proc.stdout.read(3)  # the answer is streaming

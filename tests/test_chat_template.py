@@ -49,8 +49,9 @@ def tokenizers(tmp_path_factory):
 def test_renders_like_transformers(tokenizers, template, messages, add_generation_prompt):
     ours, ref = tokenizers
     ours.chat_template = template
-    expected = ref.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                       add_generation_prompt=add_generation_prompt)  # fmt: skip
+    expected = ref.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
     assert ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt) == expected
     if template is FEATURES:
         assert str(datetime.now().year) in expected and '"say \\"hi\\" <b>&</b> café 日本"' in expected

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from ctxlab.reporting.claims import claims, evaluate_all
 from ctxlab.cli import main
+from ctxlab.reporting.claims import claims, evaluate_all
 from ctxlab.reporting.measure import FAMILY_PRESETS, measured_cache
 
 HOLDS = "holds only under"
@@ -55,11 +55,28 @@ def test_every_claim_row_has_the_expected_figures_and_verdict():
 
 def test_claims_cover_the_required_topics():
     text = " | ".join(f"{c.model}: {c.claim}" for c in claims())
-    for needle in ("gemma4-e2b: 15 of 35", "gemma4-e4b: 24 of 42", "2.7 GB", "~6 GB", "2.3B effective",
-                   "4.5B effective", "5.1B", "8B", "laguna-xs2: 30 of 40", "48 query heads", "64 query heads",
-                   "than MHA", "than MLA", "GQA", "deepseek-v4-pro: KV cache 10%", "deepseek-v4-pro: decode FLOPs 27%",
-                   "deepseek-v4-flash: KV cache 7%", "deepseek-v4-flash: decode FLOPs 10%", "HCA compresses 128",
-                   "CSA compresses 4"):  # fmt: skip
+    for needle in (
+        "gemma4-e2b: 15 of 35",
+        "gemma4-e4b: 24 of 42",
+        "2.7 GB",
+        "~6 GB",
+        "2.3B effective",
+        "4.5B effective",
+        "5.1B",
+        "8B",
+        "laguna-xs2: 30 of 40",
+        "48 query heads",
+        "64 query heads",
+        "than MHA",
+        "than MLA",
+        "GQA",
+        "deepseek-v4-pro: KV cache 10%",
+        "deepseek-v4-pro: decode FLOPs 27%",
+        "deepseek-v4-flash: KV cache 7%",
+        "deepseek-v4-flash: decode FLOPs 10%",
+        "HCA compresses 128",
+        "CSA compresses 4",
+    ):
         assert needle in text, needle
 
 

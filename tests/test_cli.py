@@ -73,8 +73,19 @@ def test_report_json_equals_accounting(capsys):
 
 
 def test_report_json_sliding_batch_dtype(capsys):
-    code, out, _ = run(capsys, "report", "--json", "--models", "tiny-qwen3-sliding",
-                       "--context", "4k", "--dtype", "float32", "--batch-size", "3")
+    code, out, _ = run(
+        capsys,
+        "report",
+        "--json",
+        "--models",
+        "tiny-qwen3-sliding",
+        "--context",
+        "4k",
+        "--dtype",
+        "float32",
+        "--batch-size",
+        "3",
+    )
     assert code == 0
     (row,) = json.loads(out)["models"]
     cfg = ctxlab.load_config("tiny-qwen3-sliding")
@@ -172,8 +183,18 @@ def test_generate_ids_equal_library_greedy(capsys, checkpoint, mode):
 
 
 def test_generate_prefill_chunk_same_tokens(capsys, checkpoint):
-    code, out, _ = run(capsys, "generate", str(checkpoint), "--prompt-ids", "1,5,7,9", "--max-new-tokens", "6",
-                       "--prefill-chunk", "3", "--json")
+    code, out, _ = run(
+        capsys,
+        "generate",
+        str(checkpoint),
+        "--prompt-ids",
+        "1,5,7,9",
+        "--max-new-tokens",
+        "6",
+        "--prefill-chunk",
+        "3",
+        "--json",
+    )
     assert code == 0
     assert json.loads(out)["generated_ids"] == greedy(checkpoint, PROMPT_IDS, 6)
 
@@ -183,16 +204,18 @@ def test_generate_text_with_tokenizer(capsys, checkpoint_with_tokenizer):
     tok = load_tokenizer(path)
     prompt = encode(tok, "the cat sat on the mat")
     expected = greedy(path, prompt, 10)
-    code, out, err = run(capsys, "generate", str(path), "--prompt", "the cat sat on the mat",
-                         "--max-new-tokens", "10", "--json")
+    code, out, err = run(
+        capsys, "generate", str(path), "--prompt", "the cat sat on the mat", "--max-new-tokens", "10", "--json"
+    )
     assert code == 0, err
     result = json.loads(out)
     assert result["prompt_ids"] == prompt
     assert result["generated_ids"] == expected
     assert result["text"] == decode(tok, expected) and result["text"].strip()
     for mode in ("--stream", "--no-stream"):
-        code, out, _ = run(capsys, "generate", str(path), "--prompt", "the cat sat on the mat",
-                           "--max-new-tokens", "10", mode)
+        code, out, _ = run(
+            capsys, "generate", str(path), "--prompt", "the cat sat on the mat", "--max-new-tokens", "10", mode
+        )
         assert code == 0 and out.strip() == result["text"].strip()
 
 

@@ -72,18 +72,28 @@ def test_sharded_index_that_is_not_json_names_the_file(checkpoint, tmp_path):
         (["--prompt-ids", "1", "--temperature", "nan"], ["--temperature", "finite"]),
         (["--prompt-ids", "1", "--temperature", "0.5", "--top-p", "nan"], ["--top-p", "(0, 1]"]),
         (["--prompt-ids", "1", "--max-memory-gb", "-1"], ["--max-memory-gb", "> 0"]),
-        (["--prompt-ids", ",".join(["1"] * 250), "--max-new-tokens", "20"],
-         ["max_position_embeddings = 256", "--allow-past-max-positions"]),
+        (
+            ["--prompt-ids", ",".join(["1"] * 250), "--max-new-tokens", "20"],
+            ["max_position_embeddings = 256", "--allow-past-max-positions"],
+        ),
         (["--prompt-ids", "1", "--dtype", "float8"], ["--dtype", "bfloat16"]),
     ],
-)  # fmt: skip
+)
 def test_generate_argument_errors(argv, needles):
     assert_user_error(ctxlab_run("generate", "tiny-llama", *argv), *needles)
 
 
 def test_generation_past_the_trained_context_runs_when_allowed():
-    done = ctxlab_run("generate", "tiny-llama", "--prompt-ids", ",".join(["1"] * 250), "--max-new-tokens", "20",
-                      "--allow-past-max-positions", "--json")  # fmt: skip
+    done = ctxlab_run(
+        "generate",
+        "tiny-llama",
+        "--prompt-ids",
+        ",".join(["1"] * 250),
+        "--max-new-tokens",
+        "20",
+        "--allow-past-max-positions",
+        "--json",
+    )
     assert done.returncode == 0, done.stderr
     assert len(json.loads(done.stdout)["generated_ids"]) == 20
 
@@ -92,8 +102,11 @@ def test_float16_refused_for_gemma_by_name(tmp_path):
     from test_config_fields import CONFIGS
 
     (tmp_path / "config.json").write_text(json.dumps(CONFIGS["gemma4_text"]))
-    assert_user_error(ctxlab_run("generate", str(tmp_path / "config.json"), "--prompt-ids", "1", "--dtype", "float16"),
-                      "float16", "bfloat16")  # fmt: skip
+    assert_user_error(
+        ctxlab_run("generate", str(tmp_path / "config.json"), "--prompt-ids", "1", "--dtype", "float16"),
+        "float16",
+        "bfloat16",
+    )
 
 
 @pytest.mark.parametrize("value", ["100000000000000000000000", "0", "2000000000000000"])
@@ -133,8 +146,12 @@ def test_plot_into_a_missing_or_unusable_directory_names_the_path(tmp_path, wher
 
 
 def test_report_into_a_closed_pipe_exits_quietly():
-    proc = subprocess.Popen([*script(), "report", "--all"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)})  # fmt: skip
+    proc = subprocess.Popen(
+        [*script(), "report", "--all"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
     proc.stdout.read(10)
     proc.stdout.close()  # like `| head -c 10`
     err = proc.stderr.read().decode()

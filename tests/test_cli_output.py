@@ -32,8 +32,11 @@ def test_model_names_are_never_cut(argv, columns):
     lines = done.stdout.splitlines()
     assert max(len(line) for line in lines) <= columns
     assert "…" not in "\n".join(line for line in lines if "│" in line)  # no cell cut with an ellipsis
-    names = ctxlab.preset_names() if argv[0] != "claims" else sorted({r["model"] for r in json.loads(
-        ctxlab_run("claims", "--json").stdout)["claims"]})  # fmt: skip
+    names = (
+        ctxlab.preset_names()
+        if argv[0] != "claims"
+        else sorted({r["model"] for r in json.loads(ctxlab_run("claims", "--json").stdout)["claims"]})
+    )
     for name in names:
         assert re.search(rf"│ {re.escape(name)} +│", done.stdout), name
 
@@ -78,8 +81,12 @@ def test_inspect_deepseek_v4_names_csa_hca_and_sliding_layers(capsys):
     code, out, _ = run(capsys, "inspect", "deepseek-v4-flash", "--json")
     assert code == 0
     variants = [r["attention_variant"] for r in json.loads(out)["layers"]]
-    expected = ["sliding only" if s.compress.ratio == 0 else f"{'CSA' if s.compress.overlap else 'HCA'} ratio "
-                f"{s.compress.ratio}" for s in cfg.layers]  # fmt: skip
+    expected = [
+        "sliding only"
+        if s.compress.ratio == 0
+        else f"{'CSA' if s.compress.overlap else 'HCA'} ratio {s.compress.ratio}"
+        for s in cfg.layers
+    ]
     assert variants == expected
     assert (variants.count("sliding only"), variants.count("CSA ratio 4"), variants.count("HCA ratio 128")) == (
         2,
@@ -101,7 +108,11 @@ def test_list_presets(capsys, command):
     v32 = next(r for r in rows if r["name"] == "deepseek-v3.2")
     params = ctxlab.count_params(ctxlab.load_config("deepseek-v3.2"))
     assert (v32["params_total"], v32["params_active"], v32["num_layers"], v32["trained_context"]) == (
-        params["total"], params["active"], 61, 163840)  # fmt: skip
+        params["total"],
+        params["active"],
+        61,
+        163840,
+    )
     assert all(r["description"] for r in rows)
     code, out, _ = run(capsys, command)
     assert code == 0 and "deepseek_v32" in out and "671.88B" in out

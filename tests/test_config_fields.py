@@ -29,8 +29,13 @@ def tiny_configs() -> dict[str, dict]:
     import test_zaya
 
     out = {name: json.loads(preset_path(name).read_text()) for name in ("tiny-llama", "tiny-qwen3-sliding")}
-    for model_type, module in (("gemma4_text", test_gemma4), ("laguna", test_laguna), ("zaya", test_zaya),
-                               ("deepseek_v32", test_deepseek_v32), ("deepseek_v4", test_deepseek_v4)):  # fmt: skip
+    for model_type, module in (
+        ("gemma4_text", test_gemma4),
+        ("laguna", test_laguna),
+        ("zaya", test_zaya),
+        ("deepseek_v32", test_deepseek_v32),
+        ("deepseek_v4", test_deepseek_v4),
+    ):
         out[model_type] = {"model_type": model_type, **module.BASE}
     out["gemma4_text"].update(enable_moe_block=True, num_experts=4, top_k_experts=2, moe_intermediate_size=24)
     return out
@@ -53,10 +58,19 @@ def problems(tmp_path, d: dict) -> list[str]:
 
 @pytest.mark.parametrize(
     "field, value",
-    [("num_hidden_layers", "ten"), ("num_hidden_layers", [3]), ("num_hidden_layers", True), ("hidden_size", "32"),
-     ("hidden_size", 32.0), ("rms_norm_eps", "tiny"), ("rope_parameters", "yes"), ("tie_word_embeddings", "no"),
-     ("num_key_value_heads", -2), ("eos_token_id", [2, "x"])],
-)  # fmt: skip
+    [
+        ("num_hidden_layers", "ten"),
+        ("num_hidden_layers", [3]),
+        ("num_hidden_layers", True),
+        ("hidden_size", "32"),
+        ("hidden_size", 32.0),
+        ("rms_norm_eps", "tiny"),
+        ("rope_parameters", "yes"),
+        ("tie_word_embeddings", "no"),
+        ("num_key_value_heads", -2),
+        ("eos_token_id", [2, "x"]),
+    ],
+)
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_wrong_type_names_the_field_and_what_is_allowed(tmp_path, family, field, value):
     (problem,) = problems(tmp_path, {**CONFIGS[family], field: value})
@@ -97,9 +111,13 @@ def test_token_ids_keep_null_as_none(tmp_path):
 # -------------------------------------------------------------------------------------------- fuzz
 
 json_scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 70), st.integers(-(1 << 70), 1 << 70),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=8),
-)  # fmt: skip
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 70),
+    st.integers(-(1 << 70), 1 << 70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+)
 json_values = st.recursive(
     json_scalars,
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=3),

@@ -12,25 +12,55 @@ import pytest
 import torch
 
 import ctxlab
-from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 from ctxlab.attention.mla import set_decode_path
+
+from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 
 TOL = 1e-4
 SEQ = 20
 BASE = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=3,
-    num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1, n_routed_experts=8, num_experts_per_tok=2,
-    n_group=2, topk_group=1, kv_lora_rank=32, q_lora_rank=48, qk_rope_head_dim=16, qk_nope_head_dim=32,
-    v_head_dim=24, index_topk=6, index_head_dim=32, index_n_heads=4, first_k_dense_replace=1,
-    max_position_embeddings=4096, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    rope_parameters={"rope_type": "yarn", "factor": 40.0, "original_max_position_embeddings": 64, "beta_fast": 32,
-                     "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0, "rope_theta": 10000.0},
-)  # fmt: skip
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=96,
+    moe_intermediate_size=32,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    n_shared_experts=1,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_group=2,
+    topk_group=1,
+    kv_lora_rank=32,
+    q_lora_rank=48,
+    qk_rope_head_dim=16,
+    qk_nope_head_dim=32,
+    v_head_dim=24,
+    index_topk=6,
+    index_head_dim=32,
+    index_n_heads=4,
+    first_k_dense_replace=1,
+    max_position_embeddings=4096,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+    rope_parameters={
+        "rope_type": "yarn",
+        "factor": 40.0,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "rope_theta": 10000.0,
+    },
+)
 CASES = {
     "dsa-topk6-groups": {},
-    "dsa-topk10-4groups-routed3": dict(index_topk=10, n_group=4, topk_group=2, num_experts_per_tok=3,
-                                       routed_scaling_factor=1.5),
-}  # fmt: skip
+    "dsa-topk10-4groups-routed3": dict(
+        index_topk=10, n_group=4, topk_group=2, num_experts_per_tok=3, routed_scaling_factor=1.5
+    ),
+}
 
 
 def pair_indexer_heads_(model):
@@ -80,7 +110,9 @@ def selection_margin(model, ids) -> float:
             cos, sin = attn.rotary.cos_sin(pos, hx.dtype)
             keys = attn.indexer.keys(hx, attn.rotary, cos, sin)
             ix = attn.indexer
-            q = attn.rotary.apply(ix.wq_b(q_res).view(1, -1, ix.spec.n_heads, ix.spec.head_dim).transpose(1, 2), cos, sin)
+            q = attn.rotary.apply(
+                ix.wq_b(q_res).view(1, -1, ix.spec.n_heads, ix.spec.head_dim).transpose(1, 2), cos, sin
+            )
             scores = torch.relu(q @ keys.transpose(-1, -2) * ix.spec.head_dim**-0.5)
             index = torch.einsum("bth,bhts->bts", ix.weights_proj(hx) * ix.spec.n_heads**-0.5, scores)[0]
             k = ix.spec.topk
@@ -101,8 +133,9 @@ def test_logits_and_greedy_tokens_match_transformers(pair):
 def test_save_pretrained_round_trip_through_transformers(pair, hf, tmp_path_factory):
     ref, ours = pair
     ids = torch.randint(3, 128, (1, SEQ), generator=torch.Generator().manual_seed(2))
-    assert_round_trip(hf, ref, ours, tmp_path_factory.mktemp("ours"), ids, attn_implementation="eager",
-                      experts_implementation="eager")  # fmt: skip
+    assert_round_trip(
+        hf, ref, ours, tmp_path_factory.mktemp("ours"), ids, attn_implementation="eager", experts_implementation="eager"
+    )
 
 
 @pytest.mark.parametrize("path", ["absorbed", "expanded"])
@@ -110,7 +143,9 @@ def test_decode_paths_equal_full_forward(pair, path):
     """Absorbed decode == expanded decode == full forward, after a chunked prefill."""
     _, ours = pair
     set_decode_path(ours, path)
-    assert_chunked_decode_matches(ours, torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3)), [7, 5])
+    assert_chunked_decode_matches(
+        ours, torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3)), [7, 5]
+    )
     set_decode_path(ours, "absorbed")
 
 
@@ -119,8 +154,10 @@ def test_cache_holds_latent_rope_key_and_indexer_key_only(pair):
     cache = ours.new_cache(1, 30)
     layer = cache[1]
     assert {n: tuple(t.shape) for n, t in layer.buffers.items()} == {
-        "latent": (1, 1, 30, 32), "k_rope": (1, 1, 30, 16), "index_k": (1, 1, 30, 32),
-    }  # fmt: skip
+        "latent": (1, 1, 30, 32),
+        "k_rope": (1, 1, 30, 16),
+        "index_k": (1, 1, 30, 32),
+    }
     assert cache.nbytes() == ctxlab.kv_cache_bytes(ours.config, 30, "float32") == 3 * 30 * (32 + 16 + 32) * 4
 
 
@@ -151,8 +188,8 @@ def test_published_numbers():
 
 def test_deployed_format_cache_at_1m_tokens():
     """Spec §4.1: FP8 latent + fp32 scales + BF16 rope key (656 B) + FP8 indexer key (132 B) -> 50.40 GB at 1M."""
-    from ctxlab.planner import layer_cache_spec
     from ctxlab.accounting.formats import kv_cache_bytes_stored
+    from ctxlab.planner import layer_cache_spec
     from ctxlab.reporting.published import DEPLOYED_FORMATS
 
     cfg, fmt = ctxlab.load_config("deepseek-v3.2"), DEPLOYED_FORMATS["deepseek-v3.2"]

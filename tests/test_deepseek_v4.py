@@ -10,35 +10,69 @@ the top-k has no ReLU-zero ties.
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
 import ctxlab
-from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 from ctxlab.nn.residual import HyperConnection
+
+from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 
 TOL = 1e-4
 SEQ = 30
 BASE = dict(
-    vocab_size=128, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=1,
-    head_dim=64, qk_rope_head_dim=16, q_lora_rank=32, o_groups=2, o_lora_rank=16, index_n_heads=4,
-    index_head_dim=32, index_topk=3, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
-    moe_intermediate_size=32, layer_types=["sliding_attention", "compressed_sparse_attention",
-    "heavily_compressed_attention", "compressed_sparse_attention"], num_hash_layers=1, sliding_window=6,
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=1,
+    head_dim=64,
+    qk_rope_head_dim=16,
+    q_lora_rank=32,
+    o_groups=2,
+    o_lora_rank=16,
+    index_n_heads=4,
+    index_head_dim=32,
+    index_topk=3,
+    n_routed_experts=8,
+    num_experts_per_tok=2,
+    n_shared_experts=1,
+    moe_intermediate_size=32,
+    layer_types=[
+        "sliding_attention",
+        "compressed_sparse_attention",
+        "heavily_compressed_attention",
+        "compressed_sparse_attention",
+    ],
+    num_hash_layers=1,
+    sliding_window=6,
     compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
-    rope_scaling={"type": "yarn", "factor": 16, "original_max_position_embeddings": 64, "beta_fast": 32,
-                  "beta_slow": 1},
-    max_position_embeddings=4096, bos_token_id=1, eos_token_id=2,
-)  # fmt: skip
+    rope_scaling={
+        "type": "yarn",
+        "factor": 16,
+        "original_max_position_embeddings": 64,
+        "beta_fast": 32,
+        "beta_slow": 1,
+    },
+    max_position_embeddings=4096,
+    bos_token_id=1,
+    eos_token_id=2,
+)
 CASES = {
     "swa-csa-hca-csa": {},
     "hca-first-topk5-routed2.5": dict(
-        layer_types=["heavily_compressed_attention", "compressed_sparse_attention", "heavily_compressed_attention",
-                     "sliding_attention"],
-        index_topk=5, routed_scaling_factor=2.5, num_hash_layers=2, o_groups=4,
+        layer_types=[
+            "heavily_compressed_attention",
+            "compressed_sparse_attention",
+            "heavily_compressed_attention",
+            "sliding_attention",
+        ],
+        index_topk=5,
+        routed_scaling_factor=2.5,
+        num_hash_layers=2,
+        o_groups=4,
     ),
-}  # fmt: skip
+}
 
 
 def hf_v4(hf, case, seed=0):
@@ -90,7 +124,9 @@ def test_save_pretrained_round_trip_through_transformers(pair, hf, tmp_path_fact
 def test_chunked_prefill_inside_blocks_then_decode(pair, chunks):
     """Chunk boundaries anywhere inside blocks (pending tokens and overlap carried), then decode."""
     _, ours = pair
-    assert_chunked_decode_matches(ours, torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3)), chunks)
+    assert_chunked_decode_matches(
+        ours, torch.randint(3, 128, (1, 40), generator=torch.Generator().manual_seed(3)), chunks
+    )
 
 
 def test_cache_grows_one_entry_per_completed_block(pair):
@@ -149,7 +185,9 @@ def test_mhc_swaps_for_a_plain_residual_by_config_alone():
     ids = torch.arange(3, 3 + SEQ)[None]
     cache = m_plain.new_cache(1, SEQ)
     with torch.no_grad():
-        stepped = torch.cat([m_plain(ids[:, :9], cache=cache)] + [m_plain(ids[:, i : i + 1], cache=cache) for i in range(9, SEQ)], 1)
+        stepped = torch.cat(
+            [m_plain(ids[:, :9], cache=cache)] + [m_plain(ids[:, i : i + 1], cache=cache) for i in range(9, SEQ)], 1
+        )
         assert (stepped - m_plain(ids)).abs().max() <= TOL
 
 

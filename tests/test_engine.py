@@ -11,8 +11,8 @@ import ctxlab
 from ctxlab.attention import context as context_module
 from ctxlab.attention.kernels import grouped_attention
 from ctxlab.generate import decode_step, prefill
-from ctxlab.reporting.measure import tiny_like
 from ctxlab.nn.moe import Experts
+from ctxlab.reporting.measure import tiny_like
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 1), (4, 4)])

@@ -24,9 +24,7 @@ def layer(**kw) -> LayerSpec:
 
 
 def config(layers=None, **kw) -> ModelConfig:
-    return ModelConfig(
-        **{"family": "llama", "vocab_size": 64, "hidden_size": 32, "layers": layers or (layer(),), **kw}
-    )
+    return ModelConfig(**{"family": "llama", "vocab_size": 64, "hidden_size": 32, "layers": layers or (layer(),), **kw})
 
 
 def config_error(*layers, **kw) -> ctxlab.ConfigError:

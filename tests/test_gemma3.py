@@ -12,28 +12,42 @@ import pytest
 import torch
 
 import ctxlab
-from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 from ctxlab.io.config_file import config_from_dict, export_config
+
+from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 
 SEQ = 20  # longer than the window (8): sliding layers wrap
 
 BASE = {
-    "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 6, "num_attention_heads": 4,
-    "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 8, "max_position_embeddings": 512,
-    "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2,
-}  # fmt: skip
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 6,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "sliding_window": 8,
+    "max_position_embeddings": 512,
+    "pad_token_id": 0,
+    "eos_token_id": 1,
+    "bos_token_id": 2,
+}
 CASES = {
     # explicit pattern, final softcap, query_pre_attn_scalar != head_dim, linear scaling on the global RoPE;
     # attn_logit_softcapping is set and (as in transformers) has no effect
     "softcaps-linear-rope": {
-        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2, "query_pre_attn_scalar": 24,
-        "attn_logit_softcapping": 5.0, "final_logit_softcapping": 3.0,
-        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
-                         "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0}},
+        "layer_types": ["sliding_attention", "sliding_attention", "full_attention"] * 2,
+        "query_pre_attn_scalar": 24,
+        "attn_logit_softcapping": 5.0,
+        "final_logit_softcapping": 3.0,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10_000.0},
+            "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1_000_000.0},
+        },
     },
     # MQA, the default 5:1 pattern (7 layers: layer 5 global), no softcaps: the 270M shape
     "mqa-default-pattern": {"num_hidden_layers": 7, "num_key_value_heads": 1, "query_pre_attn_scalar": 16},
-}  # fmt: skip
+}
 
 
 def randomize_gemma3_(model, seed=0):
@@ -105,8 +119,12 @@ def test_build_model_norms_start_at_identity():
 
 def test_legacy_rope_fields_and_multimodal_wrapper_parse_like_transformers(hf):
     """4.x configs (rope_theta, rope_local_base_freq, rope_scaling) and a nested text_config."""
-    legacy = {**BASE, "rope_theta": 500_000.0, "rope_local_base_freq": 20_000.0,
-              "rope_scaling": {"rope_type": "linear", "factor": 8.0}}  # fmt: skip
+    legacy = {
+        **BASE,
+        "rope_theta": 500_000.0,
+        "rope_local_base_freq": 20_000.0,
+        "rope_scaling": {"rope_type": "linear", "factor": 8.0},
+    }
     ref = hf.Gemma3TextConfig(**legacy).rope_parameters
     cfg = config_from_dict({"model_type": "gemma3_text", **legacy})
     sliding, full = cfg.layers[0], cfg.layers[5]
@@ -131,8 +149,11 @@ def test_attention_softcap_is_ignored_with_a_warning_as_transformers_does(caplog
 def test_270m_preset_matches_transformers_parameter_count_and_caps_sliding_layers(hf):
     cfg = ctxlab.load_config("gemma3-270m")
     with torch.device("meta"):
-        ref = hf.Gemma3ForCausalLM(hf.Gemma3TextConfig(**{k: v for k, v in export_config(cfg).items()
-                                                           if k not in ("architectures", "model_type")}))  # fmt: skip
+        ref = hf.Gemma3ForCausalLM(
+            hf.Gemma3TextConfig(
+                **{k: v for k, v in export_config(cfg).items() if k not in ("architectures", "model_type")}
+            )
+        )
     unique = {id(p): p.numel() for p in ref.parameters()}
     assert ctxlab.count_params(cfg)["total"] == sum(unique.values()) == 268_098_176
     n = 32768

@@ -14,30 +14,59 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import ctxlab
-from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 from ctxlab.io.config_file import config_from_dict
+
+from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 
 TOL = 1e-4
 SEQ = 20  # longer than the window (8): sliding layers and their consumers wrap
 
 BASE = dict(
-    vocab_size=128, vocab_size_per_layer_input=128, hidden_size=64, hidden_size_per_layer_input=16,
-    intermediate_size=96, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-    global_head_dim=32, layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
-    sliding_window=8, num_kv_shared_layers=3, use_double_wide_mlp=True, final_logit_softcapping=30.0,
-    max_position_embeddings=512, pad_token_id=0, eos_token_id=1, bos_token_id=2,
-)  # fmt: skip
+    vocab_size=128,
+    vocab_size_per_layer_input=128,
+    hidden_size=64,
+    hidden_size_per_layer_input=16,
+    intermediate_size=96,
+    num_hidden_layers=6,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    global_head_dim=32,
+    layer_types=["sliding_attention", "sliding_attention", "full_attention"] * 2,
+    sliding_window=8,
+    num_kv_shared_layers=3,
+    use_double_wide_mlp=True,
+    final_logit_softcapping=30.0,
+    max_position_embeddings=512,
+    pad_token_id=0,
+    eos_token_id=1,
+    bos_token_id=2,
+)
 CASES = {
     # layers 3 and 4 (sliding) both read layer 1, layer 5 (full) reads layer 2
     "ple-sharing-doublewide": {},
-    "k_eq_v-global": dict(hidden_size_per_layer_input=0, num_kv_shared_layers=0, attention_k_eq_v=True,
-                          num_global_key_value_heads=1, use_double_wide_mlp=False),
-    "moe": dict(hidden_size_per_layer_input=0, num_kv_shared_layers=0, attention_k_eq_v=True,
-                num_global_key_value_heads=1, enable_moe_block=True, num_experts=4, top_k_experts=2,
-                moe_intermediate_size=24, use_double_wide_mlp=False),
-    "sharing-k_eq_v-ple": dict(attention_k_eq_v=True, num_global_key_value_heads=1, use_double_wide_mlp=False,
-                               num_kv_shared_layers=2),
-}  # fmt: skip
+    "k_eq_v-global": dict(
+        hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0,
+        attention_k_eq_v=True,
+        num_global_key_value_heads=1,
+        use_double_wide_mlp=False,
+    ),
+    "moe": dict(
+        hidden_size_per_layer_input=0,
+        num_kv_shared_layers=0,
+        attention_k_eq_v=True,
+        num_global_key_value_heads=1,
+        enable_moe_block=True,
+        num_experts=4,
+        top_k_experts=2,
+        moe_intermediate_size=24,
+        use_double_wide_mlp=False,
+    ),
+    "sharing-k_eq_v-ple": dict(
+        attention_k_eq_v=True, num_global_key_value_heads=1, use_double_wide_mlp=False, num_kv_shared_layers=2
+    ),
+}
 
 
 def randomize_gemma_(model, seed=0):
@@ -72,7 +101,9 @@ def pair(request, hf, tmp_path):
 
 def test_logits_and_greedy_tokens_match_transformers(pair):
     ref, ours, _ = pair
-    assert_matches_reference(ref, ours, torch.randint(3, 128, (2, SEQ), generator=torch.Generator().manual_seed(1)), 5, 12)
+    assert_matches_reference(
+        ref, ours, torch.randint(3, 128, (2, SEQ), generator=torch.Generator().manual_seed(1)), 5, 12
+    )
 
 
 def test_save_pretrained_loads_back_in_transformers(pair, hf, tmp_path_factory):
@@ -129,7 +160,9 @@ def test_sharing_is_a_switch_not_a_fork(hf, tmp_path):
     """Switching sharing off (kv_source=None, nothing else) gives HF's plain sliding/global model."""
     shared_cfg = config_from_dict(hf_gemma(hf, "sharing-k_eq_v-ple").config.to_dict())
     assert any(s.kv_source is not None for s in shared_cfg.layers)
-    plain = hf.Gemma4ForCausalLM(hf.Gemma4TextConfig(**{**BASE, **CASES["sharing-k_eq_v-ple"], "num_kv_shared_layers": 0}))
+    plain = hf.Gemma4ForCausalLM(
+        hf.Gemma4TextConfig(**{**BASE, **CASES["sharing-k_eq_v-ple"], "num_kv_shared_layers": 0})
+    )
     plain.config._attn_implementation = "eager"
     randomize_gemma_(plain, seed=5).eval().save_pretrained(tmp_path)
     ours = ctxlab.from_pretrained(tmp_path)
@@ -142,9 +175,15 @@ def test_sharing_is_a_switch_not_a_fork(hf, tmp_path):
 
 def test_float16_is_refused_and_bfloat16_works(tmp_path):
     cfg = ctxlab.load_config("gemma4-e2b").replace(
-        hidden_size=64, per_layer_input_size=4, per_layer_vocab_size=64, vocab_size=64,
-        layers=tuple(dataclasses.replace(s, num_heads=2, head_dim=8, intermediate_size=32, num_kv_heads=1) for s in ctxlab.load_config("gemma4-e2b").layers[:5]),
-    )  # fmt: skip
+        hidden_size=64,
+        per_layer_input_size=4,
+        per_layer_vocab_size=64,
+        vocab_size=64,
+        layers=tuple(
+            dataclasses.replace(s, num_heads=2, head_dim=8, intermediate_size=32, num_kv_heads=1)
+            for s in ctxlab.load_config("gemma4-e2b").layers[:5]
+        ),
+    )
     with pytest.raises(ValueError, match="float16 is refused"):
         ctxlab.build_model(cfg, dtype=torch.float16)
     model = ctxlab.build_model(cfg, dtype=torch.bfloat16)
@@ -160,9 +199,11 @@ GIB = 1 << 30
 def test_parameter_counts_match_the_published_decoders():
     """Spec §3.2: text decoder totals to the unit; effective (Google) and active (26B) parameters."""
     expected_totals = {
-        "gemma4-e2b": 4_628_569_344, "gemma4-e4b": 7_463_013_376,
-        "gemma4-26b-a4b": 25_233_141_760, "gemma4-31b": 30_697_345_280,
-    }  # fmt: skip
+        "gemma4-e2b": 4_628_569_344,
+        "gemma4-e4b": 7_463_013_376,
+        "gemma4-26b-a4b": 25_233_141_760,
+        "gemma4-31b": 30_697_345_280,
+    }
     counts = {name: ctxlab.count_params(ctxlab.load_config(name)) for name in expected_totals}
     assert {n: c["total"] for n, c in counts.items()} == expected_totals
     assert round(counts["gemma4-e2b"]["effective"] / 1e9, 2) == 2.35  # published "2.3B effective"

@@ -19,6 +19,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 import ctxlab
+
 from conftest import randomize_
 
 PRESETS = ["tiny-llama", "tiny-qwen3-sliding"]

@@ -16,8 +16,9 @@ import pytest
 import torch
 
 import ctxlab
-from conftest import randomize_
 from ctxlab.io.config_file import config_from_dict
+
+from conftest import randomize_
 
 gguf = pytest.importorskip("gguf", reason="the gguf package (ctxlab[gguf] extra) is not installed")
 
@@ -26,11 +27,29 @@ from ctxlab.io.gguf import architectures, dequant
 from gguf_writer import hf_to_gguf, llama_cpp_permute, write_gguf
 
 T = gguf.GGMLQuantizationType
-TINY = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
-        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 256}  # fmt: skip
+TINY = {
+    "vocab_size": 128,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "num_hidden_layers": 3,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 16,
+    "max_position_embeddings": 256,
+}
 # byte offsets of the float16 scale fields in each block (ggml-common.h block_q*), made finite in random blocks
-F16_FIELDS = {T.Q4_0: [0], T.Q4_1: [0, 2], T.Q5_0: [0], T.Q5_1: [0, 2], T.Q8_0: [0],
-              T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208], T.Q3_K: [108], T.Q2_K: [80, 82]}  # fmt: skip
+F16_FIELDS = {
+    T.Q4_0: [0],
+    T.Q4_1: [0, 2],
+    T.Q5_0: [0],
+    T.Q5_1: [0, 2],
+    T.Q8_0: [0],
+    T.Q4_K: [0, 2],
+    T.Q5_K: [0, 2],
+    T.Q6_K: [208],
+    T.Q3_K: [108],
+    T.Q2_K: [80, 82],
+}
 
 
 def random_blocks(kind, rows: int, cols: int, seed: int = 0) -> np.ndarray:
@@ -39,7 +58,9 @@ def random_blocks(kind, rows: int, cols: int, seed: int = 0) -> np.ndarray:
     block, size = gguf.GGML_QUANT_SIZES[kind]
     raw = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
     for at in F16_FIELDS[kind]:
-        raw[:, :, at : at + 2] = rng.uniform(-0.05, 0.05, (rows, cols // block)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)  # fmt: skip
+        raw[:, :, at : at + 2] = (
+            rng.uniform(-0.05, 0.05, (rows, cols // block)).astype(np.float16).view(np.uint8).reshape(rows, -1, 2)
+        )
     return raw.reshape(rows, -1)
 
 
@@ -141,8 +162,12 @@ def test_every_type_converts_like_gguf_quants_in_chunks(tmp_path, monkeypatch, k
     """Offsets, reading in chunks of rows and conversion equal gguf's reader + dequantize."""
     rows, cols = 6, 512
     data = tensor_data(kind, rows, cols)
-    write_gguf(tmp_path / "t.gguf", "llama", {}, {"x.weight": (data, int(kind), (rows, cols)),
-                                                  "y.weight": (tensor_data(T.F32, 2, 32, 1), 0, (2, 32))})  # fmt: skip
+    write_gguf(
+        tmp_path / "t.gguf",
+        "llama",
+        {},
+        {"x.weight": (data, int(kind), (rows, cols)), "y.weight": (tensor_data(T.F32, 2, 32, 1), 0, (2, 32))},
+    )
     reader = gguf.GGUFReader(tmp_path / "t.gguf")
     expected = torch.from_numpy(gguf.quants.dequantize(reader.tensors[0].data, kind).astype(np.float32))
     f = ctx_gguf.read_header(tmp_path / "t.gguf")
@@ -157,9 +182,15 @@ def test_every_type_converts_like_gguf_quants_in_chunks(tmp_path, monkeypatch, k
 
 
 def test_header_matches_gguf_reader(tmp_path):
-    meta = {"llama.block_count": 3, "general.name": "tiny", "llama.rope.freq_base": 1e-6, "flag": True,
-            "tokenizer.ggml.tokens": ["a", "é", "日本", ""], "tokenizer.ggml.scores": [0.5, -1.0, 2.0, 0.0],
-            "general.alignment": 64}  # fmt: skip
+    meta = {
+        "llama.block_count": 3,
+        "general.name": "tiny",
+        "llama.rope.freq_base": 1e-6,
+        "flag": True,
+        "tokenizer.ggml.tokens": ["a", "é", "日本", ""],
+        "tokenizer.ggml.scores": [0.5, -1.0, 2.0, 0.0],
+        "general.alignment": 64,
+    }
     tensors = {
         "a.weight": (tensor_data(T.Q8_0, 3, 64), int(T.Q8_0), (3, 64)),
         "b.weight": (tensor_data(T.F32, 1, 5), 0, (1, 5)),

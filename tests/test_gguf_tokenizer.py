@@ -56,8 +56,15 @@ def pieces(tok, text: str, **kw) -> list[str]:
 
 def test_sentencepiece_merges_follow_the_merged_piece_score():
     # "abc": the pair (b, c) makes a better-scoring piece than (a, b), so it merges first, then (a, bc)
-    vocab = [("\u2581", -1.0, NORMAL), ("a", -1.0, NORMAL), ("b", -1.0, NORMAL), ("c", -1.0, NORMAL),
-             ("ab", -5.0, NORMAL), ("bc", -0.5, NORMAL), ("abc", -9.0, NORMAL)]  # fmt: skip
+    vocab = [
+        ("\u2581", -1.0, NORMAL),
+        ("a", -1.0, NORMAL),
+        ("b", -1.0, NORMAL),
+        ("c", -1.0, NORMAL),
+        ("ab", -5.0, NORMAL),
+        ("bc", -0.5, NORMAL),
+        ("abc", -9.0, NORMAL),
+    ]
     tok = tokenizer_from_gguf_fields(spm_meta(vocab, **{"tokenizer.ggml.add_space_prefix": False}))
     assert pieces(tok, "abc", add_special_tokens=False) == ["abc"]
     assert pieces(tok, "ab", add_special_tokens=False) == ["ab"]
@@ -68,15 +75,28 @@ def test_sentencepiece_merges_follow_the_merged_piece_score():
 def test_sentencepiece_is_not_unigram():
     # Unigram (Viterbi over log-probabilities) would take "ab" + "cd" (-2 + -2 = -4 > -1 + -3.5);
     # SentencePiece BPE first merges the best pair "bc" (-1), after which "ab" / "cd" cannot form.
-    vocab = [("a", -3.0, NORMAL), ("b", -3.0, NORMAL), ("c", -3.0, NORMAL), ("d", -3.0, NORMAL),
-             ("ab", -2.0, NORMAL), ("cd", -2.0, NORMAL), ("bc", -1.0, NORMAL)]  # fmt: skip
+    vocab = [
+        ("a", -3.0, NORMAL),
+        ("b", -3.0, NORMAL),
+        ("c", -3.0, NORMAL),
+        ("d", -3.0, NORMAL),
+        ("ab", -2.0, NORMAL),
+        ("cd", -2.0, NORMAL),
+        ("bc", -1.0, NORMAL),
+    ]
     tok = tokenizer_from_gguf_fields(spm_meta(vocab, **{"tokenizer.ggml.add_space_prefix": False}))
     assert pieces(tok, "abcd", add_special_tokens=False) == ["a", "bc", "d"]
 
 
 def test_sentencepiece_spaces_prefix_bos_byte_fallback_and_user_defined():
-    vocab = [("\u2581", -1.0, NORMAL), ("h", -2.0, NORMAL), ("i", -2.0, NORMAL), ("\u2581h", -1.5, NORMAL),
-             ("\u2581hi", -1.2, NORMAL), ("<b>", 0.0, USER_DEFINED)]  # fmt: skip
+    vocab = [
+        ("\u2581", -1.0, NORMAL),
+        ("h", -2.0, NORMAL),
+        ("i", -2.0, NORMAL),
+        ("\u2581h", -1.5, NORMAL),
+        ("\u2581hi", -1.2, NORMAL),
+        ("<b>", 0.0, USER_DEFINED),
+    ]
     meta = spm_meta(vocab)  # add_space_prefix and add_bos_token absent: llama.cpp's defaults (both on)
     tok = tokenizer_from_gguf_fields(meta)
     assert pieces(tok, "hi hi") == ["<s>", "\u2581hi", "\u2581hi"]

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import ctxlab
+
 from conftest import randomize_
 
 TOL = 1e-4
@@ -18,26 +19,57 @@ SEQ = 24  # longer than every test window below
 
 def tiny_llama(hf, **kw):
     cfg = dict(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=3, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False,
-        rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-                         "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
-        attention_bias=True, mlp_bias=True, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+        rope_parameters={
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 16,
+        },
+        attention_bias=True,
+        mlp_bias=True,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
     cfg.update(kw)
     return hf.LlamaForCausalLM(hf.LlamaConfig(**cfg))
 
 
 def tiny_qwen3(hf, **kw):
     cfg = dict(
-        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=16, max_position_embeddings=128, tie_word_embeddings=True,
-        use_sliding_window=True, sliding_window=5, max_window_layers=1,
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        use_sliding_window=True,
+        sliding_window=5,
+        max_window_layers=1,
         layer_types=["full_attention", "sliding_attention", "full_attention", "sliding_attention"],
-        rope_parameters={"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                         "original_max_position_embeddings": 32},
-        bos_token_id=1, eos_token_id=2,
-    )  # fmt: skip
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     cfg.update(kw)
     return hf.Qwen3ForCausalLM(hf.Qwen3Config(**cfg))
 
@@ -45,18 +77,25 @@ def tiny_qwen3(hf, **kw):
 CASES = {
     "llama-llama3-rope-bias": lambda hf: tiny_llama(hf),
     "llama-mha-default-rope": lambda hf: tiny_llama(
-        hf, num_key_value_heads=4, rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
-        attention_bias=False, mlp_bias=False, tie_word_embeddings=True,
+        hf,
+        num_key_value_heads=4,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+        attention_bias=False,
+        mlp_bias=False,
+        tie_word_embeddings=True,
     ),
     "llama-mqa-linear-rope": lambda hf: tiny_llama(
         hf, num_key_value_heads=1, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
     ),
     "qwen3-sliding-yarn": lambda hf: tiny_qwen3(hf),
     "qwen3-all-sliding-untied": lambda hf: tiny_qwen3(
-        hf, layer_types=["sliding_attention"] * 4, sliding_window=3, tie_word_embeddings=False,
+        hf,
+        layer_types=["sliding_attention"] * 4,
+        sliding_window=3,
+        tie_word_embeddings=False,
         rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
     ),
-}  # fmt: skip
+}
 
 
 def hf_model(hf, case: str, seed: int = 0):
@@ -118,6 +157,8 @@ def test_bfloat16_load_runs_close_to_float32(hf, tmp_path):
     cache = bf16.new_cache(1, SEQ)
     assert cache.nbytes() == ctxlab.kv_cache_bytes(bf16.config, SEQ, "bfloat16")
     with torch.no_grad():
-        got = torch.cat([bf16(ids[:, :10], cache=cache)] + [bf16(ids[:, i : i + 1], cache=cache) for i in range(10, SEQ)], 1)
+        got = torch.cat(
+            [bf16(ids[:, :10], cache=cache)] + [bf16(ids[:, i : i + 1], cache=cache) for i in range(10, SEQ)], 1
+        )
         expected = fp32(ids)
     assert (got.float() - expected).abs().max().item() < 0.05 * expected.abs().max().item()

@@ -2,14 +2,14 @@
 tensor name of each family's tiny model."""
 
 import pytest
-from test_deepseek_v4 import BASE as V4_BASE
-from test_laguna import BASE as LAGUNA_BASE
 
 import ctxlab
 from ctxlab.families import FAMILIES
 from ctxlab.families.keymap import KeyMap
 from ctxlab.io import layout
 from ctxlab.io.checkpoint import model_tensor_shapes
+from test_deepseek_v4 import BASE as V4_BASE
+from test_laguna import BASE as LAGUNA_BASE
 
 
 def test_keymap_matches_whole_components_longest_first():
@@ -56,8 +56,15 @@ def test_deepseek_v4_names_round_trip_on_every_tensor():
     assert len(set(theirs)) == len(ours)  # one checkpoint name per tensor
     assert [key_map.from_checkpoint(t) for t in theirs] == ours
     # DeepSeek's own names (what transformers' conversion mapping reads and writes)
-    for suffix in ("attn.indexer.compressor.wkv.weight", "attn.indexer.weights_proj.weight", "attn.compressor.ape",
-                   "hc_attn_fn", "ffn.gate.bias", "ffn.shared_experts.w3.weight", "attn.attn_sink"):  # fmt: skip
+    for suffix in (
+        "attn.indexer.compressor.wkv.weight",
+        "attn.indexer.weights_proj.weight",
+        "attn.compressor.ape",
+        "hc_attn_fn",
+        "ffn.gate.bias",
+        "ffn.shared_experts.w3.weight",
+        "attn.attn_sink",
+    ):
         assert any(t.startswith("model.layers.") and t.endswith(suffix) for t in theirs), suffix
     assert "head.weight" in theirs
     assert not any(".self_attn." in t or ".mlp." in t or "lm_head" in t for t in theirs)

@@ -146,18 +146,42 @@ def test_cli_train_lab_run_and_errors(tmp_path, capsys):
     assert "done already" in capsys.readouterr().err
     assert main(["train", "--recipe", "nope", "--task", "mqar", "--out", str(tmp_path / "x")]) == 2
     assert "recipe 'nope'" in capsys.readouterr().err
-    assert main(["train", "--recipe", "gqa", "--task", "mqar", "--task-param", "pairs=100", "--out",
-                 str(tmp_path / "x")]) == 2  # fmt: skip
+    assert (
+        main(["train", "--recipe", "gqa", "--task", "mqar", "--task-param", "pairs=100", "--out", str(tmp_path / "x")])
+        == 2
+    )
     assert "pairs = 100" in capsys.readouterr().err
-    code = main(["train", "--recipe", "mqa", "--task", "mqar", "--task-param", "seq_len=32", "--task-param", "pairs=2",
-                 "--steps", "2", "--micro-batch", "2", "--out", str(tmp_path / "t")])  # fmt: skip
+    code = main(
+        [
+            "train",
+            "--recipe",
+            "mqa",
+            "--task",
+            "mqar",
+            "--task-param",
+            "seq_len=32",
+            "--task-param",
+            "pairs=2",
+            "--steps",
+            "2",
+            "--micro-batch",
+            "2",
+            "--out",
+            str(tmp_path / "t"),
+        ]
+    )
     assert code == 0 and json.loads((tmp_path / "t" / "result.json").read_text())["train"]["steps"] == 2
     assert main(["lab", "report", "--runs", str(tmp_path / "empty"), "--out", str(tmp_path / "r.md")]) == 2
 
 
 def test_bf16_autocast_trains(tmp_path):
-    r = train(load_recipe("gqa").config, make_task("mqar", seq_len=32, pairs=2, eval_examples=4),
-              TrainConfig(steps=2, micro_batch=2, bf16=True), tmp_path, progress=False)  # fmt: skip
+    r = train(
+        load_recipe("gqa").config,
+        make_task("mqar", seq_len=32, pairs=2, eval_examples=4),
+        TrainConfig(steps=2, micro_batch=2, bf16=True),
+        tmp_path,
+        progress=False,
+    )
     assert math.isfinite(r["eval"]["mqar_accuracy"])
 
 
@@ -166,8 +190,14 @@ def test_runner_finishes_a_run_killed_after_its_last_checkpoint(tmp_path):
 
     ((task_name, params, cfg),) = run_plan("ci", ["mqar"])
     recipe, out = load_recipe("gqa"), tmp_path / "gqa" / "mqar" / "seed0"
-    first = train(recipe.config, make_task(task_name, **params), cfg, out, progress=False,
-                  extra_result={"recipe": recipe.to_dict()})  # fmt: skip
+    first = train(
+        recipe.config,
+        make_task(task_name, **params),
+        cfg,
+        out,
+        progress=False,
+        extra_result={"recipe": recipe.to_dict()},
+    )
     (out / "result.json").unlink()  # as if killed between the final checkpoint and result.json
     logs = []
     (again,) = run_recipe("gqa", tmp_path, budget="ci", tasks=["mqar"], seeds=[0], log=logs.append)

@@ -6,32 +6,56 @@ import pytest
 import torch
 
 import ctxlab
-from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 from ctxlab.accounting.savings import uniform_head_budget
+
+from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 
 TOL = 1e-4
 SEQ = 20  # longer than the window (8)
 
 BASE = dict(
-    vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=6,
-    num_key_value_heads=2, head_dim=16, num_attention_heads_per_layer=[6, 8, 2, 4],
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=4,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_attention_heads_per_layer=[6, 8, 2, 4],
     layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
-    mlp_layer_types=["dense", "sparse", "sparse", "dense"], sliding_window=8, max_position_embeddings=4096,
-    num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
-    moe_routed_scaling_factor=2.5, gating=True, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    mlp_layer_types=["dense", "sparse", "sparse", "dense"],
+    sliding_window=8,
+    max_position_embeddings=4096,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+    moe_routed_scaling_factor=2.5,
+    gating=True,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
     rope_parameters={
-        "full_attention": {"rope_theta": 500000.0, "rope_type": "yarn", "factor": 32.0,
-                           "original_max_position_embeddings": 128, "beta_slow": 1.0, "beta_fast": 64.0,
-                           "attention_factor": 1.0, "partial_rotary_factor": 0.5},
+        "full_attention": {
+            "rope_theta": 500000.0,
+            "rope_type": "yarn",
+            "factor": 32.0,
+            "original_max_position_embeddings": 128,
+            "beta_slow": 1.0,
+            "beta_fast": 64.0,
+            "attention_factor": 1.0,
+            "partial_rotary_factor": 0.5,
+        },
         "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
     },
-)  # fmt: skip
+)
 CASES = {
     "per-head-gate": {},
-    "per-element-gate-softcap": dict(gating="per-element", moe_router_logit_softcapping=2.0,
-                                     num_attention_heads_per_layer=[4, 2, 8, 6]),
+    "per-element-gate-softcap": dict(
+        gating="per-element", moe_router_logit_softcapping=2.0, num_attention_heads_per_layer=[4, 2, 8, 6]
+    ),
     "all-sparse-top3": dict(mlp_layer_types=["sparse"] * 4, shared_expert_intermediate_size=16, num_experts_per_tok=3),
-}  # fmt: skip
+}
 
 
 def hf_laguna(hf, case, seed=0):
@@ -57,7 +81,9 @@ def pair(request, hf, tmp_path):
 
 def test_logits_and_greedy_tokens_match_transformers(pair):
     ref, ours = pair
-    assert_matches_reference(ref, ours, torch.randint(3, 128, (2, SEQ), generator=torch.Generator().manual_seed(1)), 5, 12)
+    assert_matches_reference(
+        ref, ours, torch.randint(3, 128, (2, SEQ), generator=torch.Generator().manual_seed(1)), 5, 12
+    )
 
 
 def test_heads_come_from_the_per_layer_list(pair):
@@ -75,7 +101,9 @@ def test_save_pretrained_round_trip_through_transformers(pair, hf, tmp_path_fact
 @pytest.mark.parametrize("chunks", [[SEQ], [3, 9], [11]])
 def test_chunked_prefill_then_decode_equals_full_forward(pair, chunks):
     _, ours = pair
-    assert_chunked_decode_matches(ours, torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3)), chunks)
+    assert_chunked_decode_matches(
+        ours, torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3)), chunks
+    )
 
 
 def test_moe_routes_a_batch_exactly_as_token_by_token(pair):

@@ -19,16 +19,30 @@ PROBE = Path(__file__).with_name("memory_probe.py")
 TOKENS = 2048
 # Llama-shaped, ~118M parameters (236 MB in bfloat16), no tensor above 6 MB in bfloat16
 CONFIG = {
-    "model_type": "llama", "vocab_size": 4096, "hidden_size": 1024, "intermediate_size": 2816,
-    "num_hidden_layers": 10, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128,
-    "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "tie_word_embeddings": False,
-}  # fmt: skip
+    "model_type": "llama",
+    "vocab_size": 4096,
+    "hidden_size": 1024,
+    "intermediate_size": 2816,
+    "num_hidden_layers": 10,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 128,
+    "max_position_embeddings": 4096,
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+}
 
 
 def probe(mode: str, source: Path, dtype: str) -> dict:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    done = subprocess.run([sys.executable, str(PROBE), mode, str(source), dtype, str(TOKENS)], capture_output=True,
-                          text=True, env=env, timeout=900, check=False)  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, str(PROBE), mode, str(source), dtype, str(TOKENS)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
 

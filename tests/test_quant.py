@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 import ctxlab
-from ctxlab.reporting.measure import FAMILY_PRESETS, tiny_like
 from ctxlab.quant import Int4Linear, Int8Linear, QuantEmbedding, int4_quantize, quantize_, set_packed, weight_bytes
+from ctxlab.reporting.measure import FAMILY_PRESETS, tiny_like
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -6,12 +6,13 @@ import json
 
 import pytest
 import torch
-from conftest import assert_chunked_decode_matches
 
 import ctxlab
 from ctxlab.cli import main
 from ctxlab.io.checkpoint import model_tensor_shapes
 from ctxlab.scaling import cross_layer_attention, layer_wise_scaling, round_to_multiple
+
+from conftest import assert_chunked_decode_matches
 
 PRESETS = ("cla2-tiny", "openelm-tiny")
 
@@ -30,7 +31,9 @@ def test_params_and_cache_bytes_equal_the_built_model(name, dtype):
     cfg = ctxlab.load_config(name)
     model = ctxlab.build_model(cfg, dtype=ctxlab.accounting.as_dtype(dtype))
     assert ctxlab.count_params(cfg)["total"] == sum(p.numel() for p in model.parameters())
-    assert ctxlab.count_params(cfg)["total"] == sum(map(lambda s: torch.Size(s).numel(), model_tensor_shapes(model).values()))
+    assert ctxlab.count_params(cfg)["total"] == sum(
+        map(lambda s: torch.Size(s).numel(), model_tensor_shapes(model).values())
+    )
     for n in (1, 100, 1000):
         assert model.new_cache(1, n).nbytes() == ctxlab.kv_cache_bytes(cfg, n, dtype)
 

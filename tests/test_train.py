@@ -36,12 +36,20 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 @pytest.mark.parametrize(
     "task,params",
-    [("mqar", {"seq_len": 32, "pairs": 4, "eval_examples": 16}), ("passkey", {"seq_len": 128, "eval_per_cell": 2}),
-     ("code", {"seq_len": 64, "eval_windows": 4})],
-)  # fmt: skip
+    [
+        ("mqar", {"seq_len": 32, "pairs": 4, "eval_examples": 16}),
+        ("passkey", {"seq_len": 128, "eval_per_cell": 2}),
+        ("code", {"seq_len": 64, "eval_windows": 4}),
+    ],
+)
 def test_a_tiny_run_lowers_the_loss(tmp_path, task, params):
-    result = train(tiny_config(), make_task(task, **params), TrainConfig(steps=40, micro_batch=8, warmup_steps=5,
-                   lr=1e-2), tmp_path, progress=False)  # fmt: skip
+    result = train(
+        tiny_config(),
+        make_task(task, **params),
+        TrainConfig(steps=40, micro_batch=8, warmup_steps=5, lr=1e-2),
+        tmp_path,
+        progress=False,
+    )
     curve = [loss for _, loss in losses(tmp_path)]
     assert len(curve) == 40
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
@@ -77,18 +85,41 @@ def test_killed_run_resumes_bit_identical(tmp_path):
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):
-    big = train(tiny_config(), make_task("mqar", seq_len=32, pairs=4, eval_examples=8),
-                TrainConfig(steps=6, micro_batch=8, warmup_steps=2), tmp_path / "big", progress=False)  # fmt: skip
-    acc = train(tiny_config(), make_task("mqar", seq_len=32, pairs=4, eval_examples=8),
-                TrainConfig(steps=6, micro_batch=2, grad_accum=4, warmup_steps=2), tmp_path / "acc", progress=False)  # fmt: skip
+    big = train(
+        tiny_config(),
+        make_task("mqar", seq_len=32, pairs=4, eval_examples=8),
+        TrainConfig(steps=6, micro_batch=8, warmup_steps=2),
+        tmp_path / "big",
+        progress=False,
+    )
+    acc = train(
+        tiny_config(),
+        make_task("mqar", seq_len=32, pairs=4, eval_examples=8),
+        TrainConfig(steps=6, micro_batch=2, grad_accum=4, warmup_steps=2),
+        tmp_path / "acc",
+        progress=False,
+    )
     assert big["global_batch"] == acc["global_batch"] == 8
     for (s1, a), (s2, b) in zip(losses(tmp_path / "big"), losses(tmp_path / "acc")):
         assert s1 == s2 and abs(a - b) < 1e-5
 
 
 def torchrun(out: Path, steps: int, micro: int, strategy: str = "ddp") -> None:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(SCRIPT),
-           str(out), str(steps), str(micro), "1", strategy, "0"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(SCRIPT),
+        str(out),
+        str(steps),
+        str(micro),
+        "1",
+        strategy,
+        "0",
+    ]
     subprocess.run(cmd, env=ENV, check=True, timeout=900, capture_output=True)
 
 
@@ -96,8 +127,12 @@ def torchrun(out: Path, steps: int, micro: int, strategy: str = "ddp") -> None:
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_two_process_torchrun_matches_one_process(tmp_path, strategy):
     steps = 5
-    subprocess.run([sys.executable, str(SCRIPT), str(tmp_path / "one"), str(steps), "8", "1", "ddp", "0"], env=ENV,
-                   check=True, timeout=600)  # fmt: skip
+    subprocess.run(
+        [sys.executable, str(SCRIPT), str(tmp_path / "one"), str(steps), "8", "1", "ddp", "0"],
+        env=ENV,
+        check=True,
+        timeout=600,
+    )
     torchrun(tmp_path / "two", steps, 4, strategy)
     one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
     assert len(one) == len(two) == steps

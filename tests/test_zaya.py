@@ -12,23 +12,44 @@ import torch
 from safetensors.torch import load_file
 
 import ctxlab
+
 from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 
 TOL = 1e-4
 SEQ = 24
 BASE = dict(
-    vocab_size=128, hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-    head_dim=16, moe_intermediate_size=32, num_experts=4, num_experts_per_tok=1, router_hidden_size=16,
-    cca_time0=2, cca_time1=2, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    rope_parameters={"hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
-                     "hybrid_sliding": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5}},
-)  # fmt: skip
+    vocab_size=128,
+    hidden_size=64,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    moe_intermediate_size=32,
+    num_experts=4,
+    num_experts_per_tok=1,
+    router_hidden_size=16,
+    cca_time0=2,
+    cca_time1=2,
+    max_position_embeddings=4096,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    rope_parameters={
+        "hybrid": {"rope_type": "default", "rope_theta": 5_000_000.0, "partial_rotary_factor": 0.5},
+        "hybrid_sliding": {"rope_type": "default", "rope_theta": 10_000.0, "partial_rotary_factor": 0.5},
+    },
+)
 CASES = {
     "cca-k2-k2": {},
-    "cca-k3-k2-bias-mha-sliding": dict(cca_time0=3, num_key_value_heads=4, attention_bias=True,
-                                       layer_types=["hybrid", "hybrid_sliding", "hybrid"], sliding_window=6),
+    "cca-k3-k2-bias-mha-sliding": dict(
+        cca_time0=3,
+        num_key_value_heads=4,
+        attention_bias=True,
+        layer_types=["hybrid", "hybrid_sliding", "hybrid"],
+        sliding_window=6,
+    ),
     "cca-gqa4-k1-k3": dict(num_attention_heads=8, cca_time0=1, cca_time1=3),
-}  # fmt: skip
+}
 
 
 def calibrate_router_biases_(model, ids):
@@ -96,8 +117,9 @@ def test_save_pretrained_loads_back_in_transformers(pair, hf, tmp_path_factory):
         """transformers' ZAYA loader resets balancing_biases[-1] to -1 after loading (spec, parity notes)."""
         back.load_state_dict(load_file(out / "model.safetensors"), strict=False)
 
-    assert_round_trip(hf, ref, ours, tmp_path_factory.mktemp("ours"), ids, fix=restore_balancing_biases,
-                      attn_implementation="eager")  # fmt: skip
+    assert_round_trip(
+        hf, ref, ours, tmp_path_factory.mktemp("ours"), ids, fix=restore_balancing_biases, attn_implementation="eager"
+    )
 
 
 @pytest.mark.parametrize("chunk", [1, 2, 3, 17])
@@ -106,7 +128,9 @@ def test_chunked_prefill_then_decode_equals_full_forward(pair, chunk):
     _, ours, _ = pair
     ids = torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3))
     prefill = 20
-    assert_chunked_decode_matches(ours, ids, [chunk] * (prefill // chunk) + ([prefill % chunk] if prefill % chunk else []))
+    assert_chunked_decode_matches(
+        ours, ids, [chunk] * (prefill // chunk) + ([prefill % chunk] if prefill % chunk else [])
+    )
 
 
 def test_batch_of_prompts_of_different_lengths(pair):
@@ -143,11 +167,26 @@ def test_decode_flops_match_flop_counter():
     """CCA's conv is counted as torch counts it; attention term = 4·H_q·d·keys."""
     from test_accounting import measured_decode_flops
 
-    cfg = ctxlab.load_config("zaya1-8b").replace(vocab_size=64, hidden_size=32, eos_token_id=(2,), layers=tuple(
-        ctxlab.LayerSpec(**{**s.__dict__, "num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "intermediate_size": 16,
-                            "moe": ctxlab.config.MoESpec(**{**s.moe.__dict__, "router_hidden_size": 8,
-                                                            "intermediate_size": 16, "num_experts": 4})})
-        for s in ctxlab.load_config("zaya1-8b").layers[:2]))  # fmt: skip
+    cfg = ctxlab.load_config("zaya1-8b").replace(
+        vocab_size=64,
+        hidden_size=32,
+        eos_token_id=(2,),
+        layers=tuple(
+            ctxlab.LayerSpec(
+                **{
+                    **s.__dict__,
+                    "num_heads": 4,
+                    "num_kv_heads": 2,
+                    "head_dim": 8,
+                    "intermediate_size": 16,
+                    "moe": ctxlab.config.MoESpec(
+                        **{**s.moe.__dict__, "router_hidden_size": 8, "intermediate_size": 16, "num_experts": 4}
+                    ),
+                }
+            )
+            for s in ctxlab.load_config("zaya1-8b").layers[:2]
+        ),
+    )
     model = ctxlab.build_model(cfg)
     with torch.no_grad():  # make sure no token is routed to "skip", so every expert matmul runs
         for b in model.model.layers:
@@ -164,9 +203,12 @@ def test_report_puts_cca_beside_gqa_and_mla_of_the_same_width():
     rows = {r["attention"]: r for r in baseline_rows("zaya1-8b", 131071, "bfloat16")}
     per_token = {k: r["kv_bytes_per_token_per_layer"] for k, r in rows.items()}
     assert per_token == {
-        "zaya1-8b": 1024, "MHA (16q/16kv)": 8192, "GQA (16q/4kv)": 2048, "GQA (16q/2kv)": 1024,
+        "zaya1-8b": 1024,
+        "MHA (16q/16kv)": 8192,
+        "GQA (16q/4kv)": 2048,
+        "GQA (16q/2kv)": 1024,
         "MLA (16 heads, latent 512 + rope 64)": 1152,
-    }  # fmt: skip
+    }
     gflops = {k: round(r["attention_flops"] / 1e9, 3) for k, r in rows.items()}
     assert gflops["zaya1-8b"] == 21.475 and gflops["GQA (16q/4kv)"] == 42.950
     assert gflops["MLA (16 heads, latent 512 + rope 64)"] == 182.536  # absorbed decode: 2·16·(576+512)·S·40

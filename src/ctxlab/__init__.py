@@ -17,18 +17,17 @@ from . import train
 from .accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
 from .bench import bench
 from .config import LayerSpec, ModelConfig, RopeSpec
-from .errors import CacheOverflowError, CheckpointError, ConfigError, CtxlabError
+from .errors import CacheOverflowError, CheckpointError, ConfigError, CtxlabError, InputError
 from .generate import generate, sample, stream
-from .io.writer import save_pretrained
 from .io.checkpoint import from_pretrained
 from .io.config_file import load_config
 from .io.text_tokenizer import load_tokenizer
+from .io.writer import save_pretrained
 from .model import CausalLM, build_model
 from .perplexity import perplexity
-from .reporting.catalog import list_presets
-from .errors import InputError
 from .presets import preset_names
 from .quant import quantize_ as quantize
+from .reporting.catalog import list_presets
 
 __version__ = "0.1.0"
 

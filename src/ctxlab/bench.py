@@ -120,8 +120,9 @@ class TransformersEngine:
 
         cache = DynamicCache(config=self.model.config)
         for start in range(0, ids.shape[1], self.chunk):
-            out = self.model(input_ids=ids[:, start : start + self.chunk], past_key_values=cache, use_cache=True,
-                             logits_to_keep=1)  # fmt: skip
+            out = self.model(
+                input_ids=ids[:, start : start + self.chunk], past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
         logits, times = out.logits[:, -1], []
         for _ in range(steps):
             token = logits.argmax(-1)
@@ -271,8 +272,10 @@ def tables(result: dict) -> list:
     from rich.table import Table
 
     other = result["against"] if result["against"] and not result["against_skipped"] else None
-    pre = Table(title=f"prefill — {result['model']} ({result['dtype']}"
-                f"{', ' + result['quantization'] if result['quantization'] else ''}), {result['threads']} threads")  # fmt: skip
+    pre = Table(
+        title=f"prefill — {result['model']} ({result['dtype']}"
+        f"{', ' + result['quantization'] if result['quantization'] else ''}), {result['threads']} threads"
+    )
     pre.add_column("prompt tokens", justify="right")
     pre.add_column("ctxlab tok/s", justify="right")
     if other:
@@ -283,16 +286,23 @@ def tables(result: dict) -> list:
         if other:
             cells += [f"{row[f'{other}_tokens_per_s']:.0f}", f"{row['speedup']:.2f}×"]
         pre.add_row(*cells)
-    dec = Table(title=f"decode — copy bandwidth {result['bandwidth_gb_s']:.1f} GB/s, weights "
-                f"{result['weight_bytes'] / 2**20:.1f} MiB")  # fmt: skip
+    dec = Table(
+        title=f"decode — copy bandwidth {result['bandwidth_gb_s']:.1f} GB/s, weights "
+        f"{result['weight_bytes'] / 2**20:.1f} MiB"
+    )
     for name in ("context", "cache MiB", "ctxlab ms/token", "roofline ms", "÷ roofline"):
         dec.add_column(name, justify="right")
     if other:
         dec.add_column(f"{other} ms/token", justify="right")
         dec.add_column(f"speed-up vs {other}", justify="right")
     for row in result["decode"]:
-        cells = [str(row["context"]), f"{row['cache_bytes'] / 2**20:.1f}", f"{row['ctxlab_ms_per_token']:.2f}",
-                 f"{row['roofline_ms']:.2f}", f"{row['roofline_ratio']:.2f}"]  # fmt: skip
+        cells = [
+            str(row["context"]),
+            f"{row['cache_bytes'] / 2**20:.1f}",
+            f"{row['ctxlab_ms_per_token']:.2f}",
+            f"{row['roofline_ms']:.2f}",
+            f"{row['roofline_ratio']:.2f}",
+        ]
         if other:
             cells += [f"{row[f'{other}_ms_per_token']:.2f}", f"{row['speedup']:.2f}×"]
         dec.add_row(*cells)

@@ -79,7 +79,11 @@ def real(text: str, low: float = 0.0, high: float = math.inf, low_open: bool = F
     except ValueError:
         x = math.nan
     if not (math.isfinite(x) and (x > low if low_open else x >= low) and x <= high):
-        bound = f"{'(' if low_open else '['}{low:g}, {high:g}]" if math.isfinite(high) else f"{'>' if low_open else '>='} {low:g}"
+        bound = (
+            f"{'(' if low_open else '['}{low:g}, {high:g}]"
+            if math.isfinite(high)
+            else f"{'>' if low_open else '>='} {low:g}"
+        )
         raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number {bound}{what}")
     return x
 
@@ -122,8 +126,13 @@ def cmd_report(args, console: Console) -> int:
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    console.print(fit(tables.report_table(out["models"], args.context, args.dtype, args.batch_size), console,
-                      tables.REPORT_DROP_ORDER))
+    console.print(
+        fit(
+            tables.report_table(out["models"], args.context, args.dtype, args.batch_size),
+            console,
+            tables.REPORT_DROP_ORDER,
+        )
+    )
     extra = (
         ("kv_sharing", lambda rows: tables.sharing_table(rows, args.context, args.dtype)),
         ("head_budgets", lambda rows: tables.head_budget_table(rows, args.context)),
@@ -144,13 +153,19 @@ def cmd_inspect(args, console: Console) -> int:
     cfg = load_config(args.model)
     params = count_params(cfg)
     info = {
-        "model": args.model, "family": cfg.family, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-        "vocab_size": cfg.vocab_size, "params": params, "context": args.context, "dtype": args.dtype,
+        "model": args.model,
+        "family": cfg.family,
+        "num_layers": cfg.num_layers,
+        "hidden_size": cfg.hidden_size,
+        "vocab_size": cfg.vocab_size,
+        "params": params,
+        "context": args.context,
+        "dtype": args.dtype,
         "kv_bytes_realized": kv_cache_bytes(cfg, args.context, args.dtype),
         "kv_bytes_naive": kv_cache_bytes(cfg, args.context, args.dtype, convention="naive"),
         "decode_flops_terms": decode_flops_terms(cfg, args.context),
         "layers": rows.layer_rows(cfg, args.context, args.dtype),
-    }  # fmt: skip
+    }
     if args.plot:
         from .reporting.plots import output_path, per_layer_cache
 
@@ -214,14 +229,24 @@ def load_for_generation(source: str, dtype: torch.dtype, max_memory_gb: float, t
         )
     checkpoint = preset_path(source) is None and (Path(source).is_dir() or is_gguf(source))
     if not checkpoint:
-        print(f"ctxlab generate: warning: {source} is not a checkpoint directory; using RANDOM weights "
-              "(build_model seed 0), so the output is meaningless", file=sys.stderr)
+        print(
+            f"ctxlab generate: warning: {source} is not a checkpoint directory; using RANDOM weights "
+            "(build_model seed 0), so the output is meaningless",
+            file=sys.stderr,
+        )
     if not quiet:
-        print(f"ctxlab generate: memory estimate {fmt_bytes(need['total'])} (weights {fmt_bytes(need['weights'])}"
-              f" + KV cache {fmt_bytes(need['cache'])})", file=sys.stderr)
+        print(
+            f"ctxlab generate: memory estimate {fmt_bytes(need['total'])} (weights {fmt_bytes(need['weights'])}"
+            f" + KV cache {fmt_bytes(need['cache'])})",
+            file=sys.stderr,
+        )
     verb = "loading" if checkpoint else "building"
-    with progress.bar(f"{verb} {source}", total=need["weights"], show=not quiet and need["weights"] >= PROGRESS_MIN_BYTES,
-                      unit_bytes=True):  # fmt: skip
+    with progress.bar(
+        f"{verb} {source}",
+        total=need["weights"],
+        show=not quiet and need["weights"] >= PROGRESS_MIN_BYTES,
+        unit_bytes=True,
+    ):
         model = from_pretrained(source, dtype=dtype) if checkpoint else build_model(cfg, dtype=dtype, seed=0)
     return model, need
 
@@ -240,8 +265,10 @@ def cmd_generate(args, console: Console) -> int:
     if args.prompt is not None:  # the tokenizer is read only when text has to be encoded
         tok = prompt_tokenizer(args.model)
         if tok is None:
-            raise InputError(f"--prompt needs a tokenizer.json in the checkpoint directory and {args.model} has none; "
-                             "pass token ids instead, e.g. --prompt-ids 1,2,3")
+            raise InputError(
+                f"--prompt needs a tokenizer.json in the checkpoint directory and {args.model} has none; "
+                "pass token ids instead, e.g. --prompt-ids 1,2,3"
+            )
         prompt = tok.encode(args.prompt)
         model_tokens += len(prompt)
     else:
@@ -251,9 +278,18 @@ def cmd_generate(args, console: Console) -> int:
         from .quant import quantize_
 
         quantize_(model, args.quantize)
-    steps = stream(model, [prompt], args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                   top_p=args.top_p, seed=args.seed, prefill_chunk=args.prefill_chunk, compile=args.compile,
-                   allow_past_max_positions=args.allow_past_max_positions)
+    steps = stream(
+        model,
+        [prompt],
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        prefill_chunk=args.prefill_chunk,
+        compile=args.compile,
+        allow_past_max_positions=args.allow_past_max_positions,
+    )
     show = tok.decode if tok is not None else (lambda ids: " ".join(map(str, ids)))
     new: list[int] = []
     printed = ""
@@ -270,18 +306,25 @@ def cmd_generate(args, console: Console) -> int:
                 printed = text
     summary = generation_summary(len(prompt), new, start, first, time.perf_counter())
     if args.json:
-        out = {"model": args.model, "prompt_ids": prompt, "generated_ids": new,
-               "text": tok.decode(new) if tok is not None else None, "summary": summary,
-               "memory_estimate_bytes": need}
+        out = {
+            "model": args.model,
+            "prompt_ids": prompt,
+            "generated_ids": new,
+            "text": tok.decode(new) if tok is not None else None,
+            "summary": summary,
+            "memory_estimate_bytes": need,
+        }
         print(json.dumps(out))
         return 0
     if args.stream:
         print(show(new)[len(printed) :])
     else:
         print(show(new))
-    print(f"ctxlab generate: {summary['prompt_tokens']} prompt tokens, {summary['new_tokens']} new tokens; "
-          f"prefill {summary['prefill_tokens_per_s']:,.1f} tok/s, decode {summary['decode_tokens_per_s']:,.1f} tok/s",
-          file=sys.stderr)
+    print(
+        f"ctxlab generate: {summary['prompt_tokens']} prompt tokens, {summary['new_tokens']} new tokens; "
+        f"prefill {summary['prefill_tokens_per_s']:,.1f} tok/s, decode {summary['decode_tokens_per_s']:,.1f} tok/s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -292,10 +335,13 @@ def generation_summary(prompt_tokens: int, new: list[int], start: float, first: 
     prefill_s, decode_s = max(first - start, 1e-9), max(end - first, 1e-9)
     decoded = max(len(new) - 1, 0)
     return {
-        "prompt_tokens": prompt_tokens, "new_tokens": len(new), "prefill_seconds": first - start,
-        "decode_seconds": end - first, "prefill_tokens_per_s": prompt_tokens / prefill_s if new else 0.0,
+        "prompt_tokens": prompt_tokens,
+        "new_tokens": len(new),
+        "prefill_seconds": first - start,
+        "decode_seconds": end - first,
+        "prefill_tokens_per_s": prompt_tokens / prefill_s if new else 0.0,
         "decode_tokens_per_s": decoded / decode_s if decoded else 0.0,
-    }  # fmt: skip
+    }
 
 
 # ------------------------------------------------------------------------------------------ list
@@ -319,8 +365,10 @@ def load_checkpoint(source: str, dtype: torch.dtype, chat: bool = False):
     """(model, TextTokenizer) of a real checkpoint: a directory with tokenizer.json, or a .gguf file.
     With ``chat``, a tokenizer without chat template is refused before the weights are read."""
     if preset_path(source) is not None or not Path(source).exists():
-        raise ValueError(f"{source}: not a checkpoint directory or .gguf file (random-weight presets are "
-                         "meaningless here; `ctxlab generate` runs them)")
+        raise ValueError(
+            f"{source}: not a checkpoint directory or .gguf file (random-weight presets are "
+            "meaningless here; `ctxlab generate` runs them)"
+        )
     tokenizer = load_text_tokenizer(source)
     if chat:
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # the "no chat template" error
@@ -331,8 +379,17 @@ def cmd_chat(args, console: Console) -> int:
     from .chat import ChatSession, run_chat, user_messages
 
     model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype], chat=True)
-    session = ChatSession(model, tokenizer, context=args.context, system=args.system, temperature=args.temperature,
-                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, prefill_chunk=args.prefill_chunk)
+    session = ChatSession(
+        model,
+        tokenizer,
+        context=args.context,
+        system=args.system,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        prefill_chunk=args.prefill_chunk,
+    )
     messages = args.message if args.message else user_messages(sys.stdin, sys.stderr)
     return run_chat(session, messages, args.max_new_tokens, args.json, sys.stdout, sys.stderr)
 
@@ -348,14 +405,21 @@ def cmd_perplexity(args, console: Console) -> int:
     bar = Console(file=sys.stderr)
     with Progress(console=bar, disable=args.json or not sys.stderr.isatty(), transient=True) as progress:
         task = progress.add_task(f"perplexity of {len(ids):,} tokens", total=None)
-        result = perplexity(model, ids, args.context, stride,
-                            on_window=lambda done, total: progress.update(task, completed=done, total=total))
+        result = perplexity(
+            model,
+            ids,
+            args.context,
+            stride,
+            on_window=lambda done, total: progress.update(task, completed=done, total=total),
+        )
     result = {"model": args.model, "file": args.file, **result}
     if args.json:
         print(json.dumps(result))
     else:
-        console.print(f"perplexity {result['ppl']:.4f} (mean NLL {result['nll']:.5f} nats over {result['tokens']:,} "
-                      f"tokens; {result['windows']} windows of {args.context} tokens, stride {stride})")
+        console.print(
+            f"perplexity {result['ppl']:.4f} (mean NLL {result['nll']:.5f} nats over {result['tokens']:,} "
+            f"tokens; {result['windows']} windows of {args.context} tokens, stride {stride})"
+        )
     return 0
 
 
@@ -378,9 +442,17 @@ def cmd_bench(args, console: Console) -> int:
         quantize_(model, args.quantize)
     with Progress(console=Console(file=sys.stderr), transient=True) as progress:
         task = progress.add_task("bench", total=None)
-        result = bench(model, contexts=args.context, prompts=args.prompt, steps=args.steps, repeats=args.repeats,
-                       against=args.against, compile=args.compile, source=args.model,
-                       progress=lambda message: progress.update(task, description=message))  # fmt: skip
+        result = bench(
+            model,
+            contexts=args.context,
+            prompts=args.prompt,
+            steps=args.steps,
+            repeats=args.repeats,
+            against=args.against,
+            compile=args.compile,
+            source=args.model,
+            progress=lambda message: progress.update(task, description=message),
+        )
     if args.json:
         print(json.dumps(result))
         return 0
@@ -402,87 +474,161 @@ def token_list(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = argparse.ArgumentParser(prog="ctxlab", formatter_class=fmt, description=__doc__.splitlines()[0].removeprefix("ctxlab: "))
+    p = argparse.ArgumentParser(
+        prog="ctxlab", formatter_class=fmt, description=__doc__.splitlines()[0].removeprefix("ctxlab: ")
+    )
     p.add_argument("--version", action="version", version=f"ctxlab {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def cost_options(q: argparse.ArgumentParser) -> None:
-        q.add_argument("--context", type=tokens, default=131072,
-                       help="context length in tokens the cache holds (128k = 131072; k = 1024, m = 1048576)")
-        q.add_argument("--dtype", choices=("bfloat16", "float32", "float16"), default="bfloat16",
-                       help="element type of the cached K/V tensors")
+        q.add_argument(
+            "--context",
+            type=tokens,
+            default=131072,
+            help="context length in tokens the cache holds (128k = 131072; k = 1024, m = 1048576)",
+        )
+        q.add_argument(
+            "--dtype",
+            choices=("bfloat16", "float32", "float16"),
+            default="bfloat16",
+            help="element type of the cached K/V tensors",
+        )
         q.add_argument("--json", action="store_true", help="print JSON with exact integers instead of a table")
 
-    r = sub.add_parser("report", formatter_class=fmt, help="KV cache, params and decode FLOPs of many models",
-                       description="One row per model: parameters, KV-cache bytes (per token and at --context) and "
-                       f"FLOPs to decode one token at position --context. {UNITS_NOTE}. {CONVENTIONS_NOTE}.")
+    r = sub.add_parser(
+        "report",
+        formatter_class=fmt,
+        help="KV cache, params and decode FLOPs of many models",
+        description="One row per model: parameters, KV-cache bytes (per token and at --context) and "
+        f"FLOPs to decode one token at position --context. {UNITS_NOTE}. {CONVENTIONS_NOTE}.",
+    )
     cost_options(r)
-    r.add_argument("--batch-size", type=positive, default=1,
-                   help="sequences held in the cache (multiplies the 'KV @ context' columns)")
-    r.add_argument("--models", nargs="+", metavar="MODEL", help="preset names or config.json / checkpoint paths "
-                   f"(None = every preset except tiny-*; presets: {', '.join(preset_names())})")
+    r.add_argument(
+        "--batch-size",
+        type=positive,
+        default=1,
+        help="sequences held in the cache (multiplies the 'KV @ context' columns)",
+    )
+    r.add_argument(
+        "--models",
+        nargs="+",
+        metavar="MODEL",
+        help="preset names or config.json / checkpoint paths "
+        f"(None = every preset except tiny-*; presets: {', '.join(preset_names())})",
+    )
     r.add_argument("--all", action="store_true", help="also list the tiny-* test presets (ignored with --models)")
-    r.add_argument("--plot", metavar="FILE.png", help="also write KV-cache bytes vs context length (1K to 1M tokens, "
-                   "log axes; realized solid, naive dashed where it differs) for these models (needs matplotlib)")
+    r.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also write KV-cache bytes vs context length (1K to 1M tokens, "
+        "log axes; realized solid, naive dashed where it differs) for these models (needs matplotlib)",
+    )
     r.set_defaults(func=cmd_report)
 
-    i = sub.add_parser("inspect", formatter_class=fmt, help="one model's summary and per-layer table",
-                       description="Resolved config of MODEL: sizes, parameter counts, KV-cache bytes and one row "
-                       f"per layer (heads, head dim, window, RoPE, KV source, cache kind and bytes). {UNITS_NOTE}.")
+    i = sub.add_parser(
+        "inspect",
+        formatter_class=fmt,
+        help="one model's summary and per-layer table",
+        description="Resolved config of MODEL: sizes, parameter counts, KV-cache bytes and one row "
+        f"per layer (heads, head dim, window, RoPE, KV source, cache kind and bytes). {UNITS_NOTE}.",
+    )
     i.add_argument("model", metavar="MODEL", help="preset name, config.json path or checkpoint directory")
     cost_options(i)
-    i.add_argument("--plot", metavar="FILE.png", help="also write per-layer cache bytes at --context as bars "
-                   "coloured by attention kind (needs matplotlib)")
+    i.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also write per-layer cache bytes at --context as bars coloured by attention kind (needs matplotlib)",
+    )
     i.set_defaults(func=cmd_inspect)
 
-    c = sub.add_parser("claims", formatter_class=fmt, help="published efficiency claims, checked against the configs",
-                       description="One row per published quantitative claim about these architectures: the claim "
-                       "and its source, the convention it needs, ctxlab's figure under that convention, the figure "
-                       "the real config / a real cache gives, and a verdict (reproduced / holds only under a "
-                       "convention / not reproduced). Every ctxlab figure is computed from the presets.")
+    c = sub.add_parser(
+        "claims",
+        formatter_class=fmt,
+        help="published efficiency claims, checked against the configs",
+        description="One row per published quantitative claim about these architectures: the claim "
+        "and its source, the convention it needs, ctxlab's figure under that convention, the figure "
+        "the real config / a real cache gives, and a verdict (reproduced / holds only under a "
+        "convention / not reproduced). Every ctxlab figure is computed from the presets.",
+    )
     c.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    c.add_argument("--measure", action="store_true", help="also build a tiny model with each family's layer "
-                   "pattern, prefill --tokens tokens and compare cache.nbytes() with the analytic bytes (slower)")
+    c.add_argument(
+        "--measure",
+        action="store_true",
+        help="also build a tiny model with each family's layer "
+        "pattern, prefill --tokens tokens and compare cache.nbytes() with the analytic bytes (slower)",
+    )
     c.add_argument("--tokens", type=tokens, default=2048, help="tokens to prefill with --measure")
     c.set_defaults(func=cmd_claims)
 
-    g = sub.add_parser("generate", formatter_class=fmt, help="generate tokens from a checkpoint or preset",
-                       description="Continue a prompt and print only the generated part: text when the checkpoint "
-                       "has a tokenizer.json, else token ids separated by spaces. A preset or config.json gets "
-                       "random weights (a warning on stderr says so).")
-    g.add_argument("model", metavar="MODEL", help="checkpoint directory (config.json + *.safetensors "
-                   "[+ tokenizer.json]), or a preset name / config.json path for random weights")
+    g = sub.add_parser(
+        "generate",
+        formatter_class=fmt,
+        help="generate tokens from a checkpoint or preset",
+        description="Continue a prompt and print only the generated part: text when the checkpoint "
+        "has a tokenizer.json, else token ids separated by spaces. A preset or config.json gets "
+        "random weights (a warning on stderr says so).",
+    )
+    g.add_argument(
+        "model",
+        metavar="MODEL",
+        help="checkpoint directory (config.json + *.safetensors "
+        "[+ tokenizer.json]), or a preset name / config.json path for random weights",
+    )
     prompt = g.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt", help="prompt text (needs a tokenizer.json in the checkpoint directory)")
     prompt.add_argument("--prompt-ids", type=token_ids, metavar="IDS", help="prompt as token ids, e.g. 1,2,3")
     g.add_argument("--max-new-tokens", type=nonnegative, default=32, help="tokens to generate (fewer if EOS comes)")
     g.add_argument("--temperature", type=temperature, default=0.0, help="sampling temperature; 0 = greedy (argmax)")
     g.add_argument("--top-k", type=positive, help="sample among the k most likely tokens only (None = all)")
-    g.add_argument("--top-p", type=probability, help="nucleus sampling: keep the most likely tokens up to this "
-                   "probability mass, in (0, 1] (None = off)")
-    g.add_argument("--seed", type=int, help="seed of the sampling generator (None = not reproducible when "
-                   "--temperature > 0); the random weights of a preset always use seed 0")
+    g.add_argument(
+        "--top-p",
+        type=probability,
+        help="nucleus sampling: keep the most likely tokens up to this probability mass, in (0, 1] (None = off)",
+    )
+    g.add_argument(
+        "--seed",
+        type=int,
+        help="seed of the sampling generator (None = not reproducible when "
+        "--temperature > 0); the random weights of a preset always use seed 0",
+    )
     g.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weight and cache element type")
     g.add_argument("--prefill-chunk", type=tokens, help="feed the prompt in chunks of this many tokens (None = all)")
-    g.add_argument("--compile", action="store_true", help="compile the decode step with torch.compile (needs a C++ "
-                   "compiler; tens of seconds of warm-up on a small CPU, worth it only for long generations)")
-    g.add_argument("--stream", action=argparse.BooleanOptionalAction, default=True,
-                   help="print tokens as they are generated")
+    g.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step with torch.compile (needs a C++ "
+        "compiler; tens of seconds of warm-up on a small CPU, worth it only for long generations)",
+    )
+    g.add_argument(
+        "--stream", action=argparse.BooleanOptionalAction, default=True, help="print tokens as they are generated"
+    )
     g.add_argument("--json", action="store_true", help="print one JSON object (prompt_ids, generated_ids, text)")
-    g.add_argument("--max-memory-gb", type=gibibytes, default=8.0,
-                   help="refuse a model whose weights (total params x element size) plus KV cache exceed this many GiB")
-    g.add_argument("--allow-past-max-positions", action="store_true",
-                   help="generate past the model's max_position_embeddings (the context it was trained for); "
-                   "refused otherwise")
-    g.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (int4 needs "
-                   "--dtype bfloat16)")
+    g.add_argument(
+        "--max-memory-gb",
+        type=gibibytes,
+        default=8.0,
+        help="refuse a model whose weights (total params x element size) plus KV cache exceed this many GiB",
+    )
+    g.add_argument(
+        "--allow-past-max-positions",
+        action="store_true",
+        help="generate past the model's max_position_embeddings (the context it was trained for); refused otherwise",
+    )
+    g.add_argument(
+        "--quantize", choices=("int8", "int4"), help="weight-only quantization (int4 needs --dtype bfloat16)"
+    )
     g.set_defaults(func=cmd_generate)
 
     for name, aliases in (("list", ["presets"]),):
-        q = sub.add_parser(name, aliases=aliases, formatter_class=fmt, help="every preset: family, params, layers, "
-                           "trained context, description", description="Every built-in preset: family, parameters "
-                           "(total and active per token), layers, trained context (max_position_embeddings) and "
-                           "what it is. Use a name with report, inspect or generate.")
+        q = sub.add_parser(
+            name,
+            aliases=aliases,
+            formatter_class=fmt,
+            help="every preset: family, params, layers, trained context, description",
+            description="Every built-in preset: family, parameters "
+            "(total and active per token), layers, trained context (max_position_embeddings) and "
+            "what it is. Use a name with report, inspect or generate.",
+        )
         q.add_argument("--json", action="store_true", help="print JSON with exact integers instead of a table")
         q.set_defaults(func=cmd_list)
     sampling = argparse.ArgumentParser(add_help=False)  # shared by chat
@@ -491,33 +637,54 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (None = off)")
     sampling.add_argument("--seed", type=int, help="seed of the sampling generator")
 
-    ch = sub.add_parser("chat", formatter_class=fmt, parents=[sampling], help="chat with a real model",
-                        description="Multi-turn chat with a checkpoint directory or .gguf file, formatted by its "
-                        "chat template. Reads one message per line from stdin (typed or piped) unless --message "
-                        "is given; streams each answer to stdout and a tokens/s line to stderr. The conversation "
-                        "stays in one cache: each turn prefills only its new tokens. Ctrl-C stops the current "
-                        "answer (it stays in the conversation); /reset starts over, /exit ends.")
-    ch.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json and a chat template "
-                    "in tokenizer_config.json) or .gguf file")
-    ch.add_argument("--message", action="append", metavar="TEXT",
-                    help="answer this message and exit (repeat for several turns) instead of reading stdin")
+    ch = sub.add_parser(
+        "chat",
+        formatter_class=fmt,
+        parents=[sampling],
+        help="chat with a real model",
+        description="Multi-turn chat with a checkpoint directory or .gguf file, formatted by its "
+        "chat template. Reads one message per line from stdin (typed or piped) unless --message "
+        "is given; streams each answer to stdout and a tokens/s line to stderr. The conversation "
+        "stays in one cache: each turn prefills only its new tokens. Ctrl-C stops the current "
+        "answer (it stays in the conversation); /reset starts over, /exit ends.",
+    )
+    ch.add_argument(
+        "model",
+        metavar="MODEL",
+        help="checkpoint directory (with tokenizer.json and a chat template in tokenizer_config.json) or .gguf file",
+    )
+    ch.add_argument(
+        "--message",
+        action="append",
+        metavar="TEXT",
+        help="answer this message and exit (repeat for several turns) instead of reading stdin",
+    )
     ch.add_argument("--system", help="system message at the start of the conversation (None = the template's)")
     ch.add_argument("--max-new-tokens", type=positive, default=256, help="longest answer in tokens")
     ch.add_argument("--context", type=tokens, default=4096, help="tokens the conversation may hold (the cache size)")
     ch.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight and cache element type")
     ch.add_argument("--prefill-chunk", type=tokens, help="feed prompts in chunks of this many tokens (None = all)")
-    ch.add_argument("--json", action="store_true", help="one JSON object per turn (answer, prefill_tokens, "
-                    "cached_tokens, generated_tokens, stop, timings) instead of streamed text")
+    ch.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON object per turn (answer, prefill_tokens, "
+        "cached_tokens, generated_tokens, stop, timings) instead of streamed text",
+    )
     ch.set_defaults(func=cmd_chat)
 
-    pp = sub.add_parser("perplexity", formatter_class=fmt, help="perplexity of a text file",
-                        description="Token-level perplexity of FILE under MODEL with a sliding window: windows of "
-                        "--context tokens every --stride tokens, each scoring only the tokens the previous window "
-                        "did not (HF's strided perplexity). A progress bar goes to stderr when it is a terminal.")
+    pp = sub.add_parser(
+        "perplexity",
+        formatter_class=fmt,
+        help="perplexity of a text file",
+        description="Token-level perplexity of FILE under MODEL with a sliding window: windows of "
+        "--context tokens every --stride tokens, each scoring only the tokens the previous window "
+        "did not (HF's strided perplexity). A progress bar goes to stderr when it is a terminal.",
+    )
     pp.add_argument("model", metavar="MODEL", help="checkpoint directory (with tokenizer.json) or .gguf file")
     pp.add_argument("file", metavar="FILE", help="UTF-8 text file")
-    pp.add_argument("--context", type=partial(count, minimum=2, suffixes=True), default=512,
-                    help="window length in tokens")
+    pp.add_argument(
+        "--context", type=partial(count, minimum=2, suffixes=True), default=512, help="window length in tokens"
+    )
     pp.add_argument("--stride", type=positive, help="tokens between window starts, <= --context (None = context / 2)")
     pp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight element type")
     pp.add_argument("--json", action="store_true", help="print JSON (ppl, nll, tokens, windows, ...)")
@@ -527,29 +694,50 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_commands(sub, fmt)
 
-    b = sub.add_parser("bench", formatter_class=fmt, help="measure prefill and decode speed on this machine",
-                       description="Prefill tokens/s at each --prompt length and decode ms/token at each --context "
-                       "length (cache filled by a chunked prefill of random tokens, then timed decode steps), cache "
-                       "bytes, peak RSS, and the decode roofline ratio (measured ms/token / (bytes read per token / "
-                       "copy bandwidth measured at the start)). --against runs the same weights in another engine "
-                       "in the same run, alternating with ctxlab; medians of --repeats.")
-    b.add_argument("model", metavar="MODEL", help="checkpoint directory, or a preset name / config.json path "
-                   "(random weights)")
-    b.add_argument("--context", type=token_list, default=[512, 4096, 16384], help="decode context lengths, "
-                   "comma-separated (k = 1024)")
+    b = sub.add_parser(
+        "bench",
+        formatter_class=fmt,
+        help="measure prefill and decode speed on this machine",
+        description="Prefill tokens/s at each --prompt length and decode ms/token at each --context "
+        "length (cache filled by a chunked prefill of random tokens, then timed decode steps), cache "
+        "bytes, peak RSS, and the decode roofline ratio (measured ms/token / (bytes read per token / "
+        "copy bandwidth measured at the start)). --against runs the same weights in another engine "
+        "in the same run, alternating with ctxlab; medians of --repeats.",
+    )
+    b.add_argument(
+        "model", metavar="MODEL", help="checkpoint directory, or a preset name / config.json path (random weights)"
+    )
+    b.add_argument(
+        "--context",
+        type=token_list,
+        default=[512, 4096, 16384],
+        help="decode context lengths, comma-separated (k = 1024)",
+    )
     b.add_argument("--prompt", type=token_list, default=[512, 2048], help="prefill prompt lengths, comma-separated")
     b.add_argument("--steps", type=positive, default=16, help="timed decode steps per context")
     b.add_argument("--repeats", type=positive, default=3, help="repeats (medians are reported)")
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="weight and cache type")
     b.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (int4 needs bfloat16)")
     b.add_argument("--compile", action="store_true", help="compile the decode step (warm-up reported separately)")
-    b.add_argument("--against", choices=("transformers", "llama.cpp"), help="also run the same weights in "
-                   "transformers (saved and reloaded), or llama-cpp-python on MODEL as a GGUF file")
-    b.add_argument("--threads", type=positive, help="torch threads (None = torch's default); on a shared, "
-                   "oversubscribed machine 1 thread gives far steadier numbers")
+    b.add_argument(
+        "--against",
+        choices=("transformers", "llama.cpp"),
+        help="also run the same weights in "
+        "transformers (saved and reloaded), or llama-cpp-python on MODEL as a GGUF file",
+    )
+    b.add_argument(
+        "--threads",
+        type=positive,
+        help="torch threads (None = torch's default); on a shared, "
+        "oversubscribed machine 1 thread gives far steadier numbers",
+    )
     b.add_argument("--json", action="store_true", help="print the result as one JSON object")
-    b.add_argument("--max-memory-gb", type=gibibytes, default=8.0,
-                   help="refuse a model whose weights plus KV cache exceed this many GiB")
+    b.add_argument(
+        "--max-memory-gb",
+        type=gibibytes,
+        default=8.0,
+        help="refuse a model whose weights plus KV cache exceed this many GiB",
+    )
     b.set_defaults(func=cmd_bench)
     return p
 

@@ -91,8 +91,6 @@ class MoESpec:
     router_precision: str = "scores_fp32"
 
 
-
-
 @dataclass(frozen=True)
 class MLASpec:
     """Multi-head latent attention (DeepSeek-V2 §2.1): queries through a ``q_lora_rank`` bottleneck

@@ -56,7 +56,9 @@ def left_pad(prompts: Prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
         if prompts.dim() != 2 or prompts.shape[1] == 0:
             raise InputError(f"input_ids must have shape [batch, tokens] with tokens >= 1; got {tuple(prompts.shape)}")
         return prompts, torch.zeros(prompts.shape[0], dtype=torch.long)
-    if not isinstance(prompts, (list, tuple)) or any(isinstance(p, (int, str)) or not hasattr(p, "__len__") for p in prompts):
+    if not isinstance(prompts, (list, tuple)) or any(
+        isinstance(p, (int, str)) or not hasattr(p, "__len__") for p in prompts
+    ):
         example = f"[{list(prompts)[:3]}]" if isinstance(prompts, (list, tuple)) else "[[1, 2, 3]]"
         raise InputError(
             "prompts are a [B, T] tensor or a list of token-id lists (one per sequence), e.g. "
@@ -140,7 +142,9 @@ def stream(
     if max_new_tokens < 0:
         raise InputError(f"max_new_tokens = {max_new_tokens}: must be >= 0")
     if prefill_chunk is not None and not (isinstance(prefill_chunk, int) and prefill_chunk > 0):
-        raise InputError(f"prefill_chunk = {prefill_chunk!r}: must be a positive number of tokens, or None (whole prompt)")
+        raise InputError(
+            f"prefill_chunk = {prefill_chunk!r}: must be a positive number of tokens, or None (whole prompt)"
+        )
     cfg = model.config
     eos = cfg.eos_token_id if eos_token_id is None else eos_token_id
     eos = torch.tensor([eos] if isinstance(eos, int) else list(eos), dtype=torch.long)

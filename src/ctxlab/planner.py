@@ -45,7 +45,9 @@ def validate_kv_source(at: str, i: int, s: LayerSpec, cfg: ModelConfig) -> list[
     o = cfg.layers[src]
     if o.kv_source is not None:
         return [f"{at}.kv_source = {src}: layer {src} itself reads layer {o.kv_source}; point at the producer"]
-    mismatched = [f"{n} {getattr(s, n)!r} vs {getattr(o, n)!r}" for n in SHARED_FIELDS if getattr(s, n) != getattr(o, n)]
+    mismatched = [
+        f"{n} {getattr(s, n)!r} vs {getattr(o, n)!r}" for n in SHARED_FIELDS if getattr(s, n) != getattr(o, n)
+    ]
     if mismatched:
         return [f"{at}.kv_source = {src}: a consumer must match its producer; differs in {', '.join(mismatched)}"]
     return []

@@ -62,7 +62,9 @@ def layer_wise_scaling(
         query_width = round_to_multiple(hidden_size * alpha, base.head_dim * gqa_groups)
         heads = query_width // base.head_dim
         width = round_to_multiple(hidden_size * beta, ffn_divisor)
-        layers.append(dataclasses.replace(base, num_heads=heads, num_kv_heads=heads // gqa_groups, intermediate_size=width))
+        layers.append(
+            dataclasses.replace(base, num_heads=heads, num_kv_heads=heads // gqa_groups, intermediate_size=width)
+        )
     return tuple(layers)
 
 
@@ -70,4 +72,6 @@ def cross_layer_attention(layers: tuple[LayerSpec, ...], sharing: int = 2) -> tu
     """CLA-``sharing``: layer ``i`` reads the K/V of layer ``i - i % sharing`` (none for producers)."""
     if not (isinstance(sharing, int) and sharing >= 1):
         raise ConfigError([f"sharing = {sharing!r}: must be a positive integer (1 = no sharing)"])
-    return tuple(dataclasses.replace(s, kv_source=None if i % sharing == 0 else i - i % sharing) for i, s in enumerate(layers))
+    return tuple(
+        dataclasses.replace(s, kv_source=None if i % sharing == 0 else i - i % sharing) for i, s in enumerate(layers)
+    )

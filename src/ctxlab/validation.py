@@ -31,8 +31,13 @@ if TYPE_CHECKING:  # annotations only: config.py calls this module, not the othe
 
 # Optional LayerSpec fields an attention kind may or may not implement, with their "off" value.
 OPTIONAL_FIELDS = {
-    "qk_norm": False, "v_norm": False, "k_eq_v": False, "output_gate": None, "kv_source": None, "indexer": None,
-}  # fmt: skip
+    "qk_norm": False,
+    "v_norm": False,
+    "k_eq_v": False,
+    "output_gate": None,
+    "kv_source": None,
+    "indexer": None,
+}
 
 
 def positive_int(value: Any) -> bool:

@@ -64,8 +64,6 @@ def kv_cache_bytes_stored(cfg: ModelConfig, context_len: int, fmt: StorageFormat
     return batch_size * total
 
 
-
-
 @dataclass(frozen=True)
 class PrecisionWeights:
     """Decode FLOPs weighted by the precision each term runs at, in BF16 equivalents (FP8 = 1/2,

@@ -27,7 +27,9 @@ def count_params(cfg: ModelConfig) -> dict[str, int]:
     ple_counts = ple.stack_param_count(cfg)
     stack = h + (2 * h if cfg.input_affine else 0)  # final norm, embedding affine
     stack += RESIDUAL_KINDS[cfg.residual].stack_param_count(cfg)  # e.g. mHC's stream collapse
-    total = embedding + head + sum(c["total"] for c in per_layer) + stack + ple_counts["table"] + ple_counts["projection"]
+    total = (
+        embedding + head + sum(c["total"] for c in per_layer) + stack + ple_counts["table"] + ple_counts["projection"]
+    )
     tables = embedding + head + ple_counts["table"]
     return {
         "total": total,

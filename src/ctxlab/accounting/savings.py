@@ -85,9 +85,19 @@ def same_width_baselines(cfg: ModelConfig) -> dict[str, ModelConfig]:
 
     def swap(**attention) -> ModelConfig:
         plain = dict(
-            attention="gqa", window=None, num_heads=heads, head_dim=d, qk_norm=False, v_norm=False, k_eq_v=False,
-            output_gate=None, kv_source=None, attn_scale=None, mla=None, indexer=None,
-        )  # fmt: skip
+            attention="gqa",
+            window=None,
+            num_heads=heads,
+            head_dim=d,
+            qk_norm=False,
+            v_norm=False,
+            k_eq_v=False,
+            output_gate=None,
+            kv_source=None,
+            attn_scale=None,
+            mla=None,
+            indexer=None,
+        )
         changes = {**plain, **attention}
         return cfg.replace(
             layers=tuple(dataclasses.replace(s, rope=RopeSpec(theta=s.rope.theta), **changes) for s in cfg.layers)

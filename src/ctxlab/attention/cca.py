@@ -59,7 +59,9 @@ class CCAProjection(nn.Module):
         group = s.num_heads // s.num_kv_heads
         q_raw, k_raw = self.q_proj(x), self.k_proj(x)  # [B, T, H_q·d], [B, T, H_kv·d]
 
-        q_res = (q_raw.view(B, T, s.num_heads, -1) + k_raw.view(B, T, s.num_kv_heads, -1).repeat_interleave(group, 2)) / 2
+        q_res = (
+            q_raw.view(B, T, s.num_heads, -1) + k_raw.view(B, T, s.num_kv_heads, -1).repeat_interleave(group, 2)
+        ) / 2
         k_res = q_res.view(B, T, s.num_kv_heads, group, -1).mean(dim=-2)
 
         real = (ctx.positions >= 0).to(x.dtype)  # left padding contributes nothing, even through biases

@@ -157,11 +157,15 @@ class CompressedAttention(nn.Module):
         B, T, _ = x.shape
         s = self.spec
         if ctx.padded:
-            raise ValueError("compressed attention (CSA/HCA) pools tokens by position: left-padded batches "
-                             "(prompts of different lengths) are not supported; run them one at a time")  # fmt: skip
+            raise ValueError(
+                "compressed attention (CSA/HCA) pools tokens by position: left-padded batches "
+                "(prompts of different lengths) are not supported; run them one at a time"
+            )
         cos, sin = ctx.rope_tables(self.rotary, x.dtype)
         q_res = self.q_a_norm(self.q_a_proj(x))
-        q = rotate_tail(self.rotary, self.q_b_norm(self.q_b_proj(q_res).view(B, T, s.num_heads, -1).transpose(1, 2)), cos, sin)
+        q = rotate_tail(
+            self.rotary, self.q_b_norm(self.q_b_proj(q_res).view(B, T, s.num_heads, -1).transpose(1, 2)), cos, sin
+        )
         kv = rotate_tail(self.rotary, self.kv_norm(self.kv_proj(x))[:, None], cos, sin)  # [B, 1, T, D]
         layer_cache = None if ctx.cache is None else ctx.cache[self.layer_idx]
         if layer_cache is None:
@@ -189,7 +193,9 @@ class CompressedAttention(nn.Module):
             entries = layer_cache.append_entries("kv", entries)
         visible = None
         if allowed is not None:
-            visible = torch.arange(entries.shape[-2], device=x.device) < ((ctx.positions + 1) // ratio)[..., None]  # [B, T, E]
+            visible = (
+                torch.arange(entries.shape[-2], device=x.device) < ((ctx.positions + 1) // ratio)[..., None]
+            )  # [B, T, E]
         if self.spec.indexer is not None:  # its compressor runs on every call: it keeps its own pending block
             index_keys = comp.indexer(x, start, state, "index_", self.rotary)
             if layer_cache is not None:
@@ -237,10 +243,12 @@ class CompressedAttention(nn.Module):
     def shrink(spec: LayerSpec) -> dict:
         """Changes that give a tiny layer of the same structure (measured caches of tiny models)."""
         changes = dict(
-            num_heads=2, num_kv_heads=1, head_dim=16,
+            num_heads=2,
+            num_kv_heads=1,
+            head_dim=16,
             compress=dataclasses.replace(spec.compress, q_lora_rank=8, o_groups=2, o_lora_rank=4),
             rope=dataclasses.replace(spec.rope, partial_rotary_factor=0.25),
-        )  # fmt: skip
+        )
         if spec.indexer is not None:
             changes["indexer"] = tiny_indexer(spec.indexer)
         return changes
@@ -271,15 +279,21 @@ class CompressedAttention(nn.Module):
             entries.append(("index_kv", (1, spec.indexer.head_dim)))
             state += Compressor.state_shapes(spec.indexer.head_dim, c.ratio, True, "index_")
         return CacheSpec(
-            kind="compressed", token_shapes=window, window=spec.window, compress_ratio=c.ratio,
-            entry_shapes=tuple(entries), state_shapes=tuple(state),
-        )  # fmt: skip
+            kind="compressed",
+            token_shapes=window,
+            window=spec.window,
+            compress_ratio=c.ratio,
+            entry_shapes=tuple(entries),
+            state_shapes=tuple(state),
+        )
 
     @staticmethod
     def param_count(hidden_size: int, spec: LayerSpec) -> int:
         c, h, d = spec.compress, spec.num_heads, spec.head_dim
         n = hidden_size * c.q_lora_rank + c.q_lora_rank + c.q_lora_rank * h * d  # query
-        n += hidden_size * d + d + h * d * c.o_lora_rank + c.o_groups * c.o_lora_rank * hidden_size + h  # kv, out, sinks
+        n += (
+            hidden_size * d + d + h * d * c.o_lora_rank + c.o_groups * c.o_lora_rank * hidden_size + h
+        )  # kv, out, sinks
         if c.ratio:
             width = 2 * d if c.overlap else d
             n += 2 * hidden_size * width + c.ratio * width + d

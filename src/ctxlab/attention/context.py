@@ -84,7 +84,7 @@ class ForwardContext:
 
 
 def scope(spec) -> str:
-    """"global" or "sliding (w=N)": what a layer's queries see, for labels."""
+    """ "global" or "sliding (w=N)": what a layer's queries see, for labels."""
     return "global" if spec.window is None else f"sliding (w={spec.window})"
 
 

@@ -45,8 +45,11 @@ class LightningIndexer(nn.Module):
 
     @staticmethod
     def param_count(hidden_size: int, q_lora_rank: int, spec: IndexerSpec) -> int:
-        return q_lora_rank * spec.n_heads * spec.head_dim + hidden_size * spec.head_dim + 2 * spec.head_dim + (
-            hidden_size * spec.n_heads
+        return (
+            q_lora_rank * spec.n_heads * spec.head_dim
+            + hidden_size * spec.head_dim
+            + 2 * spec.head_dim
+            + (hidden_size * spec.n_heads)
         )
 
     @staticmethod

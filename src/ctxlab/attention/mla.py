@@ -24,8 +24,8 @@ from ..cache.spec import CacheSpec
 from ..config import LayerSpec, MLASpec
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
-from .context import ForwardContext, attention_mask
 from ..registry import ATTENTION_KINDS
+from .context import ForwardContext, attention_mask
 from .dsa import LightningIndexer, tiny_indexer, validate_indexer
 
 DECODE_PATHS = ("absorbed", "expanded")
@@ -163,10 +163,17 @@ class MLAttention(nn.Module):
         m, h = spec.mla, spec.num_heads
         bias = spec.attention_bias
         if m.q_lora_rank:
-            q = hidden_size * m.q_lora_rank + (m.q_lora_rank if bias else 0) + m.q_lora_rank + m.q_lora_rank * h * spec.head_dim
+            q = (
+                hidden_size * m.q_lora_rank
+                + (m.q_lora_rank if bias else 0)
+                + m.q_lora_rank
+                + m.q_lora_rank * h * spec.head_dim
+            )
         else:
             q = hidden_size * h * spec.head_dim
-        kv = hidden_size * (m.kv_lora_rank + m.qk_rope_head_dim) + ((m.kv_lora_rank + m.qk_rope_head_dim) if bias else 0)
+        kv = hidden_size * (m.kv_lora_rank + m.qk_rope_head_dim) + (
+            (m.kv_lora_rank + m.qk_rope_head_dim) if bias else 0
+        )
         kv += m.kv_lora_rank + m.kv_lora_rank * h * (m.qk_nope_head_dim + m.v_head_dim)
         o = h * m.v_head_dim * hidden_size + (hidden_size if bias else 0)
         indexer = LightningIndexer.param_count(hidden_size, m.q_lora_rank, spec.indexer) if spec.indexer else 0
@@ -177,7 +184,11 @@ class MLAttention(nn.Module):
         """One token on the absorbed path, attending to ``positions`` keys (``topk`` of them with DSA)."""
         keys = positions if spec.window is None else min(positions, spec.window)
         m, h = spec.mla, spec.num_heads
-        q = 2 * (hidden_size * m.q_lora_rank + m.q_lora_rank * h * spec.head_dim) if m.q_lora_rank else 2 * hidden_size * h * spec.head_dim
+        q = (
+            2 * (hidden_size * m.q_lora_rank + m.q_lora_rank * h * spec.head_dim)
+            if m.q_lora_rank
+            else 2 * hidden_size * h * spec.head_dim
+        )
         proj = q + 2 * hidden_size * (m.kv_lora_rank + m.qk_rope_head_dim) + 2 * h * m.v_head_dim * hidden_size
         absorb = 2 * h * m.kv_lora_rank * (m.qk_nope_head_dim + m.v_head_dim)  # W_UK into q, W_UV out of the latent
         attended = keys if spec.indexer is None else min(keys, spec.indexer.topk)

@@ -30,7 +30,9 @@ class FullCache:
         stop = start + next(iter(new.values())).shape[-2]
         for name, x in new.items():
             self.buffers[name][..., start:stop, :] = x
-        positions = cache.memo(("full", stop), lambda: cache.step_positions(torch.arange(stop, device=cache.pad.device)))
+        positions = cache.memo(
+            ("full", stop), lambda: cache.step_positions(torch.arange(stop, device=cache.pad.device))
+        )
         return {n: b[..., :stop, :] for n, b in self.buffers.items()}, positions
 
     def tensors(self) -> list[torch.Tensor]:

@@ -44,7 +44,8 @@ class RingCache:
             self._write(new, kept_steps, keep)
             filled = min(start + 1, self.capacity)
             positions = cache.memo(
-                ("ring", self.capacity, start), lambda: cache.step_positions(self._slot_steps(start + 1, device)[:filled])
+                ("ring", self.capacity, start),
+                lambda: cache.step_positions(self._slot_steps(start + 1, device)[:filled]),
             )
             return {n: b[..., :filled, :] for n, b in self.buffers.items()}, positions
         if start == 0:  # an empty ring adds nothing to attend over

@@ -5,6 +5,10 @@ reads several), ``ARCHITECTURE``, ``from_hf(dict, name) -> ModelConfig``,
 
 from . import deepseek_v4, deepseek_v32, gemma3, gemma4, laguna, llama, qwen3, zaya
 
-FAMILIES = {t: f for f in (llama, qwen3, gemma3, gemma4, laguna, zaya, deepseek_v32, deepseek_v4) for t in getattr(f, "MODEL_TYPES", (f.MODEL_TYPE,))}
+FAMILIES = {
+    t: f
+    for f in (llama, qwen3, gemma3, gemma4, laguna, zaya, deepseek_v32, deepseek_v4)
+    for t in getattr(f, "MODEL_TYPES", (f.MODEL_TYPE,))
+}
 
 __all__ = ["FAMILIES"]

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import yarn_mscale, IndexerSpec, LayerSpec, MLASpec, ModelConfig, MoESpec
+from ..config import IndexerSpec, LayerSpec, MLASpec, ModelConfig, MoESpec, yarn_mscale
 from ..errors import ConfigError
-from .hf_fields import check_per_layer, hf_fields, model_fields, legacy_rope_params, parse_rope, require, rope_to_hf
+from .hf_fields import check_per_layer, hf_fields, legacy_rope_params, model_fields, parse_rope, require, rope_to_hf
 
 MLP_TYPES = ("dense", "sparse")
 MODEL_TYPE = "deepseek_v32"

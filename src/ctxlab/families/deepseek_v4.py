@@ -17,8 +17,8 @@ from typing import Any
 
 from ..config import CompressSpec, IndexerSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from ..errors import ConfigError
-from .keymap import KeyMap
 from .hf_fields import check_per_layer, hf_fields, model_fields, parse_rope, require, rope_to_hf
+from .keymap import KeyMap
 
 MODEL_TYPE = "deepseek_v4"
 ARCHITECTURE = "DeepseekV4ForCausalLM"
@@ -84,7 +84,10 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     head_dim = d.get("head_dim", 512)
     partial = d.get("partial_rotary_factor") or (d.get("qk_rope_head_dim", 64) / head_dim)
     rope = _rope(d, partial, where)
-    rates = {**{"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}, **(d.get("compress_rates") or {})}
+    rates = {
+        **{"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
+        **(d.get("compress_rates") or {}),
+    }
     moe = dict(
         num_experts=d.get("n_routed_experts", 256),
         top_k=d.get("num_experts_per_tok", 6),
@@ -114,9 +117,12 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
                 window=d.get("sliding_window", 128),
                 rope=rope["main" if ratio == 0 else "compress"],
                 compress=CompressSpec(
-                    ratio=ratio, q_lora_rank=d.get("q_lora_rank", 1024), o_groups=d.get("o_groups", 8),
-                    o_lora_rank=d.get("o_lora_rank", 1024), overlap=csa,
-                ),  # fmt: skip
+                    ratio=ratio,
+                    q_lora_rank=d.get("q_lora_rank", 1024),
+                    o_groups=d.get("o_groups", 8),
+                    o_lora_rank=d.get("o_lora_rank", 1024),
+                    overlap=csa,
+                ),
                 indexer=indexer if csa else None,
                 mlp="moe",
                 moe=MoESpec(**moe, router="hash" if mlp == "hash_moe" else "biased_topk"),
@@ -180,10 +186,13 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     main = next((x.rope for x in cfg.layers if x.compress.ratio == 0), s.rope)
     compress = next((x.rope for x in cfg.layers if x.compress.ratio), s.rope)
     kinds = [
-        "sliding_attention" if x.compress.ratio == 0
-        else "compressed_sparse_attention" if x.compress.overlap else "heavily_compressed_attention"
+        "sliding_attention"
+        if x.compress.ratio == 0
+        else "compressed_sparse_attention"
+        if x.compress.overlap
+        else "heavily_compressed_attention"
         for x in cfg.layers
-    ]  # fmt: skip
+    ]
     rates = {"compressed_sparse_attention": 4, "heavily_compressed_attention": 128}
     rates.update({t: x.compress.ratio for x, t in zip(cfg.layers, kinds) if x.compress.ratio})
     m = s.moe

@@ -69,8 +69,10 @@ def either(*rules: Rule) -> Rule:
 
 
 def dict_of(item: Rule) -> Rule:
-    return Rule(f"a JSON object, each value {item.allowed}",
-                lambda v: isinstance(v, dict) and all(item.ok(x) for x in v.values()))  # fmt: skip
+    return Rule(
+        f"a JSON object, each value {item.allowed}",
+        lambda v: isinstance(v, dict) and all(item.ok(x) for x in v.values()),
+    )
 
 
 SIZE, COUNT0 = integer(1), integer(0)
@@ -78,51 +80,120 @@ TOKEN = integer(0)
 
 FIELDS: dict[str, Rule] = {
     # every family
-    "vocab_size": SIZE, "hidden_size": SIZE, "intermediate_size": SIZE, "num_hidden_layers": integer(1, MAX_LAYERS),
-    "num_attention_heads": SIZE, "num_key_value_heads": SIZE, "head_dim": SIZE,
-    "rms_norm_eps": number(positive=True), "tie_word_embeddings": BOOL, "max_position_embeddings": SIZE,
-    "bos_token_id": TOKEN, "pad_token_id": TOKEN, "eos_token_id": either(TOKEN, list_of(TOKEN)),
-    "hidden_act": STR, "hidden_activation": STR, "attention_bias": BOOL, "mlp_bias": BOOL,
-    "rope_theta": number(positive=True), "partial_rotary_factor": number(positive=True, at_most=1.0),
-    "rope_parameters": DICT, "rope_scaling": DICT, "layer_types": list_of(STR), "mlp_layer_types": list_of(STR),
-    "sliding_window": SIZE, "use_sliding_window": BOOL, "max_window_layers": COUNT0,
+    "vocab_size": SIZE,
+    "hidden_size": SIZE,
+    "intermediate_size": SIZE,
+    "num_hidden_layers": integer(1, MAX_LAYERS),
+    "num_attention_heads": SIZE,
+    "num_key_value_heads": SIZE,
+    "head_dim": SIZE,
+    "rms_norm_eps": number(positive=True),
+    "tie_word_embeddings": BOOL,
+    "max_position_embeddings": SIZE,
+    "bos_token_id": TOKEN,
+    "pad_token_id": TOKEN,
+    "eos_token_id": either(TOKEN, list_of(TOKEN)),
+    "hidden_act": STR,
+    "hidden_activation": STR,
+    "attention_bias": BOOL,
+    "mlp_bias": BOOL,
+    "rope_theta": number(positive=True),
+    "partial_rotary_factor": number(positive=True, at_most=1.0),
+    "rope_parameters": DICT,
+    "rope_scaling": DICT,
+    "layer_types": list_of(STR),
+    "mlp_layer_types": list_of(STR),
+    "sliding_window": SIZE,
+    "use_sliding_window": BOOL,
+    "max_window_layers": COUNT0,
     # MoE (Laguna, ZAYA, DeepSeek, Gemma 4)
-    "num_experts": SIZE, "num_experts_per_tok": SIZE, "moe_intermediate_size": SIZE, "top_k_experts": SIZE,
-    "n_routed_experts": SIZE, "n_shared_experts": COUNT0, "shared_expert_intermediate_size": COUNT0,
-    "routed_scaling_factor": number(positive=True), "moe_routed_scaling_factor": number(positive=True),
-    "moe_router_logit_softcapping": number(nonnegative=True), "moe_apply_router_weight_on_input": BOOL,
-    "n_group": SIZE, "topk_group": SIZE, "norm_topk_prob": BOOL, "first_k_dense_replace": COUNT0,
-    "scoring_func": STR, "router_hidden_size": SIZE, "num_hash_layers": COUNT0, "enable_moe_block": BOOL,
+    "num_experts": SIZE,
+    "num_experts_per_tok": SIZE,
+    "moe_intermediate_size": SIZE,
+    "top_k_experts": SIZE,
+    "n_routed_experts": SIZE,
+    "n_shared_experts": COUNT0,
+    "shared_expert_intermediate_size": COUNT0,
+    "routed_scaling_factor": number(positive=True),
+    "moe_routed_scaling_factor": number(positive=True),
+    "moe_router_logit_softcapping": number(nonnegative=True),
+    "moe_apply_router_weight_on_input": BOOL,
+    "n_group": SIZE,
+    "topk_group": SIZE,
+    "norm_topk_prob": BOOL,
+    "first_k_dense_replace": COUNT0,
+    "scoring_func": STR,
+    "router_hidden_size": SIZE,
+    "num_hash_layers": COUNT0,
+    "enable_moe_block": BOOL,
     # Laguna
-    "num_attention_heads_per_layer": list_of(SIZE), "gating": either(BOOL, STR),
+    "num_attention_heads_per_layer": list_of(SIZE),
+    "gating": either(BOOL, STR),
     # ZAYA
-    "cca_time0": SIZE, "cca_time1": SIZE, "lm_head_bias": BOOL,
+    "cca_time0": SIZE,
+    "cca_time1": SIZE,
+    "lm_head_bias": BOOL,
     # DeepSeek V3.2 / V4
-    "kv_lora_rank": SIZE, "q_lora_rank": SIZE, "qk_nope_head_dim": SIZE, "qk_rope_head_dim": SIZE,
-    "v_head_dim": SIZE, "index_n_heads": SIZE, "index_head_dim": SIZE, "index_topk": SIZE,
-    "compress_ratios": list_of(COUNT0), "compress_rates": dict_of(SIZE), "compress_rope_theta": number(positive=True),
-    "o_groups": SIZE, "o_lora_rank": SIZE, "swiglu_limit": number(positive=True), "hc_mult": SIZE,
-    "hc_sinkhorn_iters": SIZE, "hc_eps": number(positive=True),
+    "kv_lora_rank": SIZE,
+    "q_lora_rank": SIZE,
+    "qk_nope_head_dim": SIZE,
+    "qk_rope_head_dim": SIZE,
+    "v_head_dim": SIZE,
+    "index_n_heads": SIZE,
+    "index_head_dim": SIZE,
+    "index_topk": SIZE,
+    "compress_ratios": list_of(COUNT0),
+    "compress_rates": dict_of(SIZE),
+    "compress_rope_theta": number(positive=True),
+    "o_groups": SIZE,
+    "o_lora_rank": SIZE,
+    "swiglu_limit": number(positive=True),
+    "hc_mult": SIZE,
+    "hc_sinkhorn_iters": SIZE,
+    "hc_eps": number(positive=True),
     # Gemma 4
-    "text_config": DICT, "num_kv_shared_layers": COUNT0, "use_double_wide_mlp": BOOL, "attention_k_eq_v": BOOL,
-    "hidden_size_per_layer_input": COUNT0, "final_logit_softcapping": number(positive=True),
-    "vocab_size_per_layer_input": SIZE, "per_layer_config": dict_of(DICT), "global_head_dim": SIZE,
-    "num_global_key_value_heads": SIZE, "_multimodal_tower_params": COUNT0,
-}  # fmt: skip
+    "text_config": DICT,
+    "num_kv_shared_layers": COUNT0,
+    "use_double_wide_mlp": BOOL,
+    "attention_k_eq_v": BOOL,
+    "hidden_size_per_layer_input": COUNT0,
+    "final_logit_softcapping": number(positive=True),
+    "vocab_size_per_layer_input": SIZE,
+    "per_layer_config": dict_of(DICT),
+    "global_head_dim": SIZE,
+    "num_global_key_value_heads": SIZE,
+    "_multimodal_tower_params": COUNT0,
+}
 
 # null keeps its meaning "none" here (every other null field reads as absent)
 NULL_MEANS_NONE = frozenset(
-    {"bos_token_id", "eos_token_id", "pad_token_id", "sliding_window", "final_logit_softcapping",
-     "num_global_key_value_heads", "moe_router_logit_softcapping"}
-)  # fmt: skip
+    {
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "sliding_window",
+        "final_logit_softcapping",
+        "num_global_key_value_heads",
+        "moe_router_logit_softcapping",
+    }
+)
 
 ROPE_FIELDS: dict[str, Rule] = {
-    "rope_type": STR, "type": STR, "rope_theta": number(positive=True), "factor": number(positive=True),
-    "low_freq_factor": number(positive=True), "high_freq_factor": number(positive=True),
-    "original_max_position_embeddings": SIZE, "beta_fast": number(positive=True), "beta_slow": number(positive=True),
-    "attention_factor": number(positive=True), "mscale": number(), "mscale_all_dim": number(),
-    "truncate": BOOL, "partial_rotary_factor": number(positive=True, at_most=1.0),
-}  # fmt: skip
+    "rope_type": STR,
+    "type": STR,
+    "rope_theta": number(positive=True),
+    "factor": number(positive=True),
+    "low_freq_factor": number(positive=True),
+    "high_freq_factor": number(positive=True),
+    "original_max_position_embeddings": SIZE,
+    "beta_fast": number(positive=True),
+    "beta_slow": number(positive=True),
+    "attention_factor": number(positive=True),
+    "mscale": number(),
+    "mscale_all_dim": number(),
+    "truncate": BOOL,
+    "partial_rotary_factor": number(positive=True, at_most=1.0),
+}
 
 
 def check_fields(d: dict[str, Any], where: str, rules: dict[str, Rule] = FIELDS) -> dict[str, Any]:

@@ -22,8 +22,8 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig
 from ..errors import ConfigError
-from .hf_fields import hf_fields, model_fields, parse_rope, require, rope_to_hf
 from . import gemma4
+from .hf_fields import hf_fields, model_fields, parse_rope, require, rope_to_hf
 
 MODEL_TYPE = "gemma3_text"
 MODEL_TYPES = ("gemma3", "gemma3_text")  # multimodal wrapper, text decoder
@@ -47,8 +47,10 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     if text.get("attn_logit_softcapping") is not None:
         log.warning(
             "%s: attn_logit_softcapping = %s is ignored, as transformers' Gemma3Attention ignores it "
-            "(no released Gemma 3 sets it)", where, text["attn_logit_softcapping"],
-        )  # fmt: skip
+            "(no released Gemma 3 sets it)",
+            where,
+            text["attn_logit_softcapping"],
+        )
     n = text["num_hidden_layers"]
     pattern = text.get("sliding_window_pattern") or SLIDING_PATTERN
     layer_types = text.get("layer_types") or [
@@ -75,8 +77,12 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     ]
     fields = model_fields(
         {"vocab_size": 262_208, **text, "eos_token_id": d.get("eos_token_id", text.get("eos_token_id", 1))},
-        tie=bool(d.get("tie_word_embeddings", True)), max_positions=131_072, bos=2, eos=1, pad=0,
-    )  # fmt: skip
+        tie=bool(d.get("tie_word_embeddings", True)),
+        max_positions=131_072,
+        bos=2,
+        eos=1,
+        pad=0,
+    )
     return ModelConfig(
         **fields,
         family=MODEL_TYPE,

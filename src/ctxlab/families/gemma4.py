@@ -42,7 +42,9 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     text = d.get("text_config") or d
     require(text, ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"], where)
     n = text["num_hidden_layers"]
-    layer_types = list(text.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)])
+    layer_types = list(
+        text.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]
+    )
     check_per_layer(where, n, layer_types=(layer_types, LAYER_TYPES))
     if layer_types[-1] != "full_attention":  # Gemma4TextConfig.__post_init__ does the same
         log.warning("%s: the last Gemma 4 layer must be full_attention; forcing it, as transformers does", where)
@@ -183,6 +185,8 @@ def checkpoint_key(name: str) -> str | None:
     ``language_model`` level; vision / audio weights are not ours (None)."""
     if name.startswith(TEXT_PREFIX):
         return "model." + name[len(TEXT_PREFIX) :]
-    if name.startswith("model.") and not name.startswith(("model.layers.", "model.embed_tokens", "model.norm.", "model.per_layer")):
+    if name.startswith("model.") and not name.startswith(
+        ("model.layers.", "model.embed_tokens", "model.norm.", "model.per_layer")
+    ):
         return None  # model.vision_tower.*, model.audio_tower.*, model.embed_vision.*, model.embed_audio.*
     return name

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import LayerSpec, ModelConfig
-from .hf_fields import check_per_layer, hf_fields, model_fields, legacy_rope_params, parse_rope, rope_to_hf
+from .hf_fields import check_per_layer, hf_fields, legacy_rope_params, model_fields, parse_rope, rope_to_hf
 
 REQUIRED = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads"]
 LAYER_TYPES = ("full_attention", "sliding_attention")

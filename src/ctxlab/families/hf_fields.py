@@ -6,9 +6,9 @@ from collections.abc import Collection
 from typing import Any
 
 from ..config import RopeSpec
+from ..errors import ConfigError
 from ..registry import ROPE_TYPES
 from .fields import ROPE_FIELDS, check_fields
-from ..errors import ConfigError
 
 _ROPE_FIELDS = {
     "rope_theta": "theta",
@@ -81,8 +81,15 @@ def token_ids(value: Any) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, (list, tuple)) else (int(value),)
 
 
-def model_fields(d: dict[str, Any], eps: float = 1e-6, tie: bool = False, max_positions: int = 4096,
-                 bos: int | None = None, eos: Any = None, pad: int | None = None) -> dict[str, Any]:  # fmt: skip
+def model_fields(
+    d: dict[str, Any],
+    eps: float = 1e-6,
+    tie: bool = False,
+    max_positions: int = 4096,
+    bos: int | None = None,
+    eos: Any = None,
+    pad: int | None = None,
+) -> dict[str, Any]:
     """The ``ModelConfig`` fields every family reads the same way (defaults differ per family)."""
     return {
         "vocab_size": d["vocab_size"],

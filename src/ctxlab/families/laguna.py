@@ -13,8 +13,8 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec
 from ..errors import ConfigError
-from .keymap import KeyMap
 from .hf_fields import check_per_layer, hf_fields, model_fields, parse_rope, require, rope_to_hf
+from .keymap import KeyMap
 
 MODEL_TYPE = "laguna"
 # Published checkpoints (and transformers' save_pretrained) store experts one tensor per expert,
@@ -43,10 +43,17 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     layer_types = d.get("layer_types") or ["full_attention"] * n
     mlp_types = d.get("mlp_layer_types") or ["dense"] + ["sparse"] * (n - 1)
     heads = d.get("num_attention_heads_per_layer") or [d["num_attention_heads"]] * n
-    check_per_layer(where, n, layer_types=(layer_types, LAYER_TYPES), mlp_layer_types=(mlp_types, MLP_TYPES),
-                 num_attention_heads_per_layer=(heads, None))  # fmt: skip
+    check_per_layer(
+        where,
+        n,
+        layer_types=(layer_types, LAYER_TYPES),
+        mlp_layer_types=(mlp_types, MLP_TYPES),
+        num_attention_heads_per_layer=(heads, None),
+    )
     if d.get("moe_apply_router_weight_on_input"):
-        raise ConfigError([f"{where}.moe_apply_router_weight_on_input = true: not supported (nor by transformers 5.23)"])
+        raise ConfigError(
+            [f"{where}.moe_apply_router_weight_on_input = true: not supported (nor by transformers 5.23)"]
+        )
     gating = d.get("gating", True)
     if gating not in GATING:
         raise ConfigError([f"{where}.gating = {gating!r}: allowed: true, false, 'per-head', 'per-element'"])
@@ -98,7 +105,9 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
         rope["sliding_attention"] = rope_to_hf(sliding.rope)
     return {
         **hf_fields(cfg, MODEL_TYPE, ARCHITECTURE),
-        "intermediate_size": next((s.intermediate_size for s in cfg.layers if s.mlp == "gated"), first.intermediate_size),
+        "intermediate_size": next(
+            (s.intermediate_size for s in cfg.layers if s.mlp == "gated"), first.intermediate_size
+        ),
         "num_hidden_layers": cfg.num_layers,
         "num_attention_heads": max(s.num_heads for s in cfg.layers),
         "num_attention_heads_per_layer": [s.num_heads for s in cfg.layers],

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .hf_fields import require
 from .gqa_decoder import REQUIRED, base_layer, model_config, uniform_to_hf
+from .hf_fields import require
 
 MODEL_TYPE = "llama"
 ARCHITECTURE = "LlamaForCausalLM"

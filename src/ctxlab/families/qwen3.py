@@ -8,8 +8,8 @@ import dataclasses
 from typing import Any
 
 from ..config import ModelConfig
-from .hf_fields import require
 from .gqa_decoder import REQUIRED, base_layer, check_layer_types, model_config, uniform_to_hf
+from .hf_fields import require
 
 MODEL_TYPE = "qwen3"
 ARCHITECTURE = "Qwen3ForCausalLM"

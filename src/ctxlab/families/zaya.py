@@ -12,7 +12,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec
 from ..errors import ConfigError
-from .hf_fields import per_layer_problems, hf_fields, model_fields, parse_rope, require, rope_to_hf
+from .hf_fields import hf_fields, model_fields, parse_rope, per_layer_problems, require, rope_to_hf
 
 MODEL_TYPE = "zaya"
 ARCHITECTURE = "ZayaForCausalLM"

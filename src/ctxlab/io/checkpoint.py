@@ -22,10 +22,10 @@ from ..errors import CheckpointError
 from ..families import FAMILIES
 from ..model import CausalLM, check_dtype
 from . import layout
-from .layout import abbreviate, check_tensor_names
 from .config_file import load_config
 from .gguf import is_gguf
 from .gguf.loader import load_gguf
+from .layout import abbreviate, check_tensor_names
 from .writer import INDEX_FILE, SINGLE_FILE, model_tensor_shapes
 
 log = logging.getLogger("ctxlab")
@@ -194,5 +194,3 @@ def _is_consumer_kv(name: str, consumers: set[int]) -> bool:
         and parts[3] == "self_attn"
         and parts[4] in ("k_proj", "v_proj", "k_norm", "v_norm")
     )
-
-

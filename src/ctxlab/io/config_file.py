@@ -14,8 +14,8 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..families import FAMILIES
 from ..families.fields import check_fields
-from .gguf import hf_config, is_gguf, open_gguf
 from ..presets import did_you_mean, preset_names, preset_path
+from .gguf import hf_config, is_gguf, open_gguf
 
 NATIVE_MODEL_TYPE = "ctxlab"
 
@@ -65,7 +65,9 @@ def config_from_dict(d: dict[str, Any], name: str = "") -> ModelConfig:
     model_type = d.get("model_type")
     if model_type == NATIVE_MODEL_TYPE:
         if not isinstance(d.get("ctxlab"), dict):
-            raise ConfigError([f"{name or 'config'}: model_type 'ctxlab' needs the config object under the key 'ctxlab'"])
+            raise ConfigError(
+                [f"{name or 'config'}: model_type 'ctxlab' needs the config object under the key 'ctxlab'"]
+            )
         native = dict(d["ctxlab"])
         native["name"] = name or native.get("name", "")
         try:

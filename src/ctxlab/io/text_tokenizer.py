@@ -103,8 +103,12 @@ def load_tokenizer(path: str | Path) -> TextTokenizer:
 def gguf_text_tokenizer(path: Path) -> TextTokenizer:
     meta = read_gguf_tokenizer_fields(path)
     tokens = meta.get("tokenizer.ggml.tokens") or []
-    keys = {"bos_token": "bos_token_id", "eos_token": "eos_token_id", "unk_token": "unknown_token_id",
-            "pad_token": "padding_token_id"}  # fmt: skip
+    keys = {
+        "bos_token": "bos_token_id",
+        "eos_token": "eos_token_id",
+        "unk_token": "unknown_token_id",
+        "pad_token": "padding_token_id",
+    }
     special = {name: _token(tokens, meta.get(f"tokenizer.ggml.{key}")) for name, key in keys.items()}
     stops = tuple(
         i for i in (meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")) if i is not None

@@ -32,11 +32,21 @@ def cmd_train(args, console) -> int:
         model_config = load_config(args.config)
     task = make_task(args.task, **dict(args.task_param or []))
     cfg = TrainConfig(
-        steps=args.steps, micro_batch=args.micro_batch, grad_accum=args.grad_accum, lr=args.lr,
-        min_lr_ratio=args.min_lr_ratio, warmup_steps=args.warmup_steps, weight_decay=args.weight_decay,
-        grad_clip=args.grad_clip, bf16=args.bf16, seed=args.seed, checkpoint_every=args.checkpoint_every,
-        eval_every=args.eval_every, diagnostics_every=args.diagnostics_every, strategy=args.strategy,
-    )  # fmt: skip
+        steps=args.steps,
+        micro_batch=args.micro_batch,
+        grad_accum=args.grad_accum,
+        lr=args.lr,
+        min_lr_ratio=args.min_lr_ratio,
+        warmup_steps=args.warmup_steps,
+        weight_decay=args.weight_decay,
+        grad_clip=args.grad_clip,
+        bf16=args.bf16,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        eval_every=args.eval_every,
+        diagnostics_every=args.diagnostics_every,
+        strategy=args.strategy,
+    )
     result = train(model_config, task, cfg, args.out, resume=args.resume, model_transform=transform)
     if int(__import__("os").environ.get("RANK", "0")) == 0:
         speed = f"{result['tokens_per_s']:.0f} tokens/s; " if result["tokens_per_s"] else ""
@@ -54,8 +64,14 @@ def cmd_lab_run(args, console) -> int:
         torch.set_num_threads(args.threads)
     names = recipe_names() if args.recipes == ["all"] else args.recipes
     for name in names:
-        run_recipe(name, args.runs, budget=args.budget, tasks=args.tasks, seeds=args.seeds,
-                   log=lambda msg: print(msg, file=sys.stderr, flush=True))  # fmt: skip
+        run_recipe(
+            name,
+            args.runs,
+            budget=args.budget,
+            tasks=args.tasks,
+            seeds=args.seeds,
+            log=lambda msg: print(msg, file=sys.stderr, flush=True),
+        )
     return 0
 
 
@@ -73,11 +89,15 @@ def cmd_lab_report(args, console) -> int:
 
 
 def add_commands(sub, fmt) -> None:
-    t = sub.add_parser("train", formatter_class=fmt, help="train a model on a lab task (one process or torchrun)",
-                       description="Train a fresh model (a lab recipe or a config) on a task; writes metrics.jsonl, "
-                       "an atomic checkpoint.pt and result.json into --out, and resumes from the checkpoint when "
-                       "rerun. Under `torchrun --nproc-per-node N -m ctxlab.cli train ...` each process takes its "
-                       "slice of the global batch (DDP, gloo on CPU, or --strategy fsdp).")  # fmt: skip
+    t = sub.add_parser(
+        "train",
+        formatter_class=fmt,
+        help="train a model on a lab task (one process or torchrun)",
+        description="Train a fresh model (a lab recipe or a config) on a task; writes metrics.jsonl, "
+        "an atomic checkpoint.pt and result.json into --out, and resumes from the checkpoint when "
+        "rerun. Under `torchrun --nproc-per-node N -m ctxlab.cli train ...` each process takes its "
+        "slice of the global batch (DDP, gloo on CPU, or --strategy fsdp).",
+    )
     model = t.add_mutually_exclusive_group(required=True)
     model.add_argument("--recipe", help="lab recipe name (see `ctxlab lab run --help`) or recipe .json file")
     model.add_argument("--config", help="preset name, config.json path or checkpoint directory")
@@ -114,9 +134,13 @@ def add_commands(sub, fmt) -> None:
 
     lab = sub.add_parser("lab", formatter_class=fmt, help="the mechanism study: run recipes, report the comparison")
     lab_sub = lab.add_subparsers(dest="lab_command", required=True, metavar="LAB_COMMAND")
-    r = lab_sub.add_parser("run", formatter_class=fmt, help="train recipes on the study's tasks and seeds",
-                           description="Train each RECIPE on every task of the study (src/ctxlab/lab/study.json) "
-                           "for every seed; finished runs are skipped and interrupted ones resume.")  # fmt: skip
+    r = lab_sub.add_parser(
+        "run",
+        formatter_class=fmt,
+        help="train recipes on the study's tasks and seeds",
+        description="Train each RECIPE on every task of the study (src/ctxlab/lab/study.json) "
+        "for every seed; finished runs are skipped and interrupted ones resume.",
+    )
     r.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe names or .json files, or 'all'")
     r.add_argument("--runs", default="runs/lab", help="directory of the study's runs")
     r.add_argument("--budget", choices=("full", "reduced", "ci"), default="full", help="steps per run (study.json)")
@@ -124,9 +148,13 @@ def add_commands(sub, fmt) -> None:
     r.add_argument("--seeds", nargs="+", type=int, help="seeds (None = the study's: 0 1 2)")
     r.add_argument("--threads", type=int, help="torch threads (None = torch's default; 1 is faster on a busy machine)")
     r.set_defaults(func=cmd_lab_run)
-    p = lab_sub.add_parser("report", formatter_class=fmt, help="table, significance and plots of a study",
-                           description="Mean ± std over seeds per recipe and metric, Welch's t-test marks against "
-                           "the baseline, plots; written into --out between the lab-report markers.")  # fmt: skip
+    p = lab_sub.add_parser(
+        "report",
+        formatter_class=fmt,
+        help="table, significance and plots of a study",
+        description="Mean ± std over seeds per recipe and metric, Welch's t-test marks against "
+        "the baseline, plots; written into --out between the lab-report markers.",
+    )
     p.add_argument("--runs", default="runs/lab", help="directory of the study's runs")
     p.add_argument("--out", default="docs/lab.md", help="markdown file to write (the marked block is replaced)")
     p.add_argument("--plots", default="docs/lab", help="directory for the PNG plots")

@@ -51,9 +51,16 @@ class Recipe:
         return TRANSFORMS[self.transform] if self.transform else None
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "mechanism": self.mechanism, "description": self.description,
-                "baseline": self.baseline, "transform": self.transform, "matched": self.matched,
-                "costs": self.costs(), "config": self.config.to_dict()}  # fmt: skip
+        return {
+            "name": self.name,
+            "mechanism": self.mechanism,
+            "description": self.description,
+            "baseline": self.baseline,
+            "transform": self.transform,
+            "matched": self.matched,
+            "costs": self.costs(),
+            "config": self.config.to_dict(),
+        }
 
 
 def recipe_dir():
@@ -100,8 +107,11 @@ def _resolve(raw: dict, seen: tuple[str, ...] = ()) -> tuple[dict, str]:
     if raw["base"] in seen:
         raise ValueError(f"recipe {raw['name']!r}: base chain loops through {raw['base']!r}")
     base, root = _resolve(_read(raw["base"]), (*seen, raw["name"]))
-    merged = {**base, "model": {**base.get("model", {}), **raw.get("model", {})},
-              "layer": {**base.get("layer", {}), **raw.get("layer", {})}}  # fmt: skip
+    merged = {
+        **base,
+        "model": {**base.get("model", {}), **raw.get("model", {})},
+        "layer": {**base.get("layer", {}), **raw.get("layer", {})},
+    }
     for key in ("name", "mechanism", "description", "layers", "num_layers", "transform", "match"):
         if key in raw:
             merged[key] = raw[key]
@@ -135,8 +145,19 @@ def load_recipe(name_or_path: str) -> Recipe:
         exact = WIDTH_STEP + (target - p1) * WIDTH_STEP / (p2 - p1)
         width = max(WIDTH_STEP, WIDTH_STEP * round(exact / WIDTH_STEP))
         cfg = _config(merged, width)
-        matched = {"field": "intermediate_size", "value": width,
-                   "baseline_value": base_cfg.layers[0].intermediate_size,
-                   "params": count_params(cfg)["total"], "baseline_params": target}  # fmt: skip
-    return Recipe(merged["name"], merged.get("mechanism", merged["name"]), merged.get("description", ""), cfg,
-                  root, merged.get("transform"), matched)  # fmt: skip
+        matched = {
+            "field": "intermediate_size",
+            "value": width,
+            "baseline_value": base_cfg.layers[0].intermediate_size,
+            "params": count_params(cfg)["total"],
+            "baseline_params": target,
+        }
+    return Recipe(
+        merged["name"],
+        merged.get("mechanism", merged["name"]),
+        merged.get("description", ""),
+        cfg,
+        root,
+        merged.get("transform"),
+        matched,
+    )

@@ -54,8 +54,13 @@ def summarize(runs: str | Path, baseline: str = "gqa") -> dict:
     for recipe, tasks in sorted(data.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
         any_result = next(iter(tasks.values()))[0]
         info = any_result["recipe"]
-        row = {"recipe": recipe, "mechanism": info["mechanism"], **info["costs"], "matched": info["matched"],
-               "metrics": {}}  # fmt: skip
+        row = {
+            "recipe": recipe,
+            "mechanism": info["mechanism"],
+            **info["costs"],
+            "matched": info["matched"],
+            "metrics": {},
+        }
         for column, task, key, higher in METRICS:
             vals = _values(tasks.get(task, []), key)
             if not vals:
@@ -64,8 +69,14 @@ def summarize(runs: str | Path, baseline: str = "gqa") -> dict:
             p = None
             if recipe != baseline and task in data.get(baseline, {}):
                 p = welch_p(vals, _values(data[baseline][task], key))
-            row["metrics"][column] = {"mean": mean, "std": std, "n": len(vals), "values": vals, "p": p,
-                                      "significant": p is not None and p < ALPHA}  # fmt: skip
+            row["metrics"][column] = {
+                "mean": mean,
+                "std": std,
+                "n": len(vals),
+                "values": vals,
+                "p": p,
+                "significant": p is not None and p < ALPHA,
+            }
         row["diagnostics"] = _diagnostics(runs, recipe, tasks)
         rows.append(row)
     meta = _meta(runs, data)
@@ -97,18 +108,29 @@ def _meta(runs, data: dict) -> dict:
     for tasks in data.values():
         for task, rs in tasks.items():
             r = rs[0]
-            plans[task] = {"steps": r["train"]["steps"], "global_batch": r["global_batch"],
-                           "seq_len": r["task"]["seq_len"], "tokens": r["tokens"], "task": r["task"]}  # fmt: skip
+            plans[task] = {
+                "steps": r["train"]["steps"],
+                "global_batch": r["global_batch"],
+                "seq_len": r["task"]["seq_len"],
+                "tokens": r["tokens"],
+                "task": r["task"],
+            }
     for plan in plans.values():  # the code task's description carries the corpus summary; keep it once
         plan["task"] = {k: v for k, v in plan["task"].items() if k != "corpus"}
     return {
-        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs", "torch": first.get("torch"),
-        "python": first.get("python"), "threads": first.get("threads"), "budgets": budgets, "plans": plans,
-        "corpus": {k: manifest.get(k) for k in ("sha256", "files", "heldout_files", "train_bytes", "heldout_bytes",
-                                                   "python", "heldout_every")},
+        "machine": f"{platform.machine()}, {__import__('os').cpu_count()} CPUs",
+        "torch": first.get("torch"),
+        "python": first.get("python"),
+        "threads": first.get("threads"),
+        "budgets": budgets,
+        "plans": plans,
+        "corpus": {
+            k: manifest.get(k)
+            for k in ("sha256", "files", "heldout_files", "train_bytes", "heldout_bytes", "python", "heldout_every")
+        },
         "runs": sum(len(rs) for tasks in data.values() for rs in tasks.values()),
         "train_seconds": sum(r["train_seconds"] for tasks in data.values() for rs in tasks.values() for r in rs),
-    }  # fmt: skip
+    }
 
 
 def _cell(m: dict | None, digits: int) -> str:
@@ -120,13 +142,22 @@ def _cell(m: dict | None, digits: int) -> str:
 
 def markdown(summary: dict, plot_paths: dict[str, str] | None = None) -> str:
     rows, meta = summary["rows"], summary["meta"]
-    head = ["mechanism", "params", "KV bytes/token", f"decode MFLOPs/token @{summary['cost_context'] // 1024}K",
-            *[c for c, *_ in METRICS]]  # fmt: skip
+    head = [
+        "mechanism",
+        "params",
+        "KV bytes/token",
+        f"decode MFLOPs/token @{summary['cost_context'] // 1024}K",
+        *[c for c, *_ in METRICS],
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     digits = {"MQAR acc": 3, "passkey acc @T": 3, "passkey acc @2T": 3, "held-out bits/byte": 3, "train tok/s": 0}
     for r in rows:
-        cells = [f"{r['mechanism']} (`{r['recipe']}`)", f"{r['params']:,}", f"{r['kv_bytes_per_token']:,.1f}",
-                 f"{r['decode_flops_4k'] / 1e6:.2f}"]  # fmt: skip
+        cells = [
+            f"{r['mechanism']} (`{r['recipe']}`)",
+            f"{r['params']:,}",
+            f"{r['kv_bytes_per_token']:,.1f}",
+            f"{r['decode_flops_4k'] / 1e6:.2f}",
+        ]
         cells += [_cell(r["metrics"].get(c), digits[c]) for c, *_ in METRICS]
         lines.append("| " + " | ".join(cells) + " |")
     n = max((m["n"] for r in rows for m in r["metrics"].values()), default=0)
@@ -204,10 +235,17 @@ def plot_tradeoff(summary: dict, path: str | Path) -> None:
         m = r["metrics"].get("held-out bits/byte")
         if m is None:
             continue
-        ax.errorbar(r["kv_bytes_per_token"], m["mean"], yerr=m["std"], fmt="o", capsize=3,
-                    color=_color(plt, summary, r["recipe"], i))  # fmt: skip
-        ax.annotate(r["recipe"], (r["kv_bytes_per_token"], m["mean"]), textcoords="offset points", xytext=(4, 4),
-                    fontsize=8)  # fmt: skip
+        ax.errorbar(
+            r["kv_bytes_per_token"],
+            m["mean"],
+            yerr=m["std"],
+            fmt="o",
+            capsize=3,
+            color=_color(plt, summary, r["recipe"], i),
+        )
+        ax.annotate(
+            r["recipe"], (r["kv_bytes_per_token"], m["mean"]), textcoords="offset points", xytext=(4, 4), fontsize=8
+        )
     ax.set_xscale("log")
     ax.set_xlabel(f"KV-cache bytes per token (bfloat16, {summary['cost_context']}-token context)")
     ax.set_ylabel("held-out bits per byte (stdlib .py)")
@@ -230,15 +268,23 @@ def plot_losses(runs: str | Path, summary: dict, path: str | Path) -> None:
     fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         for i, recipe in enumerate(r["recipe"] for r in summary["rows"]):
-            curves = [[rec["loss"] for rec in _metric_lines(runs, recipe, task, res["train"]["seed"])]
-                      for res in data[recipe].get(task, [])]  # fmt: skip
+            curves = [
+                [rec["loss"] for rec in _metric_lines(runs, recipe, task, res["train"]["seed"])]
+                for res in data[recipe].get(task, [])
+            ]
             curves = [c for c in curves if c]
             if not curves:
                 continue
             n = min(map(len, curves))
             mean = [sum(c[j] for c in curves) / len(curves) for j in range(n)]
-            ax.plot(range(1, n + 1), mean, label=recipe, lw=2.2 if recipe == summary["baseline"] else 1.0,
-                    color=_color(plt, summary, recipe, i), ls=("-", "--", ":")[i % 3])  # fmt: skip
+            ax.plot(
+                range(1, n + 1),
+                mean,
+                label=recipe,
+                lw=2.2 if recipe == summary["baseline"] else 1.0,
+                color=_color(plt, summary, recipe, i),
+                ls=("-", "--", ":")[i % 3],
+            )
         ax.set_title(f"{task}: training loss (mean over seeds)")
         ax.set_xlabel("step")
         ax.set_ylabel("loss (nats / supervised token)")

@@ -43,8 +43,15 @@ def run_plan(budget: str, tasks: list[str] | None = None) -> list[tuple[str, dic
     return plan
 
 
-def run_recipe(name: str, runs: str | Path, budget: str = "full", tasks: list[str] | None = None,
-               seeds: list[int] | None = None, progress: bool | None = None, log=print) -> list[dict]:  # fmt: skip
+def run_recipe(
+    name: str,
+    runs: str | Path,
+    budget: str = "full",
+    tasks: list[str] | None = None,
+    seeds: list[int] | None = None,
+    progress: bool | None = None,
+    log=print,
+) -> list[dict]:
     """Train recipe ``name`` on every planned task x seed; returns the results (skipped runs included)."""
     recipe = load_recipe(name)
     runs = Path(runs)
@@ -66,8 +73,16 @@ def run_recipe(name: str, runs: str | Path, budget: str = "full", tasks: list[st
                     continue
             start = time.perf_counter()
             extra = {"recipe": recipe.to_dict(), "budget": budget}
-            result = train(recipe.config, task, cfg, out, resume=True, progress=progress,
-                           model_transform=recipe.model_transform(), extra_result=extra)  # fmt: skip
+            result = train(
+                recipe.config,
+                task,
+                cfg,
+                out,
+                resume=True,
+                progress=progress,
+                model_transform=recipe.model_transform(),
+                extra_result=extra,
+            )
             speed = f", {result['tokens_per_s']:.0f} tok/s" if result["tokens_per_s"] else ""
             log(
                 f"{recipe.name} {task_name} seed {seed}: {_headline(result)} ({time.perf_counter() - start:.0f} s{speed})"

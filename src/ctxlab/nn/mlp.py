@@ -25,9 +25,13 @@ class GatedMLP(nn.Module):
     EXPERTS_INSIDE = False  # a LayerSpec.moe beside this MLP is a separate branch of the block
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, activation: str = "silu", bias: bool = False,
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        activation: str = "silu",
+        bias: bool = False,
         limit: float | None = None,
-    ):  # fmt: skip
+    ):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)

@@ -221,7 +221,9 @@ class EDARouter(nn.Module):
     @staticmethod
     def validate(at: str, moe: MoESpec) -> list[str]:
         if moe.router_hidden_size <= 0:
-            return [f"{at}.moe.router_hidden_size = {moe.router_hidden_size}: the mlp_eda router needs a positive width"]
+            return [
+                f"{at}.moe.router_hidden_size = {moe.router_hidden_size}: the mlp_eda router needs a positive width"
+            ]
         return []
 
 

@@ -219,8 +219,10 @@ class HyperConnection(nn.Module):
             p.append(f"residual = 'mhc', hc_mult = {cfg.hc_mult!r}: mHC needs hc_mult >= 1 streams")
         joining = [name for name, block in BLOCK_KINDS.items() if block.JOINS_STREAMS]
         if any(not BLOCK_KINDS[s.block].JOINS_STREAMS for s in cfg.layers if s.block in BLOCK_KINDS):
-            p.append(f"residual = 'mhc' needs block = {' or '.join(map(repr, joining))} in every layer "
-                     "(the block that joins the streams)")  # fmt: skip
+            p.append(
+                f"residual = 'mhc' needs block = {' or '.join(map(repr, joining))} in every layer "
+                "(the block that joins the streams)"
+            )
         return p
 
 
@@ -249,7 +251,9 @@ class HyperHead(nn.Module):
             return mhc_fused.collapse(self, x)
         flat = x.flatten(2).float()
         flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
-        pre = torch.sigmoid(F.linear(flat, self.hc_fn.float()) * self.hc_scale.float() + self.hc_base.float()) + self.eps
+        pre = (
+            torch.sigmoid(F.linear(flat, self.hc_fn.float()) * self.hc_scale.float() + self.hc_base.float()) + self.eps
+        )
         return (pre[..., None] * x).sum(dim=2).to(x.dtype)
 
     @staticmethod

@@ -10,11 +10,10 @@ and ``_compute_yarn_parameters`` (Peng et al. 2023, YaRN). Rotation is the rotat
 from __future__ import annotations
 
 import math
-
-import torch
-
 from collections.abc import Callable
 from dataclasses import dataclass
+
+import torch
 
 from ..config import LayerSpec, RopeSpec, yarn_mscale
 from ..registry import ROPE_TYPES

@@ -36,9 +36,15 @@ def list_presets(include_tiny: bool = True) -> list[dict]:
     for name in preset_names(include_tiny):
         cfg = load_config(name)
         params = count_params(cfg)
-        rows.append({
-            "name": name, "family": cfg.family, "params_total": params["total"], "params_active": params["active"],
-            "num_layers": cfg.num_layers, "trained_context": cfg.max_position_embeddings,
-            "description": DESCRIPTIONS.get(name, ""),
-        })  # fmt: skip
+        rows.append(
+            {
+                "name": name,
+                "family": cfg.family,
+                "params_total": params["total"],
+                "params_active": params["active"],
+                "num_layers": cfg.num_layers,
+                "trained_context": cfg.max_position_embeddings,
+                "description": DESCRIPTIONS.get(name, ""),
+            }
+        )
     return rows

@@ -15,7 +15,15 @@ from ..io.config_file import load_config
 from ..model import build_model
 from ..registry import ATTENTION_KINDS
 
-FAMILY_PRESETS = ("llama-3-8b", "qwen3-8b", "gemma4-e2b", "laguna-xs2", "zaya1-8b", "deepseek-v3.2", "deepseek-v4-flash")
+FAMILY_PRESETS = (
+    "llama-3-8b",
+    "qwen3-8b",
+    "gemma4-e2b",
+    "laguna-xs2",
+    "zaya1-8b",
+    "deepseek-v3.2",
+    "deepseek-v4-flash",
+)
 
 
 def tiny_like(cfg: ModelConfig, hidden: int = 32, vocab: int = 64) -> ModelConfig:
@@ -24,11 +32,16 @@ def tiny_like(cfg: ModelConfig, hidden: int = 32, vocab: int = 64) -> ModelConfi
     that share K/V still agree."""
     layers = tuple(_tiny_layer(s) for s in cfg.layers)
     return cfg.replace(
-        hidden_size=hidden, vocab_size=vocab, layers=layers, bos_token_id=None, eos_token_id=(), pad_token_id=None,
+        hidden_size=hidden,
+        vocab_size=vocab,
+        layers=layers,
+        bos_token_id=None,
+        eos_token_id=(),
+        pad_token_id=None,
         per_layer_input_size=4 if cfg.per_layer_input_size else 0,
         per_layer_vocab_size=vocab if cfg.per_layer_input_size else None,
         name=f"tiny {cfg.name}",
-    )  # fmt: skip
+    )
 
 
 def _tiny_layer(s: LayerSpec) -> LayerSpec:
@@ -39,9 +52,15 @@ def _tiny_layer(s: LayerSpec) -> LayerSpec:
     if s.moe is not None:
         m = s.moe
         moe = dataclasses.replace(
-            m, num_experts=4, top_k=min(m.top_k, 2), intermediate_size=8, n_group=1, topk_group=1,
-            shared_expert_size=8 if m.shared_expert_size else 0, router_hidden_size=8 if m.router_hidden_size else 0,
-        )  # fmt: skip
+            m,
+            num_experts=4,
+            top_k=min(m.top_k, 2),
+            intermediate_size=8,
+            n_group=1,
+            topk_group=1,
+            shared_expert_size=8 if m.shared_expert_size else 0,
+            router_hidden_size=8 if m.router_hidden_size else 0,
+        )
     changes = dict(num_heads=kv * group, num_kv_heads=kv, head_dim=head_dim, intermediate_size=16, moe=moe)
     changes.update(ATTENTION_KINDS[s.attention].shrink(s))  # the kind's own sub-specs, shrunk
     return dataclasses.replace(s, **changes)
@@ -57,9 +76,13 @@ def measured_cache(name: str, tokens: int = 2048, seed: int = 0) -> dict:
     with torch.no_grad():
         model(ids, cache=cache, last_only=True)
     return {
-        "model": name, "tokens": tokens, "layers": tiny.num_layers, "cache_nbytes": cache.nbytes(),
-        "analytic_bytes": kv_cache_bytes(tiny, tokens, "float32"), "seconds": time.perf_counter() - start,
-    }  # fmt: skip
+        "model": name,
+        "tokens": tokens,
+        "layers": tiny.num_layers,
+        "cache_nbytes": cache.nbytes(),
+        "analytic_bytes": kv_cache_bytes(tiny, tokens, "float32"),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 __all__ = ["FAMILY_PRESETS", "measured_cache", "tiny_like"]

@@ -25,15 +25,23 @@ def report_row(name: str, context: int, dtype: str, batch_size: int) -> dict:
     cfg = load_config(name)
     params = count_params(cfg)
     return {
-        "model": name, "family": cfg.family, "num_layers": cfg.num_layers,
-        "params_total": params["total"], "params_effective": params["effective"], "params_active": params["active"],
+        "model": name,
+        "family": cfg.family,
+        "num_layers": cfg.num_layers,
+        "params_total": params["total"],
+        "params_effective": params["effective"],
+        "params_active": params["active"],
         "kv_bytes_per_token_naive": (  # the growth per token: fixed decode state excluded
             kv_cache_bytes(cfg, 2, dtype, convention="naive") - kv_cache_bytes(cfg, 1, dtype, convention="naive")
         ),
         "kv_bytes_realized": kv_cache_bytes(cfg, context, dtype, batch_size),
         "kv_bytes_naive": kv_cache_bytes(cfg, context, dtype, batch_size, convention="naive"),
-        "decode_flops": decode_flops(cfg, context), "context": context, "dtype": dtype, "batch_size": batch_size,
-        "trained_context": cfg.max_position_embeddings, "beyond_trained_context": context > cfg.max_position_embeddings,
+        "decode_flops": decode_flops(cfg, context),
+        "context": context,
+        "dtype": dtype,
+        "batch_size": batch_size,
+        "trained_context": cfg.max_position_embeddings,
+        "beyond_trained_context": context > cfg.max_position_embeddings,
     }
 
 
@@ -45,11 +53,13 @@ def sharing_row(name: str, context: int, dtype: str) -> dict | None:
         return None
     estimate = PUBLISHED_SHARING_ESTIMATES.get(name)
     return {
-        "model": name, "consumer_layers": consumers,
+        "model": name,
+        "consumer_layers": consumers,
         "saving_realized": kv_sharing_saving(cfg, context, dtype, "realized"),
         "saving_uncapped": kv_sharing_saving(cfg, context, dtype, "uncapped"),
         "saving_uniform_estimator": estimate.estimate.saving(cfg, context, dtype) if estimate else None,
-        "published": estimate.published if estimate else None, "source": estimate.source if estimate else None,
+        "published": estimate.published if estimate else None,
+        "source": estimate.source if estimate else None,
     }
 
 
@@ -60,7 +70,8 @@ def head_budget_row(name: str, context: int) -> dict | None:
     if uniform is None:
         return None
     return {
-        "model": name, "heads_per_layer": [s.num_heads for s in cfg.layers],
+        "model": name,
+        "heads_per_layer": [s.num_heads for s in cfg.layers],
         "uniform_heads": uniform.layers[0].num_heads,
         "attention_flops": decode_flops_terms(cfg, context)["attention"],
         "attention_flops_uniform": decode_flops_terms(uniform, context)["attention"],
@@ -71,10 +82,19 @@ def layer_rows(cfg, context: int, dtype: str) -> list[dict]:
     per_layer = kv_cache_bytes_per_layer(cfg, context, dtype)
     return [
         {
-            "layer": i, "attention": s.attention, "num_heads": s.num_heads, "num_kv_heads": s.num_kv_heads,
-            "head_dim": s.head_dim, "window": s.window, "rope_type": s.rope.type, "rope_theta": s.rope.theta,
-            "kv_source": s.kv_source, "cache_kind": layer_cache_spec(s).kind, "cache_bytes": nbytes,
-            "attention_variant": attention_variant(s), "compress_ratio": s.compress.ratio if s.compress else None,
+            "layer": i,
+            "attention": s.attention,
+            "num_heads": s.num_heads,
+            "num_kv_heads": s.num_kv_heads,
+            "head_dim": s.head_dim,
+            "window": s.window,
+            "rope_type": s.rope.type,
+            "rope_theta": s.rope.theta,
+            "kv_source": s.kv_source,
+            "cache_kind": layer_cache_spec(s).kind,
+            "cache_bytes": nbytes,
+            "attention_variant": attention_variant(s),
+            "compress_ratio": s.compress.ratio if s.compress else None,
         }
         for i, (s, nbytes) in enumerate(zip(cfg.layers, per_layer))
     ]
@@ -117,10 +137,11 @@ def head_budget_line(cfg, context: int) -> str:
     if uniform is None:
         return ""
     ours, even = (decode_flops_terms(c, context)["attention"] / 1e9 for c in (cfg, uniform))
-    return (f"query heads per layer vary ({min(s.num_heads for s in cfg.layers)}-{max(s.num_heads for s in cfg.layers)}):"
-            f" decode attention {ours:,.2f} GFLOP at position {context:,} vs {even:,.2f} with "
-            f"{uniform.layers[0].num_heads} heads on every layer\n")
-
+    return (
+        f"query heads per layer vary ({min(s.num_heads for s in cfg.layers)}-{max(s.num_heads for s in cfg.layers)}):"
+        f" decode attention {ours:,.2f} GFLOP at position {context:,} vs {even:,.2f} with "
+        f"{uniform.layers[0].num_heads} heads on every layer\n"
+    )
 
 
 def deployed_row(name: str, context: int) -> dict | None:
@@ -130,11 +151,14 @@ def deployed_row(name: str, context: int) -> dict | None:
         return None
     cfg = load_config(name)
     return {
-        "model": name, "format": fmt.name, "source": fmt.source, "context": context,
+        "model": name,
+        "format": fmt.name,
+        "source": fmt.source,
+        "context": context,
         "bytes_per_token_per_layer": sorted({fmt.bytes_per_token(layer_cache_spec(s)) for s in cfg.layers}),
         "kv_bytes_deployed": kv_cache_bytes_stored(cfg, context, fmt),
         "kv_bytes_bf16": kv_cache_bytes(cfg, context, "bfloat16"),
-    }  # fmt: skip
+    }
 
 
 def baseline_rows(name: str, context: int, dtype: str) -> list[dict]:
@@ -145,12 +169,15 @@ def baseline_rows(name: str, context: int, dtype: str) -> list[dict]:
     rows = []
     for label, variant in {name: cfg, **same_width_baselines(cfg)}.items():
         per_token = kv_cache_bytes(variant, 2, dtype) - kv_cache_bytes(variant, 1, dtype)
-        rows.append({
-            "model": name, "attention": label,
-            "kv_bytes_per_token_per_layer": per_token // variant.num_layers,
-            "kv_bytes": kv_cache_bytes(variant, context, dtype),
-            "attention_flops": decode_flops_terms(variant, context)["attention"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "attention": label,
+                "kv_bytes_per_token_per_layer": per_token // variant.num_layers,
+                "kv_bytes": kv_cache_bytes(variant, context, dtype),
+                "attention_flops": decode_flops_terms(variant, context)["attention"],
+            }
+        )
     return rows
 
 
@@ -165,10 +192,17 @@ def published_ratio_row(name: str, context: int) -> dict | None:
     kv = kv_cache_bytes_stored(cfg, context, DEPLOYED_FORMATS[name])
     base_kv = kv_cache_bytes_stored(base, context, DEPLOYED_FORMATS[baseline])
     return {
-        "model": name, "baseline": baseline, "context": context, "published": published, "source": source,
-        "kv_bytes_deployed": kv, "baseline_kv_bytes_deployed": base_kv, "kv_ratio_deployed": kv / base_kv,
+        "model": name,
+        "baseline": baseline,
+        "context": context,
+        "published": published,
+        "source": source,
+        "kv_bytes_deployed": kv,
+        "baseline_kv_bytes_deployed": base_kv,
+        "kv_ratio_deployed": kv / base_kv,
         "kv_ratio_bf16": kv_cache_bytes(cfg, context, "bfloat16") / kv_cache_bytes(base, context, "bfloat16"),
         "flops_ratio_raw": sum(terms.values()) / sum(base_terms.values()),
         "flops_ratio_weighted": PRECISION_WEIGHTS[name].weigh(terms) / PRECISION_WEIGHTS[baseline].weigh(base_terms),
-        "precision_convention": PRECISION_WEIGHTS[name].note, "baseline_precision_convention": PRECISION_WEIGHTS[baseline].note,
-    }  # fmt: skip
+        "precision_convention": PRECISION_WEIGHTS[name].note,
+        "baseline_precision_convention": PRECISION_WEIGHTS[baseline].note,
+    }

@@ -52,8 +52,10 @@ def fit(table: Table, console: Console, drop_order: list[str] | None = None) -> 
             dropped.append(header)
     _set_widths(table, console)
     if dropped:
-        note = (f"columns left out at {console.width} terminal columns: {', '.join(dropped)} "
-                "(widen the terminal, set COLUMNS, or use --json)")  # fmt: skip
+        note = (
+            f"columns left out at {console.width} terminal columns: {', '.join(dropped)} "
+            "(widen the terminal, set COLUMNS, or use --json)"
+        )
         table.caption = f"{table.caption}\n{note}" if table.caption else note
     return table
 

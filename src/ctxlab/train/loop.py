@@ -63,8 +63,13 @@ def _load_state(model, optimizer, model_state, optim_state, fsdp: bool) -> None:
     if fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state,
-                       options=StateDictOptions(full_state_dict=True))  # fmt: skip
+        set_state_dict(
+            model,
+            optimizer,
+            model_state_dict=model_state,
+            optim_state_dict=optim_state,
+            options=StateDictOptions(full_state_dict=True),
+        )
         return
     model.load_state_dict(model_state)
     optimizer.load_state_dict(optim_state)
@@ -165,8 +170,14 @@ def train(
             train_seconds += seconds
             trained_steps += 1
             done = step + 1
-            record = {"step": done, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
-                      "tokens": done * tokens_per_step, "tokens_per_s": tokens_per_step / seconds}  # fmt: skip
+            record = {
+                "step": done,
+                "loss": loss_value,
+                "lr": lr,
+                "grad_norm": float(grad_norm),
+                "tokens": done * tokens_per_step,
+                "tokens_per_s": tokens_per_step / seconds,
+            }
             if has_hc and cfg.diagnostics_every and (done % cfg.diagnostics_every == 0 or done == 1):
                 record.update(residual_gains(model, mb.inputs[:2].to(world.device)))
             if (cfg.eval_every and done % cfg.eval_every == 0) or done == cfg.steps:
@@ -182,10 +193,17 @@ def train(
                 model_state, optim_state = _state(model, optimizer, world, fsdp)
                 if world.main:
                     checkpoint.save_atomic(
-                        {"model": model_state, "optimizer": optim_state, "scheduler": scheduler.state_dict(),
-                         "step": done, "examples": done * global_batch, "rng": checkpoint.rng_states(),
-                         "train_config": cfg.to_dict()}, ckpt_path,
-                    )  # fmt: skip
+                        {
+                            "model": model_state,
+                            "optimizer": optim_state,
+                            "scheduler": scheduler.state_dict(),
+                            "step": done,
+                            "examples": done * global_batch,
+                            "rng": checkpoint.rng_states(),
+                            "train_config": cfg.to_dict(),
+                        },
+                        ckpt_path,
+                    )
                 distributed.barrier(world)
             bar.update(done, loss_value, tokens_per_step / seconds)
     finally:
@@ -198,13 +216,20 @@ def train(
         with autocast:
             last_eval = task.evaluate(model)
     result = {
-        "task": task.describe(), "train": cfg.to_dict(), "eval": last_eval,
-        "params": count_params(model_config)["total"], "world_size": world.size,
-        "global_batch": global_batch, "tokens": cfg.steps * tokens_per_step,
+        "task": task.describe(),
+        "train": cfg.to_dict(),
+        "eval": last_eval,
+        "params": count_params(model_config)["total"],
+        "world_size": world.size,
+        "global_batch": global_batch,
+        "tokens": cfg.steps * tokens_per_step,
         "tokens_per_s": trained_steps * tokens_per_step / train_seconds if train_seconds else None,
-        "train_seconds": train_seconds, "torch": torch.__version__, "python": platform.python_version(),
-        "threads": torch.get_num_threads(), **(extra_result or {}),
-    }  # fmt: skip
+        "train_seconds": train_seconds,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads": torch.get_num_threads(),
+        **(extra_result or {}),
+    }
     if world.main:
         tmp = out / (RESULT + ".tmp")
         tmp.write_text(json.dumps(result, indent=1))

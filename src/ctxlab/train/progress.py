@@ -14,11 +14,16 @@ class TrainProgress:
         self._bar = None
         if self.enabled:
             self._bar = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
-                TextColumn("ETA"), TimeRemainingColumn(),
-                console=Console(file=sys.stderr), transient=False,
-            )  # fmt: skip
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}"),
+                TextColumn("{task.fields[tps]} tok/s"),
+                TextColumn("ETA"),
+                TimeRemainingColumn(),
+                console=Console(file=sys.stderr),
+                transient=False,
+            )
             self._bar.start()
             self._id = self._bar.add_task(description, total=total, completed=start, loss="-", tps="-")
 

@@ -57,5 +57,3 @@ def hf_config(f: GGUFFile, arch: Architecture) -> dict[str, Any]:
     """The HF ``config.json`` dict a GGUF file's metadata describes (its family's ``from_hf`` parses it)."""
     shapes = {n: t.shape for n, t in f.tensors.items()}
     return arch.config(f.metadata, shapes)
-
-

@@ -138,8 +138,11 @@ def _rope(meta: dict[str, Any], arch: str, theta: float, where: str) -> dict[str
     if kind == "linear":
         params.update(rope_type="linear", factor=float(_get(meta, arch, "rope.scaling.factor")))
     elif kind == "yarn":
-        params.update(rope_type="yarn", factor=float(_get(meta, arch, "rope.scaling.factor")),
-                      original_max_position_embeddings=_get(meta, arch, "rope.scaling.original_context_length"))  # fmt: skip
+        params.update(
+            rope_type="yarn",
+            factor=float(_get(meta, arch, "rope.scaling.factor")),
+            original_max_position_embeddings=_get(meta, arch, "rope.scaling.original_context_length"),
+        )
     elif kind != "none":
         raise ConfigError(
             [f"{where}: {arch}.rope.scaling.type = {kind!r} is not supported (allowed: none, linear, yarn)"]

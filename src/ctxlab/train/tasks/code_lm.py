@@ -43,11 +43,16 @@ def gather(root: str | None = None, heldout_every: int = 20) -> dict:
         parts[split].append(data)
     tensors = {k: torch.frombuffer(bytearray(b"\n".join(v)), dtype=torch.uint8) for k, v in parts.items()}
     manifest = {
-        "python": platform.python_version(), "root": str(base), "heldout_every": heldout_every,
-        "files": len(files), "heldout_files": sum(f["split"] == "heldout" for f in files),
-        "train_bytes": tensors["train"].numel(), "heldout_bytes": tensors["heldout"].numel(),
-        "sha256": corpus_hash.hexdigest(), "file_list": files,
-    }  # fmt: skip
+        "python": platform.python_version(),
+        "root": str(base),
+        "heldout_every": heldout_every,
+        "files": len(files),
+        "heldout_files": sum(f["split"] == "heldout" for f in files),
+        "train_bytes": tensors["train"].numel(),
+        "heldout_bytes": tensors["heldout"].numel(),
+        "sha256": corpus_hash.hexdigest(),
+        "file_list": files,
+    }
     return {"manifest": manifest, **tensors}
 
 

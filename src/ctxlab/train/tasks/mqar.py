@@ -60,5 +60,10 @@ class MQAR(Task):
         return {"mqar_accuracy": correct / total}
 
     def describe(self) -> dict:
-        return {"name": self.name, "seq_len": self.seq_len, "pairs": self.pairs, "vocab_size": self.vocab_size,
-                "eval_examples": self.eval_examples}  # fmt: skip
+        return {
+            "name": self.name,
+            "seq_len": self.seq_len,
+            "pairs": self.pairs,
+            "vocab_size": self.vocab_size,
+            "eval_examples": self.eval_examples,
+        }

@@ -25,8 +25,13 @@ def _key_sentence(number: bytes) -> bytes:
 class Passkey(Task):
     name = "passkey"
 
-    def __init__(self, seq_len: int = 256, eval_lengths: tuple[int, ...] | None = None,
-                 eval_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0), eval_per_cell: int = 20):  # fmt: skip
+    def __init__(
+        self,
+        seq_len: int = 256,
+        eval_lengths: tuple[int, ...] | None = None,
+        eval_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
+        eval_per_cell: int = 20,
+    ):
         fixed = len(_key_sentence(b"0" * DIGITS)) + len(QUESTION) + DIGITS
         if seq_len < fixed + 8:
             raise ValueError(f"passkey: seq_len = {seq_len} is too short; need at least {fixed + 8} bytes")
@@ -63,8 +68,10 @@ class Passkey(Task):
                 inputs, targets = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
                 pred = model(inputs)[:, -DIGITS:].argmax(-1)  # [B, 5]
                 right = pred == targets[:, -DIGITS:]
-                by_depth[f"{depth:g}"] = {"accuracy": float(right.all(-1).float().mean()),
-                                          "digit_accuracy": float(right.float().mean())}  # fmt: skip
+                by_depth[f"{depth:g}"] = {
+                    "accuracy": float(right.all(-1).float().mean()),
+                    "digit_accuracy": float(right.float().mean()),
+                }
             out["passkey_by_depth"][str(length)] = by_depth
             out["passkey_by_length"][str(length)] = sum(v["accuracy"] for v in by_depth.values()) / len(by_depth)
         out["passkey_accuracy"] = out["passkey_by_length"][str(self.seq_len)]
@@ -72,5 +79,10 @@ class Passkey(Task):
         return out
 
     def describe(self) -> dict:
-        return {"name": self.name, "seq_len": self.seq_len, "eval_lengths": list(self.eval_lengths),
-                "eval_depths": list(self.eval_depths), "eval_per_cell": self.eval_per_cell}  # fmt: skip
+        return {
+            "name": self.name,
+            "seq_len": self.seq_len,
+            "eval_lengths": list(self.eval_lengths),
+            "eval_depths": list(self.eval_depths),
+            "eval_per_cell": self.eval_per_cell,
+        }
