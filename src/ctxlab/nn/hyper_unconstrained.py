@@ -12,26 +12,29 @@ composite gain ~3000 vs ~1.6 for mHC). Same parameters as :class:`~ctxlab.nn.res
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .residual import HyperConnection
 
 
 class UnconstrainedHyperConnection(HyperConnection):
-    def mixing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [B, T, n, H] -> pre [B, T, n], post [B, T, n], comb [B, T, n, n] (float32, unprojected)."""
+    """HC: the reference mHC computation with the Sinkhorn projection replaced. Always on the
+    reference path (the fused path is Sinkhorn's), whatever ``set_hc_impl`` says."""
+
+    impl = "reference"
+
+    def project(self, comb: torch.Tensor, gain: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         n = self.n
-        flat = x.flatten(2).float()
-        flat = flat * torch.rsqrt(flat.square().mean(-1, keepdim=True) + self.norm_eps)
-        pre, post, comb = F.linear(flat, self.fn.float()).split([n, n, n * n], dim=-1)
-        pre_b, post_b, comb_b = self.base.float().split([n, n, n * n])
-        a_pre, a_post, a_comb = self.scale.float().unbind(0)
-        pre = torch.sigmoid(pre * a_pre + pre_b) + self.eps
-        post = 2 * torch.sigmoid(post * a_post + post_b)
         eye = torch.eye(n, dtype=comb.dtype, device=comb.device)
-        comb = eye + (comb_b + torch.tanh(comb * a_comb)).view(*comb.shape[:-1], n, n)
-        return pre, post, comb
+        return eye + base + torch.tanh(comb * gain).view(*comb.shape[:-1], n, n)
+
+    def split(self, x: torch.Tensor):
+        pre, post, comb = self.mixing(x)
+        return (pre[..., None] * x).sum(dim=2).to(x.dtype), (post, comb)
+
+    def merge(self, x: torch.Tensor, branch: torch.Tensor, mixing):
+        post, comb = (m.to(x.dtype) for m in mixing)
+        return post[..., None] * branch[..., None, :] + comb.transpose(-1, -2) @ x
 
 
 def unconstrain(model: nn.Module) -> int:

@@ -154,8 +154,12 @@ class HyperConnection(nn.Module):
         a_pre, a_post, a_comb = self.scale.float().unbind(0)
         pre = torch.sigmoid(pre * a_pre + pre_b) + self.eps
         post = 2 * torch.sigmoid(post * a_post + post_b)
-        comb = sinkhorn((comb * a_comb + comb_b).view(*comb.shape[:-1], n, n), self.iters, self.eps)
-        return pre, post, comb
+        return pre, post, self.project(comb, a_comb, comb_b.view(n, n))
+
+    def project(self, comb: torch.Tensor, gain: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """Mixing logits [..., n*n] -> the stream mix [..., n, n]: Sinkhorn-projected (mHC)."""
+        n = self.n
+        return sinkhorn(comb.view(*comb.shape[:-1], n, n) * gain + base, self.iters, self.eps)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if self.impl == "fused":
