@@ -203,3 +203,22 @@ def test_runner_finishes_a_run_killed_after_its_last_checkpoint(tmp_path):
     (again,) = run_recipe("gqa", tmp_path, budget="ci", tasks=["mqar"], seeds=[0], log=logs.append)
     assert again["eval"] == first["eval"] and again["tokens_per_s"] is None and "gqa mqar seed 0" in logs[0]
     assert (out / "result.json").exists() and not (out / "checkpoint.pt").exists()
+
+
+def test_unconstrained_connections_never_take_the_sinkhorn_path():
+    """The default (fused) mHC path projects with Sinkhorn; an HC connection must mix with its own
+    unprojected matrix on every path, even after ``set_hc_impl(model, "fused")``."""
+    from ctxlab import build_model
+    from ctxlab.nn.residual import set_hc_impl
+
+    model = build_model(load_recipe("mhc").config, seed=0)
+    load_recipe("hc").model_transform()(model)
+    set_hc_impl(model, "fused")
+    m = next(m for m in model.modules() if isinstance(m, UnconstrainedHyperConnection))
+    with torch.no_grad():
+        m.base[8:].fill_(0.5)  # a static mix I + 0.5: rows sum to 3, far from doubly stochastic
+        m.scale.zero_()
+    x = torch.randn(1, 3, m.n, m.fn.shape[1] // m.n, generator=torch.Generator().manual_seed(0))
+    _, (post, comb) = m.split(x)
+    torch.testing.assert_close(comb, m.mixing(x)[2])
+    torch.testing.assert_close(comb.sum(-1), torch.full_like(comb.sum(-1), 3.0))
