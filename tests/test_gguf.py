@@ -23,7 +23,7 @@ from conftest import randomize_
 gguf = pytest.importorskip("gguf", reason="the gguf package (ctxlab[gguf] extra) is not installed")
 
 from ctxlab.io import gguf as ctx_gguf
-from ctxlab.io.gguf import architectures, dequant
+from ctxlab.io.gguf import architectures, dequant, loader
 from gguf_writer import hf_to_gguf, llama_cpp_permute, write_gguf
 
 T = gguf.GGMLQuantizationType
@@ -176,7 +176,7 @@ def test_every_type_converts_like_gguf_quants_in_chunks(tmp_path, monkeypatch, k
         for chunk in (2 * cols, rows * cols):  # three chunks of two rows; one chunk
             monkeypatch.setattr(dequant, "CHUNK_ELEMENTS", chunk)
             for dtype in (torch.float32, torch.bfloat16):
-                got = ctx_gguf._convert(fh, f.tensors["x.weight"], table, None, dtype, None)
+                got = loader._convert(fh, f.tensors["x.weight"], table, None, dtype, None)
                 assert got.dtype == dtype and got.shape == (rows, cols)
                 assert torch.equal(got, expected.reshape(rows, cols).to(dtype))
 
