@@ -27,6 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from .accounting import count_params
+from .errors import InputError
 from .generate import compiled_decode_step, decode_step
 from .quant import weight_bytes
 
@@ -189,11 +190,11 @@ def bench(
     when the comparison cannot run. ``progress(message)`` is called before each measurement."""
     for name, values in (("contexts", contexts), ("prompts", prompts)):
         if any(not isinstance(v, int) or v < 1 for v in values):
-            raise ValueError(f"{name} = {list(values)}: every length must be a positive integer")
+            raise InputError(f"{name} = {list(values)}: every length must be a positive integer")
     if steps < 1 or repeats < 1:
-        raise ValueError(f"steps = {steps}, repeats = {repeats}: both must be >= 1")
+        raise InputError(f"steps = {steps}, repeats = {repeats}: both must be >= 1")
     if against is not None and against not in AGAINST:
-        raise ValueError(f"against = {against!r}: allowed: {list(AGAINST)} or None")
+        raise InputError(f"against = {against!r}: allowed: {list(AGAINST)} or None")
     say = progress or (lambda message: None)
     say("copy bandwidth")
     bandwidth = copy_bandwidth()

@@ -27,7 +27,7 @@ from typing import TextIO
 
 import torch
 
-from .errors import CtxlabError
+from .errors import CtxlabError, InputError
 from .generate import decode_step, prefill, sample
 from .io.text_tokenizer import TextTokenizer
 from .model import CausalLM
@@ -87,7 +87,7 @@ class ChatSession:
         prefill_chunk: int | None = None,
     ):
         if context < 1:
-            raise ValueError(f"context = {context}: must be a positive number of tokens")
+            raise InputError(f"context = {context}: must be a positive number of tokens")
         self.model, self.tokenizer, self.context = model, tokenizer, context
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
         self.generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None

@@ -365,7 +365,7 @@ def load_checkpoint(source: str, dtype: torch.dtype, chat: bool = False):
     """(model, TextTokenizer) of a real checkpoint: a directory with tokenizer.json, or a .gguf file.
     With ``chat``, a tokenizer without chat template is refused before the weights are read."""
     if preset_path(source) is not None or not Path(source).exists():
-        raise ValueError(
+        raise InputError(
             f"{source}: not a checkpoint directory or .gguf file (random-weight presets are "
             "meaningless here; `ctxlab generate` runs them)"
         )

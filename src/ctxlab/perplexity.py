@@ -19,15 +19,16 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .errors import InputError
 from .model import CausalLM
 
 
 def windows(n_tokens: int, context: int, stride: int) -> list[tuple[int, int, int]]:
     """``(begin, end, first_scored)`` of every window over ``n_tokens`` tokens."""
     if context < 2:
-        raise ValueError(f"context = {context}: a window needs at least 2 tokens")
+        raise InputError(f"context = {context}: a window needs at least 2 tokens")
     if not 1 <= stride <= context:
-        raise ValueError(f"stride = {stride}: must be in [1, context = {context}] so that no token is skipped")
+        raise InputError(f"stride = {stride}: must be in [1, context = {context}] so that no token is skipped")
     out, previous_end = [], 0
     for begin in range(0, n_tokens, stride):
         end = min(begin + context, n_tokens)
@@ -54,7 +55,7 @@ def perplexity(
     """
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
     if ids.numel() < 2:
-        raise ValueError(f"perplexity needs at least 2 tokens; the text has {ids.numel()}")
+        raise InputError(f"perplexity needs at least 2 tokens; the text has {ids.numel()}")
     stride = max(1, context // 2) if stride is None else stride
     plan = windows(ids.numel(), context, stride)
     total_nll, scored = 0.0, 0

@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import InputError
+
 MODES = ("int8", "int4")
 SKIP = ("kv_b_proj", "o_a_proj")  # weights read directly by the attention code, not through forward()
 
@@ -113,7 +115,7 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
-            raise ValueError(f"int4 weights need bfloat16 activations; got {x.dtype} (build the model in bfloat16)")
+            raise InputError(f"int4 weights need bfloat16 activations; got {x.dtype} (build the model in bfloat16)")
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, self.in_features).contiguous(), self.packed_codes, self.group_size, self.scales_and_zeros
         )
@@ -158,12 +160,12 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
     ``mode``: ``"int8"`` or ``"int4"`` (needs a bfloat16 model); ``group_size``: input channels per
     int4 scale (32, 64, 128 or 256). Returns the model."""
     if mode not in MODES:
-        raise ValueError(f"quantize = {mode!r}: allowed: {list(MODES)}")
+        raise InputError(f"quantize = {mode!r}: allowed: {list(MODES)}")
     if mode == "int4" and group_size not in (32, 64, 128, 256):
-        raise ValueError(f"group_size = {group_size}: allowed for int4: 32, 64, 128, 256")
+        raise InputError(f"group_size = {group_size}: allowed for int4: 32, 64, 128, 256")
     dtype = model.lm_head.weight.dtype
     if mode == "int4" and dtype != torch.bfloat16:
-        raise ValueError(
+        raise InputError(
             f"quantize='int4' needs a bfloat16 model (the CPU int4 kernel takes bf16 activations); got {dtype}"
         )
     embed = model.model.embed_tokens

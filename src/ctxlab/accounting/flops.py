@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from .. import blocks  # noqa: F401  (registers the block kinds)
 from ..config import ModelConfig
+from ..errors import InputError
 from ..nn import ple
 from ..registry import BLOCK_KINDS, RESIDUAL_KINDS
 
@@ -21,7 +22,7 @@ def decode_flops_terms(cfg: ModelConfig, context_len: int) -> dict[str, int]:
     run no expert.
     """
     if not (isinstance(context_len, int) and context_len >= 0):
-        raise ValueError(f"context_len = {context_len!r}: must be a non-negative integer")
+        raise InputError(f"context_len = {context_len!r}: must be a non-negative integer")
     h = cfg.hidden_size
     terms = {"lm_head": 2 * h * cfg.vocab_size}
     if collapse := RESIDUAL_KINDS[cfg.residual].stack_flops(cfg):  # e.g. mHC's stream collapse

@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass
 
 from ..config import ModelConfig
+from ..errors import InputError
 from ..planner import layer_cache_spec
 
 
@@ -44,7 +45,7 @@ class StorageFormat:
         total = self.pad_bytes if shapes else 0
         for name, shape in shapes:
             if name not in formats:
-                raise ValueError(f"storage format {self.name!r} does not say how to store cached tensor {name!r}")
+                raise InputError(f"storage format {self.name!r} does not say how to store cached tensor {name!r}")
             left = math.prod(shape)
             for part in formats[name]:
                 n = left if part.elements is None else part.elements

@@ -15,6 +15,7 @@ import torch
 
 from ..config import ModelConfig
 from ..dtypes import resolve_dtype
+from ..errors import InputError
 from ..planner import layer_cache_spec
 
 KV_CONVENTIONS = ("realized", "uncapped", "naive")
@@ -29,9 +30,9 @@ def kv_cache_bytes_per_layer(
 ) -> list[int]:
     """Cache bytes of each layer for ``batch_size`` sequences of ``context_len`` tokens."""
     if convention not in KV_CONVENTIONS:
-        raise ValueError(f"convention = {convention!r}: allowed: {list(KV_CONVENTIONS)}")
+        raise InputError(f"convention = {convention!r}: allowed: {list(KV_CONVENTIONS)}")
     if not (isinstance(context_len, int) and context_len > 0):
-        raise ValueError(f"context_len = {context_len!r}: must be a positive integer")
+        raise InputError(f"context_len = {context_len!r}: must be a positive integer")
     dt = resolve_dtype(dtype)
     out = []
     for layer in cfg.layers:

@@ -12,6 +12,7 @@ import torch
 
 from ..config import MLASpec, ModelConfig, RopeSpec
 from ..dtypes import resolve_dtype
+from ..errors import InputError
 from .kv import kv_cache_bytes
 
 SHARING_CONVENTIONS = ("realized", "uncapped")
@@ -29,7 +30,7 @@ def kv_sharing_saving(cfg: ModelConfig, context_len: int, dtype="bfloat16", conv
     at their window). ``uncapped``: every layer holds every token with its true geometry.
     """
     if convention not in SHARING_CONVENTIONS:
-        raise ValueError(f"convention = {convention!r}: allowed: {list(SHARING_CONVENTIONS)}")
+        raise InputError(f"convention = {convention!r}: allowed: {list(SHARING_CONVENTIONS)}")
     return kv_cache_bytes(without_sharing(cfg), context_len, dtype, convention=convention) - kv_cache_bytes(
         cfg, context_len, dtype, convention=convention
     )

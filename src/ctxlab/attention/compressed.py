@@ -25,6 +25,7 @@ from torch import nn
 
 from ..cache.spec import CacheSpec
 from ..config import IndexerSpec, LayerSpec
+from ..errors import InputError
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
@@ -157,7 +158,7 @@ class CompressedAttention(nn.Module):
         B, T, _ = x.shape
         s = self.spec
         if ctx.padded:
-            raise ValueError(
+            raise InputError(
                 "compressed attention (CSA/HCA) pools tokens by position: left-padded batches "
                 "(prompts of different lengths) are not supported; run them one at a time"
             )

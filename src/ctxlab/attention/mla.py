@@ -22,6 +22,7 @@ from torch import nn
 
 from ..cache.spec import CacheSpec
 from ..config import LayerSpec, MLASpec
+from ..errors import InputError
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
@@ -204,7 +205,7 @@ class MLAttention(nn.Module):
 def set_decode_path(model: nn.Module, path: str) -> None:
     """Choose how every MLA layer of ``model`` decodes: ``"absorbed"`` (default) or ``"expanded"``."""
     if path not in DECODE_PATHS:
-        raise ValueError(f"decode path {path!r}: allowed: {list(DECODE_PATHS)}")
+        raise InputError(f"decode path {path!r}: allowed: {list(DECODE_PATHS)}")
     for module in model.modules():
         if isinstance(module, MLAttention):
             module.decode_path = path

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import InputError
 from .alias import AliasCache
 from .compressed import CompressedCache
 from .full import FullCache
@@ -23,9 +24,9 @@ CACHE_KINDS = {"full": FullCache, "ring": RingCache, "alias": AliasCache, "compr
 def allocate(specs: list[CacheSpec], batch_size: int, max_tokens: int, dtype: torch.dtype, device=None) -> Cache:
     """One cache per layer spec, every buffer allocated now (nothing grows later)."""
     if not (isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size > 0):
-        raise ValueError(f"batch_size = {batch_size!r}: must be a positive integer")
+        raise InputError(f"batch_size = {batch_size!r}: must be a positive integer")
     if not (isinstance(max_tokens, int) and not isinstance(max_tokens, bool) and max_tokens > 0):
-        raise ValueError(f"max_tokens = {max_tokens!r}: must be a positive integer")
+        raise InputError(f"max_tokens = {max_tokens!r}: must be a positive integer")
     layers = []
     for spec in specs:
         kind = CACHE_KINDS[spec.kind]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import CacheOverflowError
+from ..errors import CacheOverflowError, InputError
 
 
 class Cache:
@@ -36,7 +36,7 @@ class Cache:
         if self.length:
             raise RuntimeError("set_left_padding() must be called before anything is written to the cache")
         if pad.shape != (self.batch_size,):
-            raise ValueError(f"pad has shape {tuple(pad.shape)}; expected ({self.batch_size},)")
+            raise InputError(f"pad has shape {tuple(pad.shape)}; expected ({self.batch_size},)")
         self.pad = pad.to(device=self.pad.device, dtype=torch.long)
         self.has_padding = bool((self.pad != 0).any())  # the one sync, at setup
 
@@ -70,7 +70,7 @@ class Cache:
     def reserve(self, n_new: int, batch_size: int) -> torch.Tensor:
         """Check ``n_new`` more tokens fit; return their positions [B, n_new]."""
         if batch_size != self.batch_size:
-            raise ValueError(f"input has batch size {batch_size}, the cache was allocated for {self.batch_size}")
+            raise InputError(f"input has batch size {batch_size}, the cache was allocated for {self.batch_size}")
         if self.length + n_new > self.max_tokens:
             raise CacheOverflowError(
                 f"cache capacity exceeded: it holds max_tokens={self.max_tokens} tokens, "

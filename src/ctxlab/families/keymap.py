@@ -13,13 +13,15 @@ from __future__ import annotations
 
 import re
 
+from ..errors import InputError
+
 
 class KeyMap:
     def __init__(self, ours_to_theirs: dict[str, str]):
         theirs = list(ours_to_theirs.values())
         duplicated = sorted({t for t in theirs if theirs.count(t) > 1})
         if duplicated:
-            raise ValueError(f"key map sends several of our names to {duplicated}: it must be one-to-one")
+            raise InputError(f"key map sends several of our names to {duplicated}: it must be one-to-one")
         self._forward = [(_pattern(o), t) for o, t in _longest_first(ours_to_theirs)]
         self._backward = [(_pattern(t), o) for t, o in _longest_first({t: o for o, t in ours_to_theirs.items()})]
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..accounting import count_params, decode_flops, kv_cache_bytes
 from ..config import ModelConfig
+from ..errors import InputError
 from ..nn.hyper_unconstrained import unconstrain
 
 TRANSFORMS = {"unconstrained_hc": unconstrain}
@@ -79,7 +80,7 @@ def _read(name_or_path: str) -> dict:
         return json.loads(path.read_text())
     entry = recipe_dir() / f"{name_or_path}.json"
     if not entry.is_file():
-        raise ValueError(f"recipe {name_or_path!r}: not a recipe file or shipped recipe; shipped: {recipe_names()}")
+        raise InputError(f"recipe {name_or_path!r}: not a recipe file or shipped recipe; shipped: {recipe_names()}")
     return json.loads(entry.read_text())
 
 
@@ -101,11 +102,11 @@ def _resolve(raw: dict, seen: tuple[str, ...] = ()) -> tuple[dict, str]:
     """Merge a recipe onto its base chain; returns (merged, root recipe name)."""
     unknown = sorted(set(raw) - KNOWN_KEYS)
     if unknown:
-        raise ValueError(f"recipe {raw.get('name')!r}: unknown key(s) {unknown}; allowed: {sorted(KNOWN_KEYS)}")
+        raise InputError(f"recipe {raw.get('name')!r}: unknown key(s) {unknown}; allowed: {sorted(KNOWN_KEYS)}")
     if not raw.get("base"):
         return dict(raw), raw["name"]
     if raw["base"] in seen:
-        raise ValueError(f"recipe {raw['name']!r}: base chain loops through {raw['base']!r}")
+        raise InputError(f"recipe {raw['name']!r}: base chain loops through {raw['base']!r}")
     base, root = _resolve(_read(raw["base"]), (*seen, raw["name"]))
     merged = {
         **base,
@@ -133,11 +134,11 @@ def load_recipe(name_or_path: str) -> Recipe:
     raw = _read(name_or_path)
     merged, root = _resolve(raw)
     if merged.get("transform") and merged["transform"] not in TRANSFORMS:
-        raise ValueError(f"recipe {merged['name']!r}: transform = {merged['transform']!r}; allowed: {list(TRANSFORMS)}")
+        raise InputError(f"recipe {merged['name']!r}: transform = {merged['transform']!r}; allowed: {list(TRANSFORMS)}")
     cfg, matched = _config(merged), None
     if merged.get("match"):
         if merged["match"] not in MATCHABLE:
-            raise ValueError(f"recipe {merged['name']!r}: match = {merged['match']!r}; allowed: {list(MATCHABLE)}")
+            raise InputError(f"recipe {merged['name']!r}: match = {merged['match']!r}; allowed: {list(MATCHABLE)}")
         base_cfg = _config(_resolve(_read(root))[0])
         target = count_params(base_cfg)["total"]
         # total params are affine in the shared FFN width: solve, then round to a multiple of WIDTH_STEP

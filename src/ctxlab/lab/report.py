@@ -13,6 +13,7 @@ import json
 import platform
 from pathlib import Path
 
+from ..errors import InputError
 from .recipes import COST_CONTEXT
 from .stats import mean_std, welch_p
 
@@ -36,7 +37,7 @@ def collect(runs: str | Path) -> dict:
         recipe, task = path.parts[-4], path.parts[-3]
         out.setdefault(recipe, {}).setdefault(task, []).append(result)
     if not out:
-        raise ValueError(f"runs directory {str(runs)!r} holds no */*/seed*/result.json; run `ctxlab lab run` first")
+        raise InputError(f"runs directory {str(runs)!r} holds no */*/seed*/result.json; run `ctxlab lab run` first")
     for tasks in out.values():
         for results in tasks.values():
             results.sort(key=lambda r: r["train"]["seed"])

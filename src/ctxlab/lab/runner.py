@@ -14,6 +14,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
+from ..errors import InputError
 from ..train import TrainConfig, make_task, train
 from ..train.loop import CHECKPOINT, RESULT
 from .recipes import load_recipe
@@ -29,11 +30,11 @@ def run_plan(budget: str, tasks: list[str] | None = None) -> list[tuple[str, dic
     """[(task name, task params, TrainConfig without the seed)] for ``budget``."""
     s = study()
     if budget not in s["budgets"]:
-        raise ValueError(f"budget = {budget!r}: allowed: {sorted(s['budgets'])}")
+        raise InputError(f"budget = {budget!r}: allowed: {sorted(s['budgets'])}")
     b = s["budgets"][budget]
     unknown = sorted(set(tasks or ()) - set(s["tasks"]))
     if unknown:
-        raise ValueError(f"tasks {unknown}: unknown; allowed: {sorted(s['tasks'])}")
+        raise InputError(f"tasks {unknown}: unknown; allowed: {sorted(s['tasks'])}")
     plan = []
     for name, spec in s["tasks"].items():
         if tasks and name not in tasks:

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec, MoESpec
+from ..errors import InputError
 from ..registry import ACTIVATIONS, LAYER_CHECKS, MLP_KINDS, ROUTERS
 from .mlp import GatedMLP, gated
 from .norms import RMSNorm
@@ -251,7 +252,7 @@ class HashRouter(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         if ctx is None or ctx.input_ids is None:
-            raise ValueError("hash-routed MoE layers need the token ids (call the model with input_ids)")
+            raise InputError("hash-routed MoE layers need the token ids (call the model with input_ids)")
         index = self.tid2eid[ctx.input_ids.reshape(-1)]  # [N, K]
         weight = self.score(F.linear(x, self.weight)).gather(-1, index)
         return index, weight / (weight.sum(dim=-1, keepdim=True) + 1e-20)

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InputError
 from ..registry import BLOCK_KINDS, RESIDUAL_KINDS
 from . import mhc_fused
 
@@ -269,7 +270,7 @@ def set_hc_impl(model: nn.Module, impl: str) -> nn.Module:
     """Run every mHC module of ``model`` (:class:`HyperConnection`, :class:`HyperHead`) on ``impl``:
     ``"fused"`` (the default) or ``"reference"``. Returns ``model``."""
     if impl not in HC_IMPLS:
-        raise ValueError(f"hc impl = {impl!r}: allowed {list(HC_IMPLS)}")
+        raise InputError(f"hc impl = {impl!r}: allowed {list(HC_IMPLS)}")
     for module in model.modules():
         if isinstance(module, (HyperConnection, HyperHead)):
             module.impl = impl

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import InputError
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -60,7 +62,7 @@ class TrainConfig:
         if self.strategy not in ("ddp", "fsdp"):
             problems.append(f"strategy = {self.strategy!r}: allowed: 'ddp', 'fsdp'")
         if problems:
-            raise ValueError("TrainConfig: " + "; ".join(problems))
+            raise InputError("TrainConfig: " + "; ".join(problems))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -70,5 +72,5 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(TrainConfig)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"train config: unknown field(s) {unknown}; allowed: {sorted(known)}")
+            raise InputError(f"train config: unknown field(s) {unknown}; allowed: {sorted(known)}")
         return TrainConfig(**d)

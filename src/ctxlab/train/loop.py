@@ -25,6 +25,7 @@ from torch import nn
 
 from ..accounting import count_params
 from ..config import ModelConfig
+from ..errors import InputError
 from ..model import build_model
 from . import checkpoint, distributed
 from .config import TrainConfig
@@ -120,7 +121,7 @@ def train(
         state = checkpoint.load(ckpt_path)
         differs = sorted(k for k, v in cfg.to_dict().items() if state["train_config"].get(k) != v)
         if differs:
-            raise ValueError(
+            raise InputError(
                 f"{ckpt_path}: written by a run with a different training config (differs in {differs}); "
                 "use another output directory, or resume=False (--no-resume) to start over"
             )

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ...errors import InputError
 from .base import Task, example_generator
 
 
@@ -32,7 +33,7 @@ def gather(root: str | None = None, heldout_every: int = 20) -> dict:
         key=lambda p: p.relative_to(base).as_posix(),
     )
     if not paths:
-        raise ValueError(f"code_lm: no .py files under {base}")
+        raise InputError(f"code_lm: no .py files under {base}")
     files, parts, corpus_hash = [], {"train": [], "heldout": []}, hashlib.sha256()
     for p in paths:
         rel, data = p.relative_to(base).as_posix(), p.read_bytes()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import InputError
 from .base import IGNORE, Task, example_generator
 
 
@@ -20,11 +21,11 @@ class MQAR(Task):
 
     def __init__(self, seq_len: int = 128, pairs: int = 8, vocab_size: int = 256, eval_examples: int = 256):
         if pairs < 1 or 4 * pairs > seq_len:
-            raise ValueError(
+            raise InputError(
                 f"mqar: pairs = {pairs} with seq_len = {seq_len}: need 1 <= pairs and 4 * pairs <= seq_len"
             )
         if vocab_size // 2 - 1 < pairs:
-            raise ValueError(f"mqar: pairs = {pairs} needs more than {vocab_size // 2 - 1} distinct keys (vocab_size)")
+            raise InputError(f"mqar: pairs = {pairs} needs more than {vocab_size // 2 - 1} distinct keys (vocab_size)")
         self.seq_len, self.pairs, self.vocab_size, self.eval_examples = seq_len, pairs, vocab_size, eval_examples
 
     def _sequence(self, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from ...errors import InputError
 from .base import IGNORE, Task, example_generator
 
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
@@ -34,7 +35,7 @@ class Passkey(Task):
     ):
         fixed = len(_key_sentence(b"0" * DIGITS)) + len(QUESTION) + DIGITS
         if seq_len < fixed + 8:
-            raise ValueError(f"passkey: seq_len = {seq_len} is too short; need at least {fixed + 8} bytes")
+            raise InputError(f"passkey: seq_len = {seq_len} is too short; need at least {fixed + 8} bytes")
         self.seq_len, self.eval_depths, self.eval_per_cell = seq_len, tuple(eval_depths), eval_per_cell
         self.eval_lengths = tuple(eval_lengths or (seq_len, 2 * seq_len))
 
