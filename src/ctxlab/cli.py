@@ -399,8 +399,14 @@ def cmd_perplexity(args, console: Console) -> int:
 
     from .perplexity import perplexity
 
+    path = Path(args.file)
+    try:  # read first: a bad path should not wait for the model to load
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
+        raise InputError(f"{path}: cannot read the text file: {reason}") from None
     model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype])
-    ids = tokenizer.encode(Path(args.file).read_text(encoding="utf-8"))
+    ids = tokenizer.encode(text)
     stride = args.stride if args.stride is not None else max(1, args.context // 2)
     bar = Console(file=sys.stderr)
     with Progress(console=bar, disable=args.json or not sys.stderr.isatty(), transient=True) as progress:
