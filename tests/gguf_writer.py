@@ -94,3 +94,79 @@ def hf_to_gguf(model, arch: str, path: Path, vocab: int) -> None:
             data = data + 1.0
         tensors[f"{names.get_name(stem)}.{kind}"] = (data, 0, data.shape)
     write_gguf(path, arch, meta, tensors)
+
+
+def gemma4_to_gguf(config: dict[str, Any], state: dict[str, Any], path: Path) -> None:
+    """A float32 GGUF of a Gemma 4 text decoder from its HF ``config.json`` dict and HF-named weights,
+    written the way llama.cpp's ``Gemma4Model`` (``convert_hf_to_gguf.py``, over ``Gemma3Model`` and
+    ``TextModel.set_gguf_parameters``) writes one: head sizes of full / sliding layers as ``key_length``
+    / ``key_length_swa``, per-layer arrays for the layer pattern, for the FFN width of a double-wide MLP
+    and for KV heads when there are global ones; norms as they are; ``router.scale`` and
+    ``per_expert_scale`` as ``.scale`` tensors; the proportional RoPE as ``rope_freqs``."""
+    import gguf
+
+    c, arch = config, "gemma4"
+    n = c["num_hidden_layers"]
+    swa = [t == "sliding_attention" for t in c["layer_types"]]
+    first_shared = n - c["num_kv_shared_layers"]
+    full_rope = c["rope_parameters"]["full_attention"]
+    meta = {
+        f"{arch}.context_length": c["max_position_embeddings"],
+        f"{arch}.embedding_length": c["hidden_size"],
+        f"{arch}.block_count": n,
+        f"{arch}.feed_forward_length": c["intermediate_size"],
+        f"{arch}.attention.head_count": c["num_attention_heads"],
+        f"{arch}.attention.head_count_kv": c["num_key_value_heads"],
+        f"{arch}.rope.freq_base": float(full_rope["rope_theta"]),
+        f"{arch}.rope.freq_base_swa": float(c["rope_parameters"]["sliding_attention"]["rope_theta"]),
+        f"{arch}.attention.layer_norm_rms_epsilon": float(c["rms_norm_eps"]),
+        f"{arch}.attention.key_length": c["global_head_dim"],
+        f"{arch}.attention.value_length": c["global_head_dim"],
+        f"{arch}.attention.key_length_swa": c["head_dim"],
+        f"{arch}.attention.value_length_swa": c["head_dim"],
+        f"{arch}.attention.sliding_window": c["sliding_window"],
+        f"{arch}.attention.shared_kv_layers": c["num_kv_shared_layers"],
+        f"{arch}.embedding_length_per_layer_input": c.get("hidden_size_per_layer_input") or 0,
+        f"{arch}.attention.sliding_window_pattern": swa,
+        f"{arch}.rope.dimension_count": c["global_head_dim"],
+        f"{arch}.rope.dimension_count_swa": c["head_dim"],
+        "tokenizer.ggml.model": "gemma4",
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(c["vocab_size"])],
+        "tokenizer.ggml.bos_token_id": 2,
+        "tokenizer.ggml.eos_token_id": 1,
+        "tokenizer.ggml.padding_token_id": 0,
+    }
+    if c.get("final_logit_softcapping"):
+        meta[f"{arch}.final_logit_softcapping"] = float(c["final_logit_softcapping"])
+    if c.get("use_double_wide_mlp"):
+        ff = c["intermediate_size"]
+        meta[f"{arch}.feed_forward_length"] = [ff if i < first_shared else 2 * ff for i in range(n)]
+    if c.get("num_global_key_value_heads") is not None:
+        kv_swa, kv_full = c["num_key_value_heads"], c["num_global_key_value_heads"]
+        meta[f"{arch}.attention.head_count_kv"] = [kv_swa if s else kv_full for s in swa]
+    if c.get("num_experts"):
+        meta[f"{arch}.expert_count"] = c["num_experts"]
+        meta[f"{arch}.expert_used_count"] = c["top_k_experts"]
+        meta[f"{arch}.expert_feed_forward_length"] = c["moe_intermediate_size"]
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA4, n)
+    tensors = {}
+    for hf_name, t in state.items():
+        if hf_name == "lm_head.weight":
+            continue
+        data = t.detach().float().numpy().copy()
+        bid = hf_name.split(".")[2] if hf_name.startswith("model.layers.") else None
+        if hf_name.endswith("router.scale"):
+            name = f"blk.{bid}.ffn_gate_inp.scale"
+        elif hf_name.endswith("router.per_expert_scale"):
+            name = f"blk.{bid}.ffn_down_exps.scale"
+        else:
+            if hf_name.endswith("layer_scalar") or (".experts." in hf_name and not hf_name.endswith(".weight")):
+                hf_name += ".weight"
+            stem, _, kind = hf_name.rpartition(".")
+            name = f"{names.get_name(stem)}.{kind}"
+        tensors[name] = (data, 0, data.shape)
+    rotated = int(c["global_head_dim"] * full_rope["partial_rotary_factor"] / 2)
+    divisors = np.array([1.0] * rotated + [1e30] * (c["global_head_dim"] // 2 - rotated), dtype=np.float32)
+    tensors["rope_freqs.weight"] = (divisors, 0, divisors.shape)
+    write_gguf(path, arch, meta, tensors)

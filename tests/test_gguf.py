@@ -219,7 +219,8 @@ def test_header_matches_gguf_reader(tmp_path):
 def test_unsupported_architecture_is_named(tmp_path):
     write_gguf(tmp_path / "m.gguf", "mamba", {}, {"x.weight": (tensor_data(T.F32, 1, 4), 0, (1, 4))})
     with pytest.raises(
-        ctxlab.ConfigError, match=r"architecture 'mamba' is not supported; supported: \['gemma3', 'llama', 'qwen3'\]"
+        ctxlab.ConfigError,
+        match=r"architecture 'mamba' is not supported; supported: \['gemma3', 'gemma4', 'llama', 'qwen3'\]",
     ):
         ctxlab.from_pretrained(tmp_path / "m.gguf")
 

@@ -17,9 +17,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ...errors import CheckpointError, ConfigError
+from . import dequant
 from .architectures import ARCHITECTURES, Architecture
-from .reader import GGUFFile, read_header
+from .reader import GGUFFile, TensorInfo, read_header, read_rows
 
 SUFFIX = ".gguf"
 INSTALL_HINT = 'pip install "ctxlab[gguf]"'
@@ -56,4 +59,14 @@ def open_gguf(path: str | Path) -> tuple[GGUFFile, Architecture]:
 def hf_config(f: GGUFFile, arch: Architecture) -> dict[str, Any]:
     """The HF ``config.json`` dict a GGUF file's metadata describes (its family's ``from_hf`` parses it)."""
     shapes = {n: t.shape for n, t in f.tensors.items()}
-    return arch.config(f.metadata, shapes)
+    values = {n: read_float32(f, f.tensors[n]) for n in arch.config_tensors if n in f.tensors}
+    return arch.config(f.metadata, shapes, values)
+
+
+def read_float32(f: GGUFFile, info: TensorInfo) -> torch.Tensor:
+    """All of one small tensor, as float32 (for the few tensors a config is read from)."""
+    block, size = dequant.block_layout(info.type_id)
+    cols = info.shape[-1] if info.shape else 1
+    with open(f.path, "rb") as fh:
+        raw = read_rows(fh, info, cols // block * size, 0, info.numel // cols)
+    return dequant.dequantize_rows(raw, info.type_id).float().reshape(info.shape)

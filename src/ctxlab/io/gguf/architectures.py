@@ -10,6 +10,8 @@ architecture, with the per-tensor fixes the GGUF writer made necessary.
   loader on a file written like llama.cpp's converter writes it.
 * ``gemma3``: llama.cpp's converter stores every RMSNorm weight as ``1 + w``; our Gemma 3 norm adds the
   1 itself, so the loader subtracts it (in float32, before the cast).
+* ``gemma4``: see :class:`Gemma4` (norms as they are, per-layer geometry in arrays, proportional RoPE
+  as a ``rope_freqs`` tensor, KV-shared layers, per-layer embeddings, experts).
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ import torch
 
 from ...errors import ConfigError
 
-# Per-layer names shared by the three architectures: GGUF suffix -> our module path.
+# A table key is a GGUF name stem whose ``.weight`` / ``.bias`` belong to our module of that path, or a
+# whole GGUF tensor name (``"ffn_gate_inp.scale"``) for a tensor of ours that is not a module's weight.
+KINDS = ("weight", "bias", "scale")
+
+# Per-layer names shared by the architectures: GGUF suffix -> our module path.
 _ATTENTION_AND_MLP = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -41,6 +47,29 @@ SANDWICH_LAYER = {
     "post_ffw_norm": "post_feedforward_layernorm",
 }
 GLOBAL = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+# Gemma 4 (llama.cpp ``llama_model_gemma4::load_arch_tensors``, src/models/gemma4.cpp): Gemma 3's sandwich
+# layer plus per-layer embeddings, the expert branch and the layer scalar.
+GEMMA4_LAYER = {
+    **SANDWICH_LAYER,
+    "inp_gate": "per_layer_input_gate",
+    "proj": "per_layer_projection",
+    "post_norm": "post_per_layer_input_norm",
+    "ffn_gate_inp": "router.proj",
+    "pre_ffw_norm_2": "pre_feedforward_layernorm_2",
+    "post_ffw_norm_1": "post_feedforward_layernorm_1",
+    "post_ffw_norm_2": "post_feedforward_layernorm_2",
+    "layer_output_scale.weight": "layer_scalar",
+    "ffn_gate_inp.scale": "router.scale",
+    "ffn_down_exps.scale": "router.per_expert_scale",
+    "ffn_gate_up_exps.weight": "experts.gate_up_proj",
+    "ffn_down_exps.weight": "experts.down_proj",
+}
+GEMMA4_GLOBAL = {
+    **GLOBAL,
+    "per_layer_token_embd": "model.embed_tokens_per_layer",
+    "per_layer_model_proj": "model.per_layer_model_projection",
+    "per_layer_proj_norm": "model.per_layer_projection_norm",
+}
 
 
 class Architecture:
@@ -49,24 +78,32 @@ class Architecture:
     name: str
     model_type: str  # the ctxlab family that parses the config
     layer_table: dict[str, str]
+    global_table: dict[str, str] = GLOBAL
+    config_tensors: tuple[str, ...] = ()  # small tensors :meth:`config` reads the values of (not weights)
     permuted_qk = False  # llama.cpp reordered q/k rows for interleaved RoPE
     norm_plus_one = False  # norm weights stored as 1 + w
 
-    def config(self, meta: dict[str, Any], tensors: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-        """The HF config.json dict the family parses."""
+    def config(
+        self, meta: dict[str, Any], tensors: dict[str, tuple[int, ...]], values: dict[str, torch.Tensor]
+    ) -> dict[str, Any]:
+        """The HF config.json dict the family parses. ``tensors``: every tensor's shape; ``values``: the
+        float32 data of the :attr:`config_tensors` the file has."""
         raise NotImplementedError
 
     def our_name(self, gguf_name: str) -> str | None:
         """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; None if not in the table."""
         stem, _, kind = gguf_name.rpartition(".")
-        if kind not in ("weight", "bias"):
+        if kind not in KINDS:
             return None
-        if stem in GLOBAL:
-            return f"{GLOBAL[stem]}.{kind}"
         parts = stem.split(".")
-        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in self.layer_table:
-            return f"model.layers.{parts[1]}.{self.layer_table[parts[2]]}.{kind}"
-        return None
+        if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit():
+            path = _look_up(self.layer_table, parts[2], kind)
+            return None if path is None else f"model.layers.{parts[1]}.{path}"
+        return _look_up(self.global_table, stem, kind)
+
+    def skipped(self, gguf_name: str, cfg) -> bool:
+        """A tensor of the file that is no weight of ours: read by :meth:`config`, or unused."""
+        return gguf_name in self.config_tensors
 
     def needs_float32(self, gguf_name: str) -> bool:
         """Whether :meth:`fix` must see this tensor in float32 (arithmetic, not a reordering)."""
@@ -81,6 +118,14 @@ class Architecture:
             heads = spec.num_heads if ".attn_q." in gguf_name else spec.num_kv_heads
             return unpermute_rows(t, heads)
         return t
+
+
+def _look_up(table: dict[str, str], stem: str, kind: str) -> str | None:
+    if f"{stem}.{kind}" in table:
+        return table[f"{stem}.{kind}"]
+    if stem in table and kind != "scale":
+        return f"{table[stem]}.{kind}"
+    return None
 
 
 def unpermute_rows(w: torch.Tensor, heads: int) -> torch.Tensor:
@@ -153,7 +198,7 @@ def _rope(meta: dict[str, Any], arch: str, theta: float, where: str) -> dict[str
 class Llama(Architecture):
     name, model_type, layer_table, permuted_qk = "llama", "llama", PRE_NORM_LAYER, True
 
-    def config(self, meta, tensors):
+    def config(self, meta, tensors, values):
         if "rope_freqs.weight" in tensors:
             raise ConfigError(
                 ["GGUF tensor 'rope_freqs.weight' (Llama 3.1-style RoPE frequency factors) is not supported yet"]
@@ -167,7 +212,7 @@ class Llama(Architecture):
 class Qwen3(Architecture):
     name, model_type, layer_table = "qwen3", "qwen3", PRE_NORM_LAYER
 
-    def config(self, meta, tensors):
+    def config(self, meta, tensors, values):
         out = {"model_type": "qwen3", **_common(meta, "qwen3", tensors)}
         out["rope_parameters"] = _rope(meta, "qwen3", 1_000_000.0, "qwen3")
         return out
@@ -182,7 +227,7 @@ class Gemma3(Architecture):
     SLIDING_PATTERN = 6
     LAYERS_27B = 62
 
-    def config(self, meta, tensors):
+    def config(self, meta, tensors, values):
         a = "gemma3"
         out = {"model_type": "gemma3_text", **_common(meta, a, tensors)}
         n, head_dim = out["num_hidden_layers"], out.get("head_dim", 256)
@@ -202,4 +247,182 @@ class Gemma3(Architecture):
         return out
 
 
-ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (Llama(), Qwen3(), Gemma3())}
+class Gemma4(Architecture):
+    """Gemma 4 text decoders (E2B / E4B with per-layer embeddings and KV sharing, 26B-A4B with experts,
+    31B), as llama.cpp's converter writes them (``convert_hf_to_gguf.py``: ``Gemma4Model`` on top of
+    ``Gemma3Model`` and ``TextModel.set_gguf_parameters``) and ``llama_model_gemma4::load_arch_hparams``
+    / ``load_arch_tensors`` read them (src/models/gemma4.cpp):
+
+    * Norms are stored as they are (``Gemma4Model.norm_shift`` is 0: Gemma 4's RMSNorm multiplies by
+      w, not 1 + w); q/k rows are not permuted (llama.cpp runs Gemma with NeoX-style RoPE).
+    * ``attention.sliding_window_pattern``: one bool per layer, True = sliding;
+      ``attention.key_length`` / ``key_length_swa``: head size of full / sliding layers (values the
+      same); ``attention.head_count_kv``: a number, or one per layer when the model has
+      ``num_global_key_value_heads`` (26B, 31B); ``feed_forward_length``: a number, or one per layer,
+      doubled on the KV-shared layers (``use_double_wide_mlp``, E2B); ``attention.shared_kv_layers``:
+      the last N layers attend over an earlier layer's K/V (HF ``num_kv_shared_layers``);
+      ``embedding_length_per_layer_input``: the per-layer-embedding width, 0 = none;
+      ``expert_count`` / ``expert_used_count`` / ``expert_feed_forward_length``: the expert branch.
+    * K = V on full layers (``attention_k_eq_v``, 26B / 31B) has no key: those layers have no
+      ``attn_v`` (llama.cpp then takes V from K's projection).
+    * RoPE: ``rope.freq_base`` for full layers, ``rope.freq_base_swa`` for sliding ones (10,000 when
+      absent, ``llama-hparams.h``). HF's proportional RoPE on full layers (the first ``factor * D / 2``
+      frequencies of a D-dimensional RoPE, the rest 0) is ``rope.dimension_count = D`` plus the tensor
+      ``rope_freqs``: D / 2 frequency divisors, 1 for a rotated pair and 1e30 for a position-free one
+      (``Gemma4Model.generate_extra_tensors``); the factor is read back from it.
+    * Experts: ``ffn_gate_up_exps`` is HF's fused ``gate_up_proj`` unchanged (gate rows first, the
+      half ``build_moe_ffn`` takes as gate), ``ffn_gate_inp.scale`` is ``router.scale``,
+      ``ffn_down_exps.scale`` is ``router.per_expert_scale`` (``Gemma4Model.modify_tensors``);
+      ``layer_output_scale`` is the layer scalar.
+    * ``final_logit_softcapping``: absent means llama.cpp's default 30 (``llama-hparams.h``), 0 none.
+    * BF16 exports keep ``attn_k`` / ``attn_v`` / ``attn_k_norm`` on the KV-shared layers, where
+      nothing reads them; quantized ones leave them out. Both load: they are skipped.
+
+    transformers 5.23 maps a few ``gemma4`` keys (``integrations/ggml.py``) but not the window pattern,
+    sliding head size, KV sharing, per-layer-embedding width or RoPE bases, and it stops on a per-layer
+    ``feed_forward_length`` ("expected int, got list"): it cannot rebuild these models from a GGUF
+    file, so tests/test_gguf_gemma4.py compares with the model each file was written from.
+    """
+
+    name, model_type, layer_table, global_table = "gemma4", "gemma4_text", GEMMA4_LAYER, GEMMA4_GLOBAL
+    config_tensors = ("rope_freqs.weight",)
+    UNUSED_IN_SHARED_LAYERS = ("attn_k", "attn_v", "attn_k_norm")
+    POSITION_FREE = 1e20  # a rope_freqs divisor this large leaves its pair unrotated (llama.cpp writes 1e30)
+
+    def skipped(self, gguf_name, cfg):
+        parts = gguf_name.split(".")
+        if len(parts) == 4 and parts[0] == "blk" and parts[2] in self.UNUSED_IN_SHARED_LAYERS:
+            return cfg.layers[int(parts[1])].kv_source is not None
+        return super().skipped(gguf_name, cfg)
+
+    def config(self, meta, tensors, values):
+        a = self.name
+        needed = ["block_count", "attention.sliding_window", "attention.sliding_window_pattern"]
+        _require(meta, a, [*needed, "attention.key_length", "attention.key_length_swa"])
+        n = _get(meta, a, "block_count")
+        pattern = _get(meta, a, "attention.sliding_window_pattern")
+        if not isinstance(pattern, list) or len(pattern) != n:
+            raise ConfigError(
+                [
+                    f"{a}.attention.sliding_window_pattern = {pattern!r}: must be one boolean per layer ({n}, True = sliding)"
+                ]
+            )
+        shared = _get(meta, a, "attention.shared_kv_layers", 0)
+        head_full, head_swa = _get(meta, a, "attention.key_length"), _get(meta, a, "attention.key_length_swa")
+        for key, allowed in (
+            ("attention.value_length", head_full),
+            ("attention.value_length_swa", head_swa),
+            ("rope.dimension_count", head_full),  # RoPE over part of a head: only through rope_freqs
+            ("rope.dimension_count_swa", head_swa),
+        ):
+            if _get(meta, a, key, allowed) != allowed:
+                raise ConfigError([f"{a}.{key} = {_get(meta, a, key)}: not supported (allowed: {allowed})"])
+        ffn, double_wide = _gemma4_ffn(meta, a, n - shared)
+        kv_swa, kv_full = _gemma4_kv_heads(meta, a, pattern)
+        full_with_kv = [i for i, sliding in enumerate(pattern[: n - shared]) if not sliding]
+        k_eq_v = bool(full_with_kv) and all(f"blk.{i}.attn_v.weight" not in tensors for i in full_with_kv)
+        if kv_full != kv_swa and not k_eq_v:
+            raise ConfigError(
+                [
+                    f"{a}.attention.head_count_kv = {_get(meta, a, 'attention.head_count_kv')}: other KV-head "
+                    "counts on full layers than on sliding ones need K = V full layers (no attn_v), as in "
+                    "Gemma 4 26B / 31B"
+                ]
+            )
+        scalars = {**meta, f"{a}.feed_forward_length": ffn, f"{a}.attention.head_count_kv": kv_swa}
+        out = {"model_type": self.model_type, **_common(scalars, a, tensors)}
+        ple = _get(meta, a, "embedding_length_per_layer_input", 0)
+        softcap = _get(meta, a, "final_logit_softcapping", 30.0)
+        out.update(
+            layer_types=["sliding_attention" if sliding else "full_attention" for sliding in pattern],
+            sliding_window=_get(meta, a, "attention.sliding_window"),
+            num_kv_shared_layers=shared,
+            use_double_wide_mlp=double_wide,
+            head_dim=head_swa,
+            global_head_dim=head_full,
+            attention_k_eq_v=k_eq_v,
+            num_global_key_value_heads=kv_full if k_eq_v else None,
+            hidden_size_per_layer_input=ple,
+            rope_parameters=self._rope(meta, values, head_full),
+            final_logit_softcapping=float(softcap) if softcap else None,
+        )
+        if ple:
+            out["vocab_size_per_layer_input"] = tensors.get("per_layer_token_embd.weight", (out["vocab_size"],))[0]
+        experts = _get(meta, a, "expert_count", 0)
+        if experts:
+            _require(meta, a, ["expert_used_count", "expert_feed_forward_length"])
+            out.update(
+                enable_moe_block=True,
+                num_experts=experts,
+                top_k_experts=_get(meta, a, "expert_used_count"),
+                moe_intermediate_size=_get(meta, a, "expert_feed_forward_length"),
+            )
+        return out
+
+    def _rope(self, meta, values, head_full: int) -> dict[str, Any]:
+        a = self.name
+        kind = _get(meta, a, "rope.scaling.type", "none")
+        if kind != "none":
+            raise ConfigError([f"{a}.rope.scaling.type = {kind!r} is not supported (allowed: none)"])
+        full = {"rope_type": "default", "rope_theta": float(_get(meta, a, "rope.freq_base", 10_000.0))}
+        if "rope_freqs.weight" in values:
+            rotated = _rotated_pairs(values["rope_freqs.weight"].flatten(), head_full, self.POSITION_FREE)
+            full.update(rope_type="proportional", partial_rotary_factor=2 * rotated / head_full)
+        sliding = {"rope_type": "default", "rope_theta": float(_get(meta, a, "rope.freq_base_swa", 10_000.0))}
+        return {"sliding_attention": sliding, "full_attention": full}
+
+
+def _gemma4_ffn(meta: dict[str, Any], arch: str, first_shared: int) -> tuple[int, bool]:
+    """(intermediate_size, use_double_wide_mlp) from ``feed_forward_length``: a number, or one per layer
+    that doubles on the KV-shared layers (how ``Gemma4Model.set_gguf_parameters`` writes the E2B's)."""
+    widths = _get(meta, arch, "feed_forward_length")
+    if not isinstance(widths, list):
+        return widths, False
+    for double_wide in (False, True):
+        if widths == [widths[0] * (2 if double_wide and i >= first_shared else 1) for i in range(len(widths))]:
+            return widths[0], double_wide
+    raise ConfigError(
+        [
+            f"{arch}.feed_forward_length = {widths}: per-layer widths are supported only as one width, doubled "
+            f"on the KV-shared layers {first_shared}.. (use_double_wide_mlp)"
+        ]
+    )
+
+
+def _gemma4_kv_heads(meta: dict[str, Any], arch: str, pattern: list[bool]) -> tuple[int, int]:
+    """(KV heads of sliding layers, of full layers) from ``attention.head_count_kv``: a number, or one
+    per layer, the same within each layer type."""
+    kv = _get(meta, arch, "attention.head_count_kv", _get(meta, arch, "attention.head_count"))
+    if not isinstance(kv, list):
+        return kv, kv
+    per_type = {sliding: {h for h, s in zip(kv, pattern) if s == sliding} for sliding in (True, False)}
+    if len(kv) != len(pattern) or any(len(counts) > 1 for counts in per_type.values()):
+        raise ConfigError(
+            [
+                f"{arch}.attention.head_count_kv = {kv}: must be one number per layer, the same within sliding and within full layers"
+            ]
+        )
+    full = next(iter(per_type[False]))  # the last layer is a full one
+    return next(iter(per_type[True]), full), full
+
+
+def _rotated_pairs(divisors: torch.Tensor, head_dim: int, position_free: float) -> int:
+    """How many leading RoPE pairs llama.cpp's ``rope_freqs`` divisors leave rotating: 1 for each rotated
+    pair, then at least ``position_free`` for each pair that must not move."""
+    rotated = int((divisors == 1.0).sum())
+    if not (
+        divisors.numel() == head_dim // 2
+        and bool((divisors[:rotated] == 1.0).all())
+        and bool((divisors[rotated:] >= position_free).all())
+    ):
+        raise ConfigError(
+            [
+                f"GGUF tensor 'rope_freqs.weight' (first values {divisors[:4].tolist()}, {divisors.numel()} in all): "
+                f"must be {head_dim // 2} RoPE frequency divisors, 1 for each rotated pair then >= {position_free:g} "
+                "(Gemma 4's proportional RoPE, as llama.cpp writes it); other frequency factors are not supported"
+            ]
+        )
+    return rotated
+
+
+ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (Llama(), Qwen3(), Gemma3(), Gemma4())}

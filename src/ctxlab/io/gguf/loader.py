@@ -31,6 +31,8 @@ def load_gguf(path: str | Path, dtype: torch.dtype = torch.float32, device=None)
     expected = model_tensor_shapes(model)
     names, unmapped = {}, []
     for gguf_name in f.tensors:
+        if arch.skipped(gguf_name, cfg):
+            continue
         ours = arch.our_name(gguf_name)
         if ours is None:
             unmapped.append(gguf_name)
