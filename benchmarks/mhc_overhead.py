@@ -30,6 +30,7 @@ from rich.table import Table
 
 import ctxlab
 from ctxlab import LayerSpec, ModelConfig
+from ctxlab.generate import compiled_decode_step, decode_step, prefill
 from ctxlab.nn.residual import set_hc_impl
 
 DEEPSEEK_OVERHEAD = 0.067  # training time, n = 4 (mHC paper)
@@ -74,13 +75,14 @@ def train_step(fn, optimizer, ids) -> float:
 
 
 @torch.no_grad()
-def decode_ms(fn, model, prompt, tokens: int) -> float:
-    """Prefill ``prompt`` (untimed), then greedy-decode ``tokens`` one at a time: ms per token."""
+def decode_ms(step, model, prompt, tokens: int) -> float:
+    """Prefill ``prompt`` (untimed), then greedy-decode ``tokens`` one at a time with ``step``
+    (the engine's eager or compiled decode step, as ``ctxlab generate [--compile]`` runs): ms per token."""
     cache = model.new_cache(prompt.shape[0], prompt.shape[1] + tokens + 1)
-    token = fn(prompt, cache=cache)[:, -1:].argmax(-1)
+    token = prefill(model, prompt, cache).argmax(-1)  # [B]
     start = CLOCK()
     for _ in range(tokens):
-        token = fn(token, cache=cache)[:, -1:].argmax(-1)
+        token = step(model, token, cache).argmax(-1)
     return (CLOCK() - start) / tokens * 1e3
 
 
@@ -108,22 +110,23 @@ def measure(args, hidden: int, mode: str) -> list[dict]:
     torch.manual_seed(0)
     models = build(hidden, args.layers)
     names = ["plain", "mhc"] + (["mhc_ref"] if args.reference and mode == "eager" else [])
-    fns = {k: torch.compile(models[k]) if mode == "compiled" else models[k] for k in names}
     ids = torch.randint(0, VOCAB, (args.batch, args.seq + 1))
-    for k in names:
-        models[k].train()
-    optimizers = {k: torch.optim.AdamW(models[k].parameters(), lr=1e-4) for k in names}
-    train = alternate(lambda k: train_step(fns[k], optimizers[k], ids) * 1e3, names, 2, args.repeats)
-    for k in names:
-        models[k].eval()
-    prompt = ids[:1, : args.prompt]
-    decode = alternate(lambda k: decode_ms(fns[k], models[k], prompt, args.decode_tokens), names, 1, args.repeats)
     flops_train, flops_decode = extra_flops(hidden, args.layers, args.seq)
     rows = []
-    for what, times, flops in (("training step", train, flops_train), ("decode token", decode, flops_decode)):
-        row = {"width": hidden, "mode": mode, "what": what, "extra_flops": flops}
-        row.update({k: times[k] for k in names})
-        rows.append(row)
+    if "train" in args.measures:
+        fns = {k: torch.compile(models[k]) if mode == "compiled" else models[k] for k in names}
+        for k in names:
+            models[k].train()
+        optimizers = {k: torch.optim.AdamW(models[k].parameters(), lr=1e-4) for k in names}
+        train = alternate(lambda k: train_step(fns[k], optimizers[k], ids) * 1e3, names, 2, args.repeats)
+        rows.append({"width": hidden, "mode": mode, "what": "training step", "extra_flops": flops_train, **train})
+    if "decode" in args.measures:
+        for k in names:
+            models[k].eval()
+        steps = {k: compiled_decode_step(models[k]) if mode == "compiled" else decode_step for k in names}
+        prompt = ids[:1, : args.prompt]
+        decode = alternate(lambda k: decode_ms(steps[k], models[k], prompt, args.decode_tokens), names, 1, args.repeats)
+        rows.append({"width": hidden, "mode": mode, "what": "decode token", "extra_flops": flops_decode, **decode})
     return rows
 
 
@@ -168,6 +171,7 @@ def main() -> None:
     )
     p.add_argument("--widths", type=int, nargs="+", default=[256, 512], help="model widths")
     p.add_argument("--modes", nargs="+", default=["eager", "compiled"], choices=["eager", "compiled"])
+    p.add_argument("--measures", nargs="+", default=["train", "decode"], choices=["train", "decode"])
     p.add_argument("--layers", type=int, default=6, help="decoder layers")
     p.add_argument("--seq", type=int, default=256, help="tokens per training sequence")
     p.add_argument("--batch", type=int, default=4, help="sequences per training step")
@@ -192,8 +196,9 @@ def main() -> None:
     rows = []
     for mode in args.modes:  # eager first: its rows are printed (to stderr) before any compile starts
         for hidden in args.widths:
-            rows += measure(args, hidden, mode)
-            print(f"measured {rows[-2:]}", file=sys.stderr, flush=True)
+            new = measure(args, hidden, mode)
+            rows += new
+            print(f"measured {new}", file=sys.stderr, flush=True)
     title = (
         f"mHC (n = 4) vs plain residual: {args.layers} layers, training batch {args.batch} x {args.seq} tokens "
         f"(fwd + bwd + AdamW), decode after a {args.prompt}-token prompt; median of {args.repeats}; "

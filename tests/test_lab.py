@@ -11,6 +11,7 @@ import torch
 
 from ctxlab import count_params, decode_flops, kv_cache_bytes
 from ctxlab.cli import main
+from ctxlab.errors import InputError
 from ctxlab.lab import load_recipe, recipe_names
 from ctxlab.lab.report import collect, summarize, write_report
 from ctxlab.lab.runner import run_recipe
@@ -222,3 +223,33 @@ def test_unconstrained_connections_never_take_the_sinkhorn_path():
     _, (post, comb) = m.split(x)
     torch.testing.assert_close(comb, m.mixing(x)[2])
     torch.testing.assert_close(comb.sum(-1), torch.full_like(comb.sum(-1), 3.0))
+
+
+def test_parallel_jobs_give_the_results_of_one_process(tmp_path):
+    """``lab run --jobs 2``: the runs are shared out to worker processes, and each run's losses and
+    evaluation are those of the same run trained in this process (a run depends only on its seed)."""
+    from ctxlab.lab.runner import run_study
+
+    logs = []
+    run_study(
+        ["gqa", "mqa"], tmp_path / "par", budget="ci", tasks=["mqar"], seeds=[0, 1], threads=1, jobs=2, log=logs.append
+    )
+    assert len(logs) == 4 and all(" mqar seed " in line for line in logs)
+    run_study(["gqa", "mqa"], tmp_path / "one", budget="ci", tasks=["mqar"], seeds=[0, 1], log=lambda m: None)
+    for name in ("gqa", "mqa"):
+        for seed in (0, 1):
+            par, one = (tmp_path / d / name / "mqar" / f"seed{seed}" for d in ("par", "one"))
+            assert _losses(par) == _losses(one) and len(_losses(one)) == 2
+            assert _result(par)["eval"] == _result(one)["eval"] and _result(par)["threads"] == 1
+    with pytest.raises(InputError, match="jobs = 0"):
+        run_study(["gqa"], tmp_path, budget="ci", jobs=0)
+    with pytest.raises(InputError, match="nope"):
+        run_study(["gqa", "nope"], tmp_path, budget="ci")
+
+
+def _losses(run) -> list[float]:
+    return [m["loss"] for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in m]
+
+
+def _result(run) -> dict:
+    return json.loads((run / "result.json").read_text())

@@ -56,22 +56,19 @@ def cmd_train(args, console) -> int:
 
 def cmd_lab_run(args, console) -> int:
     from .recipes import recipe_names
-    from .runner import run_recipe
+    from .runner import run_study
 
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     names = recipe_names() if args.recipes == ["all"] else args.recipes
-    for name in names:
-        run_recipe(
-            name,
-            args.runs,
-            budget=args.budget,
-            tasks=args.tasks,
-            seeds=args.seeds,
-            log=lambda msg: print(msg, file=sys.stderr, flush=True),
-        )
+    run_study(
+        names,
+        args.runs,
+        budget=args.budget,
+        tasks=args.tasks,
+        seeds=args.seeds,
+        threads=args.threads,
+        jobs=args.jobs,
+        log=lambda msg: print(msg, file=sys.stderr, flush=True),
+    )
     return 0
 
 
@@ -146,7 +143,15 @@ def add_commands(sub, fmt) -> None:
     r.add_argument("--budget", choices=("full", "reduced", "ci"), default="full", help="steps per run (study.json)")
     r.add_argument("--tasks", nargs="+", choices=("mqar", "passkey", "code"), help="only these tasks (None = all)")
     r.add_argument("--seeds", nargs="+", type=int, help="seeds (None = the study's: 0 1 2)")
-    r.add_argument("--threads", type=int, help="torch threads (None = torch's default; 1 is faster on a busy machine)")
+    r.add_argument(
+        "--threads", type=int, help="torch threads per process (None = torch's default; 1 is faster on a busy machine)"
+    )
+    r.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs trained at once, each in its own process (e.g. --jobs 2 --threads 1 on a 2-core machine)",
+    )
     r.set_defaults(func=cmd_lab_run)
     p = lab_sub.add_parser(
         "report",

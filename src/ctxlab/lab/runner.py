@@ -9,8 +9,10 @@ checkpoint (deleted once the run has finished), so rerunning the documented comm
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from importlib import resources
 from pathlib import Path
 
@@ -93,6 +95,53 @@ def run_recipe(
     return results
 
 
+def run_study(
+    names: list[str],
+    runs: str | Path,
+    budget: str = "full",
+    tasks: list[str] | None = None,
+    seeds: list[int] | None = None,
+    threads: int | None = None,
+    jobs: int = 1,
+    log=print,
+) -> None:
+    """:func:`run_recipe` for every recipe; with ``jobs > 1`` the (recipe, task, seed) runs are shared
+    out to ``jobs`` worker processes (spawned, ``threads`` torch threads each). Every run writes only
+    its own directory, so runs in parallel cannot disturb each other's results."""
+    if not isinstance(jobs, int) or jobs < 1:
+        raise InputError(f"jobs = {jobs!r}: must be a positive integer")
+    for name in names:
+        load_recipe(name)  # every bad name is reported before anything trains
+    run_plan(budget, tasks)
+    seeds = list(seeds if seeds is not None else study()["seeds"])
+    units = [(n, [t], [s]) for n in names for t, _, _ in run_plan(budget, tasks) for s in seeds]
+    if jobs == 1:
+        _set_threads(threads)
+        for name, unit_tasks, unit_seeds in units:
+            run_recipe(name, runs, budget, unit_tasks, unit_seeds, log=log)
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=context, initializer=_set_threads, initargs=(threads,)) as pool:
+        futures = [pool.submit(_run_unit, name, str(runs), budget, t, s) for name, t, s in units]
+        for future in as_completed(futures):
+            for line in future.result():
+                log(line)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _run_unit(name: str, runs: str, budget: str, tasks: list[str], seeds: list[int]) -> list[str]:
+    """One worker's run; its log lines are returned to the parent, which prints them in one place."""
+    lines: list[str] = []
+    run_recipe(name, runs, budget, tasks, seeds, progress=False, log=lines.append)
+    return lines
+
+
 def _headline(result: dict) -> str:
     e = result["eval"]
     for key in ("mqar_accuracy", "passkey_accuracy", "bits_per_byte"):
@@ -106,6 +155,6 @@ def _write_corpus(runs: Path, manifest: dict) -> None:
     path = runs / "corpus.json"
     if path.exists() and json.loads(path.read_text()).get("sha256") == manifest["sha256"]:
         return
-    tmp = path.with_name("corpus.json.tmp")
+    tmp = path.with_name(f"corpus.json.{os.getpid()}.tmp")  # runs in parallel write the same manifest
     tmp.write_text(json.dumps(manifest, indent=0))
     os.replace(tmp, path)
