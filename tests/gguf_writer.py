@@ -93,6 +93,76 @@ def hf_to_gguf(model, arch: str, path: Path, vocab: int) -> None:
         if arch == "gemma3" and "norm" in stem:
             data = data + 1.0
         tensors[f"{names.get_name(stem)}.{kind}"] = (data, 0, data.shape)
+    if arch == "llama" and rope.get("rope_type") == "llama3":
+        divisors = llama3_rope_freqs(rope, c.head_dim)
+        tensors["rope_freqs.weight"] = (divisors, 0, divisors.shape)
+    write_gguf(path, arch, meta, tensors)
+
+
+def llama3_rope_freqs(rope: dict[str, Any], head_dim: int) -> np.ndarray:
+    """The ``rope_freqs`` llama.cpp's converter writes for HF ``rope_type = "llama3"``
+    (``LlamaModel.generate_extra_tensors``): per RoPE pair of a ``head_dim`` head, in float32 like the
+    converter, the divisor of its frequency: 1 below the wavelength ``original / high_freq_factor``,
+    ``factor`` above ``original / low_freq_factor``, ``1 / ((1 - s) / factor + s)`` between, with the
+    ramp ``s = (original / wavelength - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+
+    ``original`` is taken from the rope parameters (where HF's llama3 RoPE reads it). The converter
+    reads it from the top level of config.json, where Llama 3.x configs do not have it, so it uses its
+    default 8192, which is what their rope parameters say too; for our tiny configs with another value,
+    this writes what the converter would write if it read the value HF uses."""
+    theta, factor = np.float32(rope["rope_theta"]), np.float32(rope["factor"])
+    low, high = np.float32(rope["low_freq_factor"]), np.float32(rope["high_freq_factor"])
+    original = np.float32(rope["original_max_position_embeddings"])
+    exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    wavelength = np.float32(2 * np.pi) / (np.float32(1.0) / theta**exponent)
+    ramp = (original / wavelength - low) / (high - low)
+    blend = np.float32(1.0) / ((1 - ramp) / factor + ramp)
+    divisors = np.where(wavelength > original / low, factor, blend)
+    return np.where(wavelength < original / high, np.float32(1.0), divisors).astype(np.float32)
+
+
+def llama_to_gguf(config: dict[str, Any], state: dict[str, Any], path: Path) -> None:
+    """A float32 ``llama`` GGUF from an HF ``config.json`` dict and HF-named weights (a ctxlab model's
+    state dict), as llama.cpp's ``LlamaModel`` writes one: gguf-py's names, q/k rows permuted, no
+    ``output`` when tied, and for ``rope_type = "llama3"`` no ``rope.scaling.*`` key but ``rope_freqs``
+    (:func:`llama3_rope_freqs`)."""
+    import gguf
+
+    c, arch = config, "llama"
+    rope = c["rope_parameters"]
+    meta = {
+        f"{arch}.context_length": c["max_position_embeddings"],
+        f"{arch}.embedding_length": c["hidden_size"],
+        f"{arch}.block_count": c["num_hidden_layers"],
+        f"{arch}.feed_forward_length": c["intermediate_size"],
+        f"{arch}.attention.head_count": c["num_attention_heads"],
+        f"{arch}.attention.head_count_kv": c["num_key_value_heads"],
+        f"{arch}.attention.layer_norm_rms_epsilon": float(c["rms_norm_eps"]),
+        f"{arch}.attention.key_length": c["head_dim"],
+        f"{arch}.attention.value_length": c["head_dim"],
+        f"{arch}.rope.freq_base": float(rope["rope_theta"]),
+        f"{arch}.rope.dimension_count": c["head_dim"],
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": [f"t{i}" for i in range(c["vocab_size"])],
+        "tokenizer.ggml.token_type": [1] * c["vocab_size"],
+        "tokenizer.ggml.merges": [],
+        "tokenizer.ggml.bos_token_id": 2,
+        "tokenizer.ggml.eos_token_id": 1,
+    }
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, c["num_hidden_layers"])
+    tensors = {}
+    for hf_name, t in state.items():
+        if hf_name == "lm_head.weight" and c.get("tie_word_embeddings"):
+            continue
+        stem, _, kind = hf_name.rpartition(".")
+        data = t.detach().float().numpy().copy()
+        if stem.endswith(("q_proj", "k_proj")):
+            heads = c["num_attention_heads"] if stem.endswith("q_proj") else c["num_key_value_heads"]
+            data = llama_cpp_permute(data, heads)
+        tensors[f"{names.get_name(stem)}.{kind}"] = (data, 0, data.shape)
+    if rope.get("rope_type") == "llama3":
+        divisors = llama3_rope_freqs(rope, c["head_dim"])
+        tensors["rope_freqs.weight"] = (divisors, 0, divisors.shape)
     write_gguf(path, arch, meta, tensors)
 
 

@@ -5,6 +5,9 @@ architecture, with the per-tensor fixes the GGUF writer made necessary.
 * ``llama``: llama.cpp's converter (``convert_hf_to_gguf.py``, ``LlamaModel.modify_tensors``) permutes
   the rows of ``attn_q`` / ``attn_k`` per head from HF's rotate-half layout to interleaved pairs;
   :func:`unpermute_rows` restores them (transformers' ``LlamaTensorProcessor`` does the same).
+  Llama 3.1 / 3.2 / 3.3's RoPE scaling (HF ``rope_type = "llama3"``) is no metadata key but the tensor
+  ``rope_freqs`` (``LlamaModel.generate_extra_tensors``): the llama3 parameters are read back from its
+  divisors and checked by recomputing them (:class:`Llama`, :func:`_llama3_from_divisors`).
 * ``qwen3``, ``gemma3``: written without that permutation (llama.cpp runs them with NeoX-style RoPE);
   checked on the real Gemma 3 file (tests/test_gguf_models.py) and, for qwen3, against transformers'
   loader on a file written like llama.cpp's converter writes it.
@@ -16,11 +19,14 @@ architecture, with the per-tensor fixes the GGUF writer made necessary.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
+from ...config import RopeSpec
 from ...errors import ConfigError
+from ...registry import ROPE_TYPES
 
 # A table key is a GGUF name stem whose ``.weight`` / ``.bias`` belong to our module of that path, or a
 # whole GGUF tensor name (``"ffn_gate_inp.scale"``) for a tensor of ours that is not a module's weight.
@@ -196,16 +202,31 @@ def _rope(meta: dict[str, Any], arch: str, theta: float, where: str) -> dict[str
 
 
 class Llama(Architecture):
+    """Llama 1 to 3.x (and the many models written as ``llama``: SmolLM2, Mistral 7B, ...).
+
+    Llama 3.1 / 3.2 / 3.3 (HF ``rope_type = "llama3"``): llama.cpp's converter writes no
+    ``llama.rope.scaling.*`` key for them (``TextModel.set_gguf_parameters`` passes over ``"llama3"``:
+    "Handled in generate_extra_tensors") but the tensor ``rope_freqs``, one frequency divisor per RoPE
+    pair (``LlamaModel.generate_extra_tensors``, convert_hf_to_gguf.py): 1 where the wavelength is
+    below ``original / high_freq_factor``, ``factor`` above ``original / low_freq_factor``, and
+    ``1 / ((1 - s) / factor + s)`` between, with ``s = (original / wavelength - low) / (high - low)``.
+    :func:`_llama3_from_divisors` reads HF's llama3 parameters back from those divisors and checks
+    them by recomputing the divisors with ctxlab's own llama3 RoPE.
+    """
+
     name, model_type, layer_table, permuted_qk = "llama", "llama", PRE_NORM_LAYER, True
+    config_tensors = ("rope_freqs.weight",)
 
     def config(self, meta, tensors, values):
-        if "rope_freqs.weight" in tensors:
-            raise ConfigError(
-                ["GGUF tensor 'rope_freqs.weight' (Llama 3.1-style RoPE frequency factors) is not supported yet"]
-            )
         out = {"model_type": "llama", **_common(meta, "llama", tensors)}
         out["rope_parameters"] = _rope(meta, "llama", 10_000.0, "llama")
         out["head_dim"] = out.get("head_dim") or _get(meta, "llama", "rope.dimension_count")
+        if "rope_freqs.weight" in values:
+            head_dim = out["head_dim"] or out["hidden_size"] // out["num_attention_heads"]
+            original = _get(meta, "llama", "rope.scaling.original_context_length")
+            out["rope_parameters"] = _llama3_from_divisors(
+                values["rope_freqs.weight"].flatten(), out["rope_parameters"], head_dim, original
+            )
         return out
 
 
@@ -423,6 +444,121 @@ def _rotated_pairs(divisors: torch.Tensor, head_dim: int, position_free: float) 
             ]
         )
     return rotated
+
+
+# The converter's defaults, Llama 3.x's values (used when the divisors leave the thresholds open).
+LLAMA3_DEFAULTS = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original": 8192}
+# Largest relative difference allowed between the file's divisors and ours. Both are float32 arithmetic:
+# on Llama 3.2-shaped heads they differ by < 1e-7 (tests/test_gguf_llama3.py); a wrong parameter by far more.
+LLAMA3_RTOL = 1e-5
+
+
+def _llama3_from_divisors(
+    divisors: torch.Tensor, rope: dict[str, Any], head_dim: int, original: int | None
+) -> dict[str, Any]:
+    """HF ``rope_parameters`` of type ``"llama3"`` that reproduce llama.cpp's ``rope_freqs`` divisors
+    (``LlamaModel.generate_extra_tensors``, convert_hf_to_gguf.py; see :class:`Llama`).
+
+    * ``factor`` is the largest divisor (the low-frequency pairs).
+    * Each blended pair (divisor strictly between 1 and ``factor``) gives its ramp value
+      ``s = (1 / d - 1 / factor) / (1 - 1 / factor)``, which is affine in the pair's inverse wavelength
+      ``u``: ``s = (u - u_low) / (u_high - u_low)``, with ``u_low = low_freq_factor / original`` and
+      ``u_high = high_freq_factor / original``. A least-squares line through the blended pairs (two
+      at least) gives ``u_low`` and ``u_high``.
+    * The divisors depend on ``original``, ``low_freq_factor`` and ``high_freq_factor`` only through
+      these two ratios (the two wavelength thresholds), so ``original`` is a free choice and any value
+      is exact: ``llama.rope.scaling.original_context_length`` when the file has it (llama.cpp does not
+      write it for llama3), otherwise the low-frequency wavelength ``1 / u_low`` rounded to an integer,
+      which makes ``low_freq_factor`` 1 as in every Llama 3.x release (original 8192, low 1, high 4).
+      ``low`` / ``high`` / ``factor`` within 1e-5 of a multiple of 0.001 are rounded to it.
+    * Fewer than two blended pairs leave the thresholds open between two wavelengths; then Llama 3's
+      low 1 and high 4 (the converter's defaults) are tried, with ``original`` from the metadata, else
+      from the one blended pair, else the converter's default 8192.
+
+    The result is checked: ctxlab's llama3 RoPE (the ``ROPE_TYPES`` registry, nn/rope.py) must give
+    the same divisors within :data:`LLAMA3_RTOL`, else one :class:`ConfigError`. All divisors 1 is
+    plain RoPE (returned unchanged).
+    """
+    d = divisors.double()
+    n = head_dim // 2
+    if rope["rope_type"] != "default":
+        raise ConfigError(
+            [
+                f"GGUF tensor 'rope_freqs.weight' together with llama.rope.scaling.type = {rope['rope_type']!r}: not supported"
+            ]
+        )
+    if d.numel() == n and bool(torch.isfinite(d).all()) and bool((d == 1.0).all()):
+        return rope
+    theta = rope["rope_theta"]
+    candidate = None
+    if d.numel() == n and bool(torch.isfinite(d).all()) and bool((d >= 1.0).all()):
+        candidate = _llama3_candidate(d, theta, head_dim, original)
+    worst = None if candidate is None else _llama3_mismatch(d, theta, head_dim, candidate)
+    if worst is None or not worst <= LLAMA3_RTOL:  # NaN fails too
+        shown = [f"{v:.6g}" for v in d.tolist()]
+        few = ", ".join(shown if len(shown) <= 8 else [*shown[:4], "...", *shown[-3:]])
+        found = "no llama3 parameters fit them"
+        if worst is not None:
+            fitted = ", ".join(f"{k} {v:.6g}" for k, v in candidate.items())
+            found = f"the closest llama3 parameters ({fitted}) give divisors up to {worst:.2g} (relative) away"
+        raise ConfigError(
+            [
+                f"GGUF tensor 'rope_freqs.weight' ([{few}], {d.numel()} in all): not Llama 3.1-style RoPE frequency "
+                f"divisors ({found}); supported: {n} divisors >= 1 written by llama.cpp from HF rope_type 'llama3' "
+                "(1 for high frequencies, factor for low ones, llama3's smooth blend between)"
+            ]
+        )
+    return {**rope, "rope_type": "llama3", **candidate}
+
+
+def _llama3_candidate(d: torch.Tensor, theta: float, head_dim: int, original: int | None) -> dict[str, Any] | None:
+    """llama3 parameters fitted to divisors ``d`` (float64), or None when none fit (see the caller)."""
+    factor = float(d.max())
+    u = theta ** (-torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim) / (2 * math.pi)
+    blended = (d > 1.0 + 1e-6) & (d < factor * (1 - 1e-6))
+    if int(blended.sum()) >= 2:
+        s = ((1 / d - 1 / factor) / (1 - 1 / factor))[blended]
+        x = u[blended]
+        slope = float(((s - s.mean()) * (x - x.mean())).sum() / ((s - s.mean()) ** 2).sum())
+        u_low = float(x.mean()) - slope * float(s.mean())
+        u_high = u_low + slope
+        if not 0 < u_low < u_high:
+            return None
+        original = original or round(1 / u_low)
+        low, high = original * u_low, original * u_high
+    else:  # Llama 3's low 1, high 4; one blended pair fixes original, none leaves the default
+        low, high = LLAMA3_DEFAULTS["low_freq_factor"], LLAMA3_DEFAULTS["high_freq_factor"]
+        if int(blended.sum()) == 1 and original is None:
+            s = float(((1 / d - 1 / factor) / (1 - 1 / factor))[blended])
+            original = round((low + s * (high - low)) / float(u[blended]))  # s = (original * u - low) / (high - low)
+        original = original or LLAMA3_DEFAULTS["original"]
+    return {
+        "factor": _tidy(factor),
+        "low_freq_factor": _tidy(low),
+        "high_freq_factor": _tidy(high),
+        "original_max_position_embeddings": int(original),
+    }
+
+
+def _llama3_mismatch(d: torch.Tensor, theta: float, head_dim: int, params: dict[str, Any]) -> float:
+    """Largest relative difference between divisors ``d`` and those ctxlab's llama3 RoPE gives."""
+    plain = ROPE_TYPES["default"].frequencies(RopeSpec(theta=theta), head_dim)[0]
+    spec = RopeSpec(
+        type="llama3",
+        theta=theta,
+        factor=params["factor"],
+        low_freq_factor=params["low_freq_factor"],
+        high_freq_factor=params["high_freq_factor"],
+        original_max_position_embeddings=params["original_max_position_embeddings"],
+    )
+    ours = plain.double() / ROPE_TYPES["llama3"].frequencies(spec, head_dim)[0].double()
+    return float(((ours - d).abs() / d).max())
+
+
+def _tidy(x: float) -> float:
+    """``x`` rounded to a multiple of 0.001 when within 1e-5 (relative) of one: 0.9999999 -> 1.0."""
+    r = round(x, 3)
+    return r if abs(r - x) <= 1e-5 * max(abs(x), 1e-3) else x
 
 
 ARCHITECTURES: dict[str, Architecture] = {a.name: a for a in (Llama(), Qwen3(), Gemma3(), Gemma4())}
