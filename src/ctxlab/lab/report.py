@@ -24,6 +24,8 @@ METRICS = [
     ("MQAR acc", "mqar", "mqar_accuracy", True),
     ("passkey acc @T", "passkey", "passkey_accuracy", True),
     ("passkey acc @2T", "passkey", "passkey_accuracy_2x", True),
+    ("passkey digit acc @T", "passkey", "passkey_digit_accuracy", True),
+    ("passkey digit acc @2T", "passkey", "passkey_digit_accuracy_2x", True),
     ("held-out bits/byte", "code", "bits_per_byte", False),
     ("train tok/s", "code", "tokens_per_s", True),
 ]
@@ -151,7 +153,15 @@ def markdown(summary: dict, plot_paths: dict[str, str] | None = None) -> str:
         *[c for c, *_ in METRICS],
     ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    digits = {"MQAR acc": 3, "passkey acc @T": 3, "passkey acc @2T": 3, "held-out bits/byte": 3, "train tok/s": 0}
+    digits = {
+        "MQAR acc": 3,
+        "passkey acc @T": 3,
+        "passkey acc @2T": 3,
+        "passkey digit acc @T": 3,
+        "passkey digit acc @2T": 3,
+        "held-out bits/byte": 3,
+        "train tok/s": 0,
+    }
     for r in rows:
         cells = [
             f"{r['mechanism']} (`{r['recipe']}`)",

@@ -58,7 +58,7 @@ class Passkey(Task):
 
     @torch.no_grad()
     def evaluate(self, model: torch.nn.Module) -> dict:
-        out: dict = {"passkey_by_length": {}, "passkey_by_depth": {}}
+        out: dict = {"passkey_by_length": {}, "passkey_digits_by_length": {}, "passkey_by_depth": {}}
         for length in self.eval_lengths:
             by_depth = {}
             for d_i, depth in enumerate(self.eval_depths):
@@ -74,9 +74,14 @@ class Passkey(Task):
                     "digit_accuracy": float(right.float().mean()),
                 }
             out["passkey_by_depth"][str(length)] = by_depth
-            out["passkey_by_length"][str(length)] = sum(v["accuracy"] for v in by_depth.values()) / len(by_depth)
-        out["passkey_accuracy"] = out["passkey_by_length"][str(self.seq_len)]
-        out["passkey_accuracy_2x"] = out["passkey_by_length"].get(str(2 * self.seq_len))
+            for key, name in (("passkey_by_length", "accuracy"), ("passkey_digits_by_length", "digit_accuracy")):
+                out[key][str(length)] = sum(v[name] for v in by_depth.values()) / len(by_depth)
+        for key, name in (
+            ("passkey_by_length", "passkey_accuracy"),
+            ("passkey_digits_by_length", "passkey_digit_accuracy"),
+        ):
+            out[name] = out[key][str(self.seq_len)]
+            out[f"{name}_2x"] = out[key].get(str(2 * self.seq_len))
         return out
 
     def describe(self) -> dict:
