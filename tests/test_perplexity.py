@@ -99,3 +99,26 @@ def test_bad_options(checkpoint, tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
     assert main(["perplexity", "tiny-llama", str(text_file)]) == 2
     assert "not a checkpoint directory or .gguf file" in capsys.readouterr().err
+
+
+def test_quantized_perplexity_is_the_quantized_models(checkpoint, tmp_path, capsys):
+    """``--quantize`` scores the text with the weight-only quantized model: the perplexity
+    ``ctxlab.perplexity`` gives for ``quantize_(model, mode)``, near the unquantized one (tiny random
+    weights quantize coarsely, so 'near' is loose) and not equal to it."""
+    from ctxlab.quant import quantize_
+
+    text_file = tmp_path / "text.txt"
+    text_file.write_text(TEXT)
+    ids = ctxlab.load_tokenizer(checkpoint).encode(TEXT)
+    base = ctxlab.perplexity(ctxlab.from_pretrained(checkpoint, dtype=torch.bfloat16), ids, context=32, stride=16)
+    for mode in ("int8", "int4"):
+        argv = ["perplexity", str(checkpoint), str(text_file), "--context", "32", "--dtype", "bfloat16"]
+        assert main([*argv, "--quantize", mode, "--json"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        model = quantize_(ctxlab.from_pretrained(checkpoint, dtype=torch.bfloat16), mode)
+        expected = ctxlab.perplexity(model, ids, context=32, stride=16)
+        assert result["quantize"] == mode and result["dtype"] == "bfloat16"
+        assert result["ppl"] == pytest.approx(expected["ppl"], rel=1e-6)
+        assert result["ppl"] != base["ppl"] and abs(math.log(result["ppl"] / base["ppl"])) < 0.5
+    assert main(["perplexity", str(checkpoint), str(text_file), "--quantize", "int4"]) == 2
+    assert "needs a bfloat16 model" in capsys.readouterr().err

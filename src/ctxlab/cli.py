@@ -274,10 +274,7 @@ def cmd_generate(args, console: Console) -> int:
     else:
         prompt = args.prompt_ids
     model, need = load_for_generation(args.model, dtype, args.max_memory_gb, model_tokens, quiet=args.json)
-    if args.quantize:
-        from .quant import quantize_
-
-        quantize_(model, args.quantize)
+    _quantize(model, args.quantize)
     steps = stream(
         model,
         [prompt],
@@ -394,6 +391,14 @@ def cmd_chat(args, console: Console) -> int:
     return run_chat(session, messages, args.max_new_tokens, args.json, sys.stdout, sys.stderr)
 
 
+def _quantize(model, how: str | None) -> None:
+    """``--quantize int8|int4``: weight-only quantization in place (nothing when None)."""
+    if how:
+        from .quant import quantize_
+
+        quantize_(model, how)
+
+
 def cmd_perplexity(args, console: Console) -> int:
     from rich.progress import Progress
 
@@ -406,6 +411,7 @@ def cmd_perplexity(args, console: Console) -> int:
         reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
         raise InputError(f"{path}: cannot read the text file: {reason}") from None
     model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype])
+    _quantize(model, args.quantize)
     ids = tokenizer.encode(text)
     stride = args.stride if args.stride is not None else max(1, args.context // 2)
     bar = Console(file=sys.stderr)
@@ -418,7 +424,7 @@ def cmd_perplexity(args, console: Console) -> int:
             stride,
             on_window=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    result = {"model": args.model, "file": args.file, **result}
+    result = {"model": args.model, "file": args.file, "dtype": args.dtype, "quantize": args.quantize, **result}
     if args.json:
         print(json.dumps(result))
     else:
@@ -442,10 +448,7 @@ def cmd_bench(args, console: Console) -> int:
         torch.set_num_threads(args.threads)
     tokens = max(args.context + args.prompt) + args.steps
     model, _ = load_for_generation(args.model, DTYPES[args.dtype], args.max_memory_gb, tokens, quiet=args.json)
-    if args.quantize:
-        from .quant import quantize_
-
-        quantize_(model, args.quantize)
+    _quantize(model, args.quantize)
     with Progress(console=Console(file=sys.stderr), transient=True) as progress:
         task = progress.add_task("bench", total=None)
         result = bench(
@@ -693,6 +696,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--stride", type=positive, help="tokens between window starts, <= --context (None = context / 2)")
     pp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight element type")
+    pp.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help="weight-only quantization, to measure what it costs in perplexity (int4 needs --dtype bfloat16)",
+    )
     pp.add_argument("--json", action="store_true", help="print JSON (ppl, nll, tokens, windows, ...)")
     pp.set_defaults(func=cmd_perplexity)
 
