@@ -240,3 +240,27 @@ def gemma4_to_gguf(config: dict[str, Any], state: dict[str, Any], path: Path) ->
     divisors = np.array([1.0] * rotated + [1e30] * (c["global_head_dim"] // 2 - rotated), dtype=np.float32)
     tensors["rope_freqs.weight"] = (divisors, 0, divisors.shape)
     write_gguf(path, arch, meta, tensors)
+
+
+def rewritten(path: Path, out: Path, meta_edits: dict[str, Any], tensor_edits: dict[str, Any]) -> Path:
+    """The float32 GGUF file at ``path`` with some metadata / tensors replaced (None removes one),
+    written to ``out`` under the same architecture."""
+    import gguf
+
+    f = gguf.GGUFReader(path)
+    arch = f.fields["general.architecture"].contents()
+    meta = {k: fl.contents() for k, fl in f.fields.items() if not k.startswith("GGUF.") and k != "general.architecture"}
+    tensors = {t.name: np.array(t.data).reshape(tuple(reversed([int(d) for d in t.shape]))) for t in f.tensors}
+    for edits, target in ((meta_edits, meta), (tensor_edits, tensors)):
+        for key, value in edits.items():
+            if value is None:
+                target.pop(key, None)
+            else:
+                target[key] = value
+    write_gguf(out, arch, meta, {k: (a, 0, a.shape) for k, a in tensors.items()})
+    return out
+
+
+def divisors(*values) -> np.ndarray:
+    """A ``rope_freqs`` tensor: float32 RoPE frequency divisors."""
+    return np.array(values, dtype=np.float32)

@@ -8,7 +8,6 @@ from a GGUF file (it reads none of the per-layer keys; see ``architectures.Gemma
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
@@ -21,7 +20,7 @@ from conftest import randomize_
 gguf = pytest.importorskip("gguf", reason="the gguf package (ctxlab[gguf] extra) is not installed")
 
 from ctxlab.io.gguf import architectures
-from gguf_writer import gemma4_to_gguf, write_gguf
+from gguf_writer import divisors, gemma4_to_gguf, rewritten
 
 SEQ = 20  # longer than the window (8): sliding layers and their KV consumers wrap
 BASE = dict(
@@ -160,29 +159,10 @@ def test_name_table_agrees_with_gguf_py_name_map():
             assert table.our_name(gguf_name) == ours, gguf_name
 
 
-def _rewritten(path, tmp_path, meta_edits, tensor_edits):
-    """The float32 file at ``path`` with some metadata / tensors replaced (None removes one)."""
-    f = gguf.GGUFReader(path)
-    meta = {k: fl.contents() for k, fl in f.fields.items() if not k.startswith("GGUF.") and k != "general.architecture"}
-    tensors = {t.name: np.array(t.data).reshape(tuple(reversed([int(d) for d in t.shape]))) for t in f.tensors}
-    for edits, target in ((meta_edits, meta), (tensor_edits, tensors)):
-        for key, value in edits.items():
-            if value is None:
-                target.pop(key, None)
-            else:
-                target[key] = value
-    write_gguf(tmp_path / "edited.gguf", "gemma4", meta, {k: (a, 0, a.shape) for k, a in tensors.items()})
-    return tmp_path / "edited.gguf"
-
-
-def _divisors(*values) -> np.ndarray:
-    return np.array(values, dtype=np.float32)
-
-
 UNSUPPORTED = {
     "llama3-style rope_freqs": (
         {},
-        {"rope_freqs.weight": _divisors(*([1.0] * 4 + [2.5] * 12))},
+        {"rope_freqs.weight": divisors(*([1.0] * 4 + [2.5] * 12))},
         r"'rope_freqs.weight' \(first values \[1.0, 1.0, 1.0, 1.0\], 16 in all\): must be 16 RoPE frequency divisors",
     ),
     "irregular FFN widths": (
@@ -225,6 +205,6 @@ def test_unsupported_variants_are_one_clear_error(variant, tmp_path):
     meta_edits, tensor_edits, message = UNSUPPORTED[variant]
     config, model = tiny_gemma4("ple-sharing-doublewide")
     gemma4_to_gguf(config, model.state_dict(), tmp_path / "m.gguf")
-    path = _rewritten(tmp_path / "m.gguf", tmp_path, meta_edits, tensor_edits)
+    path = rewritten(tmp_path / "m.gguf", tmp_path / "edited.gguf", meta_edits, tensor_edits)
     with pytest.raises(ctxlab.ConfigError, match=message):
         ctxlab.from_pretrained(path)

@@ -25,7 +25,7 @@ from conftest import randomize_
 gguf = pytest.importorskip("gguf", reason="the gguf package (ctxlab[gguf] extra) is not installed")
 
 from ctxlab.io.gguf import architectures
-from gguf_writer import hf_to_gguf, llama3_rope_freqs, llama_to_gguf, write_gguf
+from gguf_writer import divisors, hf_to_gguf, llama3_rope_freqs, llama_to_gguf, rewritten
 
 SEQ = 100  # longer than every original context below (64): positions past it, where the scaling matters
 HEAD_DIM = 16
@@ -147,7 +147,9 @@ def test_original_context_from_metadata_is_used(tmp_path):
     not write it for llama3) keeps that value; low / high follow from the thresholds."""
     config, ref = tiny_llama3(ROPES["factor8"])
     llama_to_gguf(config, ref.state_dict(), tmp_path / "m.gguf")
-    path = _rewritten(tmp_path / "m.gguf", tmp_path, {"llama.rope.scaling.original_context_length": 128}, {})
+    path = rewritten(
+        tmp_path / "m.gguf", tmp_path / "edited.gguf", {"llama.rope.scaling.original_context_length": 128}, {}
+    )
     ours = ctxlab.from_pretrained(path)
     rope = ours.config.layers[0].rope
     assert (rope.original_max_position_embeddings, rope.low_freq_factor, rope.high_freq_factor) == (128, 2.0, 8.0)
@@ -188,25 +190,6 @@ def test_real_llama3_rope_parameters_are_recovered_exactly(head_dim, factor):
     assert architectures._llama3_mismatch(divisors.double(), 500_000.0, head_dim, scaling) < 1e-7  # the margin
 
 
-def _rewritten(path, tmp_path, meta_edits, tensor_edits):
-    """The float32 file at ``path`` with some metadata / tensors replaced (None removes one)."""
-    f = gguf.GGUFReader(path)
-    meta = {k: fl.contents() for k, fl in f.fields.items() if not k.startswith("GGUF.") and k != "general.architecture"}
-    tensors = {t.name: np.array(t.data).reshape(tuple(reversed([int(d) for d in t.shape]))) for t in f.tensors}
-    for edits, target in ((meta_edits, meta), (tensor_edits, tensors)):
-        for key, value in edits.items():
-            if value is None:
-                target.pop(key, None)
-            else:
-                target[key] = value
-    write_gguf(tmp_path / "edited.gguf", "llama", meta, {k: (a, 0, a.shape) for k, a in tensors.items()})
-    return tmp_path / "edited.gguf"
-
-
-def _divisors(*values) -> np.ndarray:
-    return np.array(values, dtype=np.float32)
-
-
 GOOD = llama3_rope_freqs(rope_parameters(**ROPES["factor8"]), HEAD_DIM)
 BLENDED = int(np.flatnonzero((GOOD > 1) & (GOOD < 8))[1])
 NOT_LLAMA3 = {
@@ -217,17 +200,17 @@ NOT_LLAMA3 = {
     ),
     "Gemma 4 proportional divisors": (
         {},
-        {"rope_freqs.weight": _divisors(*([1.0] * 4 + [1e30] * 4))},
+        {"rope_freqs.weight": divisors(*([1.0] * 4 + [1e30] * 4))},
         r"\(\[1, 1, 1, 1, 1e\+30, 1e\+30, 1e\+30, 1e\+30\], 8 in all\): not Llama 3.1-style",
     ),
     "decreasing divisors": (
         {},
-        {"rope_freqs.weight": _divisors(8, 6, 4, 3, 2, 1.5, 1, 1)},
+        {"rope_freqs.weight": divisors(8, 6, 4, 3, 2, 1.5, 1, 1)},
         r"\(\[8, 6, 4, 3, 2, 1.5, 1, 1\], 8 in all\): not Llama 3.1-style",
     ),
     "divisors below 1": (
         {},
-        {"rope_freqs.weight": _divisors(1, 1, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25)},
+        {"rope_freqs.weight": divisors(1, 1, 0.5, 0.5, 0.25, 0.25, 0.25, 0.25)},
         r"no llama3 parameters fit them\); supported: 8 divisors >= 1 written by llama.cpp from HF rope_type 'llama3'",
     ),
     "one divisor per head dim": (
@@ -248,7 +231,7 @@ def test_rope_freqs_that_are_not_llama3_are_one_clear_error(variant, tmp_path):
     meta_edits, tensor_edits, message = NOT_LLAMA3[variant]
     config, model = tiny_llama3(ROPES["factor8"])
     llama_to_gguf(config, model.state_dict(), tmp_path / "m.gguf")
-    path = _rewritten(tmp_path / "m.gguf", tmp_path, meta_edits, tensor_edits)
+    path = rewritten(tmp_path / "m.gguf", tmp_path / "edited.gguf", meta_edits, tensor_edits)
     with pytest.raises(ctxlab.ConfigError, match=message) as e:
         ctxlab.load_config(path)
     assert len(e.value.problems) == 1 and e.value.problems[0].startswith("GGUF tensor 'rope_freqs.weight'")
@@ -258,5 +241,5 @@ def test_all_ones_is_plain_rope(tmp_path):
     """Divisors all 1 (factor 1) change nothing: plain RoPE."""
     config, model = tiny_llama3(ROPES["factor8"])
     llama_to_gguf(config, model.state_dict(), tmp_path / "m.gguf")
-    path = _rewritten(tmp_path / "m.gguf", tmp_path, {}, {"rope_freqs.weight": np.ones(8, np.float32)})
+    path = rewritten(tmp_path / "m.gguf", tmp_path / "edited.gguf", {}, {"rope_freqs.weight": np.ones(8, np.float32)})
     assert ctxlab.load_config(path).layers[0].rope.type == "default"
