@@ -154,11 +154,14 @@ def _quantized(linear: nn.Linear, mode: str, group_size: int, keep_codes: bool =
         return None
 
 
-def quantize_(model: nn.Module, mode: str, group_size: int = 64) -> nn.Module:
+def quantize_(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
     """Replace the model's linear layers, embedding and LM head by weight-only quantized ones, in place.
 
     ``mode``: ``"int8"`` or ``"int4"`` (needs a bfloat16 model); ``group_size``: input channels per
-    int4 scale (32, 64, 128 or 256). Returns the model."""
+    int4 scale (32, 64, 128 or 256). The default 32 is the block of GGUF's 4-bit types (Q4_0, Q4_1,
+    the sub-blocks of Q4_K): on a model loaded from such a file, int4 groups of 32 sit on the file's
+    own blocks, and measured on SmolLM2-135M-Instruct Q4_1 (benchmarks/quant_perplexity.py) they cost
+    +5.1% perplexity against bfloat16 where groups of 64 cost +66%. Returns the model."""
     if mode not in MODES:
         raise InputError(f"quantize = {mode!r}: allowed: {list(MODES)}")
     if mode == "int4" and group_size not in (32, 64, 128, 256):
