@@ -25,8 +25,7 @@ import sys
 import time
 
 import torch
-from rich.console import Console
-from rich.table import Table
+from table_output import print_table
 
 import ctxlab
 from ctxlab import LayerSpec, ModelConfig
@@ -150,19 +149,7 @@ def render(rows: list[dict], reference: bool, markdown: bool, title: str) -> Non
             line += ["-", "-"]
         line += [f"+{r['extra_flops']:.1%}", "+6.7%" if r["what"] == "training step" else "-"]
         lines.append(line)
-    if markdown:
-        print(f"\n{title}\n")
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "|".join("---" for _ in cols) + "|")
-        for line in lines:
-            print("| " + " | ".join(line) + " |")
-        return
-    table = Table(title=title)
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("mode", "measure") else "right")
-    for line in lines:
-        table.add_row(*line)
-    Console().print(table)
+    print_table(title, cols, lines, markdown, left=("mode", "measure"))
 
 
 def main() -> None:

@@ -21,8 +21,7 @@ from pathlib import Path
 
 import torch
 from gguf_load import default_files
-from rich.console import Console
-from rich.table import Table
+from table_output import print_table
 
 import ctxlab
 from ctxlab.quant import quantize_
@@ -68,19 +67,7 @@ def main() -> None:
         f"context {args.context}, stride {args.stride}; torch {torch.__version__}, {args.threads} threads"
     )
     cols = ["file", "weights", "perplexity", "vs bfloat16", "scored tokens", "seconds"]
-    if args.markdown:
-        print(f"\n{title}\n")
-        print("| " + " | ".join(cols) + " |")
-        print("|" + "---|" * len(cols))
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return
-    table = Table(title=title)
-    for col in cols:
-        table.add_column(col, justify="left" if col in ("file", "weights") else "right")
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
+    print_table(title, cols, rows, args.markdown, left=("file", "weights"))
 
 
 if __name__ == "__main__":
