@@ -3,6 +3,8 @@ needed and once per step, no host sync in a decode step, MoE decode without the 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,8 @@ from ctxlab.attention.kernels import grouped_attention
 from ctxlab.generate import decode_step, prefill
 from ctxlab.nn.moe import Experts
 from ctxlab.reporting.measure import tiny_like
+
+from conftest import randomize_
 
 
 @pytest.mark.parametrize("heads, kv_heads", [(8, 2), (6, 1), (4, 4)])
@@ -128,3 +132,58 @@ def test_decode_uses_the_rope_tables_precomputed_by_the_cache():
     cos, sin = cache.rope_table(rotary, model.dtype)
     expected_cos, expected_sin = rotary.cos_sin(torch.arange(16)[None], model.dtype)
     assert torch.equal(cos, expected_cos[0, 0]) and torch.equal(sin, expected_sin[0, 0])
+
+
+def kv_sharing_model() -> ctxlab.CausalLM:
+    """Gemma 4 E2B's layer pattern at tiny width (its last 20 of 35 layers read shared K/V), windows of 5."""
+    cfg = tiny_like(ctxlab.load_config("gemma4-e2b"))
+    cfg = cfg.replace(layers=tuple(dataclasses.replace(s, window=5) if s.window else s for s in cfg.layers))
+    return randomize_(ctxlab.build_model(cfg, seed=0))
+
+
+def test_last_only_runs_the_trailing_kv_readers_on_the_last_token_alone(monkeypatch):
+    model = kv_sharing_model()
+    readers = [i for i, s in enumerate(model.config.layers) if s.kv_source is not None]
+    assert readers == list(range(15, 35))
+    lengths = {}
+    for i, block in enumerate(model.model.layers):
+        monkeypatch.setattr(
+            block, "forward", lambda x, ctx, f=block.forward, i=i: lengths.setdefault(i, x.shape[1]) and f(x, ctx)
+        )
+    with torch.no_grad():
+        model(torch.randint(0, 64, (1, 9)), last_only=True)
+    assert lengths == {i: 9 if i < 15 else 1 for i in range(35)}
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_last_only_logits_equal_the_full_forwards_last_row(cached):
+    """Prompts longer than the window (5), left padding in one row, a prompt in two chunks: the last
+    row of ``last_only`` equals the full forward's, and decoding on from that cache stays equal."""
+    model = kv_sharing_model()
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 64, (2, 16), generator=gen)
+    with torch.no_grad():
+        full = model(ids)  # [2, 16, V]
+        if not cached:
+            for t in (1, 3, 12):
+                torch.testing.assert_close(model(ids[:, :t], last_only=True), full[:, t - 1 : t], atol=1e-5, rtol=1e-5)
+            return
+        cache = model.new_cache(2, 16)
+        model(ids[:, :7], cache=cache, last_only=True)
+        last = model(ids[:, 7:12], cache=cache, last_only=True)
+        torch.testing.assert_close(last, full[:, 11:12], atol=1e-5, rtol=1e-5)
+        for t in range(12, 16):
+            torch.testing.assert_close(model(ids[:, t : t + 1], cache=cache), full[:, t : t + 1], atol=1e-5, rtol=1e-5)
+
+
+def test_last_only_with_left_padding_equals_each_row_alone():
+    model = kv_sharing_model()
+    gen = torch.Generator().manual_seed(2)
+    short, long = torch.randint(0, 64, (1, 6), generator=gen), torch.randint(0, 64, (1, 11), generator=gen)
+    batch = torch.cat([torch.cat([torch.zeros(1, 5, dtype=torch.long), short], 1), long])
+    with torch.no_grad():
+        cache = model.new_cache(2, 11)
+        cache.set_left_padding(torch.tensor([5, 0]))
+        both = model(batch, cache=cache, last_only=True)  # [2, 1, V]
+        torch.testing.assert_close(both[:1], model(short)[:, -1:], atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(both[1:], model(long)[:, -1:], atol=1e-4, rtol=1e-4)

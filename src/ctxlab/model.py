@@ -86,6 +86,10 @@ class CausalLM(nn.Module):
                 if isinstance(module, RMSNorm) and module.weight is not None:
                     module.unit_offset = True
         self._kv_sources = frozenset(s.kv_source for s in cfg.layers if s.kv_source is not None)
+        # Layers from here on only read K/V shared by earlier layers (Gemma 4's last KV-sharing layers):
+        # they write nothing other positions read, so ``last_only`` runs them on the last token alone.
+        producers = [i for i, s in enumerate(cfg.layers) if s.kv_source is None]
+        self._readers_from = producers[-1] + 1 if producers else 0
 
     def _apply(self, fn, recurse: bool = True):
         """Every cast (``to``, ``to_empty``, ``bfloat16()``, ...) as torch does it, except that tensors a
@@ -129,7 +133,9 @@ class CausalLM(nn.Module):
             positions = cache.reserve(T, B)
         ctx = ForwardContext(positions=positions, cache=cache, sources=self._kv_sources, input_ids=ids)
         x = self.model.embed(ids, ctx)  # [B, T, H]
-        for block in self.model.layers:
+        for i, block in enumerate(self.model.layers):
+            if last_only and i == self._readers_from and T > 1:  # as HF Gemma 4 with logits_to_keep=1
+                x, ctx = x[:, -1:], ctx.last_token()
             x = block(x, ctx)
         if cache is not None:
             cache.advance(T)

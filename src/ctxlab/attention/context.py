@@ -19,6 +19,8 @@ class ForwardContext:
     ``per_layer_inputs`` [B, T, L, Dp]: per-layer embeddings (PLE), when the model has them.
     ``router_state``: a router's hidden state handed to the next layer's router (ZAYA's depth
     recurrence); per token, never cached over time. ``input_ids`` [B, T]: for hash routing.
+    ``last_of_chunk``: this context holds only the last token of a longer forward
+    (:meth:`last_token`), whose keys still span the whole forward.
     """
 
     positions: torch.Tensor
@@ -28,8 +30,28 @@ class ForwardContext:
     input_ids: torch.Tensor | None = None
     sources: frozenset[int] = frozenset()
     shared_kv: dict[int, tuple] = field(default_factory=dict)
+    last_of_chunk: bool = False
     _rope_tables: dict = field(default_factory=dict)
     _masks: dict = field(default_factory=dict)
+
+    def last_token(self) -> ForwardContext:
+        """The context of only the last query of this forward, for layers whose other positions
+        nobody reads (:meth:`ctxlab.CausalLM.forward` with ``last_only``). K/V shared by producer
+        layers stay whole; per-token state keeps its last row."""
+        B, T = self.positions.shape
+        state = self.router_state
+        if state is not None:  # [B * T, R]
+            state = state.view(B, T, -1)[:, -1].reshape(B, -1)
+        return ForwardContext(
+            positions=self.positions[:, -1:],
+            cache=self.cache,
+            per_layer_inputs=None if self.per_layer_inputs is None else self.per_layer_inputs[:, -1:],
+            router_state=state,
+            input_ids=None if self.input_ids is None else self.input_ids[:, -1:],
+            sources=self.sources,
+            shared_kv=self.shared_kv,
+            last_of_chunk=T > 1 or self.last_of_chunk,
+        )
 
     def rope_tables(self, rotary, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin for this forward's positions, computed once per distinct rope (in decode, rows of
@@ -52,7 +74,7 @@ class ForwardContext:
     @property
     def decoding(self) -> bool:
         """One new token per row attending over a cache (which returns only valid keys)."""
-        return self.cache is not None and self.positions.shape[1] == 1
+        return self.cache is not None and self.positions.shape[1] == 1 and not self.last_of_chunk
 
     def mask(self, k_pos: torch.Tensor, window: int | None) -> torch.Tensor:
         """:func:`attention_mask` of this forward's queries against ``k_pos``, built once per forward
