@@ -8,10 +8,13 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import ctxlab
 from ctxlab.attention import context as context_module
-from ctxlab.attention.kernels import grouped_attention
+from ctxlab.attention import kernels
+from ctxlab.attention.kernels import grouped_attention, sliding_causal_attention
 from ctxlab.generate import decode_step, prefill
 from ctxlab.nn.moe import Experts
 from ctxlab.reporting.measure import tiny_like
@@ -187,3 +190,40 @@ def test_last_only_with_left_padding_equals_each_row_alone():
         both = model(batch, cache=cache, last_only=True)  # [2, 1, V]
         torch.testing.assert_close(both[:1], model(short)[:, -1:], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(both[1:], model(long)[:, -1:], atol=1e-4, rtol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(1, 300),
+    window=st.integers(1, 320),
+    block=st.integers(1, 70),
+    kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 3]),
+    seed=st.integers(0, 2**16),
+)
+def test_banded_sliding_attention_equals_the_masked_kernel(tokens, window, block, kv_heads, group, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, kv_heads * group, tokens, 8, generator=gen)
+    k, v = torch.randn(2, kv_heads, tokens, 8, generator=gen), torch.randn(2, kv_heads, tokens, 8, generator=gen)
+    positions = torch.arange(tokens).expand(2, tokens)
+    mask = context_module.attention_mask(positions, positions, window)  # [2, 1, T, T]
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, scale=0.4
+    )
+    got = sliding_causal_attention(q, k, v, 0.4, window, block)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_windowed_prefill_is_banded_and_builds_no_mask(monkeypatch):
+    """A prompt longer than the window of tiny-qwen3-sliding (8): no [T, T] mask, the band kernel runs."""
+    model = ctxlab.build_model(ctxlab.load_config("tiny-qwen3-sliding"), seed=0)
+    calls, banded = count_masks(monkeypatch), []
+    real = kernels.sliding_causal_attention
+    monkeypatch.setattr(kernels, "sliding_causal_attention", lambda *a, **k: banded.append(a[4]) or real(*a, **k))
+    ids = torch.randint(0, model.config.vocab_size, (1, 40))
+    with torch.no_grad():
+        full = model(ids)
+        cached = model(ids, cache=model.new_cache(1, 40))
+    torch.testing.assert_close(cached, full)
+    windows = [s.window for s in model.config.layers if s.window is not None]
+    assert calls == [] and banded == windows * 2

@@ -136,7 +136,7 @@ class CCAttention(nn.Module):
             kv, k_pos = layer_cache.update({"k": k, "v": v}, ctx.cache)
             k, v = kv["k"], kv["v"]
         mask, causal = ctx.sdpa_mask(k_pos, s.window)
-        out = grouped_attention(q, k, v, mask, s.scale, causal)
+        out = grouped_attention(q, k, v, mask, s.scale, causal, s.window)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
 
     # --- declarations read by the validation, the cache planner and the accounting --------

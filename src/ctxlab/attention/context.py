@@ -91,8 +91,9 @@ class ForwardContext:
 
         * decode without left padding: the caches return only written slots of steps at or before
           the query, all inside the window (rings keep exactly the window): every key is valid;
-        * keys that are exactly this forward's tokens (no cache, or an empty one), no padding, and no
-          window shorter than them: plain causal attention (``is_causal``, nothing materialized);
+        * keys that are exactly this forward's tokens (no cache, or an empty one) and no padding:
+          causal attention (``is_causal``, nothing materialized; a window shorter than the tokens is
+          the kernel's to apply, :func:`ctxlab.attention.kernels.grouped_attention`);
         * otherwise the position mask, shared by the layers reading the same key positions.
         """
         if not self.padded:
@@ -100,7 +101,7 @@ class ForwardContext:
             if self.decoding:
                 return None, False
             fresh = self.cache is None or self.cache.length == 0
-            if fresh and S == T and (window is None or window >= T):
+            if fresh and S == T:
                 return None, True
         return self.mask(k_pos, window), False
 

@@ -66,7 +66,7 @@ class GQAttention(nn.Module):
             k, v, k_pos = ctx.shared_kv[s.kv_source]
 
         mask, causal = ctx.sdpa_mask(k_pos, s.window)  # [B, 1, T, S] or None
-        out = grouped_attention(q, k, v, mask, s.scale, causal).transpose(1, 2)  # [B, T, H_q, D]
+        out = grouped_attention(q, k, v, mask, s.scale, causal, s.window).transpose(1, 2)  # [B, T, H_q, D]
         if s.output_gate is not None:
             gate = F.softplus(self.g_proj(x).float()).to(out.dtype)  # [B, T, H_q] or [B, T, H_q * D]
             out = out * gate.view(B, T, s.num_heads, -1)

@@ -17,7 +17,6 @@ head. Two ways to attend over it, identical in exact arithmetic:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..cache.spec import CacheSpec
@@ -28,6 +27,7 @@ from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
 from .context import ForwardContext, attention_mask
 from .dsa import LightningIndexer, tiny_indexer, validate_indexer
+from .kernels import grouped_attention
 
 DECODE_PATHS = ("absorbed", "expanded")
 
@@ -86,7 +86,7 @@ class MLAttention(nn.Module):
             if selected is not None:  # keep only the selected keys
                 keep = torch.zeros_like(ctx.mask(k_pos, s.window)[:, 0]).scatter(-1, selected, True)[:, None]
                 mask, causal = ctx.mask(k_pos, s.window) & keep, False
-            out = self._expanded(q_nope, q_rot, stored, mask, causal)
+            out = self._expanded(q_nope, q_rot, stored, mask, causal)  # [B, H, T, v]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _expanded(self, q_nope, q_rot, stored, mask, causal: bool) -> torch.Tensor:
@@ -97,7 +97,7 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)  # [B, H, S, *]
         k = torch.cat((k_nope, stored["k_rope"].expand(-1, self.spec.num_heads, -1, -1)), dim=-1)
         q = torch.cat((q_nope, q_rot), dim=-1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.spec.scale)
+        return grouped_attention(q, k, v, mask, self.spec.scale, causal, self.spec.window)
 
     def _absorbed(self, q_nope, q_rot, stored, k_pos, ctx: ForwardContext, selected, valid_only: bool) -> torch.Tensor:
         """Attention against the latents themselves (MQA, one head of L + R dims) -> [B, H, 1, v].
