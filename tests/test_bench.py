@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import ctxlab
-from ctxlab.bench import decode_read_bytes
+from ctxlab.bench import AGREEMENT_TEXT, agreement_prompt, decode_read_bytes, greedy_agreement
 from ctxlab.cli import main
 from ctxlab.quant import weight_bytes
 
@@ -50,7 +50,63 @@ def test_bench_against_transformers_reports_both_engines(model, hf):
     assert result["prefill"][0]["speedup"] > 0
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is not None, reason="llama-cpp-python is installed")
+def test_greedy_agreement_against_transformers_on_the_same_float32_weights(hf):
+    model = ctxlab.build_model(ctxlab.load_config("tiny-llama"), seed=0)
+    result = ctxlab.bench(
+        model, contexts=(4,), prompts=(4,), steps=1, repeats=1, against="transformers", agreement_tokens=12
+    )
+    assert result["greedy_agreement"] == {"prompt_tokens": 32, "new_tokens": 12, "agree": 12, "leading": 12}
+
+
+class Disagreeing:
+    """An engine whose greedy choice differs from ctxlab's at the given generated positions."""
+
+    def __init__(self, model, prompt_len: int, wrong: set[int]):
+        self.model, self.prompt_len, self.wrong = model, prompt_len, wrong
+
+    def next_tokens(self, ids):
+        with torch.no_grad():
+            choice = self.model(ids)[0].argmax(-1)
+        for k in self.wrong:
+            choice[self.prompt_len - 1 + k] += 1
+        return choice.tolist()
+
+
+@pytest.mark.parametrize("wrong, agree, leading", [(set(), 10, 10), ({3}, 9, 3), ({0, 7}, 8, 0)])
+def test_greedy_agreement_counts_matches_and_the_leading_run(wrong, agree, leading):
+    model = ctxlab.build_model(ctxlab.load_config("tiny-llama"), seed=0)
+    prompt = agreement_prompt(model, None, seed=3)
+    result = greedy_agreement(model, Disagreeing(model, prompt.shape[1], wrong), prompt, 10)
+    assert result == {"prompt_tokens": prompt.shape[1], "new_tokens": 10, "agree": agree, "leading": leading}
+
+
+def test_agreement_prompt_is_the_text_in_the_models_own_tokens(tmp_path, hf):
+    from tiny_chat_checkpoint import write_checkpoint
+
+    directory = write_checkpoint(tmp_path / "chat")
+    model = ctxlab.from_pretrained(directory)
+    prompt = agreement_prompt(model, str(directory), seed=0)
+    assert prompt[0].tolist() == ctxlab.load_tokenizer(directory).encode(AGREEMENT_TEXT)
+    assert prompt.shape[1] > 10
+
+
+LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
+
+
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python (optional, built from source) is not installed")
+def test_against_llama_cpp_on_the_real_smollm2_file():
+    from gguf_files import smollm2_path
+
+    model = ctxlab.from_pretrained(smollm2_path(), dtype=torch.float32)
+    result = ctxlab.bench(
+        model, contexts=(16,), prompts=(16,), steps=2, repeats=1, against="llama.cpp", source=str(smollm2_path())
+    )
+    assert result["against_skipped"] is None and result["decode"][0]["llama.cpp_ms_per_token"] > 0
+    a = result["greedy_agreement"]
+    assert a["new_tokens"] == 64 and a["agree"] >= 56  # llama.cpp multiplies Q4_1 weights by 8-bit activations
+
+
+@pytest.mark.skipif(LLAMA_CPP, reason="llama-cpp-python is installed")
 def test_llama_cpp_comparison_is_skipped_with_the_reason(model):
     result = ctxlab.bench(model, contexts=(4,), prompts=(4,), steps=1, repeats=1, against="llama.cpp")
     assert "llama-cpp-python is not installed" in result["against_skipped"]

@@ -12,23 +12,28 @@ the same weights in transformers (or llama.cpp on a GGUF file) in the same run.
 * Roofline: bytes one decode step must read (the weights a token uses: every parameter and buffer
   except the untied input embedding and unchosen experts, plus the cache's bytes at that context)
   divided by the measured bandwidth; ratio = measured ms ÷ that time (1.0 = at the memory bound).
+* Greedy-token agreement (against another engine): ctxlab greedily continues a fixed English text
+  (tokenized by the model's own tokenizer when MODEL has one, else seeded random ids) by
+  ``agreement_tokens``; the other engine is fed that same sequence and its greedy choice at every
+  generated position is compared with ctxlab's (``agree`` of ``new_tokens``; ``leading``: how
+  many of them match before the first difference, i.e. what both would generate identically).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import resource
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
 from .accounting import count_params
-from .errors import InputError
-from .generate import compiled_decode_step, decode_step
+from .bench_engines import CtxlabEngine, LlamaCppEngine, TransformersEngine
+from .errors import CtxlabError, InputError
+from .generate import generate
 from .quant import weight_bytes
 
 AGAINST = ("transformers", "llama.cpp")
@@ -65,74 +70,6 @@ def _random_ids(vocab: int, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
 
-class CtxlabEngine:
-    """Prefill / fill / decode of a ctxlab model, timed."""
-
-    name = "ctxlab"
-
-    def __init__(self, model, compile: bool = False, chunk: int = 16384):
-        self.model, self.chunk = model, chunk
-        self.step = compiled_decode_step(model) if compile else decode_step
-
-    @torch.no_grad()
-    def prefill_seconds(self, ids: torch.Tensor) -> float:
-        cache = self.model.new_cache(1, ids.shape[1])
-        start = time.perf_counter()
-        self.model(ids, cache=cache, last_only=True)
-        return time.perf_counter() - start
-
-    @torch.no_grad()
-    def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
-        """Fill a cache with ``ids`` (chunked), then time ``steps`` decode steps: (median ms, cache bytes)."""
-        cache = self.model.new_cache(1, ids.shape[1] + steps)
-        for start in range(0, ids.shape[1], self.chunk):
-            logits = self.model(ids[:, start : start + self.chunk], cache=cache, last_only=True)[:, -1]
-        times = []
-        for _ in range(steps):
-            token = logits.argmax(-1)
-            start = time.perf_counter()
-            logits = self.step(self.model, token, cache)
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times), cache.nbytes()
-
-
-class TransformersEngine:
-    """The same weights in transformers (saved with ``save_pretrained``, loaded with ``AutoModelForCausalLM``)."""
-
-    name = "transformers"
-
-    def __init__(self, model, chunk: int = 2048):
-        import transformers
-
-        self.chunk = chunk
-        with tempfile.TemporaryDirectory() as tmp:
-            model.save_pretrained(tmp)
-            self.model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval()
-
-    @torch.no_grad()
-    def prefill_seconds(self, ids: torch.Tensor) -> float:
-        start = time.perf_counter()
-        self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-        return time.perf_counter() - start
-
-    @torch.no_grad()
-    def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=self.model.config)
-        for start in range(0, ids.shape[1], self.chunk):
-            out = self.model(
-                input_ids=ids[:, start : start + self.chunk], past_key_values=cache, use_cache=True, logits_to_keep=1
-            )
-        logits, times = out.logits[:, -1], []
-        for _ in range(steps):
-            token = logits.argmax(-1)
-            start = time.perf_counter()
-            logits = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times), 0
-
-
 def against_unavailable(against: str, source: str | None) -> str | None:
     """Why the comparison ``against`` cannot run here (None: it can)."""
     if against == "transformers":
@@ -144,31 +81,33 @@ def against_unavailable(against: str, source: str | None) -> str | None:
     return None
 
 
-class LlamaCppEngine:
-    """llama-cpp-python on the same GGUF file, same number of threads as torch."""
+AGREEMENT_TEXT = (
+    "The history of the printing press begins in the fifteenth century, when Johannes Gutenberg "
+    "combined movable metal type, oil-based ink and a wooden screw press. Within fifty years"
+)
 
-    name = "llama.cpp"
 
-    def __init__(self, path: str, n_ctx: int):
-        from llama_cpp import Llama
+def agreement_prompt(model, source: str | None, seed: int) -> torch.Tensor:
+    """[1, T] ids of :data:`AGREEMENT_TEXT` by MODEL's tokenizer, or 32 seeded random ids without one."""
+    if source is not None and (str(source).endswith(".gguf") or (Path(source) / "tokenizer.json").is_file()):
+        from .io.text_tokenizer import load_tokenizer
 
-        self.model = Llama(model_path=path, n_ctx=n_ctx, n_threads=torch.get_num_threads(), verbose=False)
+        try:
+            return torch.tensor([load_tokenizer(source).encode(AGREEMENT_TEXT)])
+        except CtxlabError:
+            pass  # a tokenizer ctxlab does not read: random ids
+    return _random_ids(model.config.vocab_size, 32, seed)
 
-    def prefill_seconds(self, ids: torch.Tensor) -> float:
-        self.model.reset()
-        start = time.perf_counter()
-        self.model.eval(ids[0].tolist())
-        return time.perf_counter() - start
 
-    def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
-        self.model.reset()
-        self.model.eval(ids[0].tolist())
-        times, token = [], int(ids[0, -1])
-        for _ in range(steps):
-            start = time.perf_counter()
-            self.model.eval([token])
-            times.append(time.perf_counter() - start)
-        return 1e3 * statistics.median(times), 0
+def greedy_agreement(model, other, prompt: torch.Tensor, new_tokens: int) -> dict:
+    """ctxlab's greedy continuation of ``prompt`` against ``other``'s greedy choice at each of its positions."""
+    sequence = generate(model, prompt, max_new_tokens=new_tokens, eos_token_id=[])  # [1, P + N]
+    P = prompt.shape[1]
+    ours = sequence[0, P:].tolist()
+    theirs = other.next_tokens(sequence[:, :-1])[P - 1 :]  # the choice after each of positions P-1 ..
+    same = [a == b for a, b in zip(ours, theirs, strict=True)]
+    leading = same.index(False) if False in same else len(same)
+    return {"prompt_tokens": P, "new_tokens": len(ours), "agree": sum(same), "leading": leading}
 
 
 def bench(
@@ -182,17 +121,22 @@ def bench(
     source: str | None = None,
     progress: Callable[[str], None] | None = None,
     seed: int = 0,
+    agreement_tokens: int = 64,
 ) -> dict:
     """Measure ``model`` (a ctxlab ``CausalLM``); returns a dict of plain numbers (see the module doc).
 
     ``against``: ``"transformers"`` or ``"llama.cpp"`` (then ``source`` is the GGUF path) runs the same
     measurements on the other engine, alternating with ctxlab in every repeat; the result says why
-    when the comparison cannot run. ``progress(message)`` is called before each measurement."""
+    when the comparison cannot run, and how often the two pick the same greedy token
+    (``agreement_tokens`` positions, 0 = skip). ``progress(message)`` is called before each measurement."""
     for name, values in (("contexts", contexts), ("prompts", prompts)):
         if any(not isinstance(v, int) or v < 1 for v in values):
             raise InputError(f"{name} = {list(values)}: every length must be a positive integer")
-    if steps < 1 or repeats < 1:
-        raise InputError(f"steps = {steps}, repeats = {repeats}: both must be >= 1")
+    if steps < 1 or repeats < 1 or agreement_tokens < 0:
+        raise InputError(
+            f"steps = {steps}, repeats = {repeats}, agreement_tokens = {agreement_tokens}: "
+            "steps and repeats must be >= 1, agreement_tokens >= 0"
+        )
     if against is not None and against not in AGAINST:
         raise InputError(f"against = {against!r}: allowed: {list(AGAINST)} or None")
     say = progress or (lambda message: None)
@@ -200,12 +144,31 @@ def bench(
     bandwidth = copy_bandwidth()
     engines = [CtxlabEngine(model, compile=compile)]
     skipped = against_unavailable(against, source) if against else None
-    if against and not skipped:
-        say(f"loading {against}")
-        other = (
-            TransformersEngine(model) if against == "transformers" else LlamaCppEngine(source, max(contexts) + steps)
-        )
-        engines.append(other)
+    try:
+        if against and not skipped:
+            say(f"loading {against}")
+            n_ctx = max(contexts) + steps
+            engines.append(TransformersEngine(model) if against == "transformers" else LlamaCppEngine(source, n_ctx))
+        result = _measure(model, engines, contexts, prompts, steps, repeats, compile, say, seed)
+        if len(engines) > 1 and agreement_tokens:
+            say(f"greedy agreement with {engines[1].name}")
+            prompt = agreement_prompt(model, source, seed)
+            result["greedy_agreement"] = greedy_agreement(model, engines[1], prompt, agreement_tokens)
+    finally:
+        for engine in engines:
+            engine.close()
+    result.update(bandwidth_gb_s=bandwidth / 1e9, against=against, against_skipped=skipped)
+    for row in result["decode"]:
+        read = decode_read_bytes(model, row["cache_bytes"])
+        row["bytes_read_per_token"] = read
+        row["roofline_ms"] = 1e3 * read / bandwidth
+        row["roofline_ratio"] = row["ctxlab_ms_per_token"] / row["roofline_ms"]
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    return result
+
+
+def _measure(model, engines, contexts, prompts, steps, repeats, compile, say, seed) -> dict:
+    """Prefill and decode timings of every engine, alternating within each repeat."""
     vocab = model.config.vocab_size
     result = {
         "model": model.config.name or model.config.family,
@@ -214,10 +177,7 @@ def bench(
         "compile": compile,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
-        "bandwidth_gb_s": bandwidth / 1e9,
         "weight_bytes": weight_bytes(model),
-        "against": against,
-        "against_skipped": skipped,
         "prefill": [],
         "decode": [],
     }
@@ -250,21 +210,13 @@ def bench(
         row = {"context": c, "cache_bytes": cache_bytes}
         for e in engines:
             row[f"{e.name}_ms_per_token"] = statistics.median(ms[e.name])
-        read = decode_read_bytes(model, cache_bytes)
-        row["bytes_read_per_token"] = read
-        row["roofline_ms"] = 1e3 * read / bandwidth
-        row["roofline_ratio"] = row["ctxlab_ms_per_token"] / row["roofline_ms"]
         result["decode"].append(row)
-    for row in result["prefill"] + result["decode"]:  # ctxlab's speed-up over the other engine
-        if len(engines) > 1:
-            other = engines[1].name
-            if "prompt_tokens" in row:
-                row["speedup"] = row["ctxlab_tokens_per_s"] / row[f"{other}_tokens_per_s"]
-            else:
-                row["speedup"] = row[f"{other}_ms_per_token"] / row["ctxlab_ms_per_token"]
-    result["peak_rss_bytes"] = peak_rss_bytes()
-    with contextlib.suppress(Exception):
-        del engines
+    if len(engines) > 1:  # ctxlab's speed-up over the other engine
+        other = engines[1].name
+        for row in result["prefill"]:
+            row["speedup"] = row["ctxlab_tokens_per_s"] / row[f"{other}_tokens_per_s"]
+        for row in result["decode"]:
+            row["speedup"] = row[f"{other}_ms_per_token"] / row["ctxlab_ms_per_token"]
     return result
 
 

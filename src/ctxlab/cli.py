@@ -469,6 +469,12 @@ def cmd_bench(args, console: Console) -> int:
         print(f"ctxlab bench: --against {args.against} skipped: {result['against_skipped']}", file=sys.stderr)
     for table in bench_tables(result):
         console.print(table)
+    if "greedy_agreement" in result:
+        a = result["greedy_agreement"]
+        console.print(
+            f"greedy tokens: {args.against} picks ctxlab's token at {a['agree']} of {a['new_tokens']} positions "
+            f"after a {a['prompt_tokens']}-token prompt; the first {a['leading']} agree in a row"
+        )
     console.print(f"peak RSS {result['peak_rss_bytes'] / 2**20:.0f} MiB (whole process); torch {result['torch']}")
     return 0
 

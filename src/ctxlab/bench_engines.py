@@ -1,0 +1,147 @@
+"""The engines ``ctxlab.bench`` times: ctxlab itself, transformers on the same weights, llama.cpp on
+the same GGUF file. Each one prefills a prompt (seconds), fills a cache and times decode steps
+(median ms/token), and the other two give their greedy next token at every position of a sequence
+(for the token agreement with ctxlab).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from .generate import compiled_decode_step, decode_step
+
+
+class CtxlabEngine:
+    """Prefill / fill / decode of a ctxlab model, timed."""
+
+    name = "ctxlab"
+
+    def __init__(self, model, compile: bool = False, chunk: int = 16384):
+        self.model, self.chunk = model, chunk
+        self.step = compiled_decode_step(model) if compile else decode_step
+
+    @torch.no_grad()
+    def prefill_seconds(self, ids: torch.Tensor) -> float:
+        cache = self.model.new_cache(1, ids.shape[1])
+        start = time.perf_counter()
+        self.model(ids, cache=cache, last_only=True)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
+        """Fill a cache with ``ids`` (chunked), then time ``steps`` decode steps: (median ms, cache bytes)."""
+        cache = self.model.new_cache(1, ids.shape[1] + steps)
+        for start in range(0, ids.shape[1], self.chunk):
+            logits = self.model(ids[:, start : start + self.chunk], cache=cache, last_only=True)[:, -1]
+        times = []
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            start = time.perf_counter()
+            logits = self.step(self.model, token, cache)
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times), cache.nbytes()
+
+    def close(self) -> None:
+        pass
+
+
+class TransformersEngine:
+    """The same weights in transformers (saved with ``save_pretrained``, loaded with ``AutoModelForCausalLM``)."""
+
+    name = "transformers"
+
+    def __init__(self, model, chunk: int = 2048):
+        import transformers
+
+        self.chunk = chunk
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(tmp, dtype=model.dtype).eval()
+
+    @torch.no_grad()
+    def prefill_seconds(self, ids: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        return time.perf_counter() - start
+
+    @torch.no_grad()
+    def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.model.config)
+        for start in range(0, ids.shape[1], self.chunk):
+            out = self.model(
+                input_ids=ids[:, start : start + self.chunk], past_key_values=cache, use_cache=True, logits_to_keep=1
+            )
+        logits, times = out.logits[:, -1], []
+        for _ in range(steps):
+            token = logits.argmax(-1)
+            start = time.perf_counter()
+            logits = self.model(input_ids=token[:, None], past_key_values=cache, use_cache=True).logits[:, -1]
+            times.append(time.perf_counter() - start)
+        return 1e3 * statistics.median(times), 0
+
+    @torch.no_grad()
+    def next_tokens(self, ids: torch.Tensor) -> list[int]:
+        """The greedy next token after every position of ``ids`` [1, T]."""
+        return self.model(input_ids=ids).logits[0].argmax(-1).tolist()
+
+    def close(self) -> None:
+        pass
+
+
+class LlamaCppEngine:
+    """llama-cpp-python on the same GGUF file with torch's number of threads, in a process of its own
+    (``llama_cpp_worker.py``, which imports neither torch nor ctxlab).
+
+    Not in this process: two OpenMP thread pools in one process slow torch down for good once
+    llama.cpp has run (measured: SmolLM2-135M int4 decode 12.7 -> 19.4 ms/token after one llama.cpp
+    prefill, still 20.7 ms a second later). Timings are taken inside the worker."""
+
+    name = "llama.cpp"
+
+    def __init__(self, path: str, n_ctx: int):
+        worker = Path(__file__).with_name("llama_cpp_worker.py")
+        self._process = subprocess.Popen(
+            [sys.executable, str(worker), str(path), str(n_ctx), str(torch.get_num_threads())],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._reply()  # loaded
+
+    def _reply(self):
+        line = self._process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the llama.cpp worker exited (code {self._process.wait()}) without replying")
+        status, value = json.loads(line)
+        if status == "error":
+            raise RuntimeError(f"llama.cpp: {value}")
+        return value
+
+    def _call(self, *request):
+        self._process.stdin.write(json.dumps(request) + "\n")
+        self._process.stdin.flush()
+        return self._reply()
+
+    def prefill_seconds(self, ids: torch.Tensor) -> float:
+        return self._call("prefill", ids[0].tolist())
+
+    def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
+        return self._call("decode", ids[0].tolist(), steps), 0
+
+    def next_tokens(self, ids: torch.Tensor) -> list[int]:
+        return self._call("next_tokens", ids[0].tolist())
+
+    def close(self) -> None:
+        if self._process.poll() is None:
+            self._process.stdin.close()
+            self._process.wait(timeout=60)
