@@ -1,13 +1,14 @@
 """What weight-only quantization costs in quality: perplexity of a fixed text under the real GGUF models in
-float32, bfloat16, bfloat16 + int8 and bfloat16 + int4 (``ctxlab.quant.quantize_``, embedding and LM head
-included), with the change against bfloat16.
+float32, bfloat16, bfloat16 + int8, bfloat16 + int4 (``ctxlab.quant.quantize_``, embedding and LM head
+included) and int4 with an int8 embedding / LM head (``--quantize int4 --quantize-embedding int8``), with
+the change against bfloat16.
 
     python benchmarks/quant_perplexity.py [--context 512] [--stride 256] [--text FILE] [FILE.gguf ...]
 
 Without files it uses the two real models on PyPI when installed (see benchmarks/gguf_load.py). The
 default text is the running Python's ``LICENSE.txt`` (English prose, on every CPython install; its
 SHA-256 is printed so a rerun can confirm it scored the same bytes). Each row is the number
-``ctxlab perplexity MODEL TEXT --dtype ... [--quantize ...]`` prints: the same function on the same
+``ctxlab perplexity MODEL TEXT --dtype ... [--quantize ... [--quantize-embedding ...]]`` prints: the same function on the same
 windows. Perplexity is deterministic, so a busy machine changes the seconds column only.
 """
 
@@ -26,13 +27,20 @@ from table_output import print_table
 import ctxlab
 from ctxlab.quant import quantize_
 
-MODES = [("float32", None), ("bfloat16", None), ("bfloat16", "int8"), ("bfloat16", "int4")]
+# (dtype, --quantize, --quantize-embedding)
+MODES = [
+    ("float32", None, None),
+    ("bfloat16", None, None),
+    ("bfloat16", "int8", None),
+    ("bfloat16", "int4", None),
+    ("bfloat16", "int4", "int8"),
+]
 
 
-def score(path: Path, ids: list[int], dtype: str, quantize: str | None, context: int, stride: int) -> dict:
+def score(path: Path, ids: list[int], dtype: str, quantize, embedding, context: int, stride: int) -> dict:
     model = ctxlab.from_pretrained(path, dtype=getattr(torch, dtype))
     if quantize:
-        quantize_(model, quantize)
+        quantize_(model, quantize, embedding=embedding)
     start = time.perf_counter()
     result = ctxlab.perplexity(model, ids, context=context, stride=stride)
     return {**result, "seconds": time.perf_counter() - start}
@@ -56,10 +64,10 @@ def main() -> None:
     rows = []
     for path in files:
         ids = ctxlab.load_tokenizer(path).encode(text)
-        results = {(d, q): score(path, ids, d, q, args.context, args.stride) for d, q in MODES}
-        base = results[("bfloat16", None)]["ppl"]
-        for (d, q), r in results.items():
-            mode = d + (f" + {q}" if q else "")
+        results = {mode: score(path, ids, *mode, args.context, args.stride) for mode in MODES}
+        base = results[("bfloat16", None, None)]["ppl"]
+        for (d, q, e), r in results.items():
+            mode = d + (f" + {q}" if q else "") + (f" ({e} embedding / LM head)" if e else "")
             delta = f"{r['ppl'] / base - 1:+.2%}" if (d, q) != ("bfloat16", None) else "-"
             rows.append([path.name, mode, f"{r['ppl']:.4f}", delta, f"{r['tokens']:,}", f"{r['seconds']:.1f}"])
     title = (

@@ -121,4 +121,4 @@ def test_quantized_perplexity_is_the_quantized_models(checkpoint, tmp_path, caps
         assert result["ppl"] == pytest.approx(expected["ppl"], rel=1e-6)
         assert result["ppl"] != base["ppl"] and abs(math.log(result["ppl"] / base["ppl"])) < 0.5
     assert main(["perplexity", str(checkpoint), str(text_file), "--quantize", "int4"]) == 2
-    assert "needs a bfloat16 model" in capsys.readouterr().err
+    assert "need a bfloat16 model" in capsys.readouterr().err

@@ -108,3 +108,34 @@ def test_bad_quantization_settings_are_refused():
     bf16 = ctxlab.build_model(ctxlab.load_config("tiny-llama"), dtype=torch.bfloat16, seed=0)
     with pytest.raises(ValueError, match="group_size = 48"):
         quantize_(bf16, "int4", group_size=48)
+    with pytest.raises(ValueError, match="embedding = 'int2'"):
+        quantize_(bf16, "int8", embedding="int2")
+    with pytest.raises(ValueError, match="int4.*bfloat16"):
+        quantize_(model, "int8", embedding="int4")
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_embedding_and_head_may_keep_more_bits_than_the_layers(tied):
+    cfg = tiny_like(ctxlab.load_config("tiny-llama"), hidden=64, vocab=256).replace(tie_word_embeddings=tied)
+    bf16 = ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    mixed = quantize_(copy.deepcopy(bf16), "int4", embedding="int8")
+    assert isinstance(mixed.lm_head, Int8Linear) and isinstance(mixed.model.embed_tokens, QuantEmbedding)
+    assert isinstance(mixed.model.embed_tokens.table, Int8Linear)
+    assert {type(m) for m in mixed.model.layers.modules() if isinstance(m, (Int4Linear, Int8Linear))} == {Int4Linear}
+    assert mixed.quantization == "int4, int8 embedding"
+    with torch.no_grad():
+        reference = bf16(ids)
+        errors = {
+            how: relative_error(quantize_(copy.deepcopy(bf16), "int4", embedding=how)(ids), reference)
+            for how in ("int4", "int8")
+        }
+    assert errors["int8"] < errors["int4"]
+    assert weight_bytes(mixed) < weight_bytes(bf16)
+
+
+def test_cli_quantize_embedding_needs_quantize(capsys):
+    from ctxlab.cli import main
+
+    assert main(["generate", "tiny-llama", "--prompt-ids", "1,2", "--quantize-embedding", "int8"]) == 2
+    assert "--quantize-embedding needs --quantize" in capsys.readouterr().err

@@ -274,7 +274,7 @@ def cmd_generate(args, console: Console) -> int:
     else:
         prompt = args.prompt_ids
     model, need = load_for_generation(args.model, dtype, args.max_memory_gb, model_tokens, quiet=args.json)
-    _quantize(model, args.quantize)
+    _quantize(model, args)
     steps = stream(
         model,
         [prompt],
@@ -391,12 +391,14 @@ def cmd_chat(args, console: Console) -> int:
     return run_chat(session, messages, args.max_new_tokens, args.json, sys.stdout, sys.stderr)
 
 
-def _quantize(model, how: str | None) -> None:
-    """``--quantize int8|int4``: weight-only quantization in place (nothing when None)."""
-    if how:
+def _quantize(model, args) -> None:
+    """``--quantize int8|int4 [--quantize-embedding int8|int4]``: weight-only quantization in place."""
+    if args.quantize:
         from .quant import quantize_
 
-        quantize_(model, how)
+        quantize_(model, args.quantize, embedding=args.quantize_embedding)
+    elif args.quantize_embedding:
+        raise InputError("--quantize-embedding needs --quantize (the mode of every other linear layer)")
 
 
 def cmd_perplexity(args, console: Console) -> int:
@@ -411,7 +413,7 @@ def cmd_perplexity(args, console: Console) -> int:
         reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
         raise InputError(f"{path}: cannot read the text file: {reason}") from None
     model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype])
-    _quantize(model, args.quantize)
+    _quantize(model, args)
     ids = tokenizer.encode(text)
     stride = args.stride if args.stride is not None else max(1, args.context // 2)
     bar = Console(file=sys.stderr)
@@ -424,7 +426,13 @@ def cmd_perplexity(args, console: Console) -> int:
             stride,
             on_window=lambda done, total: progress.update(task, completed=done, total=total),
         )
-    result = {"model": args.model, "file": args.file, "dtype": args.dtype, "quantize": args.quantize, **result}
+    result = {
+        "model": args.model,
+        "file": args.file,
+        "dtype": args.dtype,
+        "quantize": getattr(model, "quantization", None),
+        **result,
+    }
     if args.json:
         print(json.dumps(result))
     else:
@@ -448,7 +456,7 @@ def cmd_bench(args, console: Console) -> int:
         torch.set_num_threads(args.threads)
     tokens = max(args.context + args.prompt) + args.steps
     model, _ = load_for_generation(args.model, DTYPES[args.dtype], args.max_memory_gb, tokens, quiet=args.json)
-    _quantize(model, args.quantize)
+    _quantize(model, args)
     with Progress(console=Console(file=sys.stderr), transient=True) as progress:
         task = progress.add_task("bench", total=None)
         result = bench(
@@ -629,9 +637,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="generate past the model's max_position_embeddings (the context it was trained for); refused otherwise",
     )
-    g.add_argument(
-        "--quantize", choices=("int8", "int4"), help="weight-only quantization (int4 needs --dtype bfloat16)"
-    )
+    add_quantize_options(g, "weight-only quantization")
     g.set_defaults(func=cmd_generate)
 
     for name, aliases in (("list", ["presets"]),):
@@ -702,11 +708,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--stride", type=positive, help="tokens between window starts, <= --context (None = context / 2)")
     pp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight element type")
-    pp.add_argument(
-        "--quantize",
-        choices=("int8", "int4"),
-        help="weight-only quantization, to measure what it costs in perplexity (int4 needs --dtype bfloat16)",
-    )
+    add_quantize_options(pp, "weight-only quantization, to measure what it costs in perplexity")
     pp.add_argument("--json", action="store_true", help="print JSON (ppl, nll, tokens, windows, ...)")
     pp.set_defaults(func=cmd_perplexity)
 
@@ -737,7 +739,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=positive, default=16, help="timed decode steps per context")
     b.add_argument("--repeats", type=positive, default=3, help="repeats (medians are reported)")
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="weight and cache type")
-    b.add_argument("--quantize", choices=("int8", "int4"), help="weight-only quantization (int4 needs bfloat16)")
+    add_quantize_options(b, "weight-only quantization")
     b.add_argument("--compile", action="store_true", help="compile the decode step (warm-up reported separately)")
     b.add_argument(
         "--against",
@@ -760,6 +762,21 @@ def build_parser() -> argparse.ArgumentParser:
     )
     b.set_defaults(func=cmd_bench)
     return p
+
+
+def add_quantize_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--quantize`` and ``--quantize-embedding`` (``ctxlab.quant.quantize_``)."""
+    parser.add_argument(
+        "--quantize",
+        choices=("int8", "int4"),
+        help=f"{what}: every linear layer, the embedding and the LM head (int4 needs --dtype bfloat16)",
+    )
+    parser.add_argument(
+        "--quantize-embedding",
+        choices=("int8", "int4"),
+        help="a different mode for the token embedding and LM head, e.g. --quantize int4 --quantize-embedding int8 "
+        "(llama.cpp's Q4_K_M keeps them at 6-8 bits)",
+    )
 
 
 def error_message(e: BaseException) -> str:

@@ -154,27 +154,31 @@ def _quantized(linear: nn.Linear, mode: str, group_size: int, keep_codes: bool =
         return None
 
 
-def quantize_(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
+def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str | None = None) -> nn.Module:
     """Replace the model's linear layers, embedding and LM head by weight-only quantized ones, in place.
 
-    ``mode``: ``"int8"`` or ``"int4"`` (needs a bfloat16 model); ``group_size``: input channels per
+    ``mode``: ``"int8"`` or ``"int4"`` (needs a bfloat16 model); ``embedding``: the mode of the token
+    embedding and LM head when it differs from ``mode`` (``"int8"`` with ``"int4"`` layers keeps
+    the head at 8 bits, as llama.cpp's ``Q4_K_M`` files keep it at Q8_0 / Q6_K); ``group_size``: input channels per
     int4 scale (32, 64, 128 or 256). The default 32 is the block of GGUF's 4-bit types (Q4_0, Q4_1,
     the sub-blocks of Q4_K): on a model loaded from such a file, int4 groups of 32 sit on the file's
     own blocks, and measured on SmolLM2-135M-Instruct Q4_1 (benchmarks/quant_perplexity.py) they cost
     +5.1% perplexity against bfloat16 where groups of 64 cost +66%. Returns the model."""
-    if mode not in MODES:
-        raise InputError(f"quantize = {mode!r}: allowed: {list(MODES)}")
+    embedding = mode if embedding is None else embedding
+    for name, value in (("quantize", mode), ("embedding", embedding)):
+        if value not in MODES:
+            raise InputError(f"{name} = {value!r}: allowed: {list(MODES)}")
     if mode == "int4" and group_size not in (32, 64, 128, 256):
         raise InputError(f"group_size = {group_size}: allowed for int4: 32, 64, 128, 256")
     dtype = model.lm_head.weight.dtype
-    if mode == "int4" and dtype != torch.bfloat16:
+    if "int4" in (mode, embedding) and dtype != torch.bfloat16:
         raise InputError(
-            f"quantize='int4' needs a bfloat16 model (the CPU int4 kernel takes bf16 activations); got {dtype}"
+            f"int4 weights need a bfloat16 model (the CPU int4 kernel takes bf16 activations); got {dtype}"
         )
     embed = model.model.embed_tokens
     tied = model.lm_head.weight is embed.weight
     with torch.no_grad():
-        head = _quantized(model.lm_head, mode, group_size, keep_codes=tied)
+        head = _quantized(model.lm_head, embedding, group_size, keep_codes=tied)
         if head is not None:
             model.lm_head = head
             if tied:
@@ -182,7 +186,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
         if not tied or head is None:
             as_linear = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, dtype=dtype)
             as_linear.weight = embed.weight
-            table = _quantized(as_linear, mode, group_size, keep_codes=True)
+            table = _quantized(as_linear, embedding, group_size, keep_codes=True)
             if table is not None:
                 model.model.embed_tokens = QuantEmbedding(table, dtype)
         for name, module in list(model.model.layers.named_modules()):
@@ -191,7 +195,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32) -> nn.Module:
                     replacement = _quantized(child, mode, group_size)
                     if replacement is not None:
                         setattr(module, child_name, replacement)
-    model.quantization = mode
+    model.quantization = mode if embedding == mode else f"{mode}, {embedding} embedding"
     return model
 
 
