@@ -198,6 +198,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--against", default="transformers", help="transformers, or 'none'")
     p.add_argument("--quantize", choices=("int8", "int4"))
+    p.add_argument("--compile", action="store_true", help="ctxlab decodes through its compiled decode step")
     p.add_argument(
         "--threads",
         type=int,
@@ -233,6 +234,7 @@ def main(argv=None) -> int:
             steps=args.steps,
             repeats=args.repeats,
             against=None if args.against == "none" else args.against,
+            compile=args.compile,
             progress=lambda m: print("  " + m, file=sys.stderr, flush=True),
         )
         result["family"] = name

@@ -27,14 +27,14 @@ from table_output import print_table
 import ctxlab
 from ctxlab.quant import quantize_
 
-# (dtype, --quantize, --quantize-embedding)
-MODES = [
-    ("float32", None, None),
-    ("bfloat16", None, None),
-    ("bfloat16", "int8", None),
-    ("bfloat16", "int4", None),
-    ("bfloat16", "int4", "int8"),
-]
+# name: (dtype, --quantize, --quantize-embedding)
+MODES = {
+    "float32": ("float32", None, None),
+    "bfloat16": ("bfloat16", None, None),
+    "int8": ("bfloat16", "int8", None),
+    "int4": ("bfloat16", "int4", None),
+    "int4+int8-embedding": ("bfloat16", "int4", "int8"),
+}
 
 
 def score(path: Path, ids: list[int], dtype: str, quantize, embedding, context: int, stride: int) -> dict:
@@ -54,6 +54,11 @@ def main() -> None:
     p.add_argument("--stride", type=int, default=256, help="tokens between window starts")
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead of a rich one")
+    p.add_argument(
+        "--modes",
+        default=",".join(MODES),
+        help="comma-separated subset of: " + ", ".join(MODES) + " (bfloat16 always runs)",
+    )
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     files = args.files or default_files()
@@ -64,7 +69,8 @@ def main() -> None:
     rows = []
     for path in files:
         ids = ctxlab.load_tokenizer(path).encode(text)
-        results = {mode: score(path, ids, *mode, args.context, args.stride) for mode in MODES}
+        modes = [MODES[m] for m in MODES if m in args.modes.split(",") or m == "bfloat16"]
+        results = {mode: score(path, ids, *mode, args.context, args.stride) for mode in modes}
         base = results[("bfloat16", None, None)]["ppl"]
         for (d, q, e), r in results.items():
             mode = d + (f" + {q}" if q else "") + (f" ({e} embedding / LM head)" if e else "")
