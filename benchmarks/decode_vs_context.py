@@ -38,7 +38,7 @@ def mla_config() -> ctxlab.ModelConfig:
 
 MODELS = {
     "full attention (llama)": lambda: family_config("llama"),
-    "sliding 3:1 (qwen3, window 1024)": lambda: family_config("qwen3-sliding"),
+    "sliding 3:1 (qwen3 window 1024)": lambda: family_config("qwen3-sliding"),
     "KV sharing + sliding (gemma4)": lambda: family_config("gemma4"),
     "MLA (deepseek_v32 without indexer)": mla_config,
     "CSA / HCA (deepseek_v4)": lambda: family_config("deepseek_v4"),
@@ -103,6 +103,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     results = {"threads": args.threads, "torch": torch.__version__, "bandwidth_gb_s": copy_bandwidth() / 1e9}
     results["models"] = {}
+    unknown = [m for m in args.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"--models: unknown {unknown}; allowed: {list(MODELS)}")
     for label in args.models.split(","):
         results["models"][label] = decode_curve(MODELS[label](), args.contexts, args.steps, args.chunk)
         print(label, [round(r["ms_per_token"], 1) for r in results["models"][label]], flush=True)

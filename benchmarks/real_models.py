@@ -64,6 +64,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     files = args.files or default_files()
     wanted = args.modes.split(",")
+    unknown = [m for m in wanted if m not in [label for label, _, _ in MODES]]
+    if unknown:
+        p.error(f"--modes: unknown {unknown}; allowed: {[label for label, _, _ in MODES]}")
     results, rows = [], []
     for path in files:
         for label, quantize, embedding in (m for m in MODES if m[0] in wanted):

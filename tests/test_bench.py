@@ -106,6 +106,16 @@ def test_against_llama_cpp_on_the_real_smollm2_file():
     assert a["new_tokens"] == 64 and a["agree"] >= 56  # llama.cpp multiplies Q4_1 weights by 8-bit activations
 
 
+@pytest.mark.skipif(not LLAMA_CPP, reason="llama-cpp-python (optional, built from source) is not installed")
+def test_a_file_llama_cpp_cannot_load_is_a_checkpoint_error(tmp_path):
+    from ctxlab.bench_engines import LlamaCppEngine
+
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 60)
+    with pytest.raises(ctxlab.CheckpointError, match="broken.gguf: llama.cpp cannot load it"):
+        LlamaCppEngine(str(bad), 64)
+
+
 @pytest.mark.skipif(LLAMA_CPP, reason="llama-cpp-python is installed")
 def test_llama_cpp_comparison_is_skipped_with_the_reason(model):
     result = ctxlab.bench(model, contexts=(4,), prompts=(4,), steps=1, repeats=1, against="llama.cpp")

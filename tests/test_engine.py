@@ -149,10 +149,16 @@ def test_last_only_runs_the_trailing_kv_readers_on_the_last_token_alone(monkeypa
     readers = [i for i, s in enumerate(model.config.layers) if s.kv_source is not None]
     assert readers == list(range(15, 35))
     lengths = {}
+
+    def recording(i, forward):
+        def run(x, ctx):
+            lengths[i] = x.shape[1]  # tokens this layer ran on
+            return forward(x, ctx)
+
+        return run
+
     for i, block in enumerate(model.model.layers):
-        monkeypatch.setattr(
-            block, "forward", lambda x, ctx, f=block.forward, i=i: lengths.setdefault(i, x.shape[1]) and f(x, ctx)
-        )
+        monkeypatch.setattr(block, "forward", recording(i, block.forward))
     with torch.no_grad():
         model(torch.randint(0, 64, (1, 9)), last_only=True)
     assert lengths == {i: 9 if i < 15 else 1 for i in range(35)}
@@ -160,8 +166,8 @@ def test_last_only_runs_the_trailing_kv_readers_on_the_last_token_alone(monkeypa
 
 @pytest.mark.parametrize("cached", [False, True])
 def test_last_only_logits_equal_the_full_forwards_last_row(cached):
-    """Prompts longer than the window (5), left padding in one row, a prompt in two chunks: the last
-    row of ``last_only`` equals the full forward's, and decoding on from that cache stays equal."""
+    """Prompts longer than the window (5), a prompt in two chunks: the last row of ``last_only``
+    equals the full forward's, and decoding on from that cache stays equal."""
     model = kv_sharing_model()
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 64, (2, 16), generator=gen)
@@ -179,7 +185,9 @@ def test_last_only_logits_equal_the_full_forwards_last_row(cached):
             torch.testing.assert_close(model(ids[:, t : t + 1], cache=cache), full[:, t : t + 1], atol=1e-5, rtol=1e-5)
 
 
-def test_last_only_with_left_padding_equals_each_row_alone():
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_last_only_with_left_padding_equals_each_row_alone(chunk):
+    """Row 0 has 5 padding tokens; in chunks of 3 its whole first chunk is padding."""
     model = kv_sharing_model()
     gen = torch.Generator().manual_seed(2)
     short, long = torch.randint(0, 64, (1, 6), generator=gen), torch.randint(0, 64, (1, 11), generator=gen)
@@ -187,7 +195,7 @@ def test_last_only_with_left_padding_equals_each_row_alone():
     with torch.no_grad():
         cache = model.new_cache(2, 11)
         cache.set_left_padding(torch.tensor([5, 0]))
-        both = model(batch, cache=cache, last_only=True)  # [2, 1, V]
+        both = prefill(model, batch, cache, chunk_size=chunk)[:, None]  # [2, 1, V]
         torch.testing.assert_close(both[:1], model(short)[:, -1:], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(both[1:], model(long)[:, -1:], atol=1e-4, rtol=1e-4)
 

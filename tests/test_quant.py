@@ -108,6 +108,8 @@ def test_bad_quantization_settings_are_refused():
     bf16 = ctxlab.build_model(ctxlab.load_config("tiny-llama"), dtype=torch.bfloat16, seed=0)
     with pytest.raises(ValueError, match="group_size = 48"):
         quantize_(bf16, "int4", group_size=48)
+    with pytest.raises(ValueError, match="group_size = 48"):
+        quantize_(bf16, "int8", group_size=48, embedding="int4")
     with pytest.raises(ValueError, match="embedding = 'int2'"):
         quantize_(bf16, "int8", embedding="int2")
     with pytest.raises(ValueError, match="int4.*bfloat16"):

@@ -89,7 +89,10 @@ AGREEMENT_TEXT = (
 
 def agreement_prompt(model, source: str | None, seed: int) -> torch.Tensor:
     """[1, T] ids of :data:`AGREEMENT_TEXT` by MODEL's tokenizer, or 32 seeded random ids without one."""
-    if source is not None and (str(source).endswith(".gguf") or (Path(source) / "tokenizer.json").is_file()):
+    readable = source is not None and (
+        str(source).endswith(".gguf") or (Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file())
+    )
+    if readable:
         from .io.text_tokenizer import load_tokenizer
 
         try:
@@ -147,12 +150,12 @@ def bench(
     try:
         if against and not skipped:
             say(f"loading {against}")
-            n_ctx = max(contexts) + steps
+            n_ctx = max(*contexts, *prompts) + steps
             engines.append(TransformersEngine(model) if against == "transformers" else LlamaCppEngine(source, n_ctx))
+        prompt = agreement_prompt(model, source, seed) if len(engines) > 1 and agreement_tokens else None
         result = _measure(model, engines, contexts, prompts, steps, repeats, compile, say, seed)
-        if len(engines) > 1 and agreement_tokens:
+        if prompt is not None:
             say(f"greedy agreement with {engines[1].name}")
-            prompt = agreement_prompt(model, source, seed)
             result["greedy_agreement"] = greedy_agreement(model, engines[1], prompt, agreement_tokens)
     finally:
         for engine in engines:

@@ -6,6 +6,7 @@ the same GGUF file. Each one prefills a prompt (seconds), fills a cache and time
 
 from __future__ import annotations
 
+import contextlib
 import json
 import statistics
 import subprocess
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .errors import CheckpointError
 from .generate import compiled_decode_step, decode_step
 
 
@@ -116,20 +118,30 @@ class LlamaCppEngine:
             stdout=subprocess.PIPE,
             text=True,
         )
-        self._reply()  # loaded
+        try:
+            self._reply()  # loaded
+        except RuntimeError as e:
+            self.close()
+            raise CheckpointError(f"{path}: llama.cpp cannot load it ({e})") from None
 
     def _reply(self):
         line = self._process.stdout.readline()
         if not line:
             raise RuntimeError(f"the llama.cpp worker exited (code {self._process.wait()}) without replying")
-        status, value = json.loads(line)
+        try:
+            status, value = json.loads(line)
+        except ValueError:
+            raise RuntimeError(f"the llama.cpp worker replied {line[:200]!r}, not a JSON reply") from None
         if status == "error":
-            raise RuntimeError(f"llama.cpp: {value}")
+            raise RuntimeError(value)
         return value
 
     def _call(self, *request):
-        self._process.stdin.write(json.dumps(request) + "\n")
-        self._process.stdin.flush()
+        try:
+            self._process.stdin.write(json.dumps(request) + "\n")
+            self._process.stdin.flush()
+        except OSError:  # a broken pipe: the worker is gone
+            raise RuntimeError(f"the llama.cpp worker exited (code {self._process.wait()})") from None
         return self._reply()
 
     def prefill_seconds(self, ids: torch.Tensor) -> float:
@@ -142,6 +154,12 @@ class LlamaCppEngine:
         return self._call("next_tokens", ids[0].tolist())
 
     def close(self) -> None:
-        if self._process.poll() is None:
-            self._process.stdin.close()
+        """End of input stops the worker; one that does not stop within a minute is killed."""
+        for stream in (self._process.stdin, self._process.stdout):
+            with contextlib.suppress(OSError):
+                stream.close()
+        try:
             self._process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()

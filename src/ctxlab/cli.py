@@ -430,7 +430,8 @@ def cmd_perplexity(args, console: Console) -> int:
         "model": args.model,
         "file": args.file,
         "dtype": args.dtype,
-        "quantize": getattr(model, "quantization", None),
+        "quantize": args.quantize,
+        "quantize_embedding": args.quantize_embedding,
         **result,
     }
     if args.json:

@@ -9,12 +9,15 @@ torch's. One JSON request per line on stdin -> one JSON reply per line on stdout
 """
 
 import json
+import os
 import statistics
 import sys
 import time
 
 
 def main(path: str, n_ctx: int, threads: int) -> None:
+    replies = os.fdopen(os.dup(1), "w")  # the parent reads only these lines:
+    os.dup2(2, 1)  # whatever llama.cpp or ggml print goes to stderr
     from llama_cpp import Llama
 
     def load(n: int, logits_all: bool = False) -> Llama:
@@ -44,8 +47,8 @@ def main(path: str, n_ctx: int, threads: int) -> None:
         return scorer.scores[: len(tokens)].argmax(-1).tolist()
 
     def reply(status: str, value) -> None:
-        sys.stdout.write(json.dumps([status, value]) + "\n")
-        sys.stdout.flush()
+        replies.write(json.dumps([status, value]) + "\n")
+        replies.flush()
 
     try:
         llm = load(n_ctx)
@@ -63,4 +66,5 @@ def main(path: str, n_ctx: int, threads: int) -> None:
 
 
 if __name__ == "__main__":
+    sys.path.pop(0)  # this file's directory (src/ctxlab), whose modules would shadow top-level ones
     main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]))

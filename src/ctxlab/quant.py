@@ -168,7 +168,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
     for name, value in (("quantize", mode), ("embedding", embedding)):
         if value not in MODES:
             raise InputError(f"{name} = {value!r}: allowed: {list(MODES)}")
-    if mode == "int4" and group_size not in (32, 64, 128, 256):
+    if "int4" in (mode, embedding) and group_size not in (32, 64, 128, 256):
         raise InputError(f"group_size = {group_size}: allowed for int4: 32, 64, 128, 256")
     dtype = model.lm_head.weight.dtype
     if "int4" in (mode, embedding) and dtype != torch.bfloat16:

@@ -58,7 +58,7 @@ class ForwardContext:
         the tables the cache precomputed for every position it can hold)."""
         key = (rotary.key, dtype)
         if key not in self._rope_tables:
-            table = None if self.cache is None or self.positions.shape[1] != 1 else self.cache.rope_table(rotary, dtype)
+            table = self.cache.rope_table(rotary, dtype) if self.decoding else None
             if table is None:
                 self._rope_tables[key] = rotary.cos_sin(self.positions, dtype)
             else:  # decode positions are never padding (>= 0)
