@@ -746,7 +746,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--against",
         choices=("transformers", "llama.cpp"),
         help="also run the same weights in "
-        "transformers (saved and reloaded), or llama-cpp-python on MODEL as a GGUF file",
+        "transformers (saved and reloaded), or llama-cpp-python on MODEL as a GGUF file (in a process of "
+        "its own, same threads); also reports how often the other engine picks ctxlab's greedy token",
     )
     b.add_argument(
         "--threads",
