@@ -18,7 +18,7 @@ from ctxlab.chat import ChatSession
 from ctxlab.chat_template import ChatTemplateError
 
 transformers = pytest.importorskip("transformers", reason="transformers (test extra) is not installed")
-from tiny_chat_checkpoint import write_checkpoint
+from tiny_chat_checkpoint import CHATML, write_checkpoint
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -45,9 +45,15 @@ def console(*argv: str, stdin: str = "") -> subprocess.CompletedProcess:
 
 def hf_greedy(reference, messages: list[dict], n: int) -> tuple[list[int], list[int]]:
     """(prompt ids, greedy answer ids up to and including <|im_end|>) from transformers alone."""
-    model, tok = reference
+    _, tok = reference
     prompt = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
     prompt = list(prompt["input_ids"] if isinstance(prompt, dict) else prompt)
+    return prompt, hf_continue(reference, prompt, n)
+
+
+def hf_continue(reference, prompt: list[int], n: int) -> list[int]:
+    """transformers' greedy continuation of the token ids ``prompt``, up to and including <|im_end|>."""
+    model, tok = reference
     with torch.no_grad():
         ids = torch.tensor([prompt])
         out = model.generate(
@@ -58,14 +64,15 @@ def hf_greedy(reference, messages: list[dict], n: int) -> tuple[list[int], list[
             eos_token_id=tok.convert_tokens_to_ids("<|im_end|>"),
             pad_token_id=0,
         )
-    return prompt, out[0, len(prompt) :].tolist()
+    return out[0, len(prompt) :].tolist()
 
 
-# "tell me about cats": an answer of plain words, whose text re-tokenizes to the same ids, so the cache holds a
-# prefix of the next rendering. "hello what is the sky": the answer holds <|endoftext|>, which its text (special
-# tokens skipped) loses, so the next rendering differs and the whole conversation is prefilled again.
-@pytest.mark.parametrize(("question", "reused"), [("tell me about cats", True), ("hello what is the sky", False)])
-def test_two_piped_turns(checkpoint, reference, question, reused):
+# "tell me about cats": an answer of plain words, whose text re-tokenizes to the same ids, so the tokens of the next
+# rendering start with the cache. "hello what is the sky": the answer holds <|endoftext|>, which its shown text (special
+# tokens skipped) loses, so the next rendering's tokens differ from the cache; its text still extends the text the cache
+# stands for, so only that extension is tokenized and prefilled after the model's own tokens.
+@pytest.mark.parametrize(("question", "same_tokens"), [("tell me about cats", True), ("hello what is the sky", False)])
+def test_two_piped_turns(checkpoint, reference, question, same_tokens):
     _, hf_tok = reference
     run = console(
         "chat", str(checkpoint), "--json", "--max-new-tokens", "6", stdin=f"{question}\n\ntell me about the sea\n"
@@ -87,17 +94,39 @@ def test_two_piped_turns(checkpoint, reference, question, reused):
         {"role": "user", "content": "tell me about the sea"},
     ]
     prompt2, answer2 = hf_greedy(reference, conversation, 6)
-    in_cache = len(prompt1) + len(answer1) - 1
-    assert (prompt2[:in_cache] == prompt1 + answer1[:-1]) is reused
-    if reused:  # only the rest of the whole re-rendered conversation is prefilled
-        assert (second["reprefilled"], second["cached_tokens"]) == (False, in_cache)
-        assert second["prefill_tokens"] == len(prompt2) - in_cache < len(prompt2)
-        assert "re-prefilled" not in run.stderr
-    else:
-        assert (second["reprefilled"], second["cached_tokens"], second["prefill_tokens"]) == (True, 0, len(prompt2))
-        assert "re-prefilled" in run.stderr
-    assert second["generated_ids"] == answer2  # the answer a fresh prefill of the whole conversation gives
+    cached = prompt1 + answer1[:-1]
+    assert (prompt2[: len(cached)] == cached) is same_tokens
+    if not same_tokens:  # the cached ids, then the tokens of the text after the cached text
+        text = hf_tok.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        cached_text = hf_tok.apply_chat_template([user1], add_generation_prompt=True, tokenize=False)
+        cached_text += hf_tok.decode(answer1[:-1], skip_special_tokens=True)
+        assert text.startswith(cached_text)
+        prompt2 = cached + hf_tok.encode(text[len(cached_text) :], add_special_tokens=False)
+        answer2 = hf_continue(reference, prompt2, 6)
+    assert (second["reprefilled"], second["cached_tokens"]) == (False, len(cached))
+    assert (second["prompt_tokens"], second["prefill_tokens"]) == (len(prompt2), len(prompt2) - len(cached))
+    assert "re-prefilled" not in run.stderr
+    assert second["generated_ids"] == answer2  # the answer transformers gives to the same ids
     assert run.stderr.count("tok/s") == 4  # prefill and decode rates after each answer
+
+
+def test_a_template_that_rewrites_history_prefills_everything_again(tmp_path):
+    """When the new rendering changes text the cache already holds (here: a message count at the top), neither the
+    tokens nor the text extend the cache: it is dropped and the whole conversation prefilled, and the answer is
+    still transformers' greedy answer to the whole rendering."""
+    counted = "{{ messages | length }} messages\n" + CHATML
+    path = write_checkpoint(tmp_path / "counted", chat_template=counted)
+    reference = (
+        transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval(),
+        transformers.AutoTokenizer.from_pretrained(path),
+    )
+    session = ChatSession(ctxlab.from_pretrained(path), ctxlab.load_tokenizer(path), context=256)
+    session.turn("tell me about cats", max_new_tokens=4)
+    stats = session.turn("tell me about the sea", max_new_tokens=4)
+    prompt, answer = hf_greedy(reference, session.messages[:-1], 4)
+    assert (stats.reprefilled, stats.cached_tokens, stats.prefill_tokens) == (True, 0, len(prompt))
+    assert session.last_generated == answer
+    assert "re-prefilled" in stats.line()
 
 
 def test_message_option_streams_text(checkpoint, reference):
@@ -151,6 +180,23 @@ def test_interrupt_keeps_the_conversation(checkpoint, reference):
     assert not stats.reprefilled and stats.cached_tokens > 0
     _, expected = hf_greedy(reference, session.messages[:-1], 3)
     assert session.last_generated == expected
+
+
+@pytest.mark.parametrize("stop_after", range(1, 13))
+def test_the_next_turn_reuses_the_cache_wherever_an_answer_is_interrupted(checkpoint, stop_after):
+    """Interrupted after any number of tokens (this answer emits <|endoftext|>, which its shown text drops, at the
+    7th), the next turn prefills only the new text, never the whole conversation."""
+    session = ChatSession(ctxlab.from_pretrained(checkpoint), ctxlab.load_tokenizer(checkpoint), context=256)
+    pieces: list[str] = []
+
+    def interrupt(piece: str) -> None:  # what the Ctrl-C handler does, between two tokens
+        pieces.append(piece)
+        session.interrupted = len(pieces) >= stop_after
+
+    first = session.turn("tell me about cats", max_new_tokens=50, on_text=interrupt)
+    assert (first.stop, first.generated_tokens) == ("interrupted", stop_after)
+    second = session.turn("hi", max_new_tokens=2)
+    assert not second.reprefilled and second.cached_tokens == first.context_used
 
 
 def test_end_of_turn_ids(checkpoint):

@@ -1,12 +1,20 @@
 """A multi-turn chat with one model that keeps the whole conversation in ONE cache.
 
-Each turn renders the full conversation with the model's chat template, tokenizes it and compares
-it with the token ids already in the cache. When those are a prefix of the new rendering (the usual
-case: the template only appends), only the suffix -- the end of the previous answer, the new user
-message and the generation prompt -- is prefilled. When they are not (the template rewrote earlier
-text, or the answer's text re-tokenizes differently from the tokens the model produced), the cache
-is dropped and the whole conversation is prefilled again; the turn's stats say so (``reprefilled``).
-This is the token-level version of llama.cpp's ``common_chat_format_single`` (which diffs the text).
+Each turn renders the full conversation with the model's chat template and reuses the cache when it
+holds a prefix of that rendering, so only the suffix -- the end of the previous answer, the new user
+message and the generation prompt -- is prefilled. Two checks, in order:
+
+1. the tokens of the whole rendering start with the token ids in the cache (the usual case: the
+   template only appends, and the answer's text re-tokenizes to the tokens the model produced);
+2. the rendering starts with the *text* the cache holds (the previous prompt text plus the answer's
+   tokens decoded as the answer is shown): then only the text after it is tokenized and appended to
+   the cached ids. This is llama.cpp's ``common_chat_format_single`` (which diffs the text), and it
+   covers answers whose text does not re-tokenize to the model's own tokens: a special token the model
+   emitted that is not an end of turn (dropped from the shown text), a non-canonical split of a word,
+   an answer interrupted between two tokens. The model keeps seeing exactly the tokens it produced.
+
+When neither holds (the template rewrote earlier text, e.g. trimmed the answer), the cache is dropped
+and the whole conversation is prefilled again; the turn's stats say so (``reprefilled``).
 
 An answer ends at one of the tokenizer's end-of-turn ids (EOS and the token the template writes
 after an assistant message, e.g. ``<|im_end|>``), at ``max_new_tokens``, when the context is full,
@@ -108,21 +116,32 @@ class ChatSession:
     def _drop_cache(self) -> None:
         self.cache = self.model.new_cache(1, self.context)
         self.cached_ids: list[int] = []  # exactly the tokens written to self.cache, in order
+        self.cached_text = ""  # the conversation text those tokens stand for (special answer tokens dropped)
+
+    def _prompt_ids(self, text: str) -> tuple[list[int], int]:
+        """(token ids of the rendered conversation ``text``, how many of them the cache already holds)."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        reused = len(self.cached_ids)
+        if ids[:reused] == self.cached_ids:
+            return ids, reused
+        if reused and text.startswith(self.cached_text):
+            rest = self.tokenizer.encode(text[len(self.cached_text) :], add_special_tokens=False)
+            return [*self.cached_ids, *rest], reused
+        return ids, 0
 
     def turn(self, text: str, max_new_tokens: int = 256, on_text: Callable[[str], None] | None = None) -> TurnStats:
         """Answer the user message ``text``; ``on_text`` receives the answer's text as it grows."""
         messages = [*self.messages, {"role": "user", "content": text}]
-        prompt = self.tokenizer.encode(self.tokenizer.apply_chat_template(messages), add_special_tokens=False)
+        prompt_text = self.tokenizer.apply_chat_template(messages)
+        prompt, reused = self._prompt_ids(prompt_text)
         if len(prompt) >= self.context:
             raise ContextFullError(
                 f"the conversation needs {len(prompt)} tokens before the answer and the context holds "
                 f"{self.context} (--context): start a new conversation (/reset) or raise --context"
             )
-        reused = len(self.cached_ids)
-        reprefilled = prompt[:reused] != self.cached_ids
-        if reprefilled:
+        reprefilled = reused == 0 and bool(self.cached_ids)
+        if reused == 0:
             self._drop_cache()
-            reused = 0
         self.interrupted = False
         start = time.perf_counter()
         new = torch.tensor([prompt[reused:]], dtype=torch.long, device=self.model.device)
@@ -153,6 +172,7 @@ class ChatSession:
             logits = decode_step(self.model, torch.tensor([token], device=self.model.device), self.cache)
             self.cached_ids.append(token)
         decode_seconds = time.perf_counter() - start
+        self.cached_text = prompt_text + self.tokenizer.decode(self.cached_ids[len(prompt) :])
         answer = self.tokenizer.decode([t for t in generated if t not in self.stop_ids])
         if on_text is not None and len(answer) > len(shown):
             on_text(answer[len(shown) :])
