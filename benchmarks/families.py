@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--against", default="transformers", help="transformers, or 'none'")
     p.add_argument("--quantize", choices=("int8", "int4"))
     p.add_argument("--compile", action="store_true", help="ctxlab decodes through its compiled decode step")
+    p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate matmuls in ctxlab")
     p.add_argument(
         "--threads",
         type=int,
@@ -224,6 +225,8 @@ def main(argv=None) -> int:
     results = []
     for name in names:
         model = build(name)
+        if not args.no_fuse:
+            ctxlab.fuse_projections(model)
         if args.quantize:
             ctxlab.quantize(model, args.quantize)
         print(f"[{name}]", file=sys.stderr, flush=True)

@@ -14,6 +14,7 @@ text: at how many of 64 positions it picks the same token). llama.cpp runs in it
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 from pathlib import Path
 
@@ -32,8 +33,10 @@ MODES = [
 ]
 
 
-def run(path: Path, quantize, embedding, compile: bool, args) -> dict:
+def run(path: Path, quantize, embedding, compile: bool, fuse: bool, args) -> dict:
     model = ctxlab.from_pretrained(path, dtype=torch.bfloat16)
+    if fuse:
+        ctxlab.fuse_projections(model)
     if quantize:
         ctxlab.quantize(model, quantize, embedding=embedding)
     return ctxlab.bench(
@@ -58,6 +61,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="threads of both engines")
     p.add_argument("--modes", default=",".join(m[0] for m in MODES), help="comma-separated subset of the modes")
     p.add_argument("--no-compile", action="store_true", help="eager rows only")
+    p.add_argument(
+        "--fuse",
+        choices=("yes", "no", "both"),
+        default="yes",
+        help="fused q/k/v and gate/up projections (ctxlab's default), separate ones, or a row of each",
+    )
     p.add_argument("--markdown", action="store_true", help="print a markdown table (docs/benchmarks.md)")
     p.add_argument("--json", type=Path, help="also write every bench result to this file")
     args = p.parse_args(argv)
@@ -67,15 +76,16 @@ def main(argv=None) -> int:
     unknown = [m for m in wanted if m not in [label for label, _, _ in MODES]]
     if unknown:
         p.error(f"--modes: unknown {unknown}; allowed: {[label for label, _, _ in MODES]}")
+    fusions = {"yes": (True,), "no": (False,), "both": (False, True)}[args.fuse]
     results, rows = [], []
     for path in files:
         for label, quantize, embedding in (m for m in MODES if m[0] in wanted):
-            for compile in (False,) if args.no_compile else (False, True):
-                r = run(path, quantize, embedding, compile, args)
+            for compile, fuse in itertools.product((False,) if args.no_compile else (False, True), fusions):
+                r = run(path, quantize, embedding, compile, fuse, args)
                 if r["against_skipped"]:
                     raise SystemExit(f"llama.cpp skipped: {r['against_skipped']}")
                 results.append({"file": path.name, "mode": label, **r})
-                row = [path.name, label, "yes" if compile else "no"]
+                row = [path.name, label, "yes" if compile else "no", "yes" if fuse else "no"]
                 pre = r["prefill"][0]
                 row.append(f"{pre['ctxlab_tokens_per_s']:.0f} / {pre['llama.cpp_tokens_per_s']:.0f}")
                 for d in r["decode"]:
@@ -86,7 +96,7 @@ def main(argv=None) -> int:
                 row.append(f"{a['agree']}/{a['new_tokens']} ({a['leading']})")
                 rows.append(row)
                 print(" | ".join(row), flush=True)
-    cols = ["file", "ctxlab weights", "compiled", f"prefill {args.prompts[0]} tok/s: ctxlab / llama.cpp"]
+    cols = ["file", "ctxlab weights", "compiled", "fused", f"prefill {args.prompts[0]} tok/s: ctxlab / llama.cpp"]
     cols += [f"decode @{c}: ctxlab / llama.cpp ms (speed ratio)" for c in args.contexts]
     cols += ["greedy agreement (leading run)"]
     title = f"ctxlab vs llama.cpp on the same GGUF file, {args.threads} threads, torch {torch.__version__}"

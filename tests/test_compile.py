@@ -47,3 +47,15 @@ def test_compiled_decode_equals_eager(name):
     eager = decode_logits(model, ids, decode_step, steps=6)  # crosses a CSA block boundary (ratio 4)
     compiled = decode_logits(model, ids, compiled_decode_step(model), steps=6)
     torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("name", ["llama-3-8b", "laguna-xs2"])
+def test_compiled_decode_of_a_fused_model_equals_eager(name):
+    """Fused projections (one matmul, split after) compile with fullgraph too; laguna adds the output gate."""
+    cfg = short_tiny(name)
+    model = ctxlab.build_model(cfg, seed=0)
+    ctxlab.fuse_projections(model)
+    ids = torch.randint(0, cfg.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
+    eager = decode_logits(model, ids, decode_step, steps=6)
+    compiled = decode_logits(model, ids, compiled_decode_step(model), steps=6)
+    torch.testing.assert_close(compiled, eager, atol=1e-4, rtol=1e-4)

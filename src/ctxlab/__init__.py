@@ -24,6 +24,7 @@ from .io.config_file import load_config
 from .io.text_tokenizer import load_tokenizer
 from .io.writer import save_pretrained
 from .model import CausalLM, build_model
+from .nn.fusion import fuse_projections_ as fuse_projections
 from .perplexity import perplexity
 from .presets import preset_names
 from .quant import quantize_ as quantize
@@ -47,6 +48,7 @@ __all__ = [
     "decode_flops",
     "decode_flops_terms",
     "from_pretrained",
+    "fuse_projections",
     "generate",
     "kv_cache_bytes",
     "kv_cache_bytes_per_layer",

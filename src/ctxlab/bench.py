@@ -177,6 +177,7 @@ def _measure(model, engines, contexts, prompts, steps, repeats, compile, say, se
         "model": model.config.name or model.config.family,
         "dtype": str(model.dtype).removeprefix("torch."),
         "quantization": getattr(model, "quantization", None),
+        "fused_projections": getattr(model, "fused_projections", 0),  # groups run as one matmul (nn.fusion)
         "compile": compile,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -274,7 +274,7 @@ def cmd_generate(args, console: Console) -> int:
     else:
         prompt = args.prompt_ids
     model, need = load_for_generation(args.model, dtype, args.max_memory_gb, model_tokens, quiet=args.json)
-    _quantize(model, args)
+    _prepare_weights(model, args)
     steps = stream(
         model,
         [prompt],
@@ -376,6 +376,7 @@ def cmd_chat(args, console: Console) -> int:
     from .chat import ChatSession, run_chat, user_messages
 
     model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype], chat=True)
+    _prepare_weights(model, args)
     session = ChatSession(
         model,
         tokenizer,
@@ -391,14 +392,19 @@ def cmd_chat(args, console: Console) -> int:
     return run_chat(session, messages, args.max_new_tokens, args.json, sys.stdout, sys.stderr)
 
 
-def _quantize(model, args) -> None:
-    """``--quantize int8|int4 [--quantize-embedding int8|int4]``: weight-only quantization in place."""
+def _prepare_weights(model, args) -> None:
+    """Projections of one input fused into one matmul (unless ``--no-fuse``), then ``--quantize int8|int4
+    [--quantize-embedding int8|int4]``: weight-only quantization, in place."""
+    if args.quantize_embedding and not args.quantize:
+        raise InputError("--quantize-embedding needs --quantize (the mode of every other linear layer)")
+    if not args.no_fuse:
+        from .nn.fusion import fuse_projections_
+
+        fuse_projections_(model)
     if args.quantize:
         from .quant import quantize_
 
         quantize_(model, args.quantize, embedding=args.quantize_embedding)
-    elif args.quantize_embedding:
-        raise InputError("--quantize-embedding needs --quantize (the mode of every other linear layer)")
 
 
 def cmd_perplexity(args, console: Console) -> int:
@@ -413,7 +419,7 @@ def cmd_perplexity(args, console: Console) -> int:
         reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
         raise InputError(f"{path}: cannot read the text file: {reason}") from None
     model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype])
-    _quantize(model, args)
+    _prepare_weights(model, args)
     ids = tokenizer.encode(text)
     stride = args.stride if args.stride is not None else max(1, args.context // 2)
     bar = Console(file=sys.stderr)
@@ -457,7 +463,7 @@ def cmd_bench(args, console: Console) -> int:
         torch.set_num_threads(args.threads)
     tokens = max(args.context + args.prompt) + args.steps
     model, _ = load_for_generation(args.model, DTYPES[args.dtype], args.max_memory_gb, tokens, quiet=args.json)
-    _quantize(model, args)
+    _prepare_weights(model, args)
     with Progress(console=Console(file=sys.stderr), transient=True) as progress:
         task = progress.add_task("bench", total=None)
         result = bench(
@@ -638,7 +644,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="generate past the model's max_position_embeddings (the context it was trained for); refused otherwise",
     )
-    add_quantize_options(g, "weight-only quantization")
+    add_weight_options(g, "weight-only quantization")
     g.set_defaults(func=cmd_generate)
 
     for name, aliases in (("list", ["presets"]),):
@@ -686,6 +692,7 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("--context", type=tokens, default=4096, help="tokens the conversation may hold (the cache size)")
     ch.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight and cache element type")
     ch.add_argument("--prefill-chunk", type=tokens, help="feed prompts in chunks of this many tokens (None = all)")
+    add_weight_options(ch, "weight-only quantization")
     ch.add_argument(
         "--json",
         action="store_true",
@@ -709,7 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--stride", type=positive, help="tokens between window starts, <= --context (None = context / 2)")
     pp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight element type")
-    add_quantize_options(pp, "weight-only quantization, to measure what it costs in perplexity")
+    add_weight_options(pp, "weight-only quantization, to measure what it costs in perplexity")
     pp.add_argument("--json", action="store_true", help="print JSON (ppl, nll, tokens, windows, ...)")
     pp.set_defaults(func=cmd_perplexity)
 
@@ -740,7 +747,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--steps", type=positive, default=16, help="timed decode steps per context")
     b.add_argument("--repeats", type=positive, default=3, help="repeats (medians are reported)")
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="weight and cache type")
-    add_quantize_options(b, "weight-only quantization")
+    add_weight_options(b, "weight-only quantization")
     b.add_argument("--compile", action="store_true", help="compile the decode step (warm-up reported separately)")
     b.add_argument(
         "--against",
@@ -766,8 +773,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def add_quantize_options(parser: argparse.ArgumentParser, what: str) -> None:
-    """``--quantize`` and ``--quantize-embedding`` (``ctxlab.quant.quantize_``)."""
+def add_weight_options(parser: argparse.ArgumentParser, what: str) -> None:
+    """``--quantize``, ``--quantize-embedding`` (``ctxlab.quant.quantize_``) and ``--no-fuse``
+    (``ctxlab.nn.fusion.fuse_projections_``)."""
     parser.add_argument(
         "--quantize",
         choices=("int8", "int4"),
@@ -778,6 +786,12 @@ def add_quantize_options(parser: argparse.ArgumentParser, what: str) -> None:
         choices=("int8", "int4"),
         help="a different mode for the token embedding and LM head, e.g. --quantize int4 --quantize-embedding int8 "
         "(llama.cpp's Q4_K_M keeps them at 6-8 bits)",
+    )
+    parser.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="keep q/k/v and gate/up as separate matmuls (by default the projections of one input run as one: "
+        "fewer kernel calls per decode step, same results up to summation order)",
     )
 
 

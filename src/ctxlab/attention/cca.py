@@ -24,6 +24,7 @@ from torch import nn
 
 from ..cache.spec import CacheSpec
 from ..config import LayerSpec
+from ..nn.fusion import project
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
 from .context import ForwardContext, scope
@@ -38,6 +39,8 @@ def _conv_shape(spec: LayerSpec) -> tuple[int, int]:
 
 class CCAProjection(nn.Module):
     """The latent q/k/v of CCA (HF name ``qkv_proj``)."""
+
+    FUSIBLE = {"fused": ("q_proj", "k_proj", "v_proj_current", "v_proj_delayed")}  # see nn.fusion
 
     def __init__(self, hidden_size: int, spec: LayerSpec):
         super().__init__()
@@ -57,7 +60,7 @@ class CCAProjection(nn.Module):
         B, T, _ = x.shape
         s = self.spec
         group = s.num_heads // s.num_kv_heads
-        q_raw, k_raw = self.q_proj(x), self.k_proj(x)  # [B, T, H_q·d], [B, T, H_kv·d]
+        q_raw, k_raw, current, delayed = project(self, x, "fused")  # [B, T, H_q·d], [B, T, H_kv·d], [B, T, H_kv·d/2] ×2
 
         q_res = (
             q_raw.view(B, T, s.num_heads, -1) + k_raw.view(B, T, s.num_kv_heads, -1).repeat_interleave(group, 2)
@@ -77,12 +80,12 @@ class CCAProjection(nn.Module):
         q = mixed[..., : q_raw.shape[-1]].view(B, T, s.num_heads, -1) + q_res
         k = mixed[..., q_raw.shape[-1] :].view(B, T, s.num_kv_heads, -1) + k_res
 
-        delayed = self.v_proj_delayed(x)  # [B, T, H_kv·d/2], the value the *next* token uses
+        # `delayed` is the value the *next* token uses
         if layer_cache is not None and ctx.cache.length > 0:
             previous = layer_cache.state["v_prev"][:, None]
         else:  # before the first token: the projection of a zero hidden state
-            previous = self.v_proj_delayed(x.new_zeros(B, 1, x.shape[-1]))
-        v = torch.cat((self.v_proj_current(x), torch.cat((previous, delayed[:, :-1]), dim=1)), dim=-1)
+            previous = project(self, x.new_zeros(B, 1, x.shape[-1]), "fused")[3]
+        v = torch.cat((current, torch.cat((previous, delayed[:, :-1]), dim=1)), dim=-1)
         if layer_cache is not None:  # only now: `previous` may be a view of this state
             layer_cache.state["v_prev"].copy_(delayed[:, -1])
         return q, k, v.view(B, T, s.num_kv_heads, -1)

@@ -26,6 +26,7 @@ from torch import nn
 from ..cache.spec import CacheSpec
 from ..config import IndexerSpec, LayerSpec
 from ..errors import InputError
+from ..nn.fusion import project
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
@@ -41,6 +42,8 @@ def rotate_tail(rotary: Rotary, x: torch.Tensor, cos, sin) -> torch.Tensor:
 
 class Compressor(nn.Module):
     """Pools blocks of ``ratio`` tokens into entries of ``dim`` channels (HF names)."""
+
+    FUSIBLE = {"kv_gate_proj": ("kv_proj", "gate_proj")}  # see nn.fusion
 
     def __init__(self, hidden_size: int, dim: int, ratio: int, overlap: bool, norm_eps: float):
         super().__init__()
@@ -68,7 +71,7 @@ class Compressor(nn.Module):
     def forward(self, x: torch.Tensor, start: int, state: dict | None, prefix: str, rotary: Rotary) -> torch.Tensor:
         """New tokens x [B, T, H] from step ``start`` -> entries of the blocks they complete [B, 1, n, dim]."""
         B, r = x.shape[0], self.ratio
-        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        kv, gate = project(self, x, "kv_gate_proj")
         pending = start % r
         if state is not None:  # the partial block left by earlier calls comes first
             kv = torch.cat((state[f"{prefix}pending_kv"][:, :pending], kv), dim=1)
@@ -129,6 +132,7 @@ class Indexer(Compressor):
 class CompressedAttention(nn.Module):
     OPTIONS = frozenset({"indexer"})  # optional LayerSpec fields it implements
     OWNS = ("compress",)  # sub-specs only this kind reads
+    FUSIBLE = {"q_a_kv_proj": ("q_a_proj", "kv_proj")}  # see nn.fusion
 
     def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
         super().__init__()
@@ -163,11 +167,12 @@ class CompressedAttention(nn.Module):
                 "(prompts of different lengths) are not supported; run them one at a time"
             )
         cos, sin = ctx.rope_tables(self.rotary, x.dtype)
-        q_res = self.q_a_norm(self.q_a_proj(x))
+        q_a, kv = project(self, x, "q_a_kv_proj")
+        q_res = self.q_a_norm(q_a)
         q = rotate_tail(
             self.rotary, self.q_b_norm(self.q_b_proj(q_res).view(B, T, s.num_heads, -1).transpose(1, 2)), cos, sin
         )
-        kv = rotate_tail(self.rotary, self.kv_norm(self.kv_proj(x))[:, None], cos, sin)  # [B, 1, T, D]
+        kv = rotate_tail(self.rotary, self.kv_norm(kv)[:, None], cos, sin)  # [B, 1, T, D]
         layer_cache = None if ctx.cache is None else ctx.cache[self.layer_idx]
         if layer_cache is None:
             keys, k_pos = kv, ctx.positions

@@ -18,6 +18,7 @@ from torch import nn
 
 from ..cache.spec import CacheSpec
 from ..config import LayerSpec
+from ..nn.fusion import project
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
@@ -31,6 +32,7 @@ OUTPUT_GATES = ("per_head", "per_element")
 class GQAttention(nn.Module):
     OPTIONS = frozenset({"qk_norm", "v_norm", "k_eq_v", "output_gate", "kv_source"})  # optional LayerSpec fields
     OWNS = ()  # sub-specs only this kind reads
+    FUSIBLE = {"qkv_proj": ("q_proj", "k_proj", "v_proj", "g_proj")}  # one matmul after nn.fusion.fuse_projections_
 
     def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
         super().__init__()
@@ -53,13 +55,14 @@ class GQAttention(nn.Module):
         B, T, _ = x.shape
         s = self.spec
         cos, sin = ctx.rope_tables(self.rotary, x.dtype)
-        q = self.q_proj(x).view(B, T, s.num_heads, s.head_dim)
+        q, k_new, v_new, gate = project(self, x, "qkv_proj")  # [B, T, H·D] each (None: not this layer's)
+        q = q.view(B, T, s.num_heads, s.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         q = self.rotary.apply(q.transpose(1, 2), cos, sin)  # [B, H_q, T, D]
 
         if self.produces_kv:
-            k, v, k_pos = self._new_kv(x, ctx, cos, sin)
+            k, v, k_pos = self._new_kv(k_new, v_new, ctx, cos, sin)
             if self.layer_idx in ctx.sources:
                 ctx.shared_kv[self.layer_idx] = (k, v, k_pos)
         else:
@@ -68,16 +71,17 @@ class GQAttention(nn.Module):
         mask, causal = ctx.sdpa_mask(k_pos, s.window)  # [B, 1, T, S] or None
         out = grouped_attention(q, k, v, mask, s.scale, causal, s.window).transpose(1, 2)  # [B, T, H_q, D]
         if s.output_gate is not None:
-            gate = F.softplus(self.g_proj(x).float()).to(out.dtype)  # [B, T, H_q] or [B, T, H_q * D]
+            gate = F.softplus(gate.float()).to(out.dtype)  # [B, T, H_q] or [B, T, H_q * D]
             out = out * gate.view(B, T, s.num_heads, -1)
         return self.o_proj(out.reshape(B, T, s.num_heads * s.head_dim))
 
-    def _new_kv(self, x, ctx: ForwardContext, cos, sin):
-        """K/V of the new tokens, appended to this layer's cache; returns what to attend over."""
-        B, T, _ = x.shape
+    def _new_kv(self, k, v, ctx: ForwardContext, cos, sin):
+        """K/V of the new tokens (projected, [B, T, H_kv·D]; ``v`` None when K = V), appended to this layer's
+        cache; returns what to attend over."""
+        B, T, _ = k.shape
         s = self.spec
-        k = self.k_proj(x).view(B, T, s.num_kv_heads, s.head_dim)
-        v = k if self.v_proj is None else self.v_proj(x).view(B, T, s.num_kv_heads, s.head_dim)
+        k = k.view(B, T, s.num_kv_heads, s.head_dim)
+        v = k if v is None else v.view(B, T, s.num_kv_heads, s.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
         k = self.rotary.apply(k.transpose(1, 2), cos, sin)  # [B, H_kv, T, D]

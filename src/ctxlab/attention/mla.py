@@ -22,6 +22,7 @@ from torch import nn
 from ..cache.spec import CacheSpec
 from ..config import LayerSpec, MLASpec
 from ..errors import InputError
+from ..nn.fusion import project
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
@@ -36,6 +37,7 @@ DECODE_PATHS = ("absorbed", "expanded")
 class MLAttention(nn.Module):
     OPTIONS = frozenset({"indexer"})  # optional LayerSpec fields it implements
     OWNS = ("mla",)  # sub-specs only this kind reads
+    FUSIBLE = {"qkv_a_proj": ("q_a_proj", "q_proj", "kv_a_proj_with_mqa")}  # see nn.fusion
     decode_path = "absorbed"  # for one-token steps; set to "expanded" to compare
 
     def __init__(self, hidden_size: int, spec: LayerSpec, layer_idx: int, norm_eps: float):
@@ -58,10 +60,11 @@ class MLAttention(nn.Module):
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape
         s, m = self.spec, self.spec.mla
-        q_res = self.q_a_layernorm(self.q_a_proj(x)) if m.q_lora_rank else None
-        q = (self.q_b_proj(q_res) if q_res is not None else self.q_proj(x)).view(B, T, s.num_heads, -1).transpose(1, 2)
+        q_a, q_full, kv_a = project(self, x, "qkv_a_proj")  # q_a with a q LoRA, q_full without
+        q_res = self.q_a_layernorm(q_a) if m.q_lora_rank else None
+        q = (self.q_b_proj(q_res) if q_res is not None else q_full).view(B, T, s.num_heads, -1).transpose(1, 2)
         q_nope, q_rot = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)  # [B, H, T, *]
-        latent, k_rot = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        latent, k_rot = kv_a.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
         cos, sin = ctx.rope_tables(self.rotary, x.dtype)
         new = {
             "latent": self.kv_a_layernorm(latent)[:, None],  # [B, 1, T, L]

@@ -12,7 +12,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..errors import InputError
 from ..families import FAMILIES
+from ..nn.fusion import separate_projections
 from . import layout
 from .config_file import export_config
 
@@ -30,6 +32,16 @@ def model_tensor_shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
 
 def save_pretrained(model, directory: str | Path, max_shard_bytes: int | None = None) -> None:
     """``config.json`` + ``model.safetensors`` (or shards + index) that transformers loads back."""
+    if getattr(model, "quantization", None):
+        raise InputError(
+            f"this model was quantized in place ({model.quantization}) for inference: its weights are codes and "
+            "scales, not the checkpoint's tensors; save the model as loaded, before ctxlab.quantize"
+        )
+    with separate_projections(model):
+        _write(model, directory, max_shard_bytes)
+
+
+def _write(model, directory: str | Path, max_shard_bytes: int | None) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     cfg = model.config

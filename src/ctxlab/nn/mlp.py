@@ -6,6 +6,7 @@ from torch import nn
 
 from ..config import LayerSpec
 from ..registry import ACTIVATIONS, MLP_KINDS
+from .fusion import project
 
 ACTIVATIONS.register("silu")(F.silu)
 ACTIVATIONS.register("gelu")(F.gelu)
@@ -23,6 +24,7 @@ def gated(act, gate: torch.Tensor, up: torch.Tensor, limit: float | None = None)
 @MLP_KINDS.register("gated")
 class GatedMLP(nn.Module):
     EXPERTS_INSIDE = False  # a LayerSpec.moe beside this MLP is a separate branch of the block
+    FUSIBLE = {"gate_up_proj": ("gate_proj", "up_proj")}  # one matmul after nn.fusion.fuse_projections_
 
     def __init__(
         self,
@@ -39,7 +41,8 @@ class GatedMLP(nn.Module):
         self.act, self.limit = ACTIVATIONS[activation], limit
 
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # [..., H] -> [..., H]
-        return self.down_proj(gated(self.act, self.gate_proj(x), self.up_proj(x), self.limit))
+        gate, up = project(self, x, "gate_up_proj")
+        return self.down_proj(gated(self.act, gate, up, self.limit))
 
     @classmethod
     def from_spec(cls, hidden_size: int, spec: LayerSpec, norm_eps: float, vocab_size: int = 0) -> "GatedMLP":
