@@ -235,3 +235,50 @@ def test_windowed_prefill_is_banded_and_builds_no_mask(monkeypatch):
     torch.testing.assert_close(cached, full)
     windows = [s.window for s in model.config.layers if s.window is not None]
     assert calls == [] and banded == windows * 2
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    history=st.integers(1, 90),
+    tokens=st.integers(1, 40),
+    kv_heads=st.sampled_from([1, 2]),
+    group=st.sampled_from([1, 3]),
+    transposed=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_prefix_causal_attention_equals_the_masked_kernel(history, tokens, kv_heads, group, transposed, dtype, seed):
+    """A chunk after ``history`` cached tokens: two unmasked flash calls merged by log-sum-exp == SDPA over the
+    position mask. ``transposed`` queries are views with a strided last axis, as CCA hands them over."""
+    gen = torch.Generator().manual_seed(seed)
+    S, H = history + tokens, kv_heads * group
+    if transposed:
+        q = torch.randn(2, H, 8, tokens, generator=gen).to(dtype).transpose(-1, -2)
+    else:
+        q = torch.randn(2, H, tokens, 8, generator=gen).to(dtype)
+    k, v = (torch.randn(2, kv_heads, S, 8, generator=gen).to(dtype) for _ in range(2))
+    positions = torch.arange(S).expand(2, S)
+    mask = context_module.attention_mask(positions[:, history:], positions, None)  # [2, 1, T, S]
+    expected = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1), attn_mask=mask, scale=0.4
+    )
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(kernels.prefix_causal_attention(q, k, v, 0.4), expected, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3-sliding"])
+def test_chunked_prefill_builds_masks_only_for_windowed_layers(monkeypatch, name):
+    """A chunk after earlier ones attends to the whole history and itself causally: no [T, S] mask for full
+    layers (sliding layers, whose window cuts the history, still build theirs)."""
+    model = ctxlab.build_model(ctxlab.load_config(name), seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(0))
+    calls, prefix = count_masks(monkeypatch), []
+    real = kernels.prefix_causal_attention
+    monkeypatch.setattr(kernels, "prefix_causal_attention", lambda *a: prefix.append(a[0].shape[2]) or real(*a))
+    cache = model.new_cache(1, 30)
+    with torch.no_grad():
+        chunked = torch.cat([model(ids[:, s : s + 10], cache=cache) for s in (0, 10, 20)], dim=1)
+        torch.testing.assert_close(chunked, model(ids), atol=1e-5, rtol=1e-5)
+    full_layers = sum(s.window is None for s in model.config.layers)
+    assert prefix == [10] * (2 * full_layers)  # chunks 2 and 3
+    assert set(calls) <= {s.window for s in model.config.layers if s.window is not None}

@@ -94,6 +94,9 @@ class ForwardContext:
         * keys that are exactly this forward's tokens (no cache, or an empty one) and no padding:
           causal attention (``is_causal``, nothing materialized; a window shorter than the tokens is
           the kernel's to apply, :func:`ctxlab.attention.kernels.grouped_attention`);
+        * a prefill chunk after earlier ones, no padding, no window: the keys are the whole history
+          (a full cache returns every written step) followed by the chunk, so ``is_causal`` again, with
+          the history visible to every query (:func:`ctxlab.attention.kernels.prefix_causal_attention`);
         * otherwise the position mask, shared by the layers reading the same key positions.
         """
         if not self.padded:
@@ -102,6 +105,8 @@ class ForwardContext:
                 return None, False
             fresh = self.cache is None or self.cache.length == 0
             if fresh and S == T:
+                return None, True
+            if not fresh and window is None and not self.last_of_chunk and S == self.cache.length + T:
                 return None, True
         return self.mask(k_pos, window), False
 

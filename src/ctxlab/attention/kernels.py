@@ -26,18 +26,51 @@ def grouped_attention(
     """q [B, H_q, T, D], k [B, H_kv, S, D], v [B, H_kv, S, Dv], mask [B, 1, T, S] (True = attend) or None
     -> [B, H_q, T, Dv]. Query head ``h`` reads KV head ``h // (H_q / H_kv)`` (HF ``repeat_kv``).
 
-    ``is_causal``: q and k are the same T tokens and token t sees tokens <= t, and only the last
-    ``window`` of them when ``window`` is given (:func:`sliding_causal_attention`)."""
+    ``is_causal``: the last T keys are the queries' own tokens and token t sees them up to itself, and
+    every key before them (a cache's history, :func:`prefix_causal_attention`); with no history, only
+    the last ``window`` tokens when ``window`` is given (:func:`sliding_causal_attention`).
+
+    PyTorch's CPU flash-attention kernel needs one head size for q, k and v; otherwise SDPA falls back
+    to its math kernel, which materializes the [T, S] scores. Values narrower than the keys (MLA: 128
+    against 192) are therefore padded with zero columns, which leaves the real columns unchanged, and
+    the padding is cut from the output: measured 2-3x faster for MLA's prefill (16 heads, 1K queries
+    over 3K keys, bf16, 2 threads) at the cost of a 1.5x wider value product."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
     if T == 1 and Hq != Hkv:  # decode: [B, H_kv, G, D]; a [B, 1, 1, S] mask broadcasts over the group
         out = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, -1), k, v, attn_mask=mask, scale=scale)
         return out.view(B, Hq, 1, -1)
-    if is_causal and window is not None and window < T:
-        return sliding_causal_attention(q, k, v, scale, window)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=Hq != Hkv
-    )
+    Dv = v.shape[-1]
+    if Dv < q.shape[-1]:  # MLA's values are narrower than its keys
+        v = F.pad(v, (0, q.shape[-1] - Dv))
+    if is_causal and k.shape[2] > T:
+        out = prefix_causal_attention(q, k, v, scale)
+    elif is_causal and window is not None and window < T:
+        out = sliding_causal_attention(q, k, v, scale, window)
+    else:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=Hq != Hkv
+        )
+    return out[..., :Dv]
+
+
+_flash_with_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu  # SDPA's CPU kernel: (out, lse, ...)
+
+
+def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of T new tokens over S = P + T keys, where the first P (a cache's history) are visible
+    to every query and the last T are the tokens themselves, causally (a prefill chunk after earlier
+    ones). Two flash-attention calls without a mask -- the history, then the chunk with ``is_causal``
+    -- merged by their log-sum-exps (the split-KV combine of FlashDecoding, Dao et al. 2023), instead of
+    one call over a [T, S] mask: 1.5x faster for a 4K chunk after 4K tokens (16 heads of 64, bf16,
+    2 threads). q [B, H_q, T, D], k / v [B, H_kv, S, D] -> [B, H_q, T, D]."""
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # the kernel reads rows densely
+    P = k.shape[2] - q.shape[2]
+    history, lse_history = _flash_with_lse(q, k[:, :, :P], v[:, :, :P], 0.0, False, scale=scale)[:2]  # lse [B, H, T]
+    chunk, lse_chunk = _flash_with_lse(q, k[:, :, P:], v[:, :, P:], 0.0, True, scale=scale)[:2]
+    lse = torch.logaddexp(lse_history, lse_chunk)
+    out = history.float() * (lse_history - lse).exp()[..., None] + chunk.float() * (lse_chunk - lse).exp()[..., None]
+    return out.to(q.dtype)
 
 
 BAND_QUERIES = 128  # query rows per band (benchmarks/sliding_prefill.py: 64-256 are within ~15%)
