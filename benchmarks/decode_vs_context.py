@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -28,7 +26,7 @@ from table_output import print_table
 
 import ctxlab
 from ctxlab.bench import copy_bandwidth, decode_read_bytes
-from ctxlab.generate import decode_step
+from ctxlab.bench_engines import timed_steps
 
 
 def mla_config() -> ctxlab.ModelConfig:
@@ -46,9 +44,11 @@ MODELS = {
 
 
 @torch.no_grad()
-def decode_curve(cfg, contexts: list[int], steps: int, chunk: int, seed: int = 0) -> list[dict]:
+def decode_curve(cfg, contexts: list[int], steps: int, chunk: int, fuse: bool = True, seed: int = 0) -> list[dict]:
     """ms/token (median of ``steps``) at each context, one cache grown from the first to the last."""
     model = ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=seed)
+    if fuse:
+        ctxlab.fuse_projections(model)
     total = max(contexts) + steps * len(contexts)
     cache = model.new_cache(1, total)
     ids = torch.randint(0, cfg.vocab_size, (1, total), generator=torch.Generator().manual_seed(seed))
@@ -58,13 +58,8 @@ def decode_curve(cfg, contexts: list[int], steps: int, chunk: int, seed: int = 0
             n = min(chunk, c - cache.length)
             logits = model(ids[:, filled : filled + n], cache=cache, last_only=True)[:, -1]
             filled += n
-        times = []
-        for _ in range(steps):
-            token = logits.argmax(-1)
-            start = time.perf_counter()
-            logits = decode_step(model, token, cache)
-            times.append(time.perf_counter() - start)
-        rows.append({"context": c, "ms_per_token": 1e3 * statistics.median(times), "cache_bytes": cache.nbytes()})
+        ms, logits = timed_steps(model, cache, logits, steps)
+        rows.append({"context": c, "ms_per_token": ms, "cache_bytes": cache.nbytes()})
         rows[-1]["bytes_read_per_token"] = decode_read_bytes(model, cache.nbytes())
     return rows
 
@@ -95,6 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=9, help="timed decode steps per context (median)")
     p.add_argument("--chunk", type=int, default=4096, help="prefill chunk (tokens)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up matmuls (default: fused)")
     p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of the model labels")
     p.add_argument("--markdown", action="store_true", help="print a markdown table (docs/benchmarks.md)")
     p.add_argument("--json", type=Path, help="write the results here")
@@ -107,7 +103,9 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"--models: unknown {unknown}; allowed: {list(MODELS)}")
     for label in args.models.split(","):
-        results["models"][label] = decode_curve(MODELS[label](), args.contexts, args.steps, args.chunk)
+        results["models"][label] = decode_curve(
+            MODELS[label](), args.contexts, args.steps, args.chunk, not args.no_fuse
+        )
         print(label, [round(r["ms_per_token"], 1) for r in results["models"][label]], flush=True)
     contexts = sorted(args.contexts)
     base = 2048 if 2048 in contexts else contexts[0]
