@@ -95,10 +95,17 @@ def main(argv=None) -> int:
     p.add_argument("--markdown", action="store_true", help="print a markdown table (docs/benchmarks.md)")
     p.add_argument("--json", type=Path, help="write the results here")
     p.add_argument("--plot", type=Path, help="write the plot here (PNG)")
+    p.add_argument(
+        "--update",
+        action="store_true",
+        help="keep the other models of the --json file (re-measure only --models; table and plot show all)",
+    )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     results = {"threads": args.threads, "torch": torch.__version__, "bandwidth_gb_s": copy_bandwidth() / 1e9}
     results["models"] = {}
+    if args.update and args.json and args.json.exists():
+        results["models"] = json.loads(args.json.read_text())["models"]
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         p.error(f"--models: unknown {unknown}; allowed: {list(MODELS)}")
