@@ -118,8 +118,10 @@ class MLAttention(nn.Module):
             latent = latent[:, 0].gather(1, index.expand(-1, -1, latent.shape[-1]))[:, None]
             k_rope = k_rope[:, 0].gather(1, index.expand(-1, -1, k_rope.shape[-1]))[:, None]
             k_pos = k_pos.gather(1, index[..., 0])
-        scores = (q_lat @ latent.transpose(-1, -2)).float() + (q_rot.transpose(1, 2) @ k_rope.transpose(-1, -2)).float()
-        scores = scores * self.spec.scale  # [B, 1, H, S]
+        # keys times queries ([S, L] @ [L, H]): the cached latents are the GEMM's row-major left operand, read
+        # as stored; as the right operand (q @ latentᵀ) the kernel repacks all S x L of them every step
+        scores = (latent @ q_lat.transpose(-1, -2)).float() + (k_rope @ q_rot.permute(0, 2, 3, 1)).float()
+        scores = scores.transpose(-1, -2) * self.spec.scale  # [B, 1, H, S]
         if not valid_only:  # gathered key positions: a mask of their own
             scores = scores.masked_fill(~attention_mask(ctx.positions, k_pos, self.spec.window), float("-inf"))
         out = scores.softmax(dim=-1).to(latent.dtype) @ latent  # [B, 1, H, L]
