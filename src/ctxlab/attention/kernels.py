@@ -33,8 +33,8 @@ def grouped_attention(
     PyTorch's CPU flash-attention kernel needs one head size for q, k and v; otherwise SDPA falls back
     to its math kernel, which materializes the [T, S] scores. Values narrower than the keys (MLA: 128
     against 192) are therefore padded with zero columns, which leaves the real columns unchanged, and
-    the padding is cut from the output: measured 2-3x faster for MLA's prefill (16 heads, 1K queries
-    over 3K keys, bf16, 2 threads) at the cost of a 1.5x wider value product."""
+    the padding is cut from the output: 2.3-3.4x faster for MLA's prefill attention (16 heads, bf16,
+    2 threads; benchmarks/chunked_prefill.py) at the cost of a 1.5x wider value product."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
     if T == 1 and Hq != Hkv:  # decode: [B, H_kv, G, D]; a [B, 1, 1, S] mask broadcasts over the group
@@ -62,8 +62,8 @@ def prefix_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s
     to every query and the last T are the tokens themselves, causally (a prefill chunk after earlier
     ones). Two flash-attention calls without a mask -- the history, then the chunk with ``is_causal``
     -- merged by their log-sum-exps (the split-KV combine of FlashDecoding, Dao et al. 2023), instead of
-    one call over a [T, S] mask: 1.5x faster for a 4K chunk after 4K tokens (16 heads of 64, bf16,
-    2 threads). q [B, H_q, T, D], k / v [B, H_kv, S, D] -> [B, H_q, T, D]."""
+    one call over a [T, S] mask: 1.27-1.35x faster for 4K chunks after 4K-12K tokens (16 / 4 heads of 64,
+    bf16, 2 threads; benchmarks/chunked_prefill.py). q [B, H_q, T, D], k / v [B, H_kv, S, D] -> [B, H_q, T, D]."""
     q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # the kernel reads rows densely
     P = k.shape[2] - q.shape[2]
     history, lse_history = _flash_with_lse(q, k[:, :, :P], v[:, :, :P], 0.0, False, scale=scale)[:2]  # lse [B, H, T]
