@@ -130,6 +130,14 @@ def test_bad_bench_arguments_are_refused(model):
         ctxlab.bench(model, contexts=(4,), against="vllm")
 
 
+def test_quantized_weights_are_not_compared_with_transformers(capsys):
+    """transformers cannot load ctxlab's packed weights: refused before anything is saved or timed."""
+    args = ["bench", "tiny-llama", "--context", "8", "--prompt", "8", "--steps", "1", "--repeats", "1"]
+    assert main([*args, "--quantize", "int4", "--against", "transformers"]) != 0
+    err = capsys.readouterr().err
+    assert "quantized int4" in err and "transformers cannot load" in err and "no --quantize" in err
+
+
 def test_cli_bench_json(capsys):
     code = main(
         [

@@ -142,6 +142,11 @@ def bench(
         )
     if against is not None and against not in AGAINST:
         raise InputError(f"against = {against!r}: allowed: {list(AGAINST)} or None")
+    if against == "transformers" and getattr(model, "quantization", None):
+        raise InputError(
+            f"against = 'transformers' with a model quantized {model.quantization}: transformers cannot load "
+            "ctxlab's quantized weights; compare in bf16 (no --quantize), or a GGUF file against llama.cpp"
+        )
     say = progress or (lambda message: None)
     say("copy bandwidth")
     bandwidth = copy_bandwidth()

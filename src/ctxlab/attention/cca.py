@@ -83,7 +83,8 @@ class CCAProjection(nn.Module):
         # `delayed` is the value the *next* token uses
         if layer_cache is not None and ctx.cache.length > 0:
             previous = layer_cache.state["v_prev"][:, None]
-        else:  # before the first token: the projection of a zero hidden state
+        else:  # before the first token: the projection of a zero hidden state, i.e. the bias (or zero),
+            # computed by projecting one zero token so it holds for separate, fused and quantized linears alike
             previous = project(self, x.new_zeros(B, 1, x.shape[-1]), "fused")[3]
         v = torch.cat((current, torch.cat((previous, delayed[:, :-1]), dim=1)), dim=-1)
         if layer_cache is not None:  # only now: `previous` may be a view of this state
