@@ -199,6 +199,7 @@ def main(argv=None) -> int:
     p.add_argument("--against", default="transformers", help="transformers, or 'none'")
     p.add_argument("--quantize", choices=("int8", "int4"))
     p.add_argument("--compile", action="store_true", help="ctxlab decodes through its compiled decode step")
+    p.add_argument("--no-pack", action="store_true", help="keep ctxlab's linear weights in PyTorch's layout")
     p.add_argument("--no-fuse", action="store_true", help="keep q/k/v and gate/up as separate matmuls in ctxlab")
     p.add_argument(
         "--threads",
@@ -229,6 +230,8 @@ def main(argv=None) -> int:
             ctxlab.fuse_projections(model)
         if args.quantize:
             ctxlab.quantize(model, args.quantize)
+        if not args.no_pack and not args.compile:
+            ctxlab.pack_linears(model)
         print(f"[{name}]", file=sys.stderr, flush=True)
         result = ctxlab.bench(
             model,

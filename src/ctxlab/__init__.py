@@ -25,6 +25,7 @@ from .io.text_tokenizer import load_tokenizer
 from .io.writer import save_pretrained
 from .model import CausalLM, build_model
 from .nn.fusion import fuse_projections_ as fuse_projections
+from .nn.packing import pack_linears_ as pack_linears
 from .perplexity import perplexity
 from .presets import preset_names
 from .quant import quantize_ as quantize
@@ -49,6 +50,7 @@ __all__ = [
     "decode_flops_terms",
     "from_pretrained",
     "fuse_projections",
+    "pack_linears",
     "generate",
     "kv_cache_bytes",
     "kv_cache_bytes_per_layer",

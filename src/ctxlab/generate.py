@@ -106,6 +106,11 @@ def compiled_decode_step(model: CausalLM):
     second recompiles it as a symbolic size (automatic dynamic shapes), later steps reuse that
     graph. On CPU, Inductor needs a C++ compiler and the warm-up takes tens of seconds on 2 cores.
     """
+    if getattr(model, "packed_linears", 0):
+        raise InputError(
+            f"this model has {model.packed_linears} linear weights packed for oneDNN (ctxlab.pack_linears), "
+            "which torch.compile cannot lower; compile a model that is not packed (the CLI skips packing with --compile)"
+        )
     fn = model.__dict__.get("_compiled_decode")
     if fn is None:
         # every model shares the one code object of _decode_logits, and Dynamo's recompile limit

@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import InputError
+from .nn.packing import READ_DIRECTLY, packed_bytes
 
 MODES = ("int8", "int4")
-SKIP = ("kv_b_proj", "o_a_proj")  # weights read directly by the attention code, not through forward()
+SKIP = READ_DIRECTLY  # weights read directly by the attention code, not through forward()
 
 
 def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -211,6 +212,9 @@ def weight_bytes(model: nn.Module) -> int:
     step reads at most."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
+        if t.is_mkldnn:  # an opaque oneDNN weight (nn.packing) owns its memory alone
+            total += packed_bytes(t)
+            continue
         storage = t.untyped_storage()
         if storage.data_ptr() not in seen and storage.nbytes():
             seen.add(storage.data_ptr())

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from ..errors import InputError
 from ..families import FAMILIES
 from ..nn.fusion import separate_projections
+from ..nn.packing import unpacked_linears
 from . import layout
 from .config_file import export_config
 
@@ -37,7 +38,7 @@ def save_pretrained(model, directory: str | Path, max_shard_bytes: int | None = 
             f"this model was quantized in place ({model.quantization}) for inference: its weights are codes and "
             "scales, not the checkpoint's tensors; save the model as loaded, before ctxlab.quantize"
         )
-    with separate_projections(model):
+    with unpacked_linears(model), separate_projections(model):
         _write(model, directory, max_shard_bytes)
 
 

@@ -1,0 +1,125 @@
+"""Linear weights packed for oneDNN (``ctxlab.nn.packing``): a packed model gives the unpacked model's
+logits in a full forward and in cached decode for a tiny model of every family (fused and quantized
+models included); a tied head keeps its embedding; a packed model saves the checkpoint's tensors and
+stays packed; the CLI packs by default, not with ``--no-pack`` or ``--compile``."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import ctxlab
+from ctxlab.nn.fusion import fuse_projections_
+from ctxlab.nn.packing import READ_DIRECTLY, PackedLinear, pack_linears_, packable
+from ctxlab.quant import quantize_, weight_bytes
+from test_fusion import CONFIGS, decode_logits, randomized
+
+pytestmark = pytest.mark.skipif(not packable(torch.float32), reason="this torch build has no oneDNN (mkldnn)")
+
+
+def plain_linears(model: nn.Module) -> list[str]:
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("fuse", [False, True], ids=["separate", "fused"])
+def test_packed_model_gives_the_unpacked_logits(name, fuse):
+    cfg = CONFIGS[name]
+    model = randomized(ctxlab.build_model(cfg, seed=0))
+    if fuse:
+        fuse_projections_(model)
+    packed = copy.deepcopy(model)
+    count = pack_linears_(packed)
+    assert count > 0 and count == packed.packed_linears
+    # every plain linear left is one whose weight the attention reads directly
+    assert all(name.rsplit(".", 1)[-1] in READ_DIRECTLY for name in plain_linears(packed))
+    ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), model(ids), atol=1e-5, rtol=1e-5)
+        # across a window / compression-block boundary: the tiny windows and CSA ratio are small
+        torch.testing.assert_close(decode_logits(packed, ids, 9), decode_logits(model, ids, 9), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not packable(torch.bfloat16), reason="oneDNN has no bf16 linear on this CPU")
+def test_bf16_packed_logits_match_to_bf16_rounding():
+    cfg = CONFIGS["llama-with-biases"]
+    model = randomized(ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0))
+    fuse_projections_(model)
+    packed = copy.deepcopy(model)
+    pack_linears_(packed)
+    ids = torch.randint(0, cfg.vocab_size, (1, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(packed(ids), model(ids), atol=2e-2, rtol=2e-2)
+        torch.testing.assert_close(decode_logits(packed, ids, 5), decode_logits(model, ids, 5), atol=2e-2, rtol=2e-2)
+
+
+def test_a_tied_head_gets_a_packed_copy_and_the_embedding_stays():
+    model = ctxlab.build_model(CONFIGS["llama-3-8b"].replace(tie_word_embeddings=True), seed=0)
+    table = model.model.embed_tokens.weight
+    before = weight_bytes(model)
+    pack_linears_(model)
+    assert isinstance(model.lm_head, PackedLinear) and model.model.embed_tokens.weight is table
+    assert weight_bytes(model) == before + table.numel() * table.element_size()  # the packed copy
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_packed_model_saves_the_checkpoint_layout_and_stays_packed(tmp_path, tied):
+    cfg = CONFIGS["llama-with-biases"].replace(tie_word_embeddings=tied)
+    model = randomized(ctxlab.build_model(cfg, seed=0))
+    model.save_pretrained(tmp_path / "plain")
+    fuse_projections_(model)
+    pack_linears_(model)
+    model.save_pretrained(tmp_path / "packed")
+    assert isinstance(model.lm_head, PackedLinear) and not plain_linears(model)
+    plain, packed = (load_file(tmp_path / d / "model.safetensors") for d in ("plain", "packed"))
+    assert plain.keys() == packed.keys() and all(torch.equal(plain[k], packed[k]) for k in plain)
+    ids = torch.randint(0, cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ctxlab.from_pretrained(tmp_path / "packed")(ids), model(ids), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.skipif(not packable(torch.bfloat16), reason="oneDNN has no bf16 linear on this CPU")
+def test_quantized_layers_keep_their_kernels():
+    model = ctxlab.build_model(CONFIGS["llama-3-8b"], dtype=torch.bfloat16, seed=0)
+    quantize_(model, "int8")
+    assert pack_linears_(model) == 0  # every linear is int8 already
+    assert not any(isinstance(m, PackedLinear) for m in model.modules())
+
+
+def test_nothing_is_packed_without_onednn(monkeypatch):
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    model = ctxlab.build_model(CONFIGS["llama-3-8b"], seed=0)
+    assert pack_linears_(model) == 0 and plain_linears(model)
+
+
+def test_cli_packs_by_default_but_not_with_no_pack_or_compile(capsys, monkeypatch):
+    import ctxlab.nn.packing as packing
+    from ctxlab.cli import main
+
+    counts = []
+    monkeypatch.setattr(packing, "pack_linears_", lambda model: counts.append(pack_linears_(model)))
+    ids = {}
+    for flags in ([], ["--no-pack"]):
+        assert main(["generate", "tiny-llama", "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json", *flags]) == 0
+        ids[bool(flags)] = json.loads(capsys.readouterr().out)["generated_ids"]
+    assert len(counts) == 1 and counts[0] > 0  # only the default run packed
+    assert ids[False] == ids[True]
+    from ctxlab.cli import _prepare_weights, build_parser
+
+    args = build_parser().parse_args(["generate", "tiny-llama", "--prompt-ids", "1", "--compile"])
+    _prepare_weights(ctxlab.build_model(CONFIGS["llama-3-8b"], seed=0), args)
+    assert len(counts) == 1  # --compile reads the plain layout: not packed
+
+
+def test_a_packed_model_refuses_to_compile():
+    from ctxlab.generate import compiled_decode_step
+
+    model = ctxlab.build_model(CONFIGS["llama-3-8b"], seed=0)
+    pack_linears_(model)
+    with pytest.raises(ctxlab.InputError, match="packed for oneDNN.*compile a model that is not packed"):
+        compiled_decode_step(model)
