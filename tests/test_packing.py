@@ -34,7 +34,7 @@ def test_packed_model_gives_the_unpacked_logits(name, fuse):
     if fuse:
         fuse_projections_(model)
     packed = copy.deepcopy(model)
-    count = pack_linears_(packed)
+    count = pack_linears_(packed, shared=True)
     assert count > 0 and count == packed.packed_linears
     # every plain linear left is one whose weight the attention reads directly
     assert all(name.rsplit(".", 1)[-1] in READ_DIRECTLY for name in plain_linears(packed))
@@ -58,11 +58,16 @@ def test_bf16_packed_logits_match_to_bf16_rounding():
         torch.testing.assert_close(decode_logits(packed, ids, 5), decode_logits(model, ids, 5), atol=2e-2, rtol=2e-2)
 
 
-def test_a_tied_head_gets_a_packed_copy_and_the_embedding_stays():
-    model = ctxlab.build_model(CONFIGS["llama-3-8b"].replace(tie_word_embeddings=True), seed=0)
+def test_a_tied_head_is_packed_only_on_request_as_a_copy():
+    cfg = CONFIGS["llama-3-8b"].replace(tie_word_embeddings=True)
+    model = ctxlab.build_model(cfg, seed=0)
     table = model.model.embed_tokens.weight
     before = weight_bytes(model)
     pack_linears_(model)
+    assert model.lm_head.weight is table and weight_bytes(model) == before  # no second copy by default
+    model = ctxlab.build_model(cfg, seed=0)
+    table = model.model.embed_tokens.weight
+    pack_linears_(model, shared=True)
     assert isinstance(model.lm_head, PackedLinear) and model.model.embed_tokens.weight is table
     assert weight_bytes(model) == before + table.numel() * table.element_size()  # the packed copy
 
@@ -73,7 +78,7 @@ def test_a_packed_model_saves_the_checkpoint_layout_and_stays_packed(tmp_path, t
     model = randomized(ctxlab.build_model(cfg, seed=0))
     model.save_pretrained(tmp_path / "plain")
     fuse_projections_(model)
-    pack_linears_(model)
+    pack_linears_(model, shared=True)
     model.save_pretrained(tmp_path / "packed")
     assert isinstance(model.lm_head, PackedLinear) and not plain_linears(model)
     plain, packed = (load_file(tmp_path / d / "model.safetensors") for d in ("plain", "packed"))

@@ -802,7 +802,8 @@ def add_weight_options(parser: argparse.ArgumentParser, what: str) -> None:
         "--no-pack",
         action="store_true",
         help="keep bf16/fp32 linear weights in PyTorch's layout (by default they are reordered for oneDNN's "
-        "matrix-vector kernel, ~2-3x faster reads on CPU; not with --compile, which reads the plain layout)",
+        "matrix-vector kernel, ~2-3x faster reads on CPU; a tied LM head stays as it is; not with --compile, "
+        "which reads the plain layout)",
     )
 
 

@@ -12,8 +12,9 @@ multiplied by ``torch.ops.mkldnn._linear_pointwise`` -- the pair inductor's weig
 included) by a :class:`PackedLinear` whose weight is an opaque ``torch._mkldnn`` tensor. Such a
 model is for eager inference: no gradients, no ``torch.compile`` (inductor does not lower ops on
 opaque tensors; compile the unpacked model instead). ``save_pretrained`` writes it through
-:func:`unpacked_linears`. A tied LM head gets a packed copy of the embedding table (the lookup keeps
-reading the dense one), which costs ``vocab x hidden`` more bytes. Left as they are: projections whose weight the attention reads
+:func:`unpacked_linears`. A linear whose weight is shared (a tied LM head: the embedding lookup
+reads the same table) stays as it is unless ``shared=True``, which gives it a packed copy at
+``vocab x hidden`` more bytes (Gemma 3 270M: +336 MB on 536 MB of weights). Left as they are: projections whose weight the attention reads
 directly (:data:`READ_DIRECTLY`), dtypes oneDNN has no fast kernel for on this CPU.
 """
 
@@ -57,10 +58,11 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, oneDNN-packed"
 
 
-def pack_linears_(model: nn.Module) -> int:
+def pack_linears_(model: nn.Module, shared: bool = False) -> int:
     """Replace every plain ``nn.Linear`` whose dtype :func:`packable` accepts by a :class:`PackedLinear`,
-    in place; returns how many. Run it last, after ``fuse_projections_`` and ``quantize_`` (the
-    quantized layers keep their own kernels)."""
+    in place; returns how many. A linear whose weight another module also holds (a tied LM head) is
+    packed only with ``shared=True``, as a copy. Run it last, after ``fuse_projections_`` and
+    ``quantize_`` (the quantized layers keep their own kernels)."""
     uses: dict[int, int] = {}
     for _, parameter in model.named_parameters(remove_duplicate=False):
         uses[id(parameter)] = uses.get(id(parameter), 0) + 1
@@ -68,9 +70,13 @@ def pack_linears_(model: nn.Module) -> int:
     with torch.no_grad():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
-                if type(child) is nn.Linear and name not in READ_DIRECTLY and packable(child.weight.dtype):
-                    setattr(module, name, PackedLinear(child, shared=uses[id(child.weight)] > 1))
-                    packed += 1
+                if type(child) is not nn.Linear or name in READ_DIRECTLY or not packable(child.weight.dtype):
+                    continue
+                is_shared = uses[id(child.weight)] > 1
+                if is_shared and not shared:
+                    continue
+                setattr(module, name, PackedLinear(child, shared=is_shared))
+                packed += 1
     model.packed_linears = getattr(model, "packed_linears", 0) + packed  # read by bench's report and the writer
     return packed
 
