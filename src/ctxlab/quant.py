@@ -34,7 +34,6 @@ from .errors import InputError
 from .nn.packing import READ_DIRECTLY, packed_bytes
 
 MODES = ("int8", "int4")
-SKIP = READ_DIRECTLY  # weights read directly by the attention code, not through forward()
 
 
 def int8_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -192,7 +191,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
                 model.model.embed_tokens = QuantEmbedding(table, dtype)
         for name, module in list(model.model.layers.named_modules()):
             for child_name, child in list(module.named_children()):
-                if type(child) is nn.Linear and child_name not in SKIP:
+                if type(child) is nn.Linear and child_name not in READ_DIRECTLY:
                     replacement = _quantized(child, mode, group_size)
                     if replacement is not None:
                         setattr(module, child_name, replacement)

@@ -14,12 +14,14 @@ model is for eager inference: no gradients, no ``torch.compile`` (inductor does 
 opaque tensors; compile the unpacked model instead). ``save_pretrained`` writes it through
 :func:`unpacked_linears`. A linear whose weight is shared (a tied LM head: the embedding lookup
 reads the same table) stays as it is unless ``shared=True``, which gives it a packed copy at
-``vocab x hidden`` more bytes (Gemma 3 270M: +336 MB on 536 MB of weights). Left as they are: projections whose weight the attention reads
-directly (:data:`READ_DIRECTLY`), dtypes oneDNN has no fast kernel for on this CPU.
+``vocab x hidden`` more bytes (Gemma 3 270M: +336 MB on 536 MB of weights). Also left as they are:
+projections whose weight the attention reads directly (:data:`READ_DIRECTLY`), and dtypes oneDNN
+has no fast kernel for on this CPU.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -63,9 +65,7 @@ def pack_linears_(model: nn.Module, shared: bool = False) -> int:
     in place; returns how many. A linear whose weight another module also holds (a tied LM head) is
     packed only with ``shared=True``, as a copy. Run it last, after ``fuse_projections_`` and
     ``quantize_`` (the quantized layers keep their own kernels)."""
-    uses: dict[int, int] = {}
-    for _, parameter in model.named_parameters(remove_duplicate=False):
-        uses[id(parameter)] = uses.get(id(parameter), 0) + 1
+    uses = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
     packed = 0
     with torch.no_grad():
         for module in list(model.modules()):
@@ -77,7 +77,9 @@ def pack_linears_(model: nn.Module, shared: bool = False) -> int:
                     continue
                 setattr(module, name, PackedLinear(child, shared=is_shared))
                 packed += 1
-    model.packed_linears = getattr(model, "packed_linears", 0) + packed  # read by bench's report and the writer
+    model.packed_linears = (
+        getattr(model, "packed_linears", 0) + packed
+    )  # read by bench's report and compiled_decode_step
     return packed
 
 
