@@ -15,6 +15,7 @@ from torch import nn
 
 import ctxlab
 from ctxlab.nn.fusion import fuse_projections_
+from ctxlab.nn.moe import Experts
 from ctxlab.nn.packing import READ_DIRECTLY, PackedLinear, pack_linears_, packable
 from ctxlab.quant import quantize_, weight_bytes
 from test_fusion import CONFIGS, decode_logits, randomized
@@ -36,8 +37,9 @@ def test_packed_model_gives_the_unpacked_logits(name, fuse):
     packed = copy.deepcopy(model)
     count = pack_linears_(packed, shared=True)
     assert count > 0 and count == packed.packed_linears
-    # every plain linear left is one whose weight the attention reads directly
+    # every plain linear left is one whose weight the attention reads directly; no expert bank is left
     assert all(name.rsplit(".", 1)[-1] in READ_DIRECTLY for name in plain_linears(packed))
+    assert not any(type(m) is Experts for m in packed.modules())
     ids = torch.randint(0, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(packed(ids), model(ids), atol=1e-5, rtol=1e-5)
@@ -72,15 +74,18 @@ def test_a_tied_head_is_packed_only_on_request_as_a_copy():
     assert weight_bytes(model) == before + table.numel() * table.element_size()  # the packed copy
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_a_packed_model_saves_the_checkpoint_layout_and_stays_packed(tmp_path, tied):
-    cfg = CONFIGS["llama-with-biases"].replace(tie_word_embeddings=tied)
+@pytest.mark.parametrize(
+    ("name", "tied"), [("llama-with-biases", False), ("llama-with-biases", True), ("laguna-xs2", False)]
+)
+def test_a_packed_model_saves_the_checkpoint_layout_and_stays_packed(tmp_path, name, tied):
+    cfg = CONFIGS[name].replace(tie_word_embeddings=tied)
     model = randomized(ctxlab.build_model(cfg, seed=0))
     model.save_pretrained(tmp_path / "plain")
     fuse_projections_(model)
     pack_linears_(model, shared=True)
     model.save_pretrained(tmp_path / "packed")
     assert isinstance(model.lm_head, PackedLinear) and not plain_linears(model)
+    assert all(type(m) is not Experts for m in model.modules())  # MoE experts: packed again after saving
     plain, packed = (load_file(tmp_path / d / "model.safetensors") for d in ("plain", "packed"))
     assert plain.keys() == packed.keys() and all(torch.equal(plain[k], packed[k]) for k in plain)
     ids = torch.randint(0, cfg.vocab_size, (1, 7), generator=torch.Generator().manual_seed(0))

@@ -18,6 +18,21 @@ from .mlp import GatedMLP, gated
 from .norms import RMSNorm
 
 
+def routed_sum(
+    x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor, num_experts: int, expert
+) -> torch.Tensor:
+    """x [N, H], top_index / top_weight [N, K] -> Σ_k top_weight · expert(top_index, x) [N, H]: a loop over
+    the chosen experts (never over tokens), ``expert(e, x[tokens])`` running expert ``e`` on the tokens
+    routed to it. An index >= ``num_experts`` is a "skip" class (ZAYA): no expert, no contribution."""
+    out = torch.zeros_like(x)
+    for e in top_index.unique().tolist():
+        if e >= num_experts:
+            continue
+        token, slot = torch.where(top_index == e)  # tokens routed to this expert
+        out.index_add_(0, token, (expert(e, x[token]) * top_weight[token, slot, None]).to(out.dtype))
+    return out
+
+
 class Experts(nn.Module):
     def __init__(self, hidden_size: int, moe: MoESpec, activation: str, limit: float | None = None):
         super().__init__()
@@ -25,6 +40,7 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(e, hidden_size, i))
         self.act, self.limit = ACTIVATIONS[activation], limit
+        self.build_args = (hidden_size, moe, activation, limit)  # to rebuild it (nn.packing.PackedExperts)
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
         self.gate_up_proj.normal_(0.0, std, generator=generator)
@@ -38,15 +54,12 @@ class Experts(nn.Module):
         gathered instead, so the graph has no host sync and no data-dependent loop."""
         if torch.compiler.is_compiling():
             return self._gathered(x, top_index, top_weight)
-        out = torch.zeros_like(x)
-        for expert in top_index.unique().tolist():
-            if expert >= self.gate_up_proj.shape[0]:  # a "skip" class: no expert, no contribution
-                continue
-            token, slot = torch.where(top_index == expert)  # tokens routed to this expert
-            gate, up = F.linear(x[token], self.gate_up_proj[expert]).chunk(2, dim=-1)
-            y = F.linear(gated(self.act, gate, up, self.limit), self.down_proj[expert])
-            out.index_add_(0, token, (y * top_weight[token, slot, None]).to(out.dtype))
-        return out
+        return routed_sum(x, top_index, top_weight, self.gate_up_proj.shape[0], self.expert)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert ``e``'s gated MLP on its tokens x [n, H] -> [n, H], its weights read in place."""
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(gated(self.act, gate, up, self.limit), self.down_proj[e])
 
     def _gathered(self, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
         """The same sum with the chosen experts' weights gathered: [N·K, 2·I, H] and [N·K, H, I]."""

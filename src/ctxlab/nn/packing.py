@@ -9,7 +9,8 @@ multiplied by ``torch.ops.mkldnn._linear_pointwise`` -- the pair inductor's weig
 (bit for bit on contiguous inputs in these measurements; the tests hold them to bf16 rounding).
 
 :func:`pack_linears_` replaces every plain ``nn.Linear`` of a model (fused groups and the LM head
-included) by a :class:`PackedLinear` whose weight is an opaque ``torch._mkldnn`` tensor. Such a
+included) by a :class:`PackedLinear` whose weight is an opaque ``torch._mkldnn`` tensor, and the
+expert banks of MoE layers by :class:`PackedExperts` (one packed matrix per expert). Such a
 model is for eager inference: no gradients, no ``torch.compile`` (inductor does not lower ops on
 opaque tensors; compile the unpacked model instead). ``save_pretrained`` writes it through
 :func:`unpacked_linears`. A linear whose weight is shared (a tied LM head: the embedding lookup
@@ -28,6 +29,9 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .mlp import gated
+from .moe import Experts, routed_sum
+
 READ_DIRECTLY = ("kv_b_proj", "o_a_proj")  # MLA's absorbed path, V4's grouped output: their `.weight` is read
 
 
@@ -41,17 +45,21 @@ def packable(dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """``nn.Linear`` [out, in] with its weight reordered for oneDNN (``torch._mkldnn`` layout)."""
+    """A linear map with its weight [out, in] reordered for oneDNN (``torch._mkldnn`` layout)."""
 
-    def __init__(self, linear: nn.Linear, shared: bool = False):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, shared: bool = False):
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.dtype = linear.weight.dtype
+        self.out_features, self.in_features = weight.shape
+        self.dtype = weight.dtype
         # the batch-size hint 1 picks the layout for decode; prefill runs on it as fast (measured)
-        packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach(), 1)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
         self.register_buffer("packed_weight", packed, persistent=False)
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        self.shared_weight = (linear.weight,) if shared else ()  # a tied weight stays alive anyway: keep it to unpack
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+        self.shared_weight = (weight,) if shared else ()  # a tied weight stays alive anyway: keep it to unpack
+
+    @classmethod
+    def of(cls, linear: nn.Linear, shared: bool = False) -> PackedLinear:
+        return cls(linear.weight, linear.bias, shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
@@ -59,23 +67,67 @@ class PackedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, oneDNN-packed"
 
+    def dense_weight(self) -> torch.Tensor:
+        """The weight in PyTorch's layout again: the tied weight itself, or a dense copy."""
+        return self.shared_weight[0] if self.shared_weight else self.packed_weight.to_dense()
+
+    def unpacked(self) -> nn.Linear:
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        weight = self.dense_weight()
+        linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+        linear.bias = self.bias
+        return linear
+
+
+class PackedExperts(nn.Module):
+    """:class:`~ctxlab.nn.moe.Experts` with each expert's two matrices a :class:`PackedLinear`: the same
+    loop over the chosen experts (:func:`~ctxlab.nn.moe.routed_sum`), each matrix-vector product on
+    oneDNN's kernel instead of ``F.linear`` on a slice of the 3-D tensor (1.3-1.6× faster per expert
+    at one token, bf16, 2 threads: [2048, 1024] 250 → 154 µs)."""
+
+    def __init__(self, experts: Experts):
+        super().__init__()
+        self.act, self.limit, self.build_args = experts.act, experts.limit, experts.build_args
+        self.gate_up_proj = nn.ModuleList(PackedLinear(w) for w in experts.gate_up_proj)  # [2·I, H] each
+        self.down_proj = nn.ModuleList(PackedLinear(w) for w in experts.down_proj)  # [H, I] each
+
+    def forward(self, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
+        return routed_sum(x, top_index, top_weight, len(self.gate_up_proj), self.expert)
+
+    def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # [n, H] -> [n, H]
+        gate, up = self.gate_up_proj[e](x).chunk(2, dim=-1)
+        return self.down_proj[e](gated(self.act, gate, up, self.limit))
+
+    def unpacked(self) -> Experts:
+        with torch.device("meta"):
+            experts = Experts(*self.build_args)
+        for name in ("gate_up_proj", "down_proj"):
+            dense = torch.stack([linear.dense_weight() for linear in getattr(self, name)])
+            setattr(experts, name, nn.Parameter(dense, requires_grad=False))
+        return experts
+
 
 def pack_linears_(model: nn.Module, shared: bool = False) -> int:
     """Replace every plain ``nn.Linear`` whose dtype :func:`packable` accepts by a :class:`PackedLinear`,
-    in place; returns how many. A linear whose weight another module also holds (a tied LM head) is
-    packed only with ``shared=True``, as a copy. Run it last, after ``fuse_projections_`` and
-    ``quantize_`` (the quantized layers keep their own kernels)."""
+    and every MoE ``Experts`` by :class:`PackedExperts`, in place; returns how many matrices were
+    packed. A linear whose weight another module also holds (a tied LM head) is packed only with
+    ``shared=True``, as a copy. Run it last, after ``fuse_projections_`` and ``quantize_`` (the
+    quantized layers keep their own kernels)."""
     uses = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
     packed = 0
     with torch.no_grad():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
+                if type(child) is Experts and packable(child.gate_up_proj.dtype):
+                    setattr(module, name, PackedExperts(child))
+                    packed += 2 * child.gate_up_proj.shape[0]
+                    continue
                 if type(child) is not nn.Linear or name in READ_DIRECTLY or not packable(child.weight.dtype):
                     continue
                 is_shared = uses[id(child.weight)] > 1
                 if is_shared and not shared:
                     continue
-                setattr(module, name, PackedLinear(child, shared=is_shared))
+                setattr(module, name, PackedLinear.of(child, shared=is_shared))
                 packed += 1
     model.packed_linears = (
         getattr(model, "packed_linears", 0) + packed
@@ -86,24 +138,25 @@ def pack_linears_(model: nn.Module, shared: bool = False) -> int:
 @contextmanager
 def unpacked_linears(model: nn.Module) -> Iterator[nn.Module]:
     """While the block runs, every :class:`PackedLinear` is an ``nn.Linear`` again (a dense copy of
-    its weight, or the tied weight itself); the packed modules come back afterwards."""
-    undone = []
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, PackedLinear):
-                linear = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None, device="meta")
-                weight = child.shared_weight[0] if child.shared_weight else child.packed_weight.to_dense()
-                linear.weight = (
-                    weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-                )
-                linear.bias = child.bias
-                setattr(module, name, linear)
-                undone.append((module, name, child))
+    its weight, or the tied weight itself) and every :class:`PackedExperts` an ``Experts``; the packed
+    modules come back afterwards."""
+    undone = list(_packed_children(model))
+    for module, name, child in undone:
+        setattr(module, name, child.unpacked())
     try:
         yield model
     finally:
         for module, name, child in undone:
             setattr(module, name, child)
+
+
+def _packed_children(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Module]]:
+    """(parent, name, module) of every packed module under ``module``, not looking inside them."""
+    for name, child in module.named_children():
+        if isinstance(child, (PackedLinear, PackedExperts)):
+            yield module, name, child
+        else:
+            yield from _packed_children(child)
 
 
 def packed_bytes(tensor: torch.Tensor) -> int:
