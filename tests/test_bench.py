@@ -130,12 +130,19 @@ def test_bad_bench_arguments_are_refused(model):
         ctxlab.bench(model, contexts=(4,), against="vllm")
 
 
-def test_quantized_weights_are_not_compared_with_transformers(capsys):
-    """transformers cannot load ctxlab's packed weights: refused before anything is saved or timed."""
+def test_quantized_weights_are_not_compared_with_transformers(capsys, monkeypatch, model):
+    """transformers cannot load ctxlab's packed weights: the CLI refuses before loading the model, the
+    API before anything is saved or timed."""
+    import ctxlab.cli as cli
+
+    monkeypatch.setattr(cli, "load_for_generation", lambda *a, **k: pytest.fail("loaded a model it then refused"))
     args = ["bench", "tiny-llama", "--context", "8", "--prompt", "8", "--steps", "1", "--repeats", "1"]
     assert main([*args, "--quantize", "int4", "--against", "transformers"]) != 0
     err = capsys.readouterr().err
     assert "quantized int4" in err and "transformers cannot load" in err and "no --quantize" in err
+    ctxlab.quantize(model, "int8")
+    with pytest.raises(ctxlab.InputError, match="quantized int8.*transformers cannot load"):
+        ctxlab.bench(model, contexts=(4,), against="transformers")
 
 
 def test_cli_bench_json(capsys):

@@ -66,6 +66,17 @@ def decode_read_bytes(model, cache_bytes: int) -> int:
     return int(used * per_param) + cache_bytes
 
 
+def check_against(against: str | None, quantization: str | None) -> None:
+    """Refuse a comparison :func:`bench` cannot make (the CLI asks before it loads the model)."""
+    if against is not None and against not in AGAINST:
+        raise InputError(f"against = {against!r}: allowed: {list(AGAINST)} or None")
+    if against == "transformers" and quantization:
+        raise InputError(
+            f"against = 'transformers' with a model quantized {quantization}: transformers cannot load "
+            "ctxlab's quantized weights; compare in bf16 (no --quantize), or a GGUF file against llama.cpp"
+        )
+
+
 def _random_ids(vocab: int, n: int, seed: int) -> torch.Tensor:
     return torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(seed))
 
@@ -140,13 +151,7 @@ def bench(
             f"steps = {steps}, repeats = {repeats}, agreement_tokens = {agreement_tokens}: "
             "steps and repeats must be >= 1, agreement_tokens >= 0"
         )
-    if against is not None and against not in AGAINST:
-        raise InputError(f"against = {against!r}: allowed: {list(AGAINST)} or None")
-    if against == "transformers" and getattr(model, "quantization", None):
-        raise InputError(
-            f"against = 'transformers' with a model quantized {model.quantization}: transformers cannot load "
-            "ctxlab's quantized weights; compare in bf16 (no --quantize), or a GGUF file against llama.cpp"
-        )
+    check_against(against, getattr(model, "quantization", None))
     say = progress or (lambda message: None)
     say("copy bandwidth")
     bandwidth = copy_bandwidth()

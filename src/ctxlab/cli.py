@@ -461,9 +461,10 @@ def cmd_perplexity(args, console: Console) -> int:
 def cmd_bench(args, console: Console) -> int:
     from rich.progress import Progress
 
-    from .bench import bench
+    from .bench import bench, check_against
     from .bench import tables as bench_tables
 
+    check_against(args.against, args.quantize)  # before loading: a refusal should not cost a model load
     if args.threads:
         torch.set_num_threads(args.threads)
     tokens = max(args.context + args.prompt) + args.steps
