@@ -112,7 +112,7 @@ def test_cli_packs_by_default_but_not_with_no_pack_or_compile(capsys, monkeypatc
     from ctxlab.cli import main
 
     counts = []
-    monkeypatch.setattr(packing, "pack_linears_", lambda model: counts.append(pack_linears_(model)))
+    monkeypatch.setattr(packing, "pack_linears_", lambda model, **kw: counts.append(pack_linears_(model, **kw)))
     ids = {}
     for flags in ([], ["--no-pack"]):
         assert main(["generate", "tiny-llama", "--prompt-ids", "1,2,3", "--max-new-tokens", "6", "--json", *flags]) == 0
@@ -133,3 +133,26 @@ def test_a_packed_model_refuses_to_compile():
     pack_linears_(model)
     with pytest.raises(ctxlab.InputError, match="packed for oneDNN.*compile a model that is not packed"):
         compiled_decode_step(model)
+
+
+def test_cli_packs_a_tied_head_only_with_pack_tied_head(capsys, monkeypatch):
+    import ctxlab.cli as cli
+    import ctxlab.nn.packing as packing
+
+    heads = []
+
+    def pack(model, **kw):
+        pack_linears_(model, **kw)
+        heads.append(isinstance(model.lm_head, PackedLinear))
+
+    monkeypatch.setattr(packing, "pack_linears_", pack)
+    base = ["generate", "tiny-qwen3-sliding", "--prompt-ids", "1,2,3", "--max-new-tokens", "5", "--json"]
+    ids = []
+    for flags in ([], ["--pack-tied-head"]):
+        assert cli.main([*base, *flags]) == 0
+        ids.append(json.loads(capsys.readouterr().out)["generated_ids"])
+    assert ctxlab.load_config("tiny-qwen3-sliding").tie_word_embeddings and heads == [False, True] and ids[0] == ids[1]
+    monkeypatch.setattr(cli, "load_for_generation", lambda *a, **k: pytest.fail("loaded a model it then refused"))
+    for clash in (["--no-pack"], ["--compile"], ["--quantize", "int8"]):
+        assert cli.main([*base, "--pack-tied-head", *clash]) == 2
+        assert f"--pack-tied-head with {' '.join(clash)}" in capsys.readouterr().err

@@ -392,12 +392,25 @@ def cmd_chat(args, console: Console) -> int:
     return run_chat(session, messages, args.max_new_tokens, args.json, sys.stdout, sys.stderr)
 
 
+def check_weight_options(args) -> None:
+    """Refuse combinations of :func:`add_weight_options` flags that cannot work, before a model is loaded."""
+    if args.quantize_embedding and not args.quantize:
+        raise InputError("--quantize-embedding needs --quantize (the mode of every other linear layer)")
+    compiled = getattr(args, "compile", False)
+    if args.pack_tied_head and (args.no_pack or compiled or args.quantize):
+        clash = "--no-pack" if args.no_pack else "--compile" if compiled else f"--quantize {args.quantize}"
+        raise InputError(
+            f"--pack-tied-head with {clash}: the tied head is packed only when the weights are "
+            "(not with --no-pack or --compile) and stay bf16 / fp32 (--quantize quantizes the head)"
+        )
+
+
 def _prepare_weights(model, args) -> None:
     """Projections of one input fused into one matmul (unless ``--no-fuse``), then ``--quantize int8|int4
     [--quantize-embedding int8|int4]``: weight-only quantization, then the remaining linear weights
-    reordered for oneDNN (unless ``--no-pack`` or ``--compile``); all in place."""
-    if args.quantize_embedding and not args.quantize:
-        raise InputError("--quantize-embedding needs --quantize (the mode of every other linear layer)")
+    reordered for oneDNN (unless ``--no-pack`` or ``--compile``; a tied LM head too with
+    ``--pack-tied-head``); all in place. :func:`check_weight_options` has vetted the flags."""
+    compiled = getattr(args, "compile", False)
     if not args.no_fuse:
         from .nn.fusion import fuse_projections_
 
@@ -406,10 +419,10 @@ def _prepare_weights(model, args) -> None:
         from .quant import quantize_
 
         quantize_(model, args.quantize, embedding=args.quantize_embedding)
-    if not args.no_pack and not getattr(args, "compile", False):  # inductor cannot lower packed weights
+    if not args.no_pack and not compiled:  # inductor cannot lower packed weights
         from .nn.packing import pack_linears_
 
-        pack_linears_(model)
+        pack_linears_(model, shared=args.pack_tied_head)
 
 
 def cmd_perplexity(args, console: Console) -> int:
@@ -781,7 +794,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_weight_options(parser: argparse.ArgumentParser, what: str) -> None:
     """``--quantize``, ``--quantize-embedding`` (``ctxlab.quant.quantize_``), ``--no-fuse``
-    (``ctxlab.nn.fusion.fuse_projections_``) and ``--no-pack`` (``ctxlab.nn.packing.pack_linears_``)."""
+    (``ctxlab.nn.fusion.fuse_projections_``), ``--no-pack`` and ``--pack-tied-head``
+    (``ctxlab.nn.packing.pack_linears_``)."""
     parser.add_argument(
         "--quantize",
         choices=("int8", "int4"),
@@ -806,6 +820,12 @@ def add_weight_options(parser: argparse.ArgumentParser, what: str) -> None:
         "matrix-vector kernel, ~2-3x faster reads on CPU; a tied LM head stays as it is; not with --compile, "
         "which reads the plain layout)",
     )
+    parser.add_argument(
+        "--pack-tied-head",
+        action="store_true",
+        help="also pack an LM head tied to the embedding, as a second copy of the table (vocab x hidden more "
+        "bytes: +336 MB on Gemma 3 270M in bf16) for its faster kernel (32000 x 1024, bf16: 4.0 -> 2.4 ms a token)",
+    )
 
 
 def error_message(e: BaseException) -> str:
@@ -829,6 +849,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else 0
     console = PipeConsole(file=sys.stdout, highlight=False, width=tables.console_width())
     try:
+        if hasattr(args, "pack_tied_head"):  # a command that loads a model and prepares its weights
+            check_weight_options(args)
         return args.func(args, console)
     except CtxlabError as e:  # bad input: names, values, files (anything else is a bug: its traceback stays)
         print(f"ctxlab {args.command}: error: {error_message(e)}", file=sys.stderr)
