@@ -60,7 +60,8 @@ def sinkhorn_forward(logits: torch.Tensor, iters: int, eps: float) -> torch.Tens
 
 
 def sinkhorn_backward(grad: torch.Tensor, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Vector-Jacobian product of :func:`sinkhorn_forward` ([n, n, N]), recomputing its steps.
+    """Vector-Jacobian product of :func:`sinkhorn_forward` ([n, n, N]), recomputing its steps (as
+    ``sum + eps`` on the matrix itself, keeping each step: the forward's values up to float rounding).
 
     Step ``m' = m / d`` with ``d = Σ_axis m + eps`` has ``∂L/∂m = (g - Σ_axis(g ⊙ m')) / d``; the
     row softmax has ``∂L/∂z = p ⊙ (g - Σ_row(g ⊙ p))``."""

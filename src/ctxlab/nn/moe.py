@@ -7,6 +7,8 @@ Expert weights are stored as 3-D tensors in HF's layout (``Gemma4TextExperts``):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -19,7 +21,11 @@ from .norms import RMSNorm
 
 
 def routed_sum(
-    x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor, num_experts: int, expert
+    x: torch.Tensor,
+    top_index: torch.Tensor,
+    top_weight: torch.Tensor,
+    num_experts: int,
+    expert: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> torch.Tensor:
     """x [N, H], top_index / top_weight [N, K] -> Σ_k top_weight · expert(top_index, x) [N, H]: a loop over
     the chosen experts (never over tokens), ``expert(e, x[tokens])`` running expert ``e`` on the tokens
