@@ -266,6 +266,38 @@ def test_prefix_causal_attention_equals_the_masked_kernel(history, tokens, kv_he
     torch.testing.assert_close(kernels.prefix_causal_attention(q, k, v, 0.4), expected, atol=tol, rtol=tol)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    tokens=st.integers(1, 24),
+    keys=st.integers(1, 60),
+    heads=st.sampled_from([1, 2, 5]),
+    masked=st.booleans(),
+    sink_scale=st.sampled_from([0.02, 1.0, 20.0]),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_attention_with_sinks_equals_softmax_over_keys_and_sink(tokens, keys, heads, masked, sink_scale, dtype, seed):
+    """The flash kernel rescaled by its log-sum-exp == HF's logits with the sink concatenated, one softmax;
+    sharp sinks (scale 20) that take nearly all or nearly none of the weight included."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, tokens, 16, generator=gen).to(dtype)
+    kv = torch.randn(2, 1, keys, 16, generator=gen).to(dtype)
+    sinks = torch.randn(heads, generator=gen) * sink_scale
+    allowed = None
+    if masked:  # random visibility; every query keeps at least its first key
+        allowed = torch.rand(2, 1, tokens, keys, generator=gen) < 0.6
+        allowed[..., 0] = True
+    logits = (q.double() @ kv.double().transpose(-1, -2)) * 0.25  # [2, H, T, S]
+    if allowed is not None:
+        logits = logits.masked_fill(~allowed, float("-inf"))
+    with_sink = torch.cat((logits, sinks.double().view(1, -1, 1, 1).expand(2, -1, tokens, 1)), dim=-1)
+    expected = with_sink.softmax(dim=-1)[..., :-1] @ kv.double()
+    got = kernels.attention_with_sinks(q, kv, allowed, 0.25, sinks)
+    assert got.dtype == dtype and got.shape == (2, heads, tokens, 16)
+    tol = 1e-5 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.double(), expected, atol=tol, rtol=tol)
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3-sliding"])
 def test_chunked_prefill_builds_masks_only_for_windowed_layers(monkeypatch, name):
     """A chunk after earlier ones attends to the whole history and itself causally: no [T, S] mask for full

@@ -32,6 +32,7 @@ from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
 from .context import ForwardContext
 from .dsa import indexer_topk, tiny_indexer, validate_indexer
+from .kernels import attention_with_sinks
 
 
 def rotate_tail(rotary: Rotary, x: torch.Tensor, cos, sin) -> torch.Tensor:
@@ -218,16 +219,8 @@ class CompressedAttention(nn.Module):
         return keys, None if allowed is None else torch.cat((allowed, visible[:, None]), dim=-1)
 
     def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        """Softmax over [keys | per-head sink]; values = keys (one shared K=V head). The heads are folded
-        into the query axis (``[B, 1, H·T, D]`` against ``[B, 1, S, D]``), so the keys are never expanded."""
-        B, H, T, D = q.shape
-        S = keys.shape[-2]
-        logits = (q.reshape(B, 1, H * T, D) @ keys.transpose(-1, -2)).view(B, H, T, S) * self.spec.scale
-        if allowed is not None:
-            logits = logits.masked_fill(~allowed, float("-inf"))  # [B, H, T, S]
-        sink = self.sinks.view(1, -1, 1, 1).expand(*logits.shape[:-1], 1).to(logits.dtype)
-        probs = torch.cat((logits, sink), dim=-1).float().softmax(dim=-1)[..., :-1]
-        return (probs.to(keys.dtype).reshape(B, 1, H * T, S) @ keys).view(B, H, T, D)
+        """Softmax over [keys | per-head sink]; values = keys (one shared K=V head) -> [B, H, T, D]."""
+        return attention_with_sinks(q, keys, allowed, self.spec.scale, self.sinks)
 
     def _grouped_out(self, out: torch.Tensor) -> torch.Tensor:
         """[B, T, H·D] -> g groups, each through its own block of ``o_a_proj`` -> [B, T, g·c]."""
