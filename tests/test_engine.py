@@ -114,7 +114,8 @@ def test_model_call_still_checks_token_ids():
 
 @pytest.mark.parametrize("name", ["laguna-xs2", "zaya1-8b", "deepseek-v4-flash"])
 def test_gathered_experts_equal_the_expert_loop(name):
-    """The compiled decode path's gathered experts (incl. ZAYA's skip class) == the eager loop."""
+    """The compiled decode path's gathered experts (incl. ZAYA's skip class) == the eager loop over tokens
+    grouped by expert == the eager one-token path (each row alone, its experts called directly)."""
     cfg = tiny_like(ctxlab.load_config(name))
     model = ctxlab.build_model(cfg.replace(layers=cfg.layers[:6]), seed=0)
     experts = next(m for m in model.modules() if isinstance(m, Experts))
@@ -125,7 +126,10 @@ def test_gathered_experts_equal_the_expert_loop(name):
     weight = torch.rand(3, 2, generator=gen)
     weight = torch.where(index < E, weight, torch.zeros_like(weight))
     with torch.no_grad():
-        torch.testing.assert_close(experts._gathered(x, index, weight), experts(x, index, weight), atol=1e-6, rtol=1e-5)
+        grouped = experts(x, index, weight)
+        torch.testing.assert_close(experts._gathered(x, index, weight), grouped, atol=1e-6, rtol=1e-5)
+        one_by_one = torch.cat([experts(x[i : i + 1], index[i : i + 1], weight[i : i + 1]) for i in range(3)])
+        torch.testing.assert_close(one_by_one, grouped, atol=1e-6, rtol=1e-5)
 
 
 def test_decode_uses_the_rope_tables_precomputed_by_the_cache():

