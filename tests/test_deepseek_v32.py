@@ -13,8 +13,15 @@ import torch
 
 import ctxlab
 from ctxlab.attention.mla import set_decode_path
+from ctxlab.reporting.measure import tiny_like
 
-from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
+from conftest import (
+    assert_chunked_decode_matches,
+    assert_matches_reference,
+    assert_round_trip,
+    randomize_,
+    stepped_logits,
+)
 
 TOL = 1e-4
 SEQ = 20
@@ -147,6 +154,23 @@ def test_decode_paths_equal_full_forward(pair, path):
         ours, torch.randint(3, 128, (1, 30), generator=torch.Generator().manual_seed(3)), [7, 5]
     )
     set_decode_path(ours, "absorbed")
+
+
+def test_absorbed_decode_reads_latents_in_blocks_and_masks_the_unwritten_tail():
+    """Decode from 60 to 140 tokens in a cache of 200 (key blocks of 64: the reads end at 64, 128, 192),
+    the indexer's top-k (2048) above the length so every latent is read: == the full forward, although
+    every slot not yet written holds large finite garbage."""
+    model = ctxlab.build_model(tiny_like(ctxlab.load_config("deepseek-v3.2")), dtype=torch.float32, seed=0)
+    randomize_(model, seed=0)
+    ids = torch.randint(0, model.config.vocab_size, (1, 140), generator=torch.Generator().manual_seed(4))
+    cache = model.new_cache(1, 200)
+    with torch.no_grad():
+        for layer in range(len(model.model.layers)):
+            for buffer in cache[layer].buffers.values():
+                buffer.fill_(1e4)
+        full = model(ids)
+        stepped = stepped_logits(model, ids, [60] + [1] * 80, cache)
+    assert (stepped - full).abs().max().item() <= 1e-4
 
 
 def test_cache_holds_latent_rope_key_and_indexer_key_only(pair):

@@ -35,5 +35,13 @@ class FullCache:
         )
         return {n: b[..., :stop, :] for n, b in self.buffers.items()}, positions
 
+    def filled_in_blocks(self, stop: int, block: int) -> dict[str, torch.Tensor]:
+        """Every stored tensor's first ``stop`` slots rounded up to a multiple of ``block`` (at most the
+        capacity): views whose length changes once every ``block`` steps instead of at every step, for
+        kernels that build one variant per shape (oneDNN's bf16 matmul). Slots from ``stop`` on hold
+        zeros or stale values: the caller masks them."""
+        end = min(-(-stop // block) * block, next(iter(self.buffers.values())).shape[-2])
+        return {n: b[..., :end, :] for n, b in self.buffers.items()}
+
     def tensors(self) -> list[torch.Tensor]:
         return [*self.buffers.values(), *self.state.values()]
