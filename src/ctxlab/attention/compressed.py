@@ -185,7 +185,7 @@ class CompressedAttention(nn.Module):
         allowed = None if ctx.decoding else ctx.mask(k_pos, s.window)  # [B, 1, T, S]
         if s.compress.ratio:
             keys, allowed = self._with_entries(x, q_res, keys, allowed, ctx, layer_cache)
-        out = self._attend(q, keys, allowed)  # [B, H, T, D]
+        out = attention_with_sinks(q, keys, allowed, s.scale, self.sinks)  # [B, H, T, D]; values = keys (K = V)
         out = rotate_tail(self.rotary, out, cos, -sin)  # undo the keys' rotation carried by V = K
         return self.o_b_proj(self._grouped_out(out.transpose(1, 2).reshape(B, T, -1)))
 
@@ -217,10 +217,6 @@ class CompressedAttention(nn.Module):
                 visible = visible & torch.zeros_like(visible).scatter(-1, chosen, True)
         keys = torch.cat((keys, entries), dim=2)
         return keys, None if allowed is None else torch.cat((allowed, visible[:, None]), dim=-1)
-
-    def _attend(self, q: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
-        """Softmax over [keys | per-head sink]; values = keys (one shared K=V head) -> [B, H, T, D]."""
-        return attention_with_sinks(q, keys, allowed, self.spec.scale, self.sinks)
 
     def _grouped_out(self, out: torch.Tensor) -> torch.Tensor:
         """[B, T, H·D] -> g groups, each through its own block of ``o_a_proj`` -> [B, T, g·c]."""
