@@ -5,7 +5,7 @@ of ``ctxlab.bench`` with llama.cpp alternating beside it (docs/benchmarks.md).
     PYTHONPATH=src python benchmarks/real_models.py --markdown --json docs/benchmark-data/real-models.json
 
 Each row is what ``ctxlab bench FILE --against llama.cpp --threads T [--quantize ...] [--compile]``
-measures: prefill tokens/s, decode ms/token at each context (median of ``--steps`` steps, median of
+measures (by default fused projections and, eager, packed linears, as the CLI): prefill tokens/s, decode ms/token at each context (median of ``--steps`` steps, median of
 ``--repeats``), and the greedy-token agreement (llama.cpp fed ctxlab's greedy continuation of a fixed
 text: at how many of 64 positions it picks the same token). llama.cpp runs in its own process
 (``ctxlab/llama_cpp_worker.py``); needs ``pip install llama-cpp-python`` (built from source).
@@ -14,7 +14,6 @@ text: at how many of 64 positions it picks the same token). llama.cpp runs in it
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 from pathlib import Path
 
@@ -33,12 +32,14 @@ MODES = [
 ]
 
 
-def run(path: Path, quantize, embedding, compile: bool, fuse: bool, args) -> dict:
+def run(path: Path, quantize, embedding, compile: bool, fuse: bool, pack: bool, args) -> dict:
     model = ctxlab.from_pretrained(path, dtype=torch.bfloat16)
     if fuse:
         ctxlab.fuse_projections(model)
     if quantize:
         ctxlab.quantize(model, quantize, embedding=embedding)
+    if pack:  # the remaining bf16 linears in oneDNN's layout (the CLI's default, eager only)
+        ctxlab.pack_linears(model)
     return ctxlab.bench(
         model,
         contexts=args.contexts,
@@ -67,6 +68,13 @@ def main(argv=None) -> int:
         default="yes",
         help="fused q/k/v and gate/up projections (ctxlab's default), separate ones, or a row of each",
     )
+    p.add_argument(
+        "--pack",
+        choices=("yes", "no", "both"),
+        default="yes",
+        help="eager rows: linear weights packed for oneDNN (ctxlab's default; compiled rows never are), "
+        "not packed, or a row of each",
+    )
     p.add_argument("--markdown", action="store_true", help="print a markdown table (docs/benchmarks.md)")
     p.add_argument("--json", type=Path, help="also write every bench result to this file")
     args = p.parse_args(argv)
@@ -76,16 +84,22 @@ def main(argv=None) -> int:
     unknown = [m for m in wanted if m not in [label for label, _, _ in MODES]]
     if unknown:
         p.error(f"--modes: unknown {unknown}; allowed: {[label for label, _, _ in MODES]}")
-    fusions = {"yes": (True,), "no": (False,), "both": (False, True)}[args.fuse]
+    choices = {"yes": (True,), "no": (False,), "both": (False, True)}
+    variants = [
+        (compile, fuse, pack and not compile)
+        for compile in ((False,) if args.no_compile else (False, True))
+        for fuse in choices[args.fuse]
+        for pack in (choices[args.pack] if not compile else (False,))
+    ]
     results, rows = [], []
     for path in files:
         for label, quantize, embedding in (m for m in MODES if m[0] in wanted):
-            for compile, fuse in itertools.product((False,) if args.no_compile else (False, True), fusions):
-                r = run(path, quantize, embedding, compile, fuse, args)
+            for compile, fuse, pack in variants:
+                r = run(path, quantize, embedding, compile, fuse, pack, args)
                 if r["against_skipped"]:
                     raise SystemExit(f"llama.cpp skipped: {r['against_skipped']}")
                 results.append({"file": path.name, "mode": label, **r})
-                row = [path.name, label, "yes" if compile else "no", "yes" if fuse else "no"]
+                row = [path.name, label] + ["yes" if flag else "no" for flag in (compile, fuse, pack)]
                 pre = r["prefill"][0]
                 row.append(f"{pre['ctxlab_tokens_per_s']:.0f} / {pre['llama.cpp_tokens_per_s']:.0f}")
                 for d in r["decode"]:
@@ -96,7 +110,14 @@ def main(argv=None) -> int:
                 row.append(f"{a['agree']}/{a['new_tokens']} ({a['leading']})")
                 rows.append(row)
                 print(" | ".join(row), flush=True)
-    cols = ["file", "ctxlab weights", "compiled", "fused", f"prefill {args.prompts[0]} tok/s: ctxlab / llama.cpp"]
+    cols = [
+        "file",
+        "ctxlab weights",
+        "compiled",
+        "fused",
+        "packed",
+        f"prefill {args.prompts[0]} tok/s: ctxlab / llama.cpp",
+    ]
     cols += [f"decode @{c}: ctxlab / llama.cpp ms (speed ratio)" for c in args.contexts]
     cols += ["greedy agreement (leading run)"]
     title = f"ctxlab vs llama.cpp on the same GGUF file, {args.threads} threads, torch {torch.__version__}"
