@@ -5,8 +5,8 @@ of ``ctxlab.bench`` with llama.cpp alternating beside it (docs/benchmarks.md).
     PYTHONPATH=src python benchmarks/real_models.py --markdown --json docs/benchmark-data/real-models.json
 
 Each row is what ``ctxlab bench FILE --against llama.cpp --threads T [--quantize ...] [--compile]``
-measures (by default fused projections and, eager, packed linears, as the CLI): prefill tokens/s, decode ms/token at each context (median of ``--steps`` steps, median of
-``--repeats``), and the greedy-token agreement (llama.cpp fed ctxlab's greedy continuation of a fixed
+measures with its defaults (fused projections; eager rows also packed linears): prefill tokens/s,
+decode ms/token at each context (median of ``--steps`` steps, median of ``--repeats``), and the greedy-token agreement (llama.cpp fed ctxlab's greedy continuation of a fixed
 text: at how many of 64 positions it picks the same token). llama.cpp runs in its own process
 (``ctxlab/llama_cpp_worker.py``); needs ``pip install llama-cpp-python`` (built from source).
 """
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         p.error(f"--modes: unknown {unknown}; allowed: {[label for label, _, _ in MODES]}")
     choices = {"yes": (True,), "no": (False,), "both": (False, True)}
     variants = [
-        (compile, fuse, pack and not compile)
+        (compile, fuse, pack)
         for compile in ((False,) if args.no_compile else (False, True))
         for fuse in choices[args.fuse]
         for pack in (choices[args.pack] if not compile else (False,))
