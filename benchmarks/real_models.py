@@ -7,7 +7,8 @@ of ``ctxlab.bench`` with llama.cpp alternating beside it (docs/benchmarks.md).
 Each row is what ``ctxlab bench FILE --against llama.cpp --threads T [--quantize ...] [--compile]``
 measures with its defaults (fused projections; eager rows also packed linears): prefill tokens/s,
 decode ms/token at each context (median of ``--steps`` steps, median of ``--repeats``), and the
-greedy-token agreement (llama.cpp fed ctxlab's greedy continuation of a fixed text: at how many of 64 positions it picks the same token). llama.cpp runs in its own process
+greedy-token agreement (llama.cpp fed ctxlab's greedy continuation of a fixed text: at how many of
+64 positions it picks the same token). llama.cpp runs in its own process
 (``ctxlab/llama_cpp_worker.py``); needs ``pip install llama-cpp-python`` (built from source).
 """
 
