@@ -11,8 +11,9 @@ smallest context to the largest by chunked prefill (chunks of ``--chunk`` random
 context ``--steps`` decode steps are timed and their median reported, so one 64K prefill serves every
 context. Linear weights are packed for oneDNN as ``ctxlab bench`` packs them (``--no-pack`` keeps
 ``F.linear``); a row's cache bytes are what a cache of exactly that context holds
-(``ctxlab.kv_cache_bytes``), not the one 64K cache the curve grows in. The last column divides each model's cost at the largest context by its cost at 2K: the
-issue's target for the sliding and compressed families is <= 1.2.
+(``ctxlab.kv_cache_bytes``), not the one 64K cache the curve grows in. The last column divides each
+model's cost at the largest context by its cost at 2K: the issue's target for the sliding and
+compressed families is <= 1.2.
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ def decode_curve(
             filled += n
         ms, logits = timed_steps(model, cache, logits, steps)
         cache_bytes = ctxlab.kv_cache_bytes(cfg, c, torch.bfloat16)
-        rows.append({"context": c, "ms_per_token": ms, "cache_bytes": cache_bytes})
-        rows[-1]["bytes_read_per_token"] = decode_read_bytes(model, cache_bytes)
+        read = decode_read_bytes(model, cache_bytes)
+        rows.append({"context": c, "ms_per_token": ms, "cache_bytes": cache_bytes, "bytes_read_per_token": read})
     return rows
 
 
