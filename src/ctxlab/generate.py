@@ -102,9 +102,12 @@ def _decode_logits(model: CausalLM, tokens: torch.Tensor, cache: Cache) -> torch
 def compiled_decode_step(model: CausalLM):
     """``decode_step(model, tokens, cache)`` compiled with ``torch.compile(fullgraph=True, dynamic=True)``, one per model.
 
-    The cache length is a Python int on the cache: the first step compiles for its value, the
-    second recompiles it as a symbolic size (automatic dynamic shapes), later steps reuse that
-    graph. On CPU, Inductor needs a C++ compiler and the warm-up takes tens of seconds on 2 cores.
+    The cache length is a Python int on the cache, compiled as a symbol from the first step
+    (``dynamic=True``), so later steps reuse the graph. A step recompiles only where the kind of
+    step changes: a sliding ring becomes full, a DeepSeek V4 compression block completes (one graph
+    per kind, not per position: ``Compressor._step``), and Dynamo's specialization of sizes 0 and 1
+    (a layer's first and second compressed entries). On CPU, Inductor needs a C++ compiler and the
+    warm-up takes tens of seconds on 2 cores, minutes per graph for the ~150M-parameter models.
     """
     if getattr(model, "packed_linears", 0):
         raise InputError(

@@ -71,6 +71,8 @@ class Compressor(nn.Module):
 
     def forward(self, x: torch.Tensor, start: int, state: dict | None, prefix: str, rotary: Rotary) -> torch.Tensor:
         """New tokens x [B, T, H] from step ``start`` -> entries of the blocks they complete [B, 1, n, dim]."""
+        if state is not None and x.shape[1] == 1:
+            return self._step(x, start, state, prefix, rotary)
         B, r = x.shape[0], self.ratio
         kv, gate = project(self, x, "kv_gate_proj")
         pending = start % r
@@ -82,15 +84,36 @@ class Compressor(nn.Module):
             left = kv.shape[1] - usable
             state[f"{prefix}pending_kv"][:, :left] = kv[:, usable:]
             state[f"{prefix}pending_gate"][:, :left] = gate[:, usable:]
-        n, first = usable // r, start // r
+        n = usable // r
         if n == 0:
             return kv.new_zeros(B, 1, 0, self.dim)
-        kv = kv[:, :usable].view(B, n, r, -1)
-        gate = gate[:, :usable].view(B, n, r, -1) + self.position_bias
+        return self._pool(
+            kv[:, :usable].view(B, n, r, -1), gate[:, :usable].view(B, n, r, -1), start // r, state, prefix, rotary
+        )
+
+    def _step(self, x: torch.Tensor, start: int, state: dict, prefix: str, rotary: Rotary) -> torch.Tensor:
+        """One decode token: written into its slot ``start % ratio`` of the pending block, which is
+        pooled when the token completes it. The shapes never depend on the slot, so a compiled step
+        specializes on whether the block completes (two graphs), not on the position within it."""
+        B, r = x.shape[0], self.ratio
+        kv, gate = project(self, x, "kv_gate_proj")  # [B, 1, width]
+        pending_kv, pending_gate = state[f"{prefix}pending_kv"], state[f"{prefix}pending_gate"]  # [B, r, width]
+        slot = torch.arange(start, start + 1, device=x.device) % r  # a tensor: an int index would specialize
+        pending_kv.index_copy_(1, slot, kv.to(pending_kv.dtype))
+        pending_gate.index_copy_(1, slot, gate.to(pending_gate.dtype))
+        if start % r < r - 1:
+            return kv.new_zeros(B, 1, 0, self.dim)
+        return self._pool(pending_kv[:, None], pending_gate[:, None], start // r, state, prefix, rotary)
+
+    def _pool(self, kv, gate, first: int, state: dict | None, prefix: str, rotary: Rotary) -> torch.Tensor:
+        """Complete blocks kv, gate [B, n, r, width], the first one block number ``first`` -> their
+        entries [B, 1, n, dim], rotated at each block's first position."""
+        B, n, r = kv.shape[:3]
+        gate = gate + self.position_bias
         if self.overlap:
             kv, gate = self._overlap(kv, gate, first, state, prefix)
         pooled = self.kv_norm((kv * gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)).sum(dim=2))  # [B, n, dim]
-        positions = ((first + torch.arange(n, device=x.device)) * r).expand(B, n)
+        positions = ((first + torch.arange(n, device=kv.device)) * r).expand(B, n)
         cos, sin = rotary.cos_sin(positions, pooled.dtype)
         return rotate_tail(rotary, pooled[:, None], cos, sin)
 
@@ -197,7 +220,7 @@ class CompressedAttention(nn.Module):
         state = None if layer_cache is None else layer_cache.state
         entries = comp(x, start, state, "", self.rotary)
         if layer_cache is not None:
-            entries = layer_cache.append_entries("kv", entries)
+            entries = layer_cache.append_entries("kv", entries, start)
         visible = None
         if allowed is not None:
             visible = (
@@ -206,7 +229,7 @@ class CompressedAttention(nn.Module):
         if self.spec.indexer is not None:  # its compressor runs on every call: it keeps its own pending block
             index_keys = comp.indexer(x, start, state, "index_", self.rotary)
             if layer_cache is not None:
-                index_keys = layer_cache.append_entries("index_kv", index_keys)
+                index_keys = layer_cache.append_entries("index_kv", index_keys, start)
         if self.spec.indexer is not None and entries.shape[-2]:
             cos, sin = ctx.rope_tables(self.rotary, x.dtype)
             chosen = comp.indexer.select(x, q_res, index_keys, visible, self.rotary, cos, sin)  # [B, T, k]

@@ -20,14 +20,15 @@ class CompressedCache(RingCache):
             name: torch.zeros(batch_size, *shape[:-1], slots, shape[-1], dtype=dtype, device=device)
             for name, shape in spec.entry_shapes
         }
-        self.entry_count = {name: 0 for name, _ in spec.entry_shapes}
 
-    def append_entries(self, name: str, new: torch.Tensor) -> torch.Tensor:
-        """Store ``new`` [B, 1, n, D] after the entries so far; return all of them (a view)."""
-        start, n = self.entry_count[name], new.shape[-2]
-        self.entries[name][..., start : start + n, :] = new
-        self.entry_count[name] = start + n
-        return self.entries[name][..., : start + n, :]
+    def append_entries(self, name: str, new: torch.Tensor, start: int) -> torch.Tensor:
+        """Store ``new`` [B, 1, n, D], the entries of the blocks completed by a chunk that starts at
+        step ``start``, after the ``start // ratio`` stored before it; return all of them (a view).
+        The count follows from the step rather than being kept: a compiled decode step then carries
+        no integer of its own (Dynamo would specialize a fresh one on the values 0 and 1)."""
+        held, n = start // self.spec.compress_ratio, new.shape[-2]
+        self.entries[name][..., held : held + n, :] = new
+        return self.entries[name][..., : held + n, :]
 
     def tensors(self) -> list[torch.Tensor]:
         return [*super().tensors(), *self.entries.values()]
