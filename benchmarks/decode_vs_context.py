@@ -111,11 +111,17 @@ def main(argv=None) -> int:
     )
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    kept = {"packed": not args.no_pack, "models": {}}
+    if args.update and args.json and args.json.exists():
+        kept = json.loads(args.json.read_text())
+        if kept.get("packed") != (not args.no_pack):  # one flag describes every row of the file
+            p.error(
+                f"--update: {args.json} was measured with packed = {kept.get('packed')}, this run with "
+                f"packed = {not args.no_pack}; re-measure every model, or match --no-pack"
+            )
     results = {"threads": args.threads, "torch": torch.__version__, "bandwidth_gb_s": copy_bandwidth() / 1e9}
     results["packed"] = not args.no_pack
-    results["models"] = {}
-    if args.update and args.json and args.json.exists():
-        results["models"] = json.loads(args.json.read_text())["models"]
+    results["models"] = kept["models"]
     unknown = [m for m in args.models.split(",") if m not in MODELS]
     if unknown:
         p.error(f"--models: unknown {unknown}; allowed: {list(MODELS)}")
