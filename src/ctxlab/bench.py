@@ -196,10 +196,11 @@ def _measure(model, engines, contexts, prompts, steps, repeats, compile, say, se
         "prefill": [],
         "decode": [],
     }
-    if compile:  # warm-up (compilation) measured on its own
+    if compile:  # warm-up (compilation) measured on its own: an untimed decode at the shortest context,
+        # so the graphs the timed steps need (sizes there, a compression block completing) exist
         say("compiling the decode step")
         start = time.perf_counter()
-        engines[0].decode_ms(_random_ids(vocab, 8, seed), 3)
+        engines[0].decode_ms(_random_ids(vocab, min(contexts, default=8), seed), steps)
         result["compile_seconds"] = time.perf_counter() - start
     for n in prompts:
         ids = _random_ids(vocab, n, seed)

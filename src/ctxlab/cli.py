@@ -767,7 +767,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=positive, default=3, help="repeats (medians are reported)")
     b.add_argument("--dtype", choices=("float32", "bfloat16"), default="bfloat16", help="weight and cache type")
     add_weight_options(b, "weight-only quantization")
-    b.add_argument("--compile", action="store_true", help="compile the decode step (warm-up reported separately)")
+    b.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the decode step (warm-up: an untimed decode at the shortest --context, reported separately)",
+    )
     b.add_argument(
         "--against",
         choices=("transformers", "llama.cpp"),
