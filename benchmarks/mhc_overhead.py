@@ -9,7 +9,9 @@ Both models come from one config (6 ``hyper`` layers, GQA, gated MLP); only ``re
 ``hc_mult`` differ. Within each (width, mode) the models alternate step by step, so drift on a
 shared machine hits them alike, and medians of ``--repeats`` are reported. ``--reference`` adds
 mHC on its reference path (``set_hc_impl(model, "reference")``, the code before the fast path)
-to the eager rows.
+to the eager rows. ``--allocator retain`` (default) keeps freed host memory for reuse, as ``ctxlab
+train`` does (``ctxlab.allocator``); ``--allocator glibc`` leaves the C library's defaults, under which
+the mHC model re-faults ~90 MiB of freed activations every step.
 "Extra FLOPs" is the floor: the matmul FLOPs of mHC's terms (ctxlab's accounting,
 ``decode_flops_terms(...)["hyper_connections"]``; training counts them 3x, forward + backward)
 over the plain model's FLOPs; anything above it is implementation overhead (memory traffic of
@@ -29,6 +31,7 @@ from table_output import print_table
 
 import ctxlab
 from ctxlab import LayerSpec, ModelConfig
+from ctxlab.allocator import retain_freed_memory
 from ctxlab.generate import compiled_decode_step, decode_step, prefill
 from ctxlab.nn.residual import set_hc_impl
 
@@ -176,12 +179,21 @@ def main() -> None:
     )
     p.add_argument("--reference", action="store_true", help="also time mHC on its reference path")
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead of a rich one")
+    p.add_argument(
+        "--allocator",
+        choices=["retain", "glibc"],
+        default="retain",
+        help="retain: keep freed memory for reuse, as `ctxlab train` does (ctxlab.allocator); "
+        "glibc: the C library's defaults, which return freed activations to the OS and fault them in again",
+    )
     args = p.parse_args()
     if args.clock == "cpu" and args.threads != 1:
         p.error(f"--clock cpu measures one thread's CPU time; it needs --threads 1 (got --threads {args.threads})")
     global CLOCK
     CLOCK = time.thread_time if args.clock == "cpu" else time.perf_counter
     torch.set_num_threads(args.threads)
+    if args.allocator == "retain" and not retain_freed_memory():
+        p.error("--allocator retain needs glibc's mallopt; use --allocator glibc on this platform")
     rows = []
     for mode in args.modes:  # eager first: its rows are printed (to stderr) before any compile starts
         for hidden in args.widths:
@@ -191,7 +203,7 @@ def main() -> None:
     title = (
         f"mHC (n = 4) vs plain residual: {args.layers} layers, training batch {args.batch} x {args.seq} tokens "
         f"(fwd + bwd + AdamW), decode after a {args.prompt}-token prompt; median of {args.repeats}; "
-        f"{args.clock} clock; torch {torch.__version__}, {args.threads} threads, {platform.machine()}"
+        f"{args.clock} clock; {args.allocator} allocator; torch {torch.__version__}, {args.threads} threads, {platform.machine()}"
     )
     render(rows, args.reference, args.markdown, title)
 

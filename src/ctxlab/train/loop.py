@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..accounting import count_params
+from ..allocator import retain_freed_memory
 from ..config import ModelConfig
 from ..errors import InputError
 from ..model import build_model
@@ -99,7 +100,12 @@ def train(
 ) -> dict:
     """Train a fresh model of ``model_config`` (seeded by ``cfg.seed``) on ``task``; returns the result dict
     (also written to ``out_dir/result.json`` by rank 0). ``model_transform`` edits the built model in
-    place before training (e.g. the lab's unconstrained hyper-connections)."""
+    place before training (e.g. the lab's unconstrained hyper-connections).
+
+    The process keeps freed host memory for reuse from then on (:func:`ctxlab.allocator.retain_freed_memory`):
+    every step frees and reallocates the same activations, which glibc would otherwise hand back to the
+    OS and fault in again, page by page, at the next step."""
+    retain_freed_memory()
     out = Path(out_dir)
     world = distributed.setup()
     fsdp = world.distributed and cfg.strategy == "fsdp"
