@@ -8,21 +8,21 @@ heuristic. A training step allocates its saved activations in the forward and fr
 backward; when the heuristic decides to return them, the next step takes a page fault on every
 4 KiB page it writes. Measured on this machine (2026-12-03, 6 layers x 512 wide, batch 4 x 256,
 compiled): the model with 4 mHC residual streams, whose saved stream tensors are 8 MiB each, faulted
-15,000-27,000 pages in every forward and ~8,000 in every backward, the plain model 0-8,000 per step;
-with :func:`retain_freed_memory` neither faults, and both steps got faster
-(``benchmarks/mhc_overhead.py --allocator``, docs/benchmarks.md).
+15,000-27,000 pages in every forward and ~8,000 in every backward, the plain model 0-8,000 per step,
+and a first write of 96 MiB took ~22 ms against ~4 ms for the same pages warm. With
+:func:`retain_freed_memory` neither faults; the step times moved within this machine's noise (~20 ms of
+a 1.3-1.6 s step; ``benchmarks/mhc_overhead.py --allocator``, docs/benchmarks.md).
 
 This is the same remedy as linking jemalloc or tcmalloc, which PyTorch's CPU performance guide
 recommends, done with the C library already loaded. The price is that the process keeps its peak
 heap (memory freed by tensors is reused, not returned): right for a training or benchmark process,
-which is why ``ctxlab`` applies it where it trains and benchmarks, and not on import.
+which is why ``ctxlab`` applies it in ``train()`` (and ``benchmarks/mhc_overhead.py``), not on import.
 """
 
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
-import sys
+import platform
 
 M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 M_MMAP_THRESHOLD = -3
@@ -34,14 +34,10 @@ def retain_freed_memory() -> bool:
     """Pin glibc's mmap threshold at its maximum (32 MiB: smaller blocks come from the heap) and trim the heap
     only above 2 GiB of free top, so freed memory is reused by the next allocations without page faults.
 
-    Returns True when applied; False (and nothing changed) on a C library without ``mallopt``
-    (macOS, Windows, musl). Blocks above 32 MiB are still mapped and unmapped by glibc."""
-    if not sys.platform.startswith("linux"):
+    Returns True when applied; False (and nothing changed) under any other C library (macOS, Windows,
+    musl), whose allocators have their own policies. Blocks above 32 MiB are still mapped and unmapped."""
+    if platform.libc_ver()[0] != "glibc":
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
+    mallopt = ctypes.CDLL(None).mallopt  # the process's own symbols, glibc's among them
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_MAX)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_MAX))
