@@ -35,6 +35,23 @@ def test_bench_reports_cache_bytes_and_a_consistent_roofline(model):
     assert messages[0] == "copy bandwidth" and any("decode at 40" in m for m in messages)
 
 
+def test_compiled_bench_compiles_in_its_warm_up_not_in_the_timed_steps(model):
+    """``compile=True``: the untimed warm-up decode at the shortest context builds every graph the timed
+    decode there needs, so ``compile_seconds`` holds the compilation and the timings hold none. Context 4
+    is below the tiny model's 8-token window: a warm-up at 8 tokens (as the bench once did) compiles the
+    full-ring step and leaves the filling ring's graph to the timed steps (checked: this test fails then)."""
+    graphs = torch._dynamo.utils.counters["stats"]
+    seen = {}
+
+    def progress(message: str) -> None:
+        seen.setdefault(message.split(":")[0], graphs["unique_graphs"])  # graphs compiled before each phase
+
+    result = ctxlab.bench(model, contexts=(4,), prompts=(8,), steps=3, repeats=2, compile=True, progress=progress)
+    assert result["compile"] and result["compile_seconds"] > 0 and result["decode"][0]["ctxlab_ms_per_token"] > 0
+    assert seen["prefill 8 tokens"] > seen["compiling the decode step"]  # the warm-up compiled
+    assert graphs["unique_graphs"] == seen["prefill 8 tokens"]  # the timed prefill and decode did not
+
+
 def test_bytes_read_per_token_skip_the_untied_input_embedding():
     model = ctxlab.build_model(ctxlab.load_config("tiny-llama"), dtype=torch.bfloat16, seed=0)
     assert not model.config.tie_word_embeddings
