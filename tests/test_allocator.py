@@ -38,8 +38,9 @@ def _faults(mode: str) -> list[int]:
 
 def test_retained_memory_is_reused_without_page_faults():
     retained, default = _faults("retain"), _faults("default")
-    # glibc's own heuristics give most of this pattern back to the OS after every step (if a future
-    # glibc stops doing so, this control fails and the allocator module can go)
-    assert min(default[2:]) > PAGES_PER_STEP // 2, default
-    # after the first step, the freed blocks serve the next steps
-    assert max(retained[2:]) < PAGES_PER_STEP // 20, retained
+    # the control: under glibc's defaults the first step's blocks are mapped and unmapped, and the
+    # second step faults its pages in again from a growing heap (what happens after that varies
+    # from run to run: glibc trims the heap top on a heuristic)
+    assert default[1] > PAGES_PER_STEP // 2, default
+    # retained: from the second step on, the freed blocks serve the next steps
+    assert max(retained[1:]) < PAGES_PER_STEP // 10, retained
