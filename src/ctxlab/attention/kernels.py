@@ -5,13 +5,16 @@ inside the kernel; for one decoded token that costs ~6× the time of reading K/V
 heads, 4 KV heads, 16K keys, bf16: 17.9 ms with a boolean mask, 2.9 ms folded; docs/benchmarks.md).
 Folding the ``G = H_q / H_kv`` query heads of each KV group into the query-length axis
 (``q [B, H_kv, G, D]`` against ``k, v [B, H_kv, S, D]``) computes the same thing with K/V read once
-(the layout gpt-fast and llama.cpp use for GQA decode).
+(the layout gpt-fast and llama.cpp use for GQA decode). In bf16 with every key attended, that decode
+step runs in ctxlab's own kernel (:mod:`ctxlab.attention.decode_kernel`) where the CPU has AVX512-BF16.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from . import decode_kernel
 
 
 def grouped_attention(
@@ -37,9 +40,13 @@ def grouped_attention(
     2 threads; benchmarks/chunked_prefill.py) at the cost of a 1.5x wider value product."""
     B, Hq, T, _ = q.shape
     Hkv = k.shape[1]
-    if T == 1 and Hq != Hkv:  # decode: [B, H_kv, G, D]; a [B, 1, 1, S] mask broadcasts over the group
-        out = F.scaled_dot_product_attention(q.view(B, Hkv, Hq // Hkv, -1), k, v, attn_mask=mask, scale=scale)
-        return out.view(B, Hq, 1, -1)
+    if T == 1:  # decode: [B, H_kv, G, D]; a [B, 1, 1, S] mask broadcasts over the group
+        grouped = q.view(B, Hkv, Hq // Hkv, -1)
+        if decode_kernel.applies(grouped, k, v, mask):
+            return decode_kernel.decode_attention(grouped, k, v, scale)[0].view(B, Hq, 1, -1)
+        if Hq != Hkv:
+            out = F.scaled_dot_product_attention(grouped, k, v, attn_mask=mask, scale=scale)
+            return out.view(B, Hq, 1, -1)
     Dv = v.shape[-1]
     if Dv < q.shape[-1]:  # MLA's values are narrower than its keys
         v = F.pad(v, (0, q.shape[-1] - Dv))
@@ -89,7 +96,9 @@ def attention_with_sinks(
     mask = None
     if allowed is not None:  # the kernel takes an additive mask of the query's dtype
         mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
-    if T == 1:  # decode: the heads folded into the query axis, [B, 1, H, D]; the mask broadcasts over them
+    if T == 1 and decode_kernel.applies(q.reshape(B, 1, H, D), kv, kv, mask):  # decode, every key attended
+        out, lse = decode_kernel.decode_attention(q.reshape(B, 1, H, D), kv, kv, scale)
+    elif T == 1:  # decode: the heads folded into the query axis, [B, 1, H, D]; the mask broadcasts over them
         out, lse = _flash_with_lse(q.reshape(B, 1, H, D), kv, kv, 0.0, False, attn_mask=mask, scale=scale)[:2]
     else:  # the one head as a view for every query head (folding would copy the mask H times)
         kv = kv.expand(B, H, *kv.shape[2:])

@@ -1,0 +1,119 @@
+"""ctxlab's native decode-attention kernel (``ctxlab/attention/csrc/decode_attention.cpp``): equal to
+softmax attention in float64 within bf16 rounding (no worse than PyTorch's SDPA on the same inputs), its
+log-sum-exp right, caches read in place, taken by the decode paths and by ``torch.compile``.
+
+The kernel needs an x86 CPU with AVX512-BF16 and a C++ compiler; where either is absent the tests that
+call it are skipped (and the decode paths keep SDPA, which the rest of the suite covers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from ctxlab.attention import decode_kernel
+from ctxlab.attention.kernels import attention_with_sinks, grouped_attention
+
+needs_kernel = pytest.mark.skipif(
+    not decode_kernel.available(), reason="no AVX512-BF16 CPU or no C++ compiler: the kernel cannot run here"
+)
+
+
+def reference(q, k, v, scale):
+    """Softmax attention in float64 -> (out [B, H, G, Dv], lse [B, H, G])."""
+    scores = (q.double() @ k.double().transpose(-1, -2)) * scale
+    return scores.softmax(-1) @ v.double(), scores.logsumexp(-1)
+
+
+def relative_error(x, ref):
+    return ((x.double() - ref).norm() / ref.norm()).item()
+
+
+@needs_kernel
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 9),
+    head_dim=st.sampled_from([32, 64, 96, 128, 256]),
+    value_dim=st.sampled_from([64, 128, 256]),
+    keys=st.one_of(st.integers(1, 40), st.integers(500, 1100)),  # tails of a 16-key tile, several 512-key splits
+    sharpness=st.sampled_from([0.1, 1.0, 8.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_kernel_equals_softmax_attention(batch, kv_heads, group, head_dim, value_dim, keys, sharpness, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(batch, kv_heads, group, head_dim, generator=gen) * sharpness).bfloat16()
+    k = torch.randn(batch, kv_heads, keys, head_dim, generator=gen).bfloat16()
+    v = torch.randn(batch, kv_heads, keys, value_dim, generator=gen).bfloat16()
+    scale = head_dim**-0.5
+    out, lse = decode_kernel.decode_attention(q, k, v, scale)
+    expected, expected_lse = reference(q, k, v, scale)
+    assert out.shape == expected.shape and out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    sdpa = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    # bf16 output rounding (2^-9 relative) bounds both; the kernel accumulates in float32 throughout
+    assert relative_error(out, expected) <= max(1.25 * relative_error(sdpa, expected), 4e-3)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-4 * (1 + sharpness * 10), rtol=1e-5)
+
+
+@needs_kernel
+def test_kernel_reads_strided_caches_in_place():
+    """A cache's first S slots (rows of a larger buffer) and a head broadcast by ``expand``."""
+    gen = torch.Generator().manual_seed(0)
+    buffer = torch.randn(2, 3, 700, 64, generator=gen).bfloat16()  # [B, H, capacity, D]
+    k, v = buffer[:, :, :613], buffer.flip(-1)[:, :, :613].contiguous()
+    shared = torch.randn(2, 1, 613, 64, generator=gen).bfloat16().expand(2, 3, 613, 64)  # stride 0 over heads
+    q = torch.randn(2, 3, 4, 64, generator=gen).bfloat16()
+    for keys in (k, shared):
+        out = decode_kernel.decode_attention(q, keys, v, 0.125)[0]
+        assert relative_error(out, reference(q, keys, v, 0.125)[0]) < 4e-3
+
+
+@needs_kernel
+def test_decode_paths_take_the_kernel_and_keep_sdpa_otherwise(monkeypatch):
+    calls = []
+    real = decode_kernel.decode_attention
+    monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a: calls.append(a[0].shape) or real(*a))
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 8, 1, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, 50, 64, generator=gen).bfloat16() for _ in range(2))
+    out = grouped_attention(q, k, v, None, 0.125)
+    assert calls == [torch.Size([1, 2, 4, 64])]
+    expected = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), scale=0.125, enable_gqa=True)
+    assert relative_error(out, expected.double()) < 4e-3
+    mask = torch.ones(1, 1, 1, 50, dtype=torch.bool)
+    grouped_attention(q, k, v, mask, 0.125)  # a mask: SDPA
+    grouped_attention(q.float(), k.float(), v.float(), None, 0.125)  # float32: SDPA
+    assert len(calls) == 1
+    # DeepSeek V4's sink attention (one K = V head) takes the kernel's log-sum-exp
+    kv = torch.randn(1, 1, 50, 64, generator=gen).bfloat16()
+    sinks = torch.randn(8, generator=gen)
+    out = attention_with_sinks(q, kv, None, 0.125, sinks)
+    assert len(calls) == 2
+    scores = torch.cat([(q.double() @ kv.double().transpose(-1, -2)) * 0.125, sinks.double().view(1, 8, 1, 1)], -1)
+    expected = scores.softmax(-1)[..., :-1] @ kv.double()
+    assert relative_error(out, expected) < 4e-3
+
+
+@needs_kernel
+def test_compiled_decode_attention_calls_the_kernel_in_one_graph():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(1, 8, 1, 64, generator=gen).bfloat16()
+    k, v = (torch.randn(1, 2, 100, 64, generator=gen).bfloat16() for _ in range(2))
+    compiled = torch.compile(lambda q, k, v: grouped_attention(q, k, v, None, 0.125), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), grouped_attention(q, k, v, None, 0.125), atol=0, rtol=0)
+
+
+def test_switch_off_keeps_sdpa(monkeypatch):
+    """``CTXLAB_DECODE_KERNEL=0`` (or a CPU without AVX512-BF16) turns the kernel off; nothing else changes."""
+    decode_kernel._build.cache_clear()
+    monkeypatch.setenv(decode_kernel.ENV_SWITCH, "0")
+    try:
+        assert not decode_kernel.available()
+        q = torch.randn(1, 4, 1, 64).bfloat16()
+        k = torch.randn(1, 2, 20, 64).bfloat16()
+        assert not decode_kernel.applies(q.view(1, 2, 2, 64), k, k, None)
+    finally:
+        decode_kernel._build.cache_clear()
