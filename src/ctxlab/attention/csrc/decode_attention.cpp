@@ -80,6 +80,8 @@ void scores(const uint16_t* q, int64_t G, const uint16_t* k, int64_t rs, int64_t
   int64_t t = 0;
   __m512 acc[TILE];
   for (; t + TILE <= n; t += TILE) {
+    for (int j = 0; j < TILE; ++j)  // the tile after next: its rows arrive while this one is computed
+      for (int64_t d = 0; d < D; d += 32) _mm_prefetch((const char*)(k + (t + 2 * TILE + j) * rs + d), _MM_HINT_T0);
     for (int64_t g = 0; g < G; ++g) {
       for (int j = 0; j < TILE; ++j) acc[j] = _mm512_setzero_ps();
       for (int64_t d = 0; d < D; d += 32) {
@@ -126,6 +128,8 @@ void weighted_values(const float* p, int64_t ld, const uint16_t* v, int64_t rs, 
   for (int g = 0; g < GC; ++g)
     for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
   for (int64_t t = 0; t < n; ++t) {
+    _mm_prefetch((const char*)(v + (t + 8) * rs), _MM_HINT_T0);
+    _mm_prefetch((const char*)(v + (t + 8) * rs + 32), _MM_HINT_T0);
     __m512 row[4];
     for (int c = 0; c < 4; ++c) row[c] = load_bf16x16(v + t * rs + 16 * c);
     for (int g = 0; g < GC; ++g) {
