@@ -43,7 +43,7 @@ inline __m512 load_bf16x16(const uint16_t* p) {
 // x[j] -> one vector whose lane j is the sum of x[j]'s 16 lanes (a transpose tree, 15 adds and shuffles).
 inline __m512 sum_lanes_16(const __m512* x) {
   __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [x2i0+x2i2, x2i+1_0+x2i+1_2, x2i1+x2i3, x2i+1_1+x2i+1_3]
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: x[2i]'s partial sums in the even slots, x[2i+1]'s in the odd
     a[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
   for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's partial sums of x[4i .. 4i+3]
     const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
