@@ -117,3 +117,11 @@ def test_switch_off_keeps_sdpa(monkeypatch):
         assert not decode_kernel.applies(q.view(1, 2, 2, 64), k, k, None)
     finally:
         decode_kernel._build.cache_clear()
+
+
+def test_the_pip_ninja_is_found_without_an_activated_venv(monkeypatch):
+    ninja = pytest.importorskip("ninja", reason="the ninja package (a ctxlab dependency) is not installed")
+    monkeypatch.setattr(decode_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setenv("PATH", "/nowhere")
+    decode_kernel._ninja_on_path()
+    assert decode_kernel.os.environ["PATH"].split(decode_kernel.os.pathsep) == [ninja.BIN_DIR, "/nowhere"]

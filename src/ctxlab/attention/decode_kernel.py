@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import functools
 import os
+import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -42,15 +44,27 @@ def available() -> bool:
     return _build()
 
 
+def _ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH; a venv that is not activated has the pip
+    package's binary (a ctxlab dependency) off PATH, so put it there when no other ninja is."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
 @functools.cache
 def _build() -> bool:
     if os.environ.get(ENV_SWITCH, "1") == "0" or not _cpu_has_avx512_bf16():
         return False
     from torch.utils import cpp_extension
 
+    _ninja_on_path()
     try:
         cpp_extension.load(
-            name="ctxlab_decode_attention",
+            name="ctxlab_decode_attention_torch_" + re.sub(r"\W", "_", torch.__version__),  # one build per torch
             sources=[str(SOURCE)],
             extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS],  # -fopenmp: at::parallel_for's pragmas, torch's libgomp
             extra_ldflags=["-fopenmp"],
