@@ -125,3 +125,39 @@ def test_the_pip_ninja_is_found_without_an_activated_venv(monkeypatch):
     monkeypatch.setenv("PATH", "/nowhere")
     decode_kernel._ninja_on_path()
     assert decode_kernel.os.environ["PATH"].split(decode_kernel.os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
+
+
+@needs_kernel
+@pytest.mark.parametrize("window", [None, 12])
+def test_a_bf16_model_decodes_through_the_kernel_as_its_full_forward(monkeypatch, window):
+    """Cached decode of a bf16 GQA model (head dim 64, a sliding ring past its window when ``window``)
+    matches the full forward's logits as closely as the SDPA decode path does, eager and compiled."""
+    import ctxlab
+    from ctxlab import LayerSpec, ModelConfig
+    from ctxlab.generate import compiled_decode_step, decode_step, prefill
+
+    layer = LayerSpec(num_heads=4, num_kv_heads=2, head_dim=64, intermediate_size=256, window=window)
+    config = ModelConfig(family="test", vocab_size=128, hidden_size=128, layers=(layer,) * 2, name="kernel-gqa")
+    model = ctxlab.build_model(config, dtype=torch.bfloat16, seed=0).eval()
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).float()  # [1, 30, V]
+
+        def decoded(step):
+            cache = model.new_cache(1, 30)
+            logits = [prefill(model, ids[:, :10], cache)]
+            logits += [step(model, ids[:, t], cache) for t in range(10, 29)]
+            return torch.stack(logits, 1).float()  # positions 9 .. 28
+
+        calls = []
+        real = decode_kernel.decode_attention
+        monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a: calls.append(1) or real(*a))
+        with_kernel = decoded(decode_step)
+        assert len(calls) == 2 * 19  # every layer of every decode step
+        compiled = decoded(compiled_decode_step(model))
+        monkeypatch.setattr(decode_kernel, "applies", lambda *a: False)
+        with_sdpa = decoded(decode_step)
+    reference = full[:, 9:29]
+    sdpa_error = (with_sdpa - reference).abs().max()
+    assert (with_kernel - reference).abs().max() <= 1.5 * sdpa_error + 0.02
+    torch.testing.assert_close(compiled, with_kernel, atol=0.05, rtol=0)
