@@ -1,7 +1,7 @@
 """ctxlab's one native kernel: a decode step of attention over bf16 keys and values (``csrc/decode_attention.cpp``).
 
 At long context a decode step is dominated by reading the cache, and PyTorch's CPU flash kernel reads
-it at a fraction of the memory bandwidth: it runs one small GEMM per 512-key block per head, ~8 GB/s
+it at a fraction of the memory bandwidth: it runs small GEMMs per 512-key block per head, 6-8 GB/s
 for 16 query / 4 KV heads of 64 over 16K bf16 keys on this 2-core machine (docs/benchmarks.md,
 "Decode attention in isolation"). The kernel here computes the same softmax attention with the scores
 and the value sums in registers, float32 accumulation, and the keys split across threads

@@ -5,7 +5,7 @@
 //
 // Decoding one token reads every cached key and value once and does ~2·G·(D + Dv) flops per key: the
 // step should run at memory bandwidth. PyTorch's flash kernel runs it as small GEMMs per 512-key block
-// (~8 GB/s here for 16 query / 4 KV heads of 64 over 16K keys); this kernel keeps everything in registers:
+// (6-8 GB/s here for 16 query / 4 KV heads of 64 over 16K keys); this kernel keeps everything in registers:
 //
 // * scores: for a tile of 16 keys, one AVX512-BF16 dot product (`vdpbf16ps`, exact bf16 products summed
 //   in float32) per key and 32 dims, then the 16 accumulators are summed lane-wise in one transpose tree
