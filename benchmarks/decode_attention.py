@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ctxlab.attention import decode_kernel
+from ctxlab import native
 from ctxlab.attention.kernels import grouped_attention
 
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         ),
         "grouped_attention (now)": lambda: grouped_attention(q, k, v, None, D**-0.5),
     }
-    print(f"ctxlab's decode kernel: {'on' if decode_kernel.available() else 'off (SDPA)'}")
+    print(f"ctxlab's decode kernel: {'on' if native.available() else 'off (SDPA)'}")
     times = {name: [] for name in variants}
     for _ in range(args.repeats):
         for name, fn in variants.items():

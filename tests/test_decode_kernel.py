@@ -1,4 +1,4 @@
-"""ctxlab's native decode-attention kernel (``ctxlab/attention/csrc/decode_attention.cpp``): equal to
+"""ctxlab's native decode-attention kernel (``ctxlab/csrc/decode_attention.cpp``): equal to
 softmax attention in float64 within bf16 rounding (no worse than PyTorch's SDPA on the same inputs), its
 log-sum-exp right, caches read in place, taken by the decode paths and by ``torch.compile``.
 
@@ -13,11 +13,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ctxlab import native
 from ctxlab.attention import decode_kernel
 from ctxlab.attention.kernels import attention_with_sinks, grouped_attention
 
 needs_kernel = pytest.mark.skipif(
-    not decode_kernel.available(), reason="no AVX512-BF16 CPU or no C++ compiler: the kernel cannot run here"
+    not native.available(), reason="no AVX512-BF16 CPU or no C++ compiler: the kernel cannot run here"
 )
 
 
@@ -107,24 +108,24 @@ def test_compiled_decode_attention_calls_the_kernel_in_one_graph():
 
 
 def test_switch_off_keeps_sdpa(monkeypatch):
-    """``CTXLAB_DECODE_KERNEL=0`` (or a CPU without AVX512-BF16) turns the kernel off; nothing else changes."""
-    decode_kernel._build.cache_clear()
-    monkeypatch.setenv(decode_kernel.ENV_SWITCH, "0")
+    """``CTXLAB_NATIVE_KERNELS=0`` (or a CPU without AVX512-BF16) turns the kernel off; nothing else changes."""
+    native._build.cache_clear()
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
     try:
-        assert not decode_kernel.available()
+        assert not native.available()
         q = torch.randn(1, 4, 1, 64).bfloat16()
         k = torch.randn(1, 2, 20, 64).bfloat16()
         assert not decode_kernel.applies(q.view(1, 2, 2, 64), k, k, None)
     finally:
-        decode_kernel._build.cache_clear()
+        native._build.cache_clear()
 
 
 def test_the_pip_ninja_is_found_without_an_activated_venv(monkeypatch):
     ninja = pytest.importorskip("ninja", reason="the ninja package (a ctxlab dependency) is not installed")
-    monkeypatch.setattr(decode_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setattr(native.shutil, "which", lambda name: None)
     monkeypatch.setenv("PATH", "/nowhere")
-    decode_kernel._ninja_on_path()
-    assert decode_kernel.os.environ["PATH"].split(decode_kernel.os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
+    native._ninja_on_path()
+    assert native.os.environ["PATH"].split(native.os.pathsep) == [ninja.BIN_DIR, "/nowhere"]
 
 
 @needs_kernel

@@ -1,23 +1,27 @@
-"""Linear weights in oneDNN's blocked layout, for eager CPU inference.
+"""Linear weights laid out for eager CPU inference: bf16 for ctxlab's matrix-vector kernel, else oneDNN's.
 
-A decode step is a chain of matrix-vector products, so its speed is the speed at which the GEMV
-kernel streams weights. Measured here (2 cores, AVX-512 BF16, torch 2.13): 16 bf16 weights of
-5632 x 1024 (184 MB, far beyond the caches) take 12.8 ms through ``F.linear`` (14 GB/s) and 4.4 ms
-(42 GB/s, the copy bandwidth) once reordered by ``torch.ops.mkldnn._reorder_linear_weight`` and
-multiplied by ``torch.ops.mkldnn._linear_pointwise`` -- the pair inductor's weight prepacking uses
-(``torch._inductor.fx_passes.mkldnn_fusion``). The results are the same numbers as ``F.linear``
-(bit for bit on contiguous inputs in these measurements; the tests hold them to bf16 rounding).
+A decode step is a chain of matrix-vector products, so its speed is the speed at which the kernel
+streams weights. Measured here (2 cores, AVX-512 BF16, torch 2.13): 16 bf16 weights of 5632 x 1024
+(184 MB, far beyond the caches) take 12.8 ms through ``F.linear`` (14 GB/s) and 4.4 ms (42 GB/s, the
+copy bandwidth) once reordered by ``torch.ops.mkldnn._reorder_linear_weight`` and multiplied by
+``torch.ops.mkldnn._linear_pointwise`` -- the pair inductor's weight prepacking uses
+(``torch._inductor.fx_passes.mkldnn_fusion``). Over a decode step's mix of shapes (attention, MLP and
+head weights of a ~150M model) oneDNN reads ~21-23 GB/s and ctxlab's native kernel
+(``ctxlab::matvec``, :mod:`ctxlab.native`) ~25-27 GB/s, on the weights in PyTorch's own layout
+(docs/benchmarks.md, "Weights").
 
 :func:`pack_linears_` replaces every plain ``nn.Linear`` of a model (fused groups and the LM head
-included) by a :class:`PackedLinear` whose weight is an opaque ``torch._mkldnn`` tensor, and the
-expert banks of MoE layers by :class:`PackedExperts` (one packed matrix per expert). Such a
-model is for eager inference: no gradients, no ``torch.compile`` (inductor does not lower ops on
-opaque tensors; compile the unpacked model instead). ``save_pretrained`` writes it through
-:func:`unpacked_linears`. A linear whose weight is shared (a tied LM head: the embedding lookup
-reads the same table) stays as it is unless ``shared=True``, which gives it a packed copy at
-``vocab x hidden`` more bytes (Gemma 3 270M: +336 MB on 536 MB of weights). Also left as they are:
-projections whose weight the attention reads directly (:data:`READ_DIRECTLY`), and dtypes oneDNN
-has no fast kernel for on this CPU.
+included) by a :class:`PackedLinear`, and the expert banks of MoE layers by :class:`PackedExperts`
+(one such linear per expert matrix). A :class:`PackedLinear` keeps a bf16 weight as it is where the
+native kernel runs (decode's few rows go to the kernel, prefill's many to ``F.linear``: oneDNN's
+GEMM either way), and otherwise holds it as an opaque ``torch._mkldnn`` tensor. A packed model is
+for eager inference: no gradients, no ``torch.compile`` (inductor does not lower ops on opaque
+tensors; compile the unpacked model instead). ``save_pretrained`` writes it through
+:func:`unpacked_linears`. A linear whose weight is shared (a tied LM head: the embedding lookup reads
+the same table) is packed when it can stay as it is (bf16, native kernel); in oneDNN's layout it
+stays unpacked unless ``shared=True``, which gives it a packed copy at ``vocab x hidden`` more bytes
+(Gemma 3 270M: +336 MB on 536 MB of weights). Also left as they are: projections whose weight the
+attention reads directly (:data:`READ_DIRECTLY`), and dtypes neither kernel is fast for here.
 """
 
 from __future__ import annotations
@@ -27,16 +31,29 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from .mlp import gated
 from .moe import Experts, routed_sum
 
 READ_DIRECTLY = ("kv_b_proj", "o_a_proj")  # MLA's absorbed path, V4's grouped output: their `.weight` is read
+MATVEC_ROWS = 8  # up to this many rows the native kernel beats F.linear on the same weights (probed: 1-16 rows)
 
 
 def packable(dtype: torch.dtype) -> bool:
-    """Whether oneDNN has a fast linear for ``dtype`` here (bf16 needs the CPU's BF16 instructions)."""
+    """Whether a linear of ``dtype`` has a faster kernel here than ``F.linear``: ctxlab's native matvec or
+    oneDNN's for bf16 (both need the CPU's BF16 instructions), oneDNN's for float32."""
+    return stays_as_is(dtype) or _onednn_packable(dtype)
+
+
+def stays_as_is(dtype: torch.dtype) -> bool:
+    """Whether a :class:`PackedLinear` of ``dtype`` keeps PyTorch's layout (bf16, for the native kernel)."""
+    return dtype == torch.bfloat16 and native.available()
+
+
+def _onednn_packable(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
     if dtype == torch.bfloat16:
@@ -44,15 +61,29 @@ def packable(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
+def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` for bf16 ``weight`` [out, in] with contiguous rows: up to :data:`MATVEC_ROWS` rows of x
+    (a decode step) through ctxlab's native matvec, more through ``F.linear``. [..., in] -> [..., out]."""
+    rows = x.numel() // x.shape[-1]
+    if rows > MATVEC_ROWS:
+        return F.linear(x, weight, bias)
+    out = torch.ops.ctxlab.matvec(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)  # [rows, out]
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 class PackedLinear(nn.Module):
-    """A linear map with its weight [out, in] reordered for oneDNN (``torch._mkldnn`` layout)."""
+    """A linear map for eager inference: its weight [out, in] as it is for the native kernel (bf16, see
+    :func:`stays_as_is`; a tied or sliced weight is not copied), or reordered for oneDNN (``torch._mkldnn``)."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, shared: bool = False):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.dtype = weight.dtype
-        # the batch-size hint 1 picks the layout for decode; prefill runs on it as fast (measured)
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
+        self.native = stays_as_is(weight.dtype) and weight.stride(-1) == 1
+        if self.native:
+            packed = weight.detach()
+        else:  # the batch-size hint 1 picks the layout for decode; prefill runs on it as fast (measured)
+            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), 1)
         self.register_buffer("packed_weight", packed, persistent=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
         self.shared_weight = (weight,) if shared else ()  # a tied weight stays alive anyway: keep it to unpack
@@ -62,14 +93,19 @@ class PackedLinear(nn.Module):
         return cls(linear.weight, linear.bias, shared)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [..., in] -> [..., out]
+        if self.native:
+            return native_linear(x, self.packed_weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), self.packed_weight, self.bias, "none", [], "")
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, oneDNN-packed"
+        layout = "native matvec" if self.native else "oneDNN-packed"
+        return f"in_features={self.in_features}, out_features={self.out_features}, dtype={self.dtype}, {layout}"
 
     def dense_weight(self) -> torch.Tensor:
-        """The weight in PyTorch's layout again: the tied weight itself, or a dense copy."""
-        return self.shared_weight[0] if self.shared_weight else self.packed_weight.to_dense()
+        """The weight in PyTorch's layout again: the tied weight itself, the weight kept, or a dense copy."""
+        if self.shared_weight:
+            return self.shared_weight[0]
+        return self.packed_weight if self.native else self.packed_weight.to_dense()
 
     def unpacked(self) -> nn.Linear:
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
@@ -82,8 +118,9 @@ class PackedLinear(nn.Module):
 class PackedExperts(nn.Module):
     """:class:`~ctxlab.nn.moe.Experts` with each expert's two matrices a :class:`PackedLinear`: the same
     loop over the chosen experts (:func:`~ctxlab.nn.moe.routed_sum`), each matrix-vector product on
-    oneDNN's kernel instead of ``F.linear`` on a slice of the 3-D tensor (1.3-1.6× faster per expert
-    at one token, bf16, 2 threads: [2048, 1024] 250 → 154 µs)."""
+    oneDNN's kernel (or, bf16, the native one on the slice itself) instead of ``F.linear`` on a slice of
+    the 3-D tensor (oneDNN: 1.3-1.6× faster per expert at one token, bf16, 2 threads: [2048, 1024]
+    250 → 154 µs)."""
 
     def __init__(self, experts: Experts):
         super().__init__()
@@ -110,8 +147,8 @@ class PackedExperts(nn.Module):
 def pack_linears_(model: nn.Module, shared: bool = False) -> int:
     """Replace every plain ``nn.Linear`` whose dtype :func:`packable` accepts by a :class:`PackedLinear`,
     and every MoE ``Experts`` by :class:`PackedExperts`, in place; returns how many matrices were
-    packed. A linear whose weight another module also holds (a tied LM head) is packed only with
-    ``shared=True``, as a copy. Run it last, after ``fuse_projections_`` and ``quantize_`` (the
+    packed. A linear whose weight another module also holds (a tied LM head) is packed when its weight
+    stays as it is (:func:`stays_as_is`), otherwise only with ``shared=True``, as a copy. Run it last, after ``fuse_projections_`` and ``quantize_`` (the
     quantized layers keep their own kernels)."""
     uses = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
     packed = 0
@@ -125,7 +162,7 @@ def pack_linears_(model: nn.Module, shared: bool = False) -> int:
                 if type(child) is not nn.Linear or name in READ_DIRECTLY or not packable(child.weight.dtype):
                     continue
                 is_shared = uses[id(child.weight)] > 1
-                if is_shared and not shared:
+                if is_shared and not shared and not stays_as_is(child.weight.dtype):
                     continue
                 setattr(module, name, PackedLinear.of(child, shared=is_shared))
                 packed += 1

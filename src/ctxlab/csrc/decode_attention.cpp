@@ -18,11 +18,13 @@
 //
 // Requirements (checked by the caller, ctxlab/attention/decode_kernel.py): D % 32 == 0, Dv % 64 == 0,
 // q contiguous, k and v with contiguous rows (any strides above: a cache's slice is read in place), every
-// key attended (no mask). Built at first use by torch.utils.cpp_extension.
+// key attended (no mask). Built at first use with the other kernels here (ctxlab/native.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 #include <immintrin.h>
+
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -32,29 +34,11 @@
 
 namespace {
 
+using ctxlab_simd::load_bf16x16;
+using ctxlab_simd::sum_lanes_16;
+
 constexpr int64_t SPLIT = 512;  // keys per parallel task
 constexpr int64_t TILE = 16;    // keys per score tile (one float32 vector of scores)
-
-// 16 bf16 values -> 16 float32 (a bf16 is the upper half of a float32).
-inline __m512 load_bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
-}
-
-// x[j] -> one vector whose lane j is the sum of x[j]'s 16 lanes (a transpose tree, 15 adds and shuffles).
-inline __m512 sum_lanes_16(const __m512* x) {
-  __m512 a[8], b[4], c[2];
-  for (int i = 0; i < 8; ++i)  // per 128-bit lane: x[2i]'s partial sums in the even slots, x[2i+1]'s in the odd
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(x[2 * i], x[2 * i + 1]), _mm512_unpackhi_ps(x[2 * i], x[2 * i + 1]));
-  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: that lane's partial sums of x[4i .. 4i+3]
-    const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
-    const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
-  }
-  for (int i = 0; i < 2; ++i)  // 128-bit lanes (0+1, 2+3) of b[2i] then of b[2i+1]
-    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),   // lanes 0, 2 | 0, 2
-                         _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));  // lanes 1, 3 | 1, 3
-  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
-}
 
 // exp(x) for x <= 0 (scores minus their maximum): 2^(x·log2 e) = 2^n · 2^f, f in [-0.5, 0.5], 2^f by a
 // degree-6 polynomial (relative error ~2e-7), 2^n by vscalefps (which also flushes very negative x to 0).
@@ -205,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
 
 }  // namespace
 
-TORCH_LIBRARY(ctxlab, m) {
+TORCH_LIBRARY_FRAGMENT(ctxlab, m) {
   m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
 }
 

@@ -1,0 +1,103 @@
+// A linear map of a few bf16 rows, for x86 CPUs with AVX512-BF16: the matrix-vector products of decoding.
+//
+//   x [M, K] bf16 (M small: the tokens of one decode step), w [N, K] bf16 (PyTorch's nn.Linear layout),
+//   bias [N] bf16 or none -> x wᵀ + bias [M, N] bf16, accumulated in float32 and rounded once
+//
+// A decode step reads every weight once for a handful of multiply-adds each, so it runs at the speed the
+// weights stream from memory. oneDNN's kernel on its own blocked layout reads them at ~21-23 GB/s here
+// (2 cores, ~30 GB/s for a plain read of the same bytes), PyTorch's F.linear on the plain layout at
+// ~16-17 GB/s; this kernel reads the plain layout at ~25-27 GB/s (docs/benchmarks.md, "Weights"):
+//
+// * a tile of 16 output rows at a time: for every 32 columns, one AVX512-BF16 dot product (`vdpbf16ps`,
+//   exact bf16 products summed in float32) per row with the same 32 values of x, 16 accumulators;
+// * the 16 accumulators summed lane-wise in one transpose tree (`sum_lanes_16`), the bias added, and the
+//   16 results rounded to bf16 (round to nearest even, as PyTorch rounds) in one store;
+// * tiles split across torch's thread pool (at::parallel_for); the M rows of x reuse a tile from cache.
+//
+// Any K (a masked load for the last K % 32 columns) and any N (the last N % 16 rows one by one). Requirements
+// (checked by the caller, ctxlab/nn/packing.py): x contiguous, w's rows contiguous (any row stride).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include "simd.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+namespace {
+
+using ctxlab_simd::load_bf16x16;
+using ctxlab_simd::sum_lanes_16;
+
+constexpr int64_t ROWS = 16;  // output rows per tile (one float32 vector of results)
+
+inline __m512bh load_bf16x32(const uint16_t* p, __mmask32 mask) {  // masked lanes read as 0
+  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
+}
+
+// out[0, 16) = x · w_j + bias_j for the 16 rows w_j = w + j·ldw, K columns.
+void full_tile(const uint16_t* x, const uint16_t* w, int64_t ldw, int64_t K, const uint16_t* bias, uint16_t* out) {
+  __m512 acc[ROWS];
+  for (int j = 0; j < ROWS; ++j) acc[j] = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 32 <= K; d += 32) {
+    const __m512bh xd = (__m512bh)_mm512_loadu_si512(x + d);
+    for (int j = 0; j < ROWS; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], xd, (__m512bh)_mm512_loadu_si512(w + j * ldw + d));
+  }
+  if (d < K) {  // the last K % 32 columns
+    const __mmask32 tail = (__mmask32)((1ULL << (K - d)) - 1);
+    const __m512bh xd = load_bf16x32(x + d, tail);
+    for (int j = 0; j < ROWS; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], xd, load_bf16x32(w + j * ldw + d, tail));
+  }
+  __m512 sums = sum_lanes_16(acc);
+  if (bias) sums = _mm512_add_ps(sums, load_bf16x16(bias));
+  _mm256_storeu_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(sums));
+}
+
+// The same for the last rows < 16 of w, one row at a time.
+void row(const uint16_t* x, const uint16_t* w, int64_t K, const uint16_t* bias, uint16_t* out) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < K; d += 32) {
+    const __mmask32 mask = K - d >= 32 ? (__mmask32)~0u : (__mmask32)((1ULL << (K - d)) - 1);
+    acc = _mm512_dpbf16_ps(acc, load_bf16x32(x + d, mask), load_bf16x32(w + d, mask));
+  }
+  float sum = _mm512_reduce_add_ps(acc);
+  if (bias) sum += static_cast<float>(c10::BFloat16(*bias, c10::BFloat16::from_bits()));
+  *out = c10::BFloat16(sum).x;  // round to nearest even
+}
+
+at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "ctxlab::matvec takes bf16 x and w");
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "ctxlab::matvec: x [M, K], w [N, K]");
+  TORCH_CHECK(x.is_contiguous() && w.stride(1) == 1, "ctxlab::matvec: x contiguous, w's rows contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldw = w.stride(0);
+  const uint16_t* bp = nullptr;
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
+                "ctxlab::matvec: bias [N] bf16 contiguous");
+    bp = reinterpret_cast<const uint16_t*>(bias->data_ptr());
+  }
+  auto out = at::empty({M, N}, x.options());
+  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
+  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
+  auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
+  const int64_t tiles = N / ROWS;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));  // >= ~128 KiB of weights per task
+  at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t)
+      for (int64_t m = 0; m < M; ++m)
+        full_tile(xp + m * K, wp + t * ROWS * ldw, ldw, K, bp ? bp + t * ROWS : nullptr, op + m * N + t * ROWS);
+  });
+  for (int64_t n = tiles * ROWS; n < N; ++n)
+    for (int64_t m = 0; m < M; ++m) row(xp + m * K, wp + n * ldw, K, bp ? bp + n : nullptr, op + m * N + n);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ctxlab, m) { m.def("matvec(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(ctxlab, CPU, m) { m.impl("matvec", &matvec); }

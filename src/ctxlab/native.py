@@ -1,0 +1,89 @@
+"""ctxlab's native kernels (``ctxlab/csrc/*.cpp``): how they are built, and the shapes of their ops.
+
+Two steps of a decode run far from the memory bandwidth in PyTorch's CPU kernels, and the kernels here
+run them close to it, in bf16 with float32 accumulation (docs/benchmarks.md):
+
+* ``ctxlab::decode_attention`` (``decode_attention.cpp``): one decoded token's grouped-query attention
+  over a bf16 cache, used by :mod:`ctxlab.attention.decode_kernel`;
+* ``ctxlab::matvec`` (``matvec.cpp``): a bf16 linear map of a few rows, the weights read once in
+  PyTorch's own layout, used by :mod:`ctxlab.nn.packing`.
+
+They need an x86 CPU with AVX512-BF16 (``vdpbf16ps``) and a C++ compiler, and are built together at first
+use by ``torch.utils.cpp_extension`` (~30 s, cached under ``TORCH_EXTENSIONS_DIR``, one build per torch
+version). Where either is missing, or ``CTXLAB_NATIVE_KERNELS=0`` is set, :func:`available` is False and
+callers keep PyTorch's kernels; if the build fails, one warning says why.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+
+SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
+ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
+ENV_SWITCH = "CTXLAB_NATIVE_KERNELS"  # "0" keeps PyTorch's kernels everywhere
+
+
+def cpu_has_avx512_bf16() -> bool:
+    """Whether the CPU executes AVX512-BF16 (read from Linux's /proc/cpuinfo; False elsewhere)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags and " avx512bw" in flags and " avx512vl" in flags
+
+
+@torch.compiler.assume_constant_result  # under torch.compile: called (and the kernels built) while tracing
+def available() -> bool:
+    """Whether the native kernels run here; the first call builds them (or loads the cached build)."""
+    return _build()
+
+
+def _ninja_on_path() -> None:
+    """torch's extension builder runs ``ninja`` from PATH; a venv that is not activated has the pip
+    package's binary (a ctxlab dependency) off PATH, so put it there when no other ninja is."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:
+            return
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+
+
+@functools.cache
+def _build() -> bool:
+    if os.environ.get(ENV_SWITCH, "1") == "0" or not cpu_has_avx512_bf16():
+        return False
+    from torch.utils import cpp_extension
+
+    _ninja_on_path()
+    try:
+        cpp_extension.load(
+            name="ctxlab_native_torch_" + re.sub(r"\W", "_", torch.__version__),  # one build per torch
+            sources=[str(source) for source in SOURCES],
+            extra_cflags=["-O3", "-fopenmp", *ISA_FLAGS],  # -fopenmp: at::parallel_for's pragmas, torch's libgomp
+            extra_ldflags=["-fopenmp"],
+            is_python_module=False,
+        )
+    except Exception as error:  # noqa: BLE001 (no compiler, no headers, ...): PyTorch's kernels still work
+        warnings.warn(f"ctxlab's native kernels did not build, using PyTorch's ({error})", stacklevel=2)
+        return False
+    torch.library.register_fake("ctxlab::decode_attention")(_decode_attention_shapes)
+    torch.library.register_fake("ctxlab::matvec")(_matvec_shapes)
+    return True
+
+
+def _decode_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+    """out [B, H, G, Dv] (q's dtype), lse [B, H, G] float32: for torch.compile's tracing."""
+    return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+def _matvec_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
+    """x [M, K], weight [N, K] -> [M, N]: for torch.compile's tracing."""
+    return x.new_empty(x.shape[0], weight.shape[0])
