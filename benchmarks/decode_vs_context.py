@@ -9,7 +9,7 @@ layers, bf16, random weights); "MLA" is the DeepSeek V3.2 one without its indexe
 attends to every cached latent, on the absorbed decode path). One cache per model grows from the
 smallest context to the largest by chunked prefill (chunks of ``--chunk`` random tokens); at each
 context ``--steps`` decode steps are timed and their median reported, so one 64K prefill serves every
-context. Linear weights are packed for oneDNN as ``ctxlab bench`` packs them (``--no-pack`` keeps
+context. Linear weights are packed as ``ctxlab bench`` packs them (bf16: the native matvec; ``--no-pack`` keeps
 ``F.linear``); a row's cache bytes are what a cache of exactly that context holds
 (``ctxlab.kv_cache_bytes``), not the one 64K cache the curve grows in. The last column divides each
 model's cost at the largest context by its cost at 2K: the issue's target for the sliding and

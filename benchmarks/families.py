@@ -230,8 +230,8 @@ def main(argv=None) -> int:
             ctxlab.fuse_projections(model)
         if args.quantize:
             ctxlab.quantize(model, args.quantize)
-        if not args.no_pack and not args.compile:
-            ctxlab.pack_linears(model)
+        if not args.no_pack:  # with --compile only what inductor traces (the bf16 linears on the native matvec)
+            ctxlab.pack_linears(model, for_compile=args.compile)
         print(f"[{name}]", file=sys.stderr, flush=True)
         result = ctxlab.bench(
             model,

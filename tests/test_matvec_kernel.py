@@ -105,3 +105,23 @@ def test_switch_off_keeps_onednn(monkeypatch):
         assert not packed.native and packed.packed_weight.is_mkldnn
     finally:
         native._build.cache_clear()
+
+
+@pytest.mark.slow
+def test_a_model_packed_for_compile_decodes_compiled_as_eager():
+    """``pack_linears_(for_compile=True)`` keeps only the native linears (the tied head and biases included),
+    which inductor traces as the custom op: the compiled step (fullgraph) gives the eager logits."""
+    from ctxlab.generate import compiled_decode_step, decode_step
+    from test_compile import decode_logits as stepped
+
+    cfg = CONFIGS["llama-with-biases"].replace(tie_word_embeddings=True)
+    model = randomized(ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0))
+    assert pack_linears_(model, for_compile=True) > 0 and isinstance(model.lm_head, PackedLinear)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        eager = stepped(model, ids, decode_step, steps=5)
+        compiled = stepped(model, ids, compiled_decode_step(model), steps=5)
+    torch.testing.assert_close(compiled, eager, atol=2e-2, rtol=2e-2)
+    moe = ctxlab.build_model(CONFIGS["laguna-xs2"], dtype=torch.bfloat16, seed=0)
+    pack_linears_(moe, for_compile=True)
+    assert not any(isinstance(m, PackedExperts) for m in moe.modules())  # routed on the host: left as they are

@@ -1,7 +1,7 @@
 """Linear weights packed for oneDNN (``ctxlab.nn.packing``): a packed model gives the unpacked model's
 logits in a full forward and in cached decode for a tiny model of every family (fused and quantized
 models included); a tied head keeps its embedding; a packed model saves the checkpoint's tensors and
-stays packed; the CLI packs by default, not with ``--no-pack`` or ``--compile``."""
+stays packed; the CLI packs by default, not with ``--no-pack``, and with ``--compile`` only for the native kernel."""
 
 from __future__ import annotations
 
@@ -123,15 +123,15 @@ def test_cli_packs_by_default_but_not_with_no_pack_or_compile(capsys, monkeypatc
 
     args = build_parser().parse_args(["generate", "tiny-llama", "--prompt-ids", "1", "--compile"])
     _prepare_weights(ctxlab.build_model(CONFIGS["llama-3-8b"], seed=0), args)
-    assert len(counts) == 1  # --compile reads the plain layout: not packed
+    assert counts == [counts[0], 0]  # --compile packs only bf16 linears on the native kernel: none in float32
 
 
-def test_a_packed_model_refuses_to_compile():
+def test_a_onednn_packed_model_refuses_to_compile():
     from ctxlab.generate import compiled_decode_step
 
-    model = ctxlab.build_model(CONFIGS["llama-3-8b"], seed=0)
+    model = ctxlab.build_model(CONFIGS["llama-3-8b"], seed=0)  # float32: oneDNN's layout
     pack_linears_(model)
-    with pytest.raises(ctxlab.InputError, match="packed for oneDNN.*compile a model that is not packed"):
+    with pytest.raises(ctxlab.InputError, match="packed for oneDNN.*not packed, or packed with for_compile=True"):
         compiled_decode_step(model)
 
 

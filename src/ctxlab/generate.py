@@ -15,6 +15,7 @@ import torch
 from .cache import Cache
 from .errors import InputError
 from .model import CausalLM
+from .nn.packing import onednn_packed
 
 Prompts = torch.Tensor | Sequence[Sequence[int]]
 
@@ -109,10 +110,12 @@ def compiled_decode_step(model: CausalLM):
     (a layer's first and second compressed entries). On CPU, Inductor needs a C++ compiler and the
     warm-up takes tens of seconds on 2 cores, minutes per graph for the ~150M-parameter models.
     """
-    if getattr(model, "packed_linears", 0):
+    opaque = onednn_packed(model)
+    if opaque:
         raise InputError(
-            f"this model has {model.packed_linears} linear weights packed for oneDNN (ctxlab.pack_linears), "
-            "which torch.compile cannot lower; compile a model that is not packed (the CLI skips packing with --compile)"
+            f"this model has {opaque} linear weights packed for oneDNN (ctxlab.pack_linears), which torch.compile "
+            "cannot lower; compile a model that is not packed, or packed with for_compile=True (as the CLI does "
+            "with --compile)"
         )
     fn = model.__dict__.get("_compiled_decode")
     if fn is None:

@@ -11,8 +11,10 @@
 // * a tile of 16 output rows at a time: for every 32 columns, one AVX512-BF16 dot product (`vdpbf16ps`,
 //   exact bf16 products summed in float32) per row with the same 32 values of x, 16 accumulators;
 // * the 16 accumulators summed lane-wise in one transpose tree (`sum_lanes_16`), the bias added, and the
-//   16 results rounded to bf16 (round to nearest even, as PyTorch rounds) in one store;
-// * tiles split across torch's thread pool (at::parallel_for); the M rows of x reuse a tile from cache.
+//   results rounded to bf16 (round to nearest even, as PyTorch rounds);
+// * with several rows of x, a tile is walked in blocks of 512 columns, every row of x in turn, so the
+//   block is read from memory once and from L1 by the other rows (their accumulators kept in memory);
+// * tiles split across torch's thread pool (at::parallel_for).
 //
 // Any K (a masked load for the last K % 32 columns) and any N (the last N % 16 rows one by one). Requirements
 // (checked by the caller, ctxlab/nn/packing.py): x contiguous, w's rows contiguous (any row stride).
@@ -26,32 +28,43 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 namespace {
 
 using ctxlab_simd::load_bf16x16;
 using ctxlab_simd::sum_lanes_16;
 
-constexpr int64_t ROWS = 16;  // output rows per tile (one float32 vector of results)
+constexpr int64_t ROWS = 16;      // output rows per tile (one float32 vector of results)
+constexpr int64_t COLUMNS = 512;  // with several rows of x: columns per block of a tile (16 KiB of w, in L1)
 
 inline __m512bh load_bf16x32(const uint16_t* p, __mmask32 mask) {  // masked lanes read as 0
   return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
 }
 
-// out[0, 16) = x · w_j + bias_j for the 16 rows w_j = w + j·ldw, K columns.
-void full_tile(const uint16_t* x, const uint16_t* w, int64_t ldw, int64_t K, const uint16_t* bias, uint16_t* out) {
-  __m512 acc[ROWS];
-  for (int j = 0; j < ROWS; ++j) acc[j] = _mm512_setzero_ps();
-  int64_t d = 0;
-  for (; d + 32 <= K; d += 32) {
+inline float bf16_value(uint16_t bits) { return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits())); }
+
+inline uint16_t bf16_bits(float value) { return c10::BFloat16(value).x; }  // round to nearest even, as PyTorch
+
+// acc[j] += the products of x and w_j = w + j·ldw over columns [d0, d1), for the 16 rows of a tile.
+inline void accumulate(const uint16_t* x, const uint16_t* w, int64_t ldw, int64_t d0, int64_t d1, __m512* acc) {
+  __m512 a[ROWS];
+  for (int j = 0; j < ROWS; ++j) a[j] = acc[j];
+  int64_t d = d0;
+  for (; d + 32 <= d1; d += 32) {
     const __m512bh xd = (__m512bh)_mm512_loadu_si512(x + d);
-    for (int j = 0; j < ROWS; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], xd, (__m512bh)_mm512_loadu_si512(w + j * ldw + d));
+    for (int j = 0; j < ROWS; ++j) a[j] = _mm512_dpbf16_ps(a[j], xd, (__m512bh)_mm512_loadu_si512(w + j * ldw + d));
   }
-  if (d < K) {  // the last K % 32 columns
-    const __mmask32 tail = (__mmask32)((1ULL << (K - d)) - 1);
+  if (d < d1) {  // the last K % 32 columns
+    const __mmask32 tail = (__mmask32)((1ULL << (d1 - d)) - 1);
     const __m512bh xd = load_bf16x32(x + d, tail);
-    for (int j = 0; j < ROWS; ++j) acc[j] = _mm512_dpbf16_ps(acc[j], xd, load_bf16x32(w + j * ldw + d, tail));
+    for (int j = 0; j < ROWS; ++j) a[j] = _mm512_dpbf16_ps(a[j], xd, load_bf16x32(w + j * ldw + d, tail));
   }
+  for (int j = 0; j < ROWS; ++j) acc[j] = a[j];
+}
+
+// out[0, 16) = the 16 accumulated dot products + bias, rounded to bf16 in one store.
+inline void finish(const __m512* acc, const uint16_t* bias, uint16_t* out) {
   __m512 sums = sum_lanes_16(acc);
   if (bias) sums = _mm512_add_ps(sums, load_bf16x16(bias));
   _mm256_storeu_si256((__m256i*)out, (__m256i)_mm512_cvtneps_pbh(sums));
@@ -64,9 +77,7 @@ void row(const uint16_t* x, const uint16_t* w, int64_t K, const uint16_t* bias, 
     const __mmask32 mask = K - d >= 32 ? (__mmask32)~0u : (__mmask32)((1ULL << (K - d)) - 1);
     acc = _mm512_dpbf16_ps(acc, load_bf16x32(x + d, mask), load_bf16x32(w + d, mask));
   }
-  float sum = _mm512_reduce_add_ps(acc);
-  if (bias) sum += static_cast<float>(c10::BFloat16(*bias, c10::BFloat16::from_bits()));
-  *out = c10::BFloat16(sum).x;  // round to nearest even
+  *out = bf16_bits(_mm512_reduce_add_ps(acc) + (bias ? bf16_value(*bias) : 0.f));
 }
 
 at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
@@ -86,10 +97,17 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<
   auto* op = reinterpret_cast<uint16_t*>(out.data_ptr());
   const int64_t tiles = N / ROWS;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(K, 1));  // >= ~128 KiB of weights per task
+  const int64_t block = M == 1 ? K : COLUMNS;
   at::parallel_for(0, tiles, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t)
-      for (int64_t m = 0; m < M; ++m)
-        full_tile(xp + m * K, wp + t * ROWS * ldw, ldw, K, bp ? bp + t * ROWS : nullptr, op + m * N + t * ROWS);
+    std::vector<__m512> acc(M * ROWS);  // [M, 16] accumulators of the current tile
+    for (int64_t t = begin; t < end; ++t) {
+      const uint16_t* wt = wp + t * ROWS * ldw;
+      std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
+      for (int64_t d = 0; d < K; d += block)  // a block of the tile's 16 rows: from memory for x's first row,
+        for (int64_t m = 0; m < M; ++m)        // from L1 for the others
+          accumulate(xp + m * K, wt, ldw, d, std::min(d + block, K), acc.data() + m * ROWS);
+      for (int64_t m = 0; m < M; ++m) finish(acc.data() + m * ROWS, bp ? bp + t * ROWS : nullptr, op + m * N + t * ROWS);
+    }
   });
   for (int64_t n = tiles * ROWS; n < N; ++n)
     for (int64_t m = 0; m < M; ++m) row(xp + m * K, wp + n * ldw, K, bp ? bp + n : nullptr, op + m * N + n);

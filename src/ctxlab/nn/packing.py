@@ -39,7 +39,7 @@ from .mlp import gated
 from .moe import Experts, routed_sum
 
 READ_DIRECTLY = ("kv_b_proj", "o_a_proj")  # MLA's absorbed path, V4's grouped output: their `.weight` is read
-MATVEC_ROWS = 8  # up to this many rows the native kernel beats F.linear on the same weights (probed: 1-16 rows)
+MATVEC_ROWS = 8  # up to this many rows the native kernel beats F.linear on the same weights (benchmarks/linears.py)
 
 
 def packable(dtype: torch.dtype) -> bool:
@@ -144,22 +144,30 @@ class PackedExperts(nn.Module):
         return experts
 
 
-def pack_linears_(model: nn.Module, shared: bool = False) -> int:
+def pack_linears_(model: nn.Module, shared: bool = False, for_compile: bool = False) -> int:
     """Replace every plain ``nn.Linear`` whose dtype :func:`packable` accepts by a :class:`PackedLinear`,
     and every MoE ``Experts`` by :class:`PackedExperts`, in place; returns how many matrices were
     packed. A linear whose weight another module also holds (a tied LM head) is packed when its weight
-    stays as it is (:func:`stays_as_is`), otherwise only with ``shared=True``, as a copy. Run it last, after ``fuse_projections_`` and ``quantize_`` (the
+    stays as it is (:func:`stays_as_is`), otherwise only with ``shared=True``, as a copy.
+
+    ``for_compile=True`` packs only what ``torch.compile`` traces: the linears whose weight stays as it is
+    (the native matvec is a custom op with a fake implementation); oneDNN's opaque weights and expert banks
+    (:func:`~ctxlab.nn.moe.routed_sum` reads the routing on the host) are left as they are. The compiled
+    decode step of ctxlab's llama benchmark model at 512 tokens: 14.3 ms unpacked, 9.7 ms packed so
+    (docs/benchmarks.md, "Weights"). Run it last, after ``fuse_projections_`` and ``quantize_`` (the
     quantized layers keep their own kernels)."""
     uses = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
     packed = 0
     with torch.no_grad():
         for module in list(model.modules()):
             for name, child in list(module.named_children()):
-                if type(child) is Experts and packable(child.gate_up_proj.dtype):
+                if type(child) is Experts and packable(child.gate_up_proj.dtype) and not for_compile:
                     setattr(module, name, PackedExperts(child))
                     packed += 2 * child.gate_up_proj.shape[0]
                     continue
                 if type(child) is not nn.Linear or name in READ_DIRECTLY or not packable(child.weight.dtype):
+                    continue
+                if for_compile and not stays_as_is(child.weight.dtype):
                     continue
                 is_shared = uses[id(child.weight)] > 1
                 if is_shared and not shared and not stays_as_is(child.weight.dtype):
@@ -194,6 +202,11 @@ def _packed_children(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Mod
             yield module, name, child
         else:
             yield from _packed_children(child)
+
+
+def onednn_packed(model: nn.Module) -> int:
+    """How many of the model's weights are opaque oneDNN tensors (which ``torch.compile`` cannot lower)."""
+    return sum(1 for m in model.modules() if isinstance(m, PackedLinear) and not m.native)
 
 
 def packed_bytes(tensor: torch.Tensor) -> int:
