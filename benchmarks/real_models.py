@@ -5,7 +5,7 @@ of ``ctxlab.bench`` with llama.cpp alternating beside it (docs/benchmarks.md).
     PYTHONPATH=src python benchmarks/real_models.py --markdown --json docs/benchmark-data/real-models.json
 
 Each row is what ``ctxlab bench FILE --against llama.cpp --threads T [--quantize ...] [--compile]``
-measures with its defaults (fused projections; eager rows also packed linears): prefill tokens/s,
+measures with its defaults (fused projections, packed linears): prefill tokens/s,
 decode ms/token at each context (median of ``--steps`` steps, median of ``--repeats``), and the
 greedy-token agreement (llama.cpp fed ctxlab's greedy continuation of a fixed text: at how many of
 64 positions it picks the same token). llama.cpp runs in its own process
@@ -39,8 +39,8 @@ def run(path: Path, quantize, embedding, compile: bool, fuse: bool, pack: bool, 
         ctxlab.fuse_projections(model)
     if quantize:
         ctxlab.quantize(model, quantize, embedding=embedding)
-    if pack:  # the remaining bf16 linears in oneDNN's layout (the CLI's default, eager only)
-        ctxlab.pack_linears(model)
+    if pack:  # the remaining bf16 linears on the native matvec or oneDNN (compiled: the native ones only), as the CLI
+        ctxlab.pack_linears(model, for_compile=compile)
     return ctxlab.bench(
         model,
         contexts=args.contexts,
@@ -73,8 +73,8 @@ def main(argv=None) -> int:
         "--pack",
         choices=("yes", "no", "both"),
         default="yes",
-        help="eager rows: linear weights packed for oneDNN (ctxlab's default; compiled rows never are), "
-        "not packed, or a row of each",
+        help="linear weights packed (ctxlab's default: bf16 on the native matvec, also compiled; the rest for "
+        "oneDNN, eager only), not packed, or a row of each",
     )
     p.add_argument("--markdown", action="store_true", help="print a markdown table (docs/benchmarks.md)")
     p.add_argument("--json", type=Path, help="also write every bench result to this file")
@@ -90,7 +90,7 @@ def main(argv=None) -> int:
         (compile, fuse, pack)
         for compile in ((False,) if args.no_compile else (False, True))
         for fuse in choices[args.fuse]
-        for pack in (choices[args.pack] if not compile else (False,))
+        for pack in choices[args.pack]
     ]
     results, rows = [], []
     for path in files:

@@ -162,3 +162,67 @@ def test_a_bf16_model_decodes_through_the_kernel_as_its_full_forward(monkeypatch
     sdpa_error = (with_sdpa - reference).abs().max()
     assert (with_kernel - reference).abs().max() <= 1.5 * sdpa_error + 0.02
     torch.testing.assert_close(compiled, with_kernel, atol=0.05, rtol=0)
+
+
+@needs_kernel
+@settings(max_examples=20, deadline=None)
+@given(
+    heads=st.integers(1, 9),
+    latent_dim=st.sampled_from([64, 128, 512]),
+    rope_dim=st.sampled_from([32, 64]),
+    keys=st.one_of(st.integers(1, 40), st.integers(500, 1100)),
+    sharpness=st.sampled_from([0.1, 1.0, 8.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_two_part_keys_equal_attention_over_the_concatenated_keys(heads, latent_dim, rope_dim, keys, sharpness, seed):
+    """MLA's absorbed decode: scores q·latent + q_rope·k_rope, values = the latents (one shared head)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(1, 1, heads, latent_dim, generator=gen) * sharpness / latent_dim**0.25).bfloat16()
+    q_rope = (torch.randn(1, 1, heads, rope_dim, generator=gen) * sharpness / rope_dim**0.25).bfloat16()
+    latent = torch.randn(1, 1, keys, latent_dim, generator=gen).bfloat16()
+    k_rope = torch.randn(1, 1, keys, rope_dim, generator=gen).bfloat16()
+    scale = (latent_dim + rope_dim) ** -0.5
+    assert decode_kernel.applies(q, latent, latent, None, q_rope, k_rope)
+    out, lse = decode_kernel.decode_attention(q, latent, latent, scale, q_rope, k_rope)
+    full_q, full_k = torch.cat([q, q_rope], -1), torch.cat([latent, k_rope], -1)
+    expected, expected_lse = reference(full_q, full_k, latent, scale)
+    sdpa = F.scaled_dot_product_attention(full_q, full_k, latent, scale=scale)
+    assert relative_error(out, expected) <= max(1.25 * relative_error(sdpa, expected), 4e-3)
+    torch.testing.assert_close(lse.double(), expected_lse, atol=1e-4 * (1 + sharpness * 10), rtol=1e-5)
+
+
+@needs_kernel
+def test_a_bf16_mla_model_decodes_through_the_kernel_as_its_full_forward(monkeypatch):
+    """Cached absorbed decode of a bf16 MLA model (latent 64, RoPE key 32) through the kernel matches the
+    full forward (expanded attention) as closely as the matmul path does, eager and compiled."""
+    import ctxlab
+    from ctxlab import LayerSpec, ModelConfig
+    from ctxlab.config import MLASpec
+    from ctxlab.generate import compiled_decode_step, decode_step, prefill
+
+    mla = MLASpec(kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, q_lora_rank=48)
+    layer = LayerSpec(attention="mla", num_heads=4, num_kv_heads=4, head_dim=64, intermediate_size=256, mla=mla)
+    config = ModelConfig(family="test", vocab_size=128, hidden_size=128, layers=(layer,) * 2, name="kernel-mla")
+    model = ctxlab.build_model(config, dtype=torch.bfloat16, seed=0).eval()
+    ids = torch.randint(0, 128, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        full = model(ids).float()  # [1, 30, V]
+
+        def decoded(step):
+            cache = model.new_cache(1, 30)
+            logits = [prefill(model, ids[:, :10], cache)]
+            logits += [step(model, ids[:, t], cache) for t in range(10, 29)]
+            return torch.stack(logits, 1).float()  # positions 9 .. 28
+
+        calls = []
+        real = decode_kernel.decode_attention
+        monkeypatch.setattr(decode_kernel, "decode_attention", lambda *a: calls.append(1) or real(*a))
+        with_kernel = decoded(decode_step)
+        assert len(calls) == 2 * 19  # every layer of every decode step
+        compiled = decoded(compiled_decode_step(model))
+        monkeypatch.setattr(decode_kernel, "applies", lambda *a: False)
+        with_matmuls = decoded(decode_step)
+    reference = full[:, 9:29]
+    matmul_error = (with_matmuls - reference).abs().max()
+    assert (with_kernel - reference).abs().max() <= 1.5 * matmul_error + 0.02
+    torch.testing.assert_close(compiled, with_kernel, atol=0.05, rtol=0)

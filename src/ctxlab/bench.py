@@ -188,7 +188,7 @@ def _measure(model, engines, contexts, prompts, steps, repeats, compile, say, se
         "dtype": str(model.dtype).removeprefix("torch."),
         "quantization": getattr(model, "quantization", None),
         "fused_projections": getattr(model, "fused_projections", 0),  # groups run as one matmul (nn.fusion)
-        "packed_linears": getattr(model, "packed_linears", 0),  # weights in oneDNN's layout (nn.packing)
+        "packed_linears": getattr(model, "packed_linears", 0),  # on the native matvec or oneDNN (nn.packing)
         "compile": compile,
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,

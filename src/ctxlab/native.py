@@ -79,7 +79,7 @@ def _build() -> bool:
     return True
 
 
-def _decode_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float):
+def _decode_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q2=None, k2=None):
     """out [B, H, G, Dv] (q's dtype), lse [B, H, G] float32: for torch.compile's tracing."""
     return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 

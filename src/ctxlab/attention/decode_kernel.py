@@ -16,25 +16,36 @@ import torch
 from .. import native
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> bool:
+def applies(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *second: torch.Tensor
+) -> bool:
     """Whether :func:`decode_attention` takes this call: one decoded token per sequence (q [B, H_kv, G, D]),
-    bf16 on the CPU, every key attended, D a multiple of 32 and Dv of 64, rows of k / v contiguous."""
+    bf16 on the CPU, every key attended, D (and a second key part's) a multiple of 32 and Dv of 64, rows
+    of the keys and values contiguous. ``second``: the (q2, k2) of a second key part, if any."""
     return (
         mask is None
-        and q.dtype == k.dtype == v.dtype == torch.bfloat16
+        and all(t.dtype == torch.bfloat16 for t in (q, k, v, *second))
         and q.device.type == "cpu"
-        and q.shape[-1] % 32 == 0
+        and all(t.shape[-1] % 32 == 0 for t in (q, *second))
         and v.shape[-1] % 64 == 0
-        and k.stride(-1) == 1
-        and v.stride(-1) == 1
+        and all(t.stride(-1) == 1 for t in (k, v, *second[1:]))
         and native.available()
     )
 
 
 def decode_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    q2: torch.Tensor | None = None,
+    k2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """q [B, H_kv, G, D] (the G query heads of each KV head), k [B, H_kv, S, D], v [B, H_kv, S, Dv], all
     bf16 -> (softmax(scale · q kᵀ) v [B, H_kv, G, Dv] bf16, its log-sum-exp [B, H_kv, G] float32).
-    K and V are read in place (a cache's slice, broadcast heads); check :func:`applies` first."""
-    return torch.ops.ctxlab.decode_attention(q.contiguous(), k, v, scale)
+    With ``q2`` [B, H_kv, G, D2] and ``k2`` [B, H_kv, S, D2] the scores are ``q kᵀ + q2 k2ᵀ`` (MLA's latent and
+    RoPE parts, stored apart). K, V (and k2) are read in place (a cache's slice, broadcast heads); check
+    :func:`applies` first."""
+    if q2 is not None:
+        q2 = q2.contiguous()
+    return torch.ops.ctxlab.decode_attention(q.contiguous(), k, v, scale, q2, k2)

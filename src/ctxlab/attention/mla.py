@@ -27,6 +27,7 @@ from ..nn.fusion import project
 from ..nn.norms import RMSNorm
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
+from . import decode_kernel
 from .context import ForwardContext, attention_mask
 from .dsa import LightningIndexer, tiny_indexer, validate_indexer
 from .kernels import grouped_attention
@@ -113,7 +114,9 @@ class MLAttention(nn.Module):
 
         The heads are folded into the query axis (``[B, 1, H, *]`` against ``[B, 1, S, *]``) and the
         scores are the sum of the latent and RoPE parts, so the cached latents are read in place
-        (no concatenated key copy), once for the scores and once for the values.
+        (no concatenated key copy), once for the scores and once for the values. In bf16 with every key
+        attended that runs in ctxlab's decode kernel (:mod:`ctxlab.attention.decode_kernel`, its two-part
+        keys); otherwise as the matmuls below.
 
         The bf16 matmuls run on oneDNN, which builds a kernel for every new shape. With one more key at
         every step that happens at every step, so a full cache's keys are read in blocks of ``KEY_BLOCK``
@@ -130,6 +133,12 @@ class MLAttention(nn.Module):
             latent = latent[:, 0].gather(1, index.expand(-1, -1, latent.shape[-1]))[:, None]
             k_rope = k_rope[:, 0].gather(1, index.expand(-1, -1, k_rope.shape[-1]))[:, None]
             k_pos = k_pos.gather(1, index[..., 0])
+        q_rope = q_rot.transpose(1, 2)  # [B, 1, H, R]
+        if valid_only and decode_kernel.applies(q_lat, latent, latent, None, q_rope, k_rope):
+            keys = k_pos.shape[-1]  # the stored rows may run past it (filled_in_blocks)
+            latent, k_rope = latent[:, :, :keys], k_rope[:, :, :keys]
+            out = decode_kernel.decode_attention(q_lat, latent, latent, self.spec.scale, q_rope, k_rope)[0]
+            return torch.einsum("bthl,hvl->bhtv", out, w_uv)
         # keys times queries ([S, L] @ [L, H]): the cached latents are the GEMM's row-major left operand, read
         # as stored; as the right operand (q @ latentᵀ) the kernel repacks all S x L of them every step
         scores = (latent @ q_lat.transpose(-1, -2)).float() + (k_rope @ q_rot.permute(0, 2, 3, 1)).float()

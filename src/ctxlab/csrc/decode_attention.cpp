@@ -3,6 +3,10 @@
 //   q [B, H, G, D] bf16 (the G query heads that share KV head h), k [B, H, S, D], v [B, H, S, Dv] bf16
 //   -> out [B, H, G, Dv] bf16 and lse [B, H, G] float32 (the log-sum-exp of each query's scaled scores)
 //
+// Optionally the keys come in two parts, q2 [B, H, G, D2] against k2 [B, H, S, D2]: the scores are then
+// q·k + q2·k2, as if q, q2 and k, k2 were concatenated (MLA's absorbed decode: the latent, which is also
+// the value, and the shared RoPE key, stored apart; DeepSeek-V2 §2.1.3).
+//
 // Decoding one token reads every cached key and value once and does ~2·G·(D + Dv) flops per key: the
 // step should run at memory bandwidth. PyTorch's flash kernel runs it as small GEMMs per 512-key block
 // (6-8 GB/s here for 16 query / 4 KV heads of 64 over 16K keys); this kernel keeps everything in registers:
@@ -16,8 +20,8 @@
 // * splits of SPLIT keys run in parallel (at::parallel_for: torch's own thread pool) and are merged by
 //   their maxima and sums, so one KV head's 16K keys occupy every thread.
 //
-// Requirements (checked by the caller, ctxlab/attention/decode_kernel.py): D % 32 == 0, Dv % 64 == 0,
-// q contiguous, k and v with contiguous rows (any strides above: a cache's slice is read in place), every
+// Requirements (checked by the caller, ctxlab/attention/decode_kernel.py): D % 32 == 0 (and D2), Dv % 64 == 0,
+// q (q2) contiguous, k (k2) and v with contiguous rows (any strides above: a cache's slice is read in place), every
 // key attended (no mask). Built at first use with the other kernels here (ctxlab/native.py).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -29,6 +33,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <optional>
 #include <tuple>
 #include <vector>
 
@@ -56,31 +61,53 @@ inline __m512 exp_ps(__m512 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-// Scores of G queries against keys [0, n) of a split (key t at k + t·rs): s[g·ld + t] = scale · q_g·k_t. Tile by tile,
-// so a tile's 16 key rows stay in L1 while every query reads them.
-void scores(const uint16_t* q, int64_t G, const uint16_t* k, int64_t rs, int64_t n, int64_t D, float scale, float* s,
-            int64_t ld) {
+// One part of the keys: rows k + t·rs of D dims (D % 32 == 0), the G queries' matching part at q (row stride D).
+struct KeyPart {
+  const uint16_t* q;
+  const uint16_t* k;
+  int64_t rs, D;
+};
+
+// acc[j] += q_g · k_{t+j} over one key part, for the 16 keys of a tile.
+inline void dot_tile(const KeyPart& p, int64_t g, int64_t t, __m512* acc) {
+  for (int64_t d = 0; d < p.D; d += 32) {
+    const __m512bh qd = (__m512bh)_mm512_loadu_si512(p.q + g * p.D + d);
+    for (int j = 0; j < TILE; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], qd, (__m512bh)_mm512_loadu_si512(p.k + (t + j) * p.rs + d));
+  }
+}
+
+inline __m512 dot_one(const KeyPart& p, int64_t g, int64_t t, __m512 a) {
+  for (int64_t d = 0; d < p.D; d += 32)
+    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(p.q + g * p.D + d), (__m512bh)_mm512_loadu_si512(p.k + t * p.rs + d));
+  return a;
+}
+
+inline void prefetch_rows(const KeyPart& p, int64_t t) {
+  for (int j = 0; j < TILE; ++j)
+    for (int64_t d = 0; d < p.D; d += 32) _mm_prefetch((const char*)(p.k + (t + j) * p.rs + d), _MM_HINT_T0);
+}
+
+// Scores of G queries against keys [0, n) of a split, the keys in one or two parts (parts[1].D == 0: one):
+// s[g·ld + t] = scale · Σ_parts q_g·k_t. Tile by tile, so a tile's 16 key rows stay in L1 while every query
+// reads them. Two parts are MLA's absorbed keys: the latent and the shared RoPE key, stored apart.
+void scores(const KeyPart* parts, int64_t G, int64_t n, float scale, float* s, int64_t ld) {
   const __m512 sv = _mm512_set1_ps(scale);
+  const int np = parts[1].D > 0 ? 2 : 1;
   int64_t t = 0;
   __m512 acc[TILE];
   for (; t + TILE <= n; t += TILE) {
-    for (int j = 0; j < TILE; ++j)  // the tile after next: its rows arrive while this one is computed
-      for (int64_t d = 0; d < D; d += 32) _mm_prefetch((const char*)(k + (t + 2 * TILE + j) * rs + d), _MM_HINT_T0);
+    for (int p = 0; p < np; ++p) prefetch_rows(parts[p], t + 2 * TILE);  // the tile after next: arrives meanwhile
     for (int64_t g = 0; g < G; ++g) {
       for (int j = 0; j < TILE; ++j) acc[j] = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 32) {
-        const __m512bh qd = (__m512bh)_mm512_loadu_si512(q + g * D + d);
-        for (int j = 0; j < TILE; ++j)
-          acc[j] = _mm512_dpbf16_ps(acc[j], qd, (__m512bh)_mm512_loadu_si512(k + (t + j) * rs + d));
-      }
+      for (int p = 0; p < np; ++p) dot_tile(parts[p], g, t, acc);
       _mm512_storeu_ps(s + g * ld + t, _mm512_mul_ps(sum_lanes_16(acc), sv));
     }
   }
   for (; t < n; ++t)  // the last n % 16 keys
     for (int64_t g = 0; g < G; ++g) {
       __m512 a = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 32)
-        a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(q + g * D + d), (__m512bh)_mm512_loadu_si512(k + t * rs + d));
+      for (int p = 0; p < np; ++p) a = dot_one(parts[p], g, t, a);
       s[g * ld + t] = _mm512_reduce_add_ps(a) * scale;
     }
 }
@@ -136,7 +163,8 @@ void values(const float* p, int64_t ld, const uint16_t* v, int64_t rs, int64_t n
 }
 
 std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                                   double scale) {
+                                                   double scale, const std::optional<at::Tensor>& q2,
+                                                   const std::optional<at::Tensor>& k2) {
   TORCH_CHECK(q.scalar_type() == at::kBFloat16 && k.scalar_type() == at::kBFloat16 && v.scalar_type() == at::kBFloat16,
               "ctxlab::decode_attention takes bf16 q, k, v");
   TORCH_CHECK(q.is_contiguous() && k.stride(3) == 1 && v.stride(3) == 1,
@@ -145,6 +173,20 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.size(0) == B && v.size(1) == H && v.size(2) == S,
               "ctxlab::decode_attention: q [B, H, G, D], k [B, H, S, D], v [B, H, S, Dv]");
   TORCH_CHECK(D % 32 == 0 && Dv % 64 == 0 && S > 0, "ctxlab::decode_attention: D % 32 == 0, Dv % 64 == 0, S > 0");
+  TORCH_CHECK(q2.has_value() == k2.has_value(), "ctxlab::decode_attention: q2 and k2 together");
+  int64_t D2 = 0;
+  const uint16_t *q2p = nullptr, *k2p = nullptr;
+  if (q2.has_value()) {  // a second part of the keys (MLA: the RoPE key beside the latent)
+    D2 = q2->size(3);
+    TORCH_CHECK(q2->scalar_type() == at::kBFloat16 && k2->scalar_type() == at::kBFloat16 && q2->is_contiguous() &&
+                    k2->stride(3) == 1,
+                "ctxlab::decode_attention: q2, k2 bf16, q2 contiguous, k2 rows contiguous");
+    TORCH_CHECK(q2->size(0) == B && q2->size(1) == H && q2->size(2) == G && k2->size(0) == B && k2->size(1) == H &&
+                    k2->size(2) == S && k2->size(3) == D2 && D2 % 32 == 0,
+                "ctxlab::decode_attention: q2 [B, H, G, D2], k2 [B, H, S, D2], D2 % 32 == 0");
+    q2p = reinterpret_cast<const uint16_t*>(q2->data_ptr());
+    k2p = reinterpret_cast<const uint16_t*>(k2->data_ptr());
+  }
   const int64_t splits = (S + SPLIT - 1) / SPLIT, tasks = B * H * splits;
   std::vector<float> part_o(tasks * G * Dv), part_m(tasks * G), part_l(tasks * G);  // per (b, h, split, g)
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
@@ -156,7 +198,10 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
       const int64_t bh = task / splits, b = bh / H, h = bh % H, t0 = (task % splits) * SPLIT, n = std::min(S - t0, SPLIT);
       const uint16_t* kh = kp + b * k.stride(0) + h * k.stride(1) + t0 * k.stride(2);
       const uint16_t* vh = vp + b * v.stride(0) + h * v.stride(1) + t0 * v.stride(2);
-      scores(qp + bh * G * D, G, kh, k.stride(2), n, D, static_cast<float>(scale), s.data(), SPLIT);
+      KeyPart parts[2] = {{qp + bh * G * D, kh, k.stride(2), D}, {nullptr, nullptr, 0, 0}};
+      if (D2 > 0)
+        parts[1] = {q2p + bh * G * D2, k2p + b * k2->stride(0) + h * k2->stride(1) + t0 * k2->stride(2), k2->stride(2), D2};
+      scores(parts, G, n, static_cast<float>(scale), s.data(), SPLIT);
       for (int64_t g = 0; g < G; ++g)
         std::tie(part_m[task * G + g], part_l[task * G + g]) = softmax_terms(s.data() + g * SPLIT, n);
       values(s.data(), SPLIT, vh, v.stride(2), n, G, Dv, part_o.data() + task * G * Dv);
@@ -190,7 +235,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ctxlab, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? q2=None, Tensor? k2=None) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ctxlab, CPU, m) { m.impl("decode_attention", &decode_attention); }
