@@ -15,9 +15,9 @@ included) by a :class:`PackedLinear`, and the expert banks of MoE layers by :cla
 (one such linear per expert matrix). A :class:`PackedLinear` keeps a bf16 weight as it is where the
 native kernel runs (decode's few rows go to the kernel, prefill's many to ``F.linear``: oneDNN's
 GEMM either way), and otherwise holds it as an opaque ``torch._mkldnn`` tensor. A packed model is
-for eager inference: no gradients, no ``torch.compile`` (inductor does not lower ops on opaque
-tensors; compile the unpacked model instead). ``save_pretrained`` writes it through
-:func:`unpacked_linears`. A linear whose weight is shared (a tied LM head: the embedding lookup reads
+for inference (no gradients); with opaque weights, for eager inference only (inductor does not lower
+ops on them): ``pack_linears_(model, for_compile=True)`` packs only what ``torch.compile`` traces.
+``save_pretrained`` writes a packed model through :func:`unpacked_linears`. A linear whose weight is shared (a tied LM head: the embedding lookup reads
 the same table) is packed when it can stay as it is (bf16, native kernel); in oneDNN's layout it
 stays unpacked unless ``shared=True``, which gives it a packed copy at ``vocab x hidden`` more bytes
 (Gemma 3 270M: +336 MB on 536 MB of weights). Also left as they are: projections whose weight the
@@ -153,8 +153,8 @@ def pack_linears_(model: nn.Module, shared: bool = False, for_compile: bool = Fa
     ``for_compile=True`` packs only what ``torch.compile`` traces: the linears whose weight stays as it is
     (the native matvec is a custom op with a fake implementation); oneDNN's opaque weights and expert banks
     (:func:`~ctxlab.nn.moe.routed_sum` reads the routing on the host) are left as they are. The compiled
-    decode step of ctxlab's llama benchmark model at 512 tokens: 14.3 ms unpacked, 9.7 ms packed so
-    (docs/benchmarks.md, "Weights"). Run it last, after ``fuse_projections_`` and ``quantize_`` (the
+    decode step of ctxlab's llama benchmark model at 512 tokens: 14.3 ms unpacked, 9.7 ms packed so (an
+    ad hoc probe; docs/benchmarks.md, "llama compiled, on the matvec kernel"). Run it last, after ``fuse_projections_`` and ``quantize_`` (the
     quantized layers keep their own kernels)."""
     uses = Counter(id(parameter) for _, parameter in model.named_parameters(remove_duplicate=False))
     packed = 0
