@@ -9,7 +9,7 @@ run them close to it, in bf16 with float32 accumulation (docs/benchmarks.md):
   PyTorch's own layout, used by :mod:`ctxlab.nn.packing`.
 
 They need an x86 CPU with AVX512-BF16 (``vdpbf16ps``) and a C++ compiler, and are built together at first
-use by ``torch.utils.cpp_extension`` (~30 s, cached under ``TORCH_EXTENSIONS_DIR``, one build per torch
+use by ``torch.utils.cpp_extension`` (~15-30 s, cached under ``TORCH_EXTENSIONS_DIR``, one build per torch
 version). Where either is missing, or ``CTXLAB_NATIVE_KERNELS=0`` is set, :func:`available` is False and
 callers keep PyTorch's kernels; if the build fails, one warning says why.
 """
