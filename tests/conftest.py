@@ -31,6 +31,13 @@ def hf():
     return pytest.importorskip("transformers", reason="transformers (test extra) is not installed")
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied first: every compiled model shares ``generate._decode_logits``'s code object,
+    and the suite's earlier compiles count toward Dynamo's recompile limit for it."""
+    torch._dynamo.reset()
+
+
 TOL = 1e-4
 
 

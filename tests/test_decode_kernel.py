@@ -130,7 +130,7 @@ def test_the_pip_ninja_is_found_without_an_activated_venv(monkeypatch):
 
 @needs_kernel
 @pytest.mark.parametrize("window", [None, 12])
-def test_a_bf16_model_decodes_through_the_kernel_as_its_full_forward(monkeypatch, window):
+def test_a_bf16_model_decodes_through_the_kernel_as_its_full_forward(monkeypatch, window, fresh_dynamo):
     """Cached decode of a bf16 GQA model (head dim 64, a sliding ring past its window when ``window``)
     matches the full forward's logits as closely as the SDPA decode path does, eager and compiled."""
     import ctxlab
@@ -192,7 +192,7 @@ def test_two_part_keys_equal_attention_over_the_concatenated_keys(heads, latent_
 
 
 @needs_kernel
-def test_a_bf16_mla_model_decodes_through_the_kernel_as_its_full_forward(monkeypatch):
+def test_a_bf16_mla_model_decodes_through_the_kernel_as_its_full_forward(monkeypatch, fresh_dynamo):
     """Cached absorbed decode of a bf16 MLA model (latent 64, RoPE key 32) through the kernel matches the
     full forward (expanded attention) as closely as the matmul path does, eager and compiled."""
     import ctxlab

@@ -108,7 +108,7 @@ def test_switch_off_keeps_onednn(monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_model_packed_for_compile_decodes_compiled_as_eager():
+def test_a_model_packed_for_compile_decodes_compiled_as_eager(fresh_dynamo):
     """``pack_linears_(for_compile=True)`` keeps only the native linears (the tied head and biases included),
     which inductor traces as the custom op: the compiled step (fullgraph) gives the eager logits."""
     from ctxlab.generate import compiled_decode_step, decode_step
