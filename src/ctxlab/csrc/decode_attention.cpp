@@ -15,8 +15,8 @@
 //   in float32) per key and 32 dims, then the 16 accumulators are summed lane-wise in one transpose tree
 //   (`sum_lanes_16`), so each key's score costs ~3 instructions instead of a horizontal reduction;
 // * softmax: in float32 per split of keys (FlashDecoding's split-KV: Dao et al. 2023), exp vectorized;
-// * values: the probabilities rounded to bf16 (as PyTorch's flash kernel rounds them before its value
-//   GEMM), two keys per AVX512-BF16 dot product, float32 sums in registers for 4 queries x 64 dims;
+// * values: float32 probabilities times float32-converted value rows, accumulated in registers for
+//   4 queries x 64 dims at a time;
 // * splits of SPLIT keys run in parallel (at::parallel_for: torch's own thread pool) and are merged by
 //   their maxima and sums, so one KV head's 16K keys occupy every thread.
 //
@@ -33,13 +33,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 namespace {
 
+using ctxlab_simd::load_bf16x16;
 using ctxlab_simd::sum_lanes_16;
 
 constexpr int64_t SPLIT = 512;  // keys per parallel task
@@ -132,56 +132,28 @@ std::pair<float, float> softmax_terms(float* s, int64_t n) {
   return {m, l};
 }
 
-// s[0, n) float32 -> p[0, n) bf16, and p[n] = 0 (the partner of an odd last key in weighted_values).
-void to_bf16(const float* s, int64_t n, uint16_t* p) {
-  int64_t t = 0;
-  for (; t + 16 <= n; t += 16) _mm256_storeu_si256((__m256i*)(p + t), (__m256i)_mm512_cvtneps_pbh(_mm512_loadu_ps(s + t)));
-  for (; t < n; ++t) p[t] = c10::BFloat16(s[t]).x;
-  p[n] = 0;
-}
-
-// o[g][0, 64) = Σ_t p[g][t] · v_t[0, 64) for GC queries (p[g] bf16 at p + g·ld; value row t at v + t·rs).
-// Two keys per step, as AVX512-BF16 dot products: the rows of keys t and t+1 interleaved 16 bits at a time
-// (`vpunpck{l,h}wd`), so one `vdpbf16ps` with the pair (p_t, p_t+1) adds both keys' terms to 16 dims in
-// float32. The probabilities are rounded to bf16 first, as PyTorch's CPU flash kernel rounds them before
-// its value GEMM. Within each 128-bit lane the low unpack holds dims 0-3, the high one dims 4-7 (+8 per
-// lane); the permutes at the end put them back in order.
+// o[g][0, 64) = Σ_t p[g][t] · v_t[0, 64) for GC queries (p[g] at p + g·ld; value row t at v + t·rs).
 template <int GC>
-void weighted_values(const uint16_t* p, int64_t ld, const uint16_t* v, int64_t rs, int64_t n, float* o, int64_t ldo) {
-  __m512 acc[GC][4];  // per query: dims 0-31 (low, high unpack), dims 32-63 (low, high)
+void weighted_values(const float* p, int64_t ld, const uint16_t* v, int64_t rs, int64_t n, float* o, int64_t ldo) {
+  __m512 acc[GC][4];
   for (int g = 0; g < GC; ++g)
     for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_setzero_ps();
-  for (int64_t t = 0; t < n; t += 2) {
-    const uint16_t* r0 = v + t * rs;
-    const uint16_t* r1 = t + 1 < n ? r0 + rs : r0;  // an odd last key pairs with itself, at probability 0
-    for (int64_t ahead = 8; ahead < 10; ++ahead) {  // both 64-byte halves of the rows 8 keys on
-      _mm_prefetch((const char*)(r0 + ahead * rs), _MM_HINT_T0);
-      _mm_prefetch((const char*)(r0 + ahead * rs + 32), _MM_HINT_T0);
-    }
-    __m512i pairs[4];
-    for (int h = 0; h < 2; ++h) {
-      const __m512i a = _mm512_loadu_si512(r0 + 32 * h), b = _mm512_loadu_si512(r1 + 32 * h);
-      pairs[2 * h] = _mm512_unpacklo_epi16(a, b);
-      pairs[2 * h + 1] = _mm512_unpackhi_epi16(a, b);
-    }
+  for (int64_t t = 0; t < n; ++t) {
+    _mm_prefetch((const char*)(v + (t + 8) * rs), _MM_HINT_T0);
+    _mm_prefetch((const char*)(v + (t + 8) * rs + 32), _MM_HINT_T0);
+    __m512 row[4];
+    for (int c = 0; c < 4; ++c) row[c] = load_bf16x16(v + t * rs + 16 * c);
     for (int g = 0; g < GC; ++g) {
-      uint32_t pp;  // (p_t, p_t+1) as one 32-bit pair
-      std::memcpy(&pp, p + g * ld + t, sizeof pp);
-      const __m512bh pg = (__m512bh)_mm512_set1_epi32(static_cast<int>(pp));
-      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_dpbf16_ps(acc[g][c], pg, (__m512bh)pairs[c]);
+      const __m512 pg = _mm512_set1_ps(p[g * ld + t]);
+      for (int c = 0; c < 4; ++c) acc[g][c] = _mm512_fmadd_ps(pg, row[c], acc[g][c]);
     }
   }
-  const __m512i first = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
-  const __m512i second = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
   for (int g = 0; g < GC; ++g)
-    for (int h = 0; h < 2; ++h) {
-      _mm512_storeu_ps(o + g * ldo + 32 * h, _mm512_permutex2var_ps(acc[g][2 * h], first, acc[g][2 * h + 1]));
-      _mm512_storeu_ps(o + g * ldo + 32 * h + 16, _mm512_permutex2var_ps(acc[g][2 * h], second, acc[g][2 * h + 1]));
-    }
+    for (int c = 0; c < 4; ++c) _mm512_storeu_ps(o + g * ldo + 16 * c, acc[g][c]);
 }
 
-// o [G, Dv] = p [G, n] (bf16, row stride ld) @ the n value rows at v (row stride rs).
-void values(const uint16_t* p, int64_t ld, const uint16_t* v, int64_t rs, int64_t n, int64_t G, int64_t Dv, float* o) {
+// o [G, Dv] = p [G, n] (row stride ld) @ the n value rows at v (row stride rs).
+void values(const float* p, int64_t ld, const uint16_t* v, int64_t rs, int64_t n, int64_t G, int64_t Dv, float* o) {
   for (int64_t d = 0; d < Dv; d += 64) {
     int64_t g = 0;
     for (; g + 4 <= G; g += 4) weighted_values<4>(p + g * ld, ld, v + d, rs, n, o + g * Dv + d, Dv);
@@ -221,8 +193,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
   const auto* kp = reinterpret_cast<const uint16_t*>(k.data_ptr());
   const auto* vp = reinterpret_cast<const uint16_t*>(v.data_ptr());
   at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> s(G * SPLIT);                 // [G, SPLIT] scores, then probabilities
-    std::vector<uint16_t> p(G * (SPLIT + 2));        // [G, SPLIT + 2] the probabilities in bf16
+    std::vector<float> s(G * SPLIT);  // [G, SPLIT] scores, then probabilities
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / splits, b = bh / H, h = bh % H, t0 = (task % splits) * SPLIT, n = std::min(S - t0, SPLIT);
       const uint16_t* kh = kp + b * k.stride(0) + h * k.stride(1) + t0 * k.stride(2);
@@ -231,11 +202,9 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
       if (D2 > 0)
         parts[1] = {q2p + bh * G * D2, k2p + b * k2->stride(0) + h * k2->stride(1) + t0 * k2->stride(2), k2->stride(2), D2};
       scores(parts, G, n, static_cast<float>(scale), s.data(), SPLIT);
-      for (int64_t g = 0; g < G; ++g) {
+      for (int64_t g = 0; g < G; ++g)
         std::tie(part_m[task * G + g], part_l[task * G + g]) = softmax_terms(s.data() + g * SPLIT, n);
-        to_bf16(s.data() + g * SPLIT, n, p.data() + g * (SPLIT + 2));
-      }
-      values(p.data(), SPLIT + 2, vh, v.stride(2), n, G, Dv, part_o.data() + task * G * Dv);
+      values(s.data(), SPLIT, vh, v.stride(2), n, G, Dv, part_o.data() + task * G * Dv);
     }
   });
   auto out = at::empty({B, H, G, Dv}, q.options());
