@@ -4,8 +4,7 @@ At long context a decode step is dominated by reading the cache, and PyTorch's C
 it at a fraction of the memory bandwidth: it runs small GEMMs per 512-key block per head, 6-8 GB/s
 for 16 query / 4 KV heads of 64 over 16K bf16 keys on this 2-core machine (docs/benchmarks.md,
 "Decode attention in isolation"). The kernel computes the same softmax attention with the scores
-and the value sums as AVX512-BF16 dot products in registers (float32 accumulation; the probabilities
-rounded to bf16 for the values, as the flash kernel rounds them), and the keys split across threads
+and the value sums in registers, float32 accumulation, and the keys split across threads
 (FlashDecoding's split-KV, Dao et al. 2023). Keys may come in two parts, ``q kᵀ + q2 k2ᵀ``: MLA's
 absorbed decode (the latent and the RoPE key, stored apart). Where :func:`ctxlab.native.available` is False (no
 AVX512-BF16, no compiler, ``CTXLAB_NATIVE_KERNELS=0``), callers keep PyTorch's SDPA.
