@@ -25,10 +25,12 @@ TOL = {"atol": 1e-5, "rtol": 1e-5}
 # by ~1e-2 after 20 iterations); very sharp ones (std ~15: sigmoids saturate to 1e-10 of 0 or 1,
 # comb rows near one-hot).
 SHARPNESS = {"mild": (0.02, 0.02, 1.0), "sharp": (0.3, 1.0, 1.0), "very_sharp": (0.3, 3.0, 4.0)}
-# At very sharp logits float32 itself resolves gradients only to ~1e-5 relative (measured: the
-# reference against the same math in float64 is off by up to 1.3e-5 · (1 + |value|), the fused
-# path by up to 1.9e-5), so the two float32 paths are held to 5e-5 there; 1e-5 elsewhere.
-TOLS = {"mild": TOL, "sharp": TOL, "very_sharp": {"atol": 5e-5, "rtol": 5e-5}}
+# At very sharp logits float32 itself resolves gradients only to a few 1e-5 relative: against the
+# same math in float64, over random branch weights, the float32 reference was off by up to
+# 1.2e-5 · (1 + |value|), the fast path by up to 3.7e-5 with PyTorch's Sinkhorn steps and 4.7e-5 with
+# the native kernel (measured). There both float32 paths are held to the float64 reference, within
+# 1e-4; elsewhere the fast path to the float32 reference within 1e-5.
+TOLS = {"mild": TOL, "sharp": TOL, "very_sharp": {"atol": 1e-4, "rtol": 1e-4}}
 
 
 class Connection(torch.nn.Module):
@@ -49,6 +51,9 @@ class Connection(torch.nn.Module):
                 getattr(module, fn).copy_(fn_std * torch.randn(getattr(module, fn).shape, generator=gen))
                 getattr(module, base).copy_(base_std * torch.randn(getattr(module, base).shape, generator=gen))
                 getattr(module, scale).copy_(gain * (0.5 + torch.rand(getattr(module, scale).shape, generator=gen)))
+            for p in self.branch.parameters():
+                p.copy_(torch.randn(p.shape, generator=gen) / hidden**0.5)
+        self.sharpness = sharpness
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, T, n, H]
         u, mixing = self.hc.split(x)
@@ -82,6 +87,17 @@ def reference_copy(module: torch.nn.Module) -> torch.nn.Module:
     return set_hc_impl(copy.deepcopy(module), "reference")
 
 
+def assert_follows_reference(got: dict, module: Connection, x: torch.Tensor) -> None:
+    """``got`` (float32 outputs and gradients) against the reference path: its float32 run, or at very
+    sharp logits its float64 run, which the float32 reference is then also held to."""
+    if module.sharpness != "very_sharp":
+        return assert_all_close(got, outputs_and_grads(reference_copy(module), x))
+    truth = outputs_and_grads(reference_copy(module).double(), x.double())
+    truth = {name: value.float() for name, value in truth.items()}
+    assert_all_close(outputs_and_grads(reference_copy(module), x), truth, TOLS["very_sharp"])
+    assert_all_close(got, truth, TOLS["very_sharp"])
+
+
 @pytest.mark.parametrize("sharpness", sorted(SHARPNESS))
 @pytest.mark.parametrize("shape", [(2, 7, 4, 16), (1, 1, 4, 32), (3, 5, 2, 8)], ids=["prefill", "decode", "2-streams"])
 def test_fused_equals_reference_outputs_and_every_gradient(sharpness, shape):
@@ -89,7 +105,7 @@ def test_fused_equals_reference_outputs_and_every_gradient(sharpness, shape):
     fused = Connection(H, n, sharpness)
     assert fused.hc.impl == "fused" and fused.head.impl == "fused"  # the default
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    assert_all_close(outputs_and_grads(fused, x), outputs_and_grads(reference_copy(fused), x), TOLS[sharpness])
+    assert_follows_reference(outputs_and_grads(fused, x), fused, x)
 
 
 def test_sharp_case_is_sharp():
@@ -110,7 +126,7 @@ def test_compiled_fullgraph_equals_eager_and_reference(sharpness):
     x = torch.randn(2, 6, 4, 16, generator=torch.Generator().manual_seed(2))
     eager = outputs_and_grads(module, x)
     assert_all_close(outputs_and_grads(module, x, compiled), eager, TOLS[sharpness])
-    assert_all_close(eager, outputs_and_grads(reference_copy(module), x), TOLS[sharpness])
+    assert_follows_reference(eager, module, x)
     with torch.no_grad():
         step = torch.randn(1, 1, 4, 16, generator=torch.Generator().manual_seed(3))
         for got, expected in zip(compiled(step), reference_copy(module)(step)):

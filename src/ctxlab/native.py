@@ -8,6 +8,12 @@ run them close to it, in bf16 with float32 accumulation (docs/benchmarks.md):
 * ``ctxlab::matvec`` (``matvec.cpp``): a bf16 linear map of a few rows, the weights read once in
   PyTorch's own layout, used by :mod:`ctxlab.nn.packing`.
 
+A third replaces a chain of small steps with one pass:
+
+* ``ctxlab::sinkhorn`` / ``ctxlab::sinkhorn_backward`` (``sinkhorn.cpp``): mHC's Sinkhorn projection of
+  one small matrix per token, ~40 dependent steps in registers instead of ~40 kernels over all tokens,
+  used by :mod:`ctxlab.nn.mhc_fused`.
+
 They need an x86 CPU with AVX512-BF16 (``vdpbf16ps``) and a C++ compiler, and are built together at first
 use by ``torch.utils.cpp_extension`` (~15-30 s, cached under ``TORCH_EXTENSIONS_DIR``, one build per torch
 version). Where either is missing, or ``CTXLAB_NATIVE_KERNELS=0`` is set, :func:`available` is False and
@@ -28,6 +34,7 @@ import torch
 SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
 ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 ENV_SWITCH = "CTXLAB_NATIVE_KERNELS"  # "0" keeps PyTorch's kernels everywhere
+SINKHORN_MAX_STREAMS = 8  # ctxlab::sinkhorn's largest n (sinkhorn.cpp's MAX_STREAMS)
 
 
 def cpu_has_avx512_bf16() -> bool:
@@ -76,6 +83,8 @@ def _build() -> bool:
         return False
     torch.library.register_fake("ctxlab::decode_attention")(_decode_attention_shapes)
     torch.library.register_fake("ctxlab::matvec")(_matvec_shapes)
+    torch.library.register_fake("ctxlab::sinkhorn")(_sinkhorn_shapes)
+    torch.library.register_fake("ctxlab::sinkhorn_backward")(_sinkhorn_backward_shapes)
     return True
 
 
@@ -87,3 +96,13 @@ def _decode_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def _matvec_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """x [M, K], weight [N, K] -> [M, N]: for torch.compile's tracing."""
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _sinkhorn_shapes(logits: torch.Tensor, iters: int, eps: float):
+    """logits [n, n, N] -> comb [n, n, N], contiguous: for torch.compile's tracing."""
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _sinkhorn_backward_shapes(grad: torch.Tensor, logits: torch.Tensor, iters: int, eps: float):
+    """grad, logits [n, n, N] -> the logits' gradient [n, n, N], contiguous: for torch.compile's tracing."""
+    return torch.empty_like(logits, memory_format=torch.contiguous_format)

@@ -1,4 +1,4 @@
-// Helpers shared by ctxlab's AVX512 kernels (decode_attention.cpp, matvec.cpp).
+// Helpers shared by ctxlab's AVX512 kernels (decode_attention.cpp, matvec.cpp, sinkhorn.cpp).
 #pragma once
 
 #include <immintrin.h>
@@ -26,6 +26,22 @@ inline __m512 sum_lanes_16(const __m512* x) {
     c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88),   // lanes 0, 2 | 0, 2
                          _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));  // lanes 1, 3 | 1, 3
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+
+// exp(x) for x <= 0 (scores minus their maximum): 2^(x·log2 e) = 2^n · 2^f, f in [-0.5, 0.5], 2^f by a
+// degree-6 polynomial (relative error ~2e-7), 2^n by vscalefps (which also flushes very negative x to 0).
+inline __m512 exp_ps(__m512 x) {
+  const __m512 y = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-200.f)), _mm512_set1_ps(1.4426950408889634f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  __m512 p = _mm512_set1_ps(1.5353362e-4f);  // Taylor coefficients of 2^f = e^(f ln 2): (ln 2)^k / k!
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3333558e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.6181291e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504109e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022651e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
 }
 
 }  // namespace ctxlab_simd

@@ -6,9 +6,11 @@ DeepSeek reports +6.7% training time for mHC at n = 4 with fused kernels. In pla
 is in dozens of tiny ops per connection and in passes over the n-times wider stream, so:
 
 * **Sinkhorn** (:class:`Sinkhorn`) is one autograd node: the forward runs the 20 row / column
-  normalisations in place without recording them; the backward recomputes them (40 small
-  [N, n, n] steps) and applies each step's vector-Jacobian product by hand, instead of keeping
-  ~80 intermediate tensors alive from forward to backward.
+  normalisations without recording them; the backward recomputes them and applies each step's
+  vector-Jacobian product by hand, instead of keeping ~80 intermediate tensors alive from forward
+  to backward. Where ctxlab's native kernels run (:mod:`ctxlab.native`), both are one pass over
+  the tokens (``ctxlab::sinkhorn``, a token's ~40 steps in registers); elsewhere they are ~40 small
+  PyTorch ops over all tokens (:func:`sinkhorn_forward_pytorch`, the oracle of the native one).
 * **Split** (:class:`HyperSplit`): the RMS norm is applied to the 24 mixing logits instead of the
   n·H inputs (``(x / rms) · fnᵀ = (x · fnᵀ) / rms``), so no normalised copy of X is made or saved;
   the norm's statistics, the one projection of all dynamic mappings and the pre-collapse
@@ -31,6 +33,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import native
+
 
 def _normalise_steps(iters: int) -> list[int]:
     """The axis of each Sinkhorn normalisation of ``m [i, j, N]`` after the row softmax (over j):
@@ -39,7 +43,36 @@ def _normalise_steps(iters: int) -> list[int]:
     return [0] + [1, 0] * (iters - 1)
 
 
+def _runs_natively(logits: torch.Tensor) -> bool:
+    return (
+        logits.dtype == torch.float32
+        and logits.device.type == "cpu"
+        and logits.shape[0] <= native.SINKHORN_MAX_STREAMS
+        and native.available()
+    )
+
+
+def _tokens_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous()
+
+
 def sinkhorn_forward(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """logits [n, n, N] (tokens last) -> the doubly stochastic matrices [n, n, N]: the native kernel
+    (one pass over the tokens) or the PyTorch steps."""
+    if _runs_natively(logits):
+        return torch.ops.ctxlab.sinkhorn(_tokens_last(logits), iters, eps)
+    return sinkhorn_forward_pytorch(logits, iters, eps)
+
+
+def sinkhorn_backward(grad: torch.Tensor, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Vector-Jacobian product of :func:`sinkhorn_forward`, recomputing its steps: grad, logits
+    [n, n, N] -> [n, n, N]."""
+    if _runs_natively(logits):
+        return torch.ops.ctxlab.sinkhorn_backward(_tokens_last(grad), _tokens_last(logits), iters, eps)
+    return sinkhorn_backward_pytorch(grad.contiguous(), logits, iters, eps)
+
+
+def sinkhorn_forward_pytorch(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """logits [n, n, N] (row i, column j, tokens last so every sum is over whole token vectors)
     -> the reference's ``softmax_row + eps`` then ``m / (sum + eps)`` per step.
 
@@ -59,8 +92,8 @@ def sinkhorn_forward(logits: torch.Tensor, iters: int, eps: float) -> torch.Tens
     return m
 
 
-def sinkhorn_backward(grad: torch.Tensor, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """Vector-Jacobian product of :func:`sinkhorn_forward` ([n, n, N]), recomputing its steps (as
+def sinkhorn_backward_pytorch(grad: torch.Tensor, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Vector-Jacobian product of :func:`sinkhorn_forward_pytorch` ([n, n, N]), recomputing its steps (as
     ``sum + eps`` on the matrix itself, keeping each step: the forward's values up to float rounding).
 
     Step ``m' = m / d`` with ``d = Σ_axis m + eps`` has ``∂L/∂m = (g - Σ_axis(g ⊙ m')) / d``; the
@@ -90,7 +123,7 @@ class Sinkhorn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (logits,) = ctx.saved_tensors
-        return sinkhorn_backward(grad.contiguous(), logits, ctx.iters, ctx.eps), None, None
+        return sinkhorn_backward(grad, logits, ctx.iters, ctx.eps), None, None
 
 
 def _gains(scale: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -148,8 +181,8 @@ class HyperSplit(torch.autograd.Function):
             g_z = g_pre * s * (1 - s)
         else:
             g_s = torch.cat([g_pre, 2 * g_post.t()])  # [2n, N]
-            g_c = sinkhorn_backward(g_comb.permute(1, 2, 0).contiguous(), comb_logits, iters, eps)
-            g_z = torch.cat([g_s * s * (1 - s), g_c.view(n * n, N)])  # [M, N]
+            g_c = sinkhorn_backward(g_comb.permute(1, 2, 0), comb_logits, iters, eps)
+            g_z = torch.cat([g_s * s * (1 - s), g_c.reshape(n * n, N)])  # [M, N]
         mix = raw * inv_rms
         g_base = g_z.sum(1)
         g_scale = torch.stack([part.sum() for part in (g_z * mix).split(ctx.sizes)])
