@@ -209,3 +209,23 @@ def test_a_bf16_mla_model_decodes_through_the_kernel_as_its_full_forward(monkeyp
     mla = MLASpec(kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=32, v_head_dim=32, q_lora_rank=48)
     layer = LayerSpec(attention="mla", num_heads=4, num_kv_heads=4, head_dim=64, intermediate_size=256, mla=mla)
     assert_decodes_through_the_kernel_as_its_full_forward(monkeypatch, layer, "kernel-mla")
+
+
+def test_flop_counter_counts_the_kernels_as_the_products_they_replace():
+    """``FlopCounterMode`` sees the native ops as it sees torch's: the decode kernel as SDPA over the
+    expanded heads (with a second key part, over the concatenated keys), matvec as ``F.linear``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(fn) -> int:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+        return counter.get_total_flops()
+
+    gen = torch.Generator().manual_seed(0)
+    q, q2 = (torch.randn(1, 2, 3, d, generator=gen).bfloat16() for d in (64, 32))
+    k, v, k2 = (torch.randn(1, 2, 50, d, generator=gen).bfloat16() for d in (64, 128, 32))
+    expanded = [t.repeat_interleave(3, dim=1) for t in (torch.cat([k, k2], -1), v)]
+    sdpa = flops(lambda: F.scaled_dot_product_attention(torch.cat([q, q2], -1).view(1, 6, 1, 96), *expanded))
+    assert flops(lambda: torch.ops.ctxlab.decode_attention(q, k, v, 0.1, q2, k2)) == sdpa
+    x, w = torch.randn(3, 64).bfloat16(), torch.randn(40, 64).bfloat16()
+    assert flops(lambda: torch.ops.ctxlab.matvec(x, w, None)) == flops(lambda: F.linear(x, w)) > 0

@@ -1,15 +1,23 @@
-"""ctxlab's native Sinkhorn kernel (``ctxlab/csrc/sinkhorn.cpp``), which mHC's fast path
-(``ctxlab.nn.mhc_fused``) uses for its Sinkhorn projection: forward and recomputing backward equal the
-PyTorch steps (``sinkhorn_forward_pytorch`` / ``sinkhorn_backward_pytorch``, run in float64 as the
-oracle) within float32 rounding, for any number of streams up to 8, any number of tokens (the 16-token
-blocks' tails), any iteration count, logits from flat to sharp, and logits or gradients that are strided
-views; clear errors for what it does not take, and the PyTorch steps beyond 8 streams.
+"""ctxlab's native mHC kernels, which mHC's fast path (``ctxlab.nn.mhc_fused``) uses.
 
-The kernel needs an x86 CPU with AVX512 and a C++ compiler (it is built with ctxlab's other native
-kernels); where they are absent the tests are skipped, and the fast path keeps the PyTorch steps, which
+``ctxlab::hc_split`` / ``ctxlab::hc_merge`` (``ctxlab/csrc/hyper_connection.cpp``), a connection's (or
+the head's) whole split and its merge at inference: equal to the reference path for any number of
+streams, widths with tails, float32 and bf16 streams, random parameters from mild to sharp.
+
+``ctxlab::sinkhorn`` (``ctxlab/csrc/sinkhorn.cpp``), the Sinkhorn projection in training: forward and
+recomputing backward equal the PyTorch steps (``sinkhorn_forward_pytorch`` / ``sinkhorn_backward_pytorch``,
+run in float64 as the oracle) within float32 rounding, for any number of streams up to 8, any number of
+tokens (the 16-token blocks' tails), any iteration count, logits from flat to sharp, and logits or
+gradients that are strided views; clear errors for what it does not take, and the PyTorch steps beyond 8
+streams.
+
+The kernels need an x86 CPU with AVX512 and a C++ compiler (they are built with ctxlab's other native
+kernels); where either is absent the tests are skipped, and the fast path keeps its PyTorch code, which
 tests/test_mhc_fused.py covers."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -18,6 +26,7 @@ from hypothesis import strategies as st
 
 from ctxlab import native
 from ctxlab.nn import mhc_fused
+from ctxlab.nn.residual import HyperConnection, HyperHead, set_hc_impl
 
 pytestmark = pytest.mark.skipif(
     not native.available(), reason="no AVX512-BF16 CPU or no C++ compiler: the kernel cannot run here"
@@ -102,3 +111,95 @@ def test_more_streams_than_the_kernel_takes_use_the_pytorch_steps():
 def test_kernel_rejects_what_it_does_not_take(logits, message):
     with pytest.raises(RuntimeError, match=message):
         torch.ops.ctxlab.sinkhorn(logits, 20, EPS)
+
+
+# --- ctxlab::hc_split: a connection's (or the head's) work before its block, at inference -------------
+
+
+def random_connection(hidden: int, n: int, sharpness: float, gen: torch.Generator, head: bool = False):
+    module = HyperHead(hidden, n, 1e-6, 1e-6) if head else HyperConnection(hidden, n, 20, 1e-6, 1e-6)
+    with torch.no_grad():
+        for p in module.parameters():  # every parameter random, gains included
+            p.copy_(sharpness * torch.randn(p.shape, generator=gen, dtype=torch.float64))
+    return module
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, native.SINKHORN_MAX_STREAMS),
+    hidden=st.one_of(st.integers(1, 24), st.integers(60, 70)),  # n·H: tails of a 16-float step
+    tokens=st.one_of(st.integers(1, 5), st.integers(30, 40)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    sharpness=st.sampled_from([0.02, 0.5, 2.0]),
+    head=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_split_at_inference_equals_the_reference(n, hidden, tokens, dtype, sharpness, head, seed):
+    """No-grad split (the native call) against the reference path (which computes in float32 whatever
+    the stream's dtype) on the same inputs: the mixing weights within float32 rounding, the block input
+    within one rounding to x's dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    module = random_connection(hidden, n, sharpness, gen, head)
+    x = torch.randn(1, tokens, n, hidden, generator=gen).to(dtype)
+    with torch.no_grad():
+        assert mhc_fused._connects_natively(x)
+        got = module(x) if head else module.split(x)
+        oracle = set_hc_impl(copy.deepcopy(module), "reference")
+        expected = oracle(x) if head else oracle.split(x)
+    got_u, expected_u = (got, expected) if head else (got[0], expected[0])
+    assert got_u.dtype == dtype
+    bf16 = dtype == torch.bfloat16
+    torch.testing.assert_close(got_u, expected_u, atol=1e-5, rtol=2**-7 if bf16 else 1e-5)  # bf16: one ulp
+    if not head:
+        for got_m, expected_m in zip(got[1], expected[1]):  # post, comb: float32
+            assert got_m.dtype == torch.float32
+            torch.testing.assert_close(got_m, expected_m, atol=2e-5, rtol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, native.SINKHORN_MAX_STREAMS),
+    hidden=st.one_of(st.integers(1, 24), st.integers(60, 70)),
+    tokens=st.one_of(st.integers(1, 5), st.integers(30, 40)),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_merge_at_inference_equals_the_reference(n, hidden, tokens, dtype, seed):
+    """No-grad merge (the native call) against the reference's ``post ⊗ y + combᵀ X`` in x's dtype:
+    float32 within rounding. In bf16 the reference rounds the mix and the update apart (off by several
+    ulps where they cancel), so the oracle is the same formula in float64 on the operands as rounded to
+    bf16, and the kernel is one rounding of it."""
+    gen = torch.Generator().manual_seed(seed)
+    module = random_connection(hidden, n, 0.5, gen)
+    x = torch.randn(1, tokens, n, hidden, generator=gen).to(dtype)
+    y = torch.randn(1, tokens, hidden, generator=gen).to(dtype)
+    with torch.no_grad():
+        mixing = module.split(x)[1]
+        got = module.merge(x, y, mixing)
+        expected = set_hc_impl(copy.deepcopy(module), "reference").merge(x, y, mixing)
+    assert got.dtype == dtype
+    if dtype == torch.float32:
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        return
+    post, comb = (m.to(dtype).double() for m in mixing)
+    exact = post[..., None] * y.double()[..., None, :] + comb.transpose(-1, -2) @ x.double()
+    torch.testing.assert_close(got.double(), exact, atol=1e-6, rtol=2**-8)  # half a bf16 ulp
+
+
+def test_split_with_gradients_keeps_the_autograd_path():
+    module = random_connection(16, 4, 0.5, torch.Generator().manual_seed(4))
+    x = torch.randn(1, 3, 4, 16, requires_grad=True)
+    assert not mhc_fused._connects_natively(x)  # grad enabled: HyperSplit, which has a backward
+    u, _ = module.split(x)
+    u.sum().backward()
+    assert x.grad is not None and module.fn.grad is not None
+
+
+def test_split_rejects_mismatched_weights():
+    x = torch.randn(2, 4, 16)
+    with pytest.raises(RuntimeError, match="fn has 10 rows; n = 4 streams need 24"):
+        torch.ops.ctxlab.hc_split(x, torch.randn(10, 64), torch.randn(10), torch.ones(3), 20, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match="do not fit"):
+        torch.ops.ctxlab.hc_split(x, torch.randn(24, 60), torch.randn(24), torch.ones(3), 20, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match=r"comb must be a contiguous float32 \[N, n, n\]"):
+        torch.ops.ctxlab.hc_merge(x, torch.randn(2, 16), torch.rand(2, 4), torch.rand(2, 4, 3))

@@ -8,11 +8,15 @@ run them close to it, in bf16 with float32 accumulation (docs/benchmarks.md):
 * ``ctxlab::matvec`` (``matvec.cpp``): a bf16 linear map of a few rows, the weights read once in
   PyTorch's own layout, used by :mod:`ctxlab.nn.packing`.
 
-A third replaces a chain of small steps with one pass:
+Two more replace chains of small steps with one pass each:
 
 * ``ctxlab::sinkhorn`` / ``ctxlab::sinkhorn_backward`` (``sinkhorn.cpp``): mHC's Sinkhorn projection of
   one small matrix per token, ~40 dependent steps in registers instead of ~40 kernels over all tokens,
-  used by :mod:`ctxlab.nn.mhc_fused`.
+  used by :mod:`ctxlab.nn.mhc_fused`;
+* ``ctxlab::hc_split`` / ``ctxlab::hc_merge`` (``hyper_connection.cpp``): all of an mHC connection's
+  work before its block at inference (RMS, mixing logits, pre / post / Sinkhorn, collapse), and after
+  it (the stream mix), one call each, which PyTorch dispatches as ~20 and ~8 ops on a handful of
+  numbers at a decode step.
 
 They need an x86 CPU with AVX512-BF16 (``vdpbf16ps``) and a C++ compiler, and are built together at first
 use by ``torch.utils.cpp_extension`` (~15-30 s, cached under ``TORCH_EXTENSIONS_DIR``, one build per torch
@@ -85,6 +89,9 @@ def _build() -> bool:
     torch.library.register_fake("ctxlab::matvec")(_matvec_shapes)
     torch.library.register_fake("ctxlab::sinkhorn")(_sinkhorn_shapes)
     torch.library.register_fake("ctxlab::sinkhorn_backward")(_sinkhorn_backward_shapes)
+    torch.library.register_fake("ctxlab::hc_split")(_hc_split_shapes)
+    torch.library.register_fake("ctxlab::hc_merge")(_hc_merge_shapes)
+    _register_flop_formulas()
     return True
 
 
@@ -106,3 +113,47 @@ def _sinkhorn_shapes(logits: torch.Tensor, iters: int, eps: float):
 def _sinkhorn_backward_shapes(grad: torch.Tensor, logits: torch.Tensor, iters: int, eps: float):
     """grad, logits [n, n, N] -> the logits' gradient [n, n, N], contiguous: for torch.compile's tracing."""
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+
+def _hc_split_shapes(x: torch.Tensor, fn: torch.Tensor, base, scale, iters: int, eps: float, norm_eps: float):
+    """x [N, n, H], fn [M, n·H] -> u [N, H] (x's dtype), post [N, n], comb [N, n, n] (float32; empty
+    when M = n, the head): for torch.compile's tracing."""
+    N, n, H = x.shape
+    k = 0 if fn.shape[0] == n else n
+    return x.new_empty(N, H), x.new_empty(N, k, dtype=torch.float32), x.new_empty(N, k, k, dtype=torch.float32)
+
+
+def _hc_merge_shapes(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
+    """x [N, n, H] -> X' [N, n, H] (x's dtype): for torch.compile's tracing."""
+    return torch.empty_like(x)
+
+
+def _register_flop_formulas() -> None:
+    """What ``torch.utils.flop_counter.FlopCounterMode`` counts for each op (shapes in, FLOPs out): the
+    multiply-adds of the matrix products each replaces, as torch counts them for its own ops (2 per
+    multiply-add; softmax, norms and Sinkhorn's steps are not counted, as torch counts none)."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    def matvec(x, w, bias, *args, out_shape=None, **kwargs):  # x [M, K], w [N, K]
+        return 2 * x[0] * x[1] * w[0]
+
+    def decode_attention(q, k, v, scale, q2=None, k2=None, *args, out_shape=None, **kwargs):  # q [B, H, G, D]
+        B, H, G, D = q
+        return 2 * B * H * G * k[2] * (D + (q2[-1] if q2 else 0) + v[-1])  # scores, then values
+
+    def hc_split(x, fn, *args, out_shape=None, **kwargs):  # x [N, n, H], fn [M, n·H]
+        N, n, H = x
+        return 2 * N * fn[0] * fn[1] + 2 * N * n * H  # the mixing logits, the collapse
+
+    def hc_merge(x, *args, out_shape=None, **kwargs):  # the stream mix combᵀ X
+        N, n, H = x
+        return 2 * N * n * n * H
+
+    for op, formula in [
+        (torch.ops.ctxlab.matvec, matvec),
+        (torch.ops.ctxlab.decode_attention, decode_attention),
+        (torch.ops.ctxlab.hc_split, hc_split),
+        (torch.ops.ctxlab.hc_merge, hc_merge),
+    ]:
+        if op not in flop_registry:  # a rebuild after ``_build.cache_clear()`` registers again
+            register_flop_formula(op)(formula)

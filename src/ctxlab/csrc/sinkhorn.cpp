@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include "simd.h"
+#include "sinkhorn.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -145,6 +146,10 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad, const at::Tensor& logits, i
 }
 
 }  // namespace
+
+at::Tensor ctxlab_native::sinkhorn_projection(const at::Tensor& logits, int64_t iters, double eps) {
+  return sinkhorn(logits, iters, eps);
+}
 
 TORCH_LIBRARY_FRAGMENT(ctxlab, m) {
   m.def("sinkhorn(Tensor logits, int iters, float eps) -> Tensor");

@@ -237,7 +237,22 @@ def _split_traceable(x, fn, base, scale, iters, eps, norm_eps, mix_weights):
     return u, (2 * s[n:]).t(), comb.permute(2, 0, 1)
 
 
+def _connects_natively(x: torch.Tensor) -> bool:
+    """At inference, the whole split and the whole merge of x [..., n, H] are one native call each
+    (``ctxlab::hc_split``, ``ctxlab::hc_merge``)."""
+    return (
+        not torch.is_grad_enabled()
+        and x.dtype in (torch.float32, torch.bfloat16)
+        and x.device.type == "cpu"
+        and x.shape[-2] <= native.SINKHORN_MAX_STREAMS
+        and native.available()
+    )
+
+
 def _split(x, fn, base, scale, iters, eps, norm_eps, mix_weights):
+    if _connects_natively(x):
+        u, post, comb = torch.ops.ctxlab.hc_split(x.contiguous(), fn, base, scale, iters, eps, norm_eps)
+        return (u, post, comb) if mix_weights else u
     if torch.compiler.is_compiling():
         return _split_traceable(x, fn, base, scale, iters, eps, norm_eps, mix_weights)
     return HyperSplit.apply(x, fn, base, scale, iters, eps, norm_eps, mix_weights)
@@ -254,8 +269,11 @@ def split(hc, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.
 def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """Fast ``HyperConnection.merge``: x [B, T, n, H], branch [B, T, H] -> X' [B, T, n, H]."""
     B, T, n, H = x.shape
-    post, comb = (m.to(x.dtype).reshape(B * T, *m.shape[2:]) for m in mixing)
     x3, y = x.reshape(B * T, n, H), branch.reshape(B * T, H)
+    if _connects_natively(x) and branch.dtype == x.dtype:
+        post, comb = (m.float().reshape(B * T, *m.shape[2:]).contiguous() for m in mixing)
+        return torch.ops.ctxlab.hc_merge(x3.contiguous(), y.contiguous(), post, comb).view(B, T, n, H)
+    post, comb = (m.to(x.dtype).reshape(B * T, *m.shape[2:]) for m in mixing)
     mix = _mix_traceable if torch.compiler.is_compiling() else HyperMerge.apply
     return mix(x3, y, post, comb).view(B, T, n, H)
 

@@ -1,0 +1,159 @@
+// mHC's hyper-connection at inference (no autograd), for x86 CPUs with AVX512: everything a connection
+// computes before its block (the split) and after it (the merge), one call each.
+//
+// hc_split: x [N, n, H] float32 or bf16 (the n streams of N tokens), fn [M, n·H], base [M], scale [3] (float32)
+//   -> u [N, H] (x's dtype; the block's input), post [N, n], comb [N, n, n] (float32)
+// hc_merge: x [N, n, H], the block's output y [N, H] (x's dtype), post [N, n], comb [N, n, n] (float32)
+//   -> X' [N, n, H] (x's dtype), X'_j = Σ_i comb_ij x_i + post_j y
+//
+// The arithmetic of HF `DeepseekV4HyperConnection` and ctxlab's reference (ctxlab/nn/residual.py): per token,
+// the inverse RMS of the n·H inputs, the M = 2n + n² mixing logits z = gain · (x · fnᵀ) · inv_rms + base
+// (the norm applied to the logits, not to the inputs: the same numbers), pre = σ(z) + eps, post = 2σ(z),
+// comb = Sinkhorn(z) (sinkhorn.cpp), and the collapse u = Σ_i pre_i x_i in float32, rounded to x's dtype once.
+// With M = n (HF `DeepseekV4HyperHead`: one gain, pre only) post and comb come back empty.
+//
+// The merge rounds post and comb to x's dtype first, as the reference mixes in the residual's dtype, sums
+// in float32 and rounds once (the reference rounds the mix and the update separately: within one bf16 ulp).
+//
+// At a decode step PyTorch spends the split as ~20 dispatched ops per connection (two per layer) and the
+// merge as ~8, each on a handful of numbers; here a token reads its n·H inputs once (into L1), and the M
+// dot products read fn. Tokens split across torch's thread pool. The reference path (ctxlab/nn/residual.py)
+// is the oracle (tests/test_mhc_native.py).
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+#include <immintrin.h>
+
+#include "simd.h"
+#include "sinkhorn.h"
+
+#include <cmath>
+#include <algorithm>
+#include <cstdint>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using ctxlab_simd::load_bf16x16;
+
+// Σ a[k] b[k] over K floats (a masked load for the last K % 16).
+inline float dot(const float* a, const float* b, int64_t K) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+  if (k < K) {
+    const __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + k), _mm512_maskz_loadu_ps(tail, b + k), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
+// One token's n·H inputs as float32: read in place (float32) or widened into buf (bf16).
+inline const float* token_row(const at::Tensor& x, int64_t t, int64_t K, float* buf) {
+  if (x.scalar_type() == at::kFloat) return x.data_ptr<float>() + t * K;
+  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr()) + t * K;
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(buf + k, load_bf16x16(src + k));
+  for (; k < K; ++k) buf[k] = static_cast<float>(c10::BFloat16(src[k], c10::BFloat16::from_bits()));
+  return buf;
+}
+
+inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split(const at::Tensor& x, const at::Tensor& fn,
+                                                       const at::Tensor& base, const at::Tensor& scale,
+                                                       int64_t iters, double eps, double norm_eps) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "hc_split: x must be a contiguous [N, n, H], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "hc_split: x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t N = x.size(0), n = x.size(1), H = x.size(2), K = n * H, M = fn.size(0);
+  const bool mix = M != n;  // false: the head's pre-only collapse
+  TORCH_CHECK(!mix || M == 2 * n + n * n, "hc_split: fn has ", M, " rows; n = ", n, " streams need ", 2 * n + n * n,
+              " (a connection) or ", n, " (the head)");
+  for (const auto* t : {&fn, &base, &scale})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "hc_split: fn, base and scale must be contiguous float32");
+  TORCH_CHECK(fn.dim() == 2 && fn.size(1) == K && base.numel() == M && scale.numel() == (mix ? 3 : 1),
+              "hc_split: fn ", fn.sizes(), ", base ", base.sizes(), ", scale ", scale.sizes(), " do not fit x ", x.sizes());
+  const float e = static_cast<float>(eps), ne = static_cast<float>(norm_eps);
+  const float *w = fn.data_ptr<float>(), *b = base.data_ptr<float>(), *g = scale.data_ptr<float>();
+  auto u32 = at::empty({N, H}, x.options().dtype(at::kFloat));
+  auto post = at::empty({N, mix ? n : 0}, x.options().dtype(at::kFloat));
+  auto comb_logits = at::empty({mix ? n * n : 0, N}, x.options().dtype(at::kFloat));  // tokens last, for Sinkhorn
+  float *up = u32.data_ptr<float>(), *pp = post.data_ptr<float>(), *cp = comb_logits.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(x.scalar_type() == at::kFloat ? 0 : K), pre(n);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* row = token_row(x, t, K, buf.data());
+      const float inv_rms = 1.f / std::sqrt(dot(row, row, K) / static_cast<float>(K) + ne);
+      for (int64_t m = 0; m < M; ++m) {
+        const float gain = g[!mix ? 0 : m < n ? 0 : m < 2 * n ? 1 : 2];
+        const float z = gain * (dot(w + m * K, row, K) * inv_rms) + b[m];
+        if (m < n) pre[m] = sigmoid(z) + e;
+        else if (m < 2 * n) pp[t * n + m - n] = 2.f * sigmoid(z);
+        else cp[(m - 2 * n) * N + t] = z;
+      }
+      float* u = up + t * H;  // Σ_i pre_i x_i
+      for (int64_t h = 0; h < H; ++h) u[h] = 0.f;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t h = 0; h < H; ++h) u[h] += pre[i] * row[i * H + h];
+    }
+  });
+  auto comb = mix ? ctxlab_native::sinkhorn_projection(comb_logits.view({n, n, N}), iters, eps).permute({2, 0, 1}).contiguous()
+                  : at::empty({N, 0, 0}, x.options().dtype(at::kFloat));
+  return {x.scalar_type() == at::kFloat ? u32 : u32.to(x.scalar_type()), post, comb};
+}
+
+// A value as x's dtype would hold it (post and comb are rounded so before mixing, as in the reference).
+inline float as_dtype(float v, bool bf16) { return bf16 ? static_cast<float>(c10::BFloat16(v)) : v; }
+
+at::Tensor hc_merge(const at::Tensor& x, const at::Tensor& y, const at::Tensor& post, const at::Tensor& comb) {
+  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "hc_merge: x must be a contiguous [N, n, H], got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
+              "hc_merge: x must be float32 or bfloat16, got ", x.scalar_type());
+  const int64_t N = x.size(0), n = x.size(1), H = x.size(2);
+  TORCH_CHECK(y.is_contiguous() && y.scalar_type() == x.scalar_type() && y.sizes() == at::IntArrayRef({N, H}),
+              "hc_merge: y must be a contiguous [N, H] of x's dtype, got ", y.sizes(), " ", y.scalar_type());
+  TORCH_CHECK(post.is_contiguous() && post.scalar_type() == at::kFloat && post.sizes() == at::IntArrayRef({N, n}),
+              "hc_merge: post must be a contiguous float32 [N, n], got ", post.sizes(), " ", post.scalar_type());
+  TORCH_CHECK(comb.is_contiguous() && comb.scalar_type() == at::kFloat && comb.sizes() == at::IntArrayRef({N, n, n}),
+              "hc_merge: comb must be a contiguous float32 [N, n, n], got ", comb.sizes(), " ", comb.scalar_type());
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
+  auto out = at::empty_like(x);
+  const float *pp = post.data_ptr<float>(), *cp = comb.data_ptr<float>();
+  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> rows(bf16 ? (n + 1) * H : 0), acc(H);
+    for (int64_t t = begin; t < end; ++t) {
+      const float* xt = token_row(x, t, n * H, rows.data());  // [n, H]
+      const float* yt = bf16 ? token_row(y, t, H, rows.data() + n * H) : y.data_ptr<float>() + t * H;
+      for (int64_t j = 0; j < n; ++j) {
+        const float p = as_dtype(pp[t * n + j], bf16);
+        for (int64_t h = 0; h < H; ++h) acc[h] = p * yt[h];
+        for (int64_t i = 0; i < n; ++i) {
+          const float c = as_dtype(cp[(t * n + i) * n + j], bf16);
+          for (int64_t h = 0; h < H; ++h) acc[h] += c * xt[i * H + h];
+        }
+        if (bf16) {
+          auto* o = reinterpret_cast<at::BFloat16*>(out.data_ptr()) + (t * n + j) * H;
+          for (int64_t h = 0; h < H; ++h) o[h] = static_cast<at::BFloat16>(acc[h]);
+        } else {
+          std::copy(acc.begin(), acc.end(), out.data_ptr<float>() + (t * n + j) * H);
+        }
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(ctxlab, m) {
+  m.def("hc_split(Tensor x, Tensor fn, Tensor base, Tensor scale, int iters, float eps, float norm_eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("hc_merge(Tensor x, Tensor y, Tensor post, Tensor comb) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(ctxlab, CPU, m) {
+  m.impl("hc_split", &hc_split);
+  m.impl("hc_merge", &hc_merge);
+}
