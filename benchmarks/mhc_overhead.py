@@ -9,7 +9,9 @@ Both models come from one config (6 ``hyper`` layers, GQA, gated MLP); only ``re
 ``hc_mult`` differ. Within each (width, mode) the models alternate step by step, so drift on a
 shared machine hits them alike, and medians of ``--repeats`` are reported. ``--reference`` adds
 mHC on its reference path (``set_hc_impl(model, "reference")``, the code before the fast path)
-to the eager rows. ``--allocator retain`` (default) keeps freed host memory for reuse, as ``ctxlab
+to the eager rows; ``--pytorch-ops`` adds the fast path with PyTorch's ops where ctxlab's native kernels
+would run (``mhc_fused.pytorch_ops()``: Sinkhorn as ~40 small ops, the inference split and merge as
+~30), eager and compiled, to show what the kernels change. ``--allocator retain`` (default) keeps freed host memory for reuse, as ``ctxlab
 train`` does (``ctxlab.allocator``); ``--allocator glibc`` leaves the C library's defaults, under which
 the mHC model re-faults ~90 MiB of freed activations every step.
 "Extra FLOPs" is the floor: the matmul FLOPs of mHC's terms (ctxlab's accounting,
@@ -21,6 +23,7 @@ the n-times wider stream, small ops).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import platform
 import statistics
 import sys
@@ -33,6 +36,7 @@ import ctxlab
 from ctxlab import LayerSpec, ModelConfig
 from ctxlab.allocator import retain_freed_memory
 from ctxlab.generate import compiled_decode_step, decode_step, prefill
+from ctxlab.nn import mhc_fused
 from ctxlab.nn.residual import set_hc_impl
 
 DEEPSEEK_OVERHEAD = 0.067  # training time, n = 4 (mHC paper)
@@ -60,7 +64,13 @@ def build(hidden: int, layers: int) -> dict[str, torch.nn.Module]:
         "plain": ctxlab.build_model(config(hidden, layers, "plain", 1), seed=0),
         "mhc": ctxlab.build_model(config(hidden, layers, "mhc", 4), seed=0),
         "mhc_ref": set_hc_impl(ctxlab.build_model(config(hidden, layers, "mhc", 4), seed=0), "reference"),
+        "mhc_pt": ctxlab.build_model(config(hidden, layers, "mhc", 4), seed=0),  # run inside pytorch_ops()
     }
+
+
+def ops_of(name: str):
+    """The context each model runs in: ``mhc_pt`` is the fast path on PyTorch's ops."""
+    return mhc_fused.pytorch_ops() if name == "mhc_pt" else contextlib.nullcontext()
 
 
 CLOCK = time.perf_counter  # --clock cpu: time.thread_time (one thread; time spent preempted is not counted)
@@ -91,14 +101,19 @@ def decode_ms(step, model, prompt, tokens: int) -> float:
 
 
 def alternate(run, names, warmup: int, repeats: int) -> dict[str, float]:
-    """Median of ``run(name)`` per name, the names alternating in every repeat."""
+    """Median of ``run(name)`` per name, the names alternating in every repeat (each in its ``ops_of``)."""
+
+    def timed(name: str) -> float:
+        with ops_of(name):
+            return run(name)
+
     for _ in range(warmup):
         for name in names:
-            run(name)
+            timed(name)
     times = {name: [] for name in names}
     for _ in range(repeats):
         for name in names:
-            times[name].append(run(name))
+            times[name].append(timed(name))
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -114,6 +129,7 @@ def measure(args, hidden: int, mode: str) -> list[dict]:
     torch.manual_seed(0)
     models = build(hidden, args.layers)
     names = ["plain", "mhc"] + (["mhc_ref"] if args.reference and mode == "eager" else [])
+    names += ["mhc_pt"] if args.pytorch_ops else []
     ids = torch.randint(0, VOCAB, (args.batch, args.seq + 1))
     flops_train, flops_decode = extra_flops(hidden, args.layers, args.seq)
     rows = []
@@ -134,24 +150,21 @@ def measure(args, hidden: int, mode: str) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict], reference: bool, markdown: bool, title: str) -> None:
+EXTRA_MODELS = {"mhc_ref": "mHC reference", "mhc_pt": "mHC on PyTorch ops"}  # optional columns
+
+
+def render(rows: list[dict], extra: list[str], markdown: bool, title: str) -> None:
+    """One line per (width, mode, measure); ``extra`` models (keys of EXTRA_MODELS) get two columns each,
+    "-" where a row did not time them (the reference is eager only)."""
     cols = ["width", "mode", "measure", "plain (ms)", "mHC (ms)", "mHC overhead"]
-    cols += ["mHC reference (ms)", "reference overhead"] if reference else []
+    for key in extra:
+        cols += [f"{EXTRA_MODELS[key]} (ms)", f"{EXTRA_MODELS[key].replace('mHC ', '')} overhead"]
     cols += ["extra FLOPs (floor)", "DeepSeek"]
     lines = []
     for r in rows:
-        line = [
-            str(r["width"]),
-            r["mode"],
-            r["what"],
-            f"{r['plain']:.1f}",
-            f"{r['mhc']:.1f}",
-            f"{r['mhc'] / r['plain'] - 1:+.1%}",
-        ]
-        if reference and "mhc_ref" in r:
-            line += [f"{r['mhc_ref']:.1f}", f"{r['mhc_ref'] / r['plain'] - 1:+.1%}"]
-        elif reference:
-            line += ["-", "-"]
+        line = [str(r["width"]), r["mode"], r["what"], f"{r['plain']:.1f}"]
+        for key in ["mhc", *extra]:
+            line += [f"{r[key]:.1f}", f"{r[key] / r['plain'] - 1:+.1%}"] if key in r else ["-", "-"]
         line += [f"+{r['extra_flops']:.1%}", "+6.7%" if r["what"] == "training step" else "-"]
         lines.append(line)
     print_table(title, cols, lines, markdown, left=("mode", "measure"))
@@ -177,7 +190,12 @@ def main() -> None:
         default="wall",
         help="wall: elapsed time; cpu: CPU time of the calling thread (needs --threads 1; robust on a busy machine)",
     )
-    p.add_argument("--reference", action="store_true", help="also time mHC on its reference path")
+    p.add_argument("--reference", action="store_true", help="also time mHC on its reference path (eager)")
+    p.add_argument(
+        "--pytorch-ops",
+        action="store_true",
+        help="also time mHC's fast path on PyTorch's ops instead of ctxlab's native kernels",
+    )
     p.add_argument("--markdown", action="store_true", help="print a markdown table instead of a rich one")
     p.add_argument(
         "--allocator",
@@ -205,7 +223,8 @@ def main() -> None:
         f"(fwd + bwd + AdamW), decode after a {args.prompt}-token prompt; median of {args.repeats}; "
         f"{args.clock} clock; {args.allocator} allocator; torch {torch.__version__}, {args.threads} threads, {platform.machine()}"
     )
-    render(rows, args.reference, args.markdown, title)
+    extra = [key for key, on in (("mhc_ref", args.reference), ("mhc_pt", args.pytorch_ops)) if on]
+    render(rows, extra, args.markdown, title)
 
 
 if __name__ == "__main__":

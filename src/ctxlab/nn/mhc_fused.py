@@ -30,6 +30,8 @@ the reference and HF ``DeepseekV4HyperConnection`` do.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 
@@ -43,9 +45,24 @@ def _normalise_steps(iters: int) -> list[int]:
     return [0] + [1, 0] * (iters - 1)
 
 
+_NATIVE = {"on": True}  # off inside pytorch_ops()
+
+
+@contextlib.contextmanager
+def pytorch_ops():
+    """Inside this block the fast path uses PyTorch's ops even where the native kernels run (to
+    compare the two in one process: ``benchmarks/mhc_overhead.py --pytorch-ops``)."""
+    previous, _NATIVE["on"] = _NATIVE["on"], False
+    try:
+        yield
+    finally:
+        _NATIVE["on"] = previous
+
+
 def _runs_natively(logits: torch.Tensor) -> bool:
     return (
-        logits.dtype == torch.float32
+        _NATIVE["on"]
+        and logits.dtype == torch.float32
         and logits.device.type == "cpu"
         and logits.shape[0] <= native.SINKHORN_MAX_STREAMS
         and native.available()
@@ -241,7 +258,8 @@ def _connects_natively(x: torch.Tensor) -> bool:
     """At inference, the whole split and the whole merge of x [..., n, H] are one native call each
     (``ctxlab::hc_split``, ``ctxlab::hc_merge``)."""
     return (
-        not torch.is_grad_enabled()
+        _NATIVE["on"]
+        and not torch.is_grad_enabled()
         and x.dtype in (torch.float32, torch.bfloat16)
         and x.device.type == "cpu"
         and x.shape[-2] <= native.SINKHORN_MAX_STREAMS
