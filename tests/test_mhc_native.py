@@ -203,3 +203,18 @@ def test_split_rejects_mismatched_weights():
         torch.ops.ctxlab.hc_split(x, torch.randn(24, 60), torch.randn(24), torch.ones(3), 20, 1e-6, 1e-6)
     with pytest.raises(RuntimeError, match=r"comb must be a contiguous float32 \[N, n, n\]"):
         torch.ops.ctxlab.hc_merge(x, torch.randn(2, 16), torch.rand(2, 4), torch.rand(2, 4, 3))
+
+
+def test_pytorch_ops_turns_the_kernels_off_for_a_block_and_only_there():
+    """``mhc_fused.pytorch_ops()`` (the benchmark's comparison) runs the fast path on PyTorch's ops:
+    the same numbers, and the kernels back on after the block."""
+    module = random_connection(16, 4, 0.5, torch.Generator().manual_seed(5))
+    x = torch.randn(1, 3, 4, 16, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        native_out = module.merge(x, x[:, :, 0], module.split(x)[1])
+        with mhc_fused.pytorch_ops():
+            assert not mhc_fused._connects_natively(x)
+            assert not mhc_fused._runs_natively(torch.zeros(4, 4, 3))
+            pytorch_out = module.merge(x, x[:, :, 0], module.split(x)[1])
+        assert mhc_fused._connects_natively(x)
+    torch.testing.assert_close(native_out, pytorch_out, atol=1e-5, rtol=1e-5)
