@@ -21,9 +21,14 @@ is in dozens of tiny ops per connection and in passes over the n-times wider str
 * Under ``torch.compile`` the collapse and the mix are written as broadcasts over the stream axis
   (``(pre · X).sum``, ``(combᵀ[..., None] · X[:, None]).sum``) so inductor fuses them with their
   neighbours instead of calling out to a batched-matmul kernel.
+* **At inference** (no autograd), where the native kernels run, a connection's split and its merge
+  are one call each (``ctxlab::hc_split``, ``ctxlab::hc_merge``): a decode step would otherwise
+  dispatch ~30 ops per connection on a handful of numbers. :func:`pytorch_ops` turns the native
+  kernels off for a block of code (the benchmark's comparison).
 
 Numerics: equal to the reference within float rounding (the tests hold outputs and every
-parameter's gradient to 1e-5 in float32). Mixing weights are computed in float32 whatever the
+parameter's gradient to 1e-5 in float32; at very sharp mixing logits, where float32 itself
+resolves a few 1e-5, both paths to the float64 reference within 1e-4). Mixing weights are computed in float32 whatever the
 residual's dtype; the collapse is float32 then cast; the mix runs in the residual's dtype — as
 the reference and HF ``DeepseekV4HyperConnection`` do.
 """
