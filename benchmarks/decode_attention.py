@@ -13,11 +13,10 @@ SDPA (GQA) or matmuls (MLA) otherwise.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from alternating import alternate, timed
 
 from ctxlab import native
 from ctxlab.attention import decode_kernel
@@ -36,18 +35,13 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     variants, nbytes = (gqa_variants if args.kind == "gqa" else mla_variants)(args.keys)
     print(f"ctxlab's decode kernel: {'on' if native.available() else 'off'}")
-    times = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    medians = alternate(lambda name: timed(variants[name]), variants, args.repeats)
     print(
         f"{args.kind}, keys {args.keys}, cache read {nbytes / 2**20:.1f} MiB, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    for name, ts in times.items():
-        print(f"  {name:50s} {1e3 * statistics.median(ts):8.2f} ms")
+    for name, median in medians.items():
+        print(f"  {name:50s} {1e3 * median:8.2f} ms")
     return 0
 
 

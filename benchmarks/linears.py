@@ -14,11 +14,10 @@ the copy bandwidth measured at the start (``ctxlab.bench``'s roofline uses that 
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
+from alternating import alternate, timed
 from families import FAMILIES, build  # benchmarks/families.py: the same models
 
 import ctxlab
@@ -59,20 +58,14 @@ def main(argv=None) -> int:
     else:
         print("ctxlab's native kernels: off (no AVX512-BF16 CPU, no compiler, or CTXLAB_NATIVE_KERNELS=0)")
     bandwidth = copy_bandwidth()
-    times = {name: [] for name in variants}
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+    medians = alternate(lambda name: timed(variants[name]), variants, args.repeats)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
     print(
         f"wide-{args.family}: {len(weights)} weights, {nbytes / 1e6:.0f} MB bf16, {args.rows} row(s); "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
-    base = statistics.median(times["oneDNN (its blocked layout)"])
-    for name, ts in times.items():
-        median = statistics.median(ts)
+    base = medians["oneDNN (its blocked layout)"]
+    for name, median in medians.items():
         print(f"  {name:36s} {1e3 * median:8.2f} ms  {nbytes / median / 1e9:6.1f} GB/s  {base / median:5.2f}× oneDNN")
     return 0
 

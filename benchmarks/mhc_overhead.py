@@ -25,11 +25,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import platform
-import statistics
 import sys
 import time
 
 import torch
+from alternating import alternate
 from table_output import print_table
 
 import ctxlab
@@ -100,21 +100,14 @@ def decode_ms(step, model, prompt, tokens: int) -> float:
     return (CLOCK() - start) / tokens * 1e3
 
 
-def alternate(run, names, warmup: int, repeats: int) -> dict[str, float]:
-    """Median of ``run(name)`` per name, the names alternating in every repeat (each in its ``ops_of``)."""
+def in_ops_of(run):
+    """``run(name)`` inside that model's ``ops_of(name)``."""
 
-    def timed(name: str) -> float:
+    def wrapped(name: str) -> float:
         with ops_of(name):
             return run(name)
 
-    for _ in range(warmup):
-        for name in names:
-            timed(name)
-    times = {name: [] for name in names}
-    for _ in range(repeats):
-        for name in names:
-            times[name].append(timed(name))
-    return {name: statistics.median(t) for name, t in times.items()}
+    return wrapped
 
 
 def extra_flops(hidden: int, layers: int, seq: int) -> tuple[float, float]:
@@ -138,14 +131,16 @@ def measure(args, hidden: int, mode: str) -> list[dict]:
         for k in names:
             models[k].train()
         optimizers = {k: torch.optim.AdamW(models[k].parameters(), lr=1e-4) for k in names}
-        train = alternate(lambda k: train_step(fns[k], optimizers[k], ids) * 1e3, names, 2, args.repeats)
+        train = alternate(in_ops_of(lambda k: train_step(fns[k], optimizers[k], ids) * 1e3), names, args.repeats, 2)
         rows.append({"width": hidden, "mode": mode, "what": "training step", "extra_flops": flops_train, **train})
     if "decode" in args.measures:
         for k in names:
             models[k].eval()
         steps = {k: compiled_decode_step(models[k]) if mode == "compiled" else decode_step for k in names}
         prompt = ids[:1, : args.prompt]
-        decode = alternate(lambda k: decode_ms(steps[k], models[k], prompt, args.decode_tokens), names, 1, args.repeats)
+        decode = alternate(
+            in_ops_of(lambda k: decode_ms(steps[k], models[k], prompt, args.decode_tokens)), names, args.repeats, 1
+        )
         rows.append({"width": hidden, "mode": mode, "what": "decode token", "extra_flops": flops_decode, **decode})
     return rows
 
