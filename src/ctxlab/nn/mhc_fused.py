@@ -28,9 +28,9 @@ is in dozens of tiny ops per connection and in passes over the n-times wider str
 
 Numerics: equal to the reference within float rounding (the tests hold outputs and every
 parameter's gradient to 1e-5 in float32; at very sharp mixing logits, where float32 itself
-resolves a few 1e-5, both paths to the float64 reference within 1e-4). Mixing weights are computed in float32 whatever the
-residual's dtype; the collapse is float32 then cast; the mix runs in the residual's dtype — as
-the reference and HF ``DeepseekV4HyperConnection`` do.
+resolves a few 1e-5, both paths to the float64 reference within 1e-4). Mixing weights are computed
+in float32 whatever the residual's dtype; the collapse is float32 then cast; the mix runs in the
+residual's dtype — as the reference and HF ``DeepseekV4HyperConnection`` do.
 """
 
 from __future__ import annotations
@@ -64,14 +64,20 @@ def pytorch_ops():
         _NATIVE["on"] = previous
 
 
-def _runs_natively(logits: torch.Tensor) -> bool:
+def _native_kernels_take(t: torch.Tensor, streams: int, dtypes: tuple[torch.dtype, ...]) -> bool:
+    """Whether the native mHC kernels run on ``t`` (of one of ``dtypes``) with ``streams`` streams."""
     return (
         _NATIVE["on"]
-        and logits.dtype == torch.float32
-        and logits.device.type == "cpu"
-        and logits.shape[0] <= native.SINKHORN_MAX_STREAMS
+        and t.dtype in dtypes
+        and t.device.type == "cpu"
+        and streams <= native.SINKHORN_MAX_STREAMS
         and native.available()
     )
+
+
+def _runs_natively(logits: torch.Tensor) -> bool:
+    """Sinkhorn of logits [n, n, N] in ``ctxlab::sinkhorn``."""
+    return _native_kernels_take(logits, logits.shape[0], (torch.float32,))
 
 
 def _tokens_last(t: torch.Tensor) -> torch.Tensor:
@@ -262,14 +268,7 @@ def _split_traceable(x, fn, base, scale, iters, eps, norm_eps, mix_weights):
 def _connects_natively(x: torch.Tensor) -> bool:
     """At inference, the whole split and the whole merge of x [..., n, H] are one native call each
     (``ctxlab::hc_split``, ``ctxlab::hc_merge``)."""
-    return (
-        _NATIVE["on"]
-        and not torch.is_grad_enabled()
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and x.device.type == "cpu"
-        and x.shape[-2] <= native.SINKHORN_MAX_STREAMS
-        and native.available()
-    )
+    return not torch.is_grad_enabled() and _native_kernels_take(x, x.shape[-2], (torch.float32, torch.bfloat16))
 
 
 def _split(x, fn, base, scale, iters, eps, norm_eps, mix_weights):
