@@ -2,7 +2,9 @@
 
 ``ctxlab::hc_split`` / ``ctxlab::hc_merge`` (``ctxlab/csrc/hyper_connection.cpp``), a connection's (or
 the head's) whole split and its merge at inference: equal to the reference path for any number of
-streams, widths with tails, float32 and bf16 streams, random parameters from mild to sharp.
+streams, widths with tails, float32 and bf16 streams, random parameters from mild to sharp. In training
+(float32), with ``ctxlab::hc_split_backward`` / ``ctxlab::hc_merge_backward``
+(``hyper_connection_backward.cpp``): outputs and every gradient equal the fast path on PyTorch's ops.
 
 ``ctxlab::sinkhorn`` (``ctxlab/csrc/sinkhorn.cpp``), the Sinkhorn projection in training: forward and
 recomputing backward equal the PyTorch steps (``sinkhorn_forward_pytorch`` / ``sinkhorn_backward_pytorch``,
@@ -211,13 +213,87 @@ def test_merge_at_inference_equals_the_reference(n, hidden, tokens, dtype, seed)
     torch.testing.assert_close(got.double(), exact, atol=1e-6, rtol=2**-8)  # half a bf16 ulp
 
 
-def test_split_with_gradients_keeps_the_autograd_path():
+# --- training: hc_split + hc_split_backward, hc_merge + hc_merge_backward ----------------------------
+
+
+def train_connection(module, x: torch.Tensor, head: bool, gen: torch.Generator) -> list[torch.Tensor]:
+    """One forward and backward through a copy of ``module`` (a connection around a tanh branch, or the
+    head) on x: the output, then the gradients of x and of every parameter."""
+    module, x = copy.deepcopy(module), x.clone().requires_grad_()
+    if head:
+        out = module(x)
+    else:
+        u, mixing = module.split(x)
+        out = module.merge(x, torch.tanh(u), mixing)
+    (out * torch.randn(out.shape, generator=gen)).sum().backward()
+    return [out.detach(), x.grad, *(p.grad for p in module.parameters())]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, native.SINKHORN_MAX_STREAMS),
+    hidden=st.one_of(st.integers(1, 24), st.integers(60, 70)),  # n·H: tails of the 16- and 32-float steps
+    tokens=st.one_of(st.integers(1, 5), st.integers(30, 40)),  # tails of the 4-token blocks
+    sharpness=st.sampled_from([0.02, 0.5]),
+    head=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_training_kernels_equal_the_pytorch_ops(n, hidden, tokens, sharpness, head, seed):
+    """With gradients (float32), the native split and merge (``NativeHyperSplit`` / ``NativeHyperMerge``:
+    hc_split, hc_split_backward, hc_merge, hc_merge_backward) against the same fast path on PyTorch's ops
+    (``HyperSplit`` / ``HyperMerge``, which tests/test_mhc_fused.py holds to the reference): the output
+    and the gradients of x and of every parameter agree within float32 rounding (relative to each
+    tensor's largest entry: ∂fn, ∂base and ∂scale are sums over tokens and logits, rounded differently)."""
+    module = random_connection(hidden, n, sharpness, torch.Generator().manual_seed(seed), head)
+    x = torch.randn(1, tokens, n, hidden, generator=torch.Generator().manual_seed(seed + 1))
+    assert mhc_fused._trains_natively(x)
+    got = train_connection(module, x, head, torch.Generator().manual_seed(seed + 2))
+    with mhc_fused.pytorch_ops():
+        expected = train_connection(module, x, head, torch.Generator().manual_seed(seed + 2))
+    for i, (g, e) in enumerate(zip(got, expected)):  # normwise: a gradient summed over tokens carries
+        assert (g - e).abs().max() <= 1e-5 * (1 + e.abs().max()), i  # the rounding of its largest terms
+
+
+def producer(t: torch.Tensor) -> str:
+    """The autograd node that made t, looking through views."""
+    node = t.grad_fn
+    while node.name() == "ViewBackward0":
+        node = node.next_functions[0][0]
+    return node.name()
+
+
+def test_training_runs_the_native_kernels_on_float32_only():
+    """A float32 stream with gradients goes through the native autograd functions; a bf16 one keeps
+    HyperSplit / HyperMerge (the backward kernels are float32)."""
     module = random_connection(16, 4, 0.5, torch.Generator().manual_seed(4))
-    x = torch.randn(1, 3, 4, 16, requires_grad=True)
-    assert not mhc_fused._connects_natively(x)  # grad enabled: HyperSplit, which has a backward
-    u, _ = module.split(x)
-    u.sum().backward()
-    assert x.grad is not None and module.fn.grad is not None
+    for dtype, split, merge in [
+        (torch.float32, "NativeHyperSplitBackward", "NativeHyperMergeBackward"),
+        (torch.bfloat16, "HyperSplitBackward", "HyperMergeBackward"),
+    ]:
+        x = torch.randn(1, 3, 4, 16, dtype=dtype, requires_grad=True)
+        assert not mhc_fused._connects_natively(x)
+        u, mixing = module.split(x)
+        out = module.merge(x, u, mixing)
+        assert producer(u) == split and producer(out) == merge
+        out.float().sum().backward()
+        assert x.grad is not None and module.fn.grad is not None
+
+
+def test_backward_kernels_reject_what_they_do_not_take():
+    x, fn = torch.randn(2, 4, 16), torch.randn(24, 64)
+    ok = {"gains": torch.rand(24), "mix": torch.randn(24, 2), "inv_rms": torch.rand(2), "s_pre": torch.rand(4, 2)}
+    g_u, rest = torch.randn(2, 16), torch.randn(20, 2)
+    with pytest.raises(RuntimeError, match=r"g_u must be a contiguous float32 \[2, 16\], got Float \[2, 15\]"):
+        torch.ops.ctxlab.hc_split_backward(x, fn, *ok.values(), torch.randn(2, 15), rest, 1e-6)
+    with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
+        torch.ops.ctxlab.hc_split_backward(x.double(), fn, *ok.values(), g_u, rest, 1e-6)
+    with pytest.raises(RuntimeError, match="fn has 2 rows; allowed n = 4 to 80"):
+        torch.ops.ctxlab.hc_split_backward(x, fn[:2], *ok.values(), g_u, rest, 1e-6)
+    y, post, comb = torch.randn(2, 16), torch.rand(2, 4), torch.rand(2, 4, 4)
+    with pytest.raises(RuntimeError, match=r"g must be a contiguous float32 \[2, 4, 16\]"):
+        torch.ops.ctxlab.hc_merge_backward(x, y, post, comb, x.transpose(0, 1).contiguous())
+    with pytest.raises(RuntimeError, match="post must be a contiguous float32"):
+        torch.ops.ctxlab.hc_merge_backward(x, y, post.bfloat16(), comb, x)
 
 
 def test_split_rejects_mismatched_weights():

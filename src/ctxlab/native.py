@@ -14,9 +14,10 @@ Two more replace chains of small steps with one pass each:
   one small matrix per token, ~40 dependent steps in registers instead of ~40 kernels over all tokens,
   used by :mod:`ctxlab.nn.mhc_fused`;
 * ``ctxlab::hc_split`` / ``ctxlab::hc_merge`` (``hyper_connection.cpp``): all of an mHC connection's
-  work before its block at inference (RMS, mixing logits, pre / post / Sinkhorn, collapse), and after
-  it (the stream mix), one call each, which PyTorch dispatches as ~20 and ~8 ops on a handful of
-  numbers at a decode step.
+  work before its block (RMS, mixing logits, pre / post / Sinkhorn, collapse), and after it (the
+  stream mix), one call each, which PyTorch dispatches as ~20 and ~8 ops on a handful of numbers at
+  a decode step, and in training as passes over the n-times-wide stream; ``ctxlab::hc_split_backward``
+  / ``ctxlab::hc_merge_backward`` (``hyper_connection_backward.cpp``): their gradients, one pass each.
 
 They need an x86 CPU with AVX512-BF16 (``vdpbf16ps``) and a C++ compiler, and are built together at first
 use by ``torch.utils.cpp_extension`` (~15-30 s, cached under ``TORCH_EXTENSIONS_DIR``, one build per torch
@@ -91,6 +92,8 @@ def _build() -> bool:
     torch.library.register_fake("ctxlab::sinkhorn_backward")(_sinkhorn_backward_shapes)
     torch.library.register_fake("ctxlab::hc_split")(_hc_split_shapes)
     torch.library.register_fake("ctxlab::hc_merge")(_hc_merge_shapes)
+    torch.library.register_fake("ctxlab::hc_split_backward")(_hc_split_backward_shapes)
+    torch.library.register_fake("ctxlab::hc_merge_backward")(_hc_merge_backward_shapes)
     _register_flop_formulas()
     return True
 
@@ -117,10 +120,27 @@ def _sinkhorn_backward_shapes(grad: torch.Tensor, logits: torch.Tensor, iters: i
 
 def _hc_split_shapes(x: torch.Tensor, fn: torch.Tensor, base, scale, iters: int, eps: float, norm_eps: float):
     """x [N, n, H], fn [M, n·H] -> u [N, H] (x's dtype), post [N, n], comb [N, n, n] (float32; empty
-    when M = n, the head): for torch.compile's tracing."""
+    when M = n, the head), mix [M, N] and inv_rms [N] (float32): for torch.compile's tracing."""
     N, n, H = x.shape
-    k = 0 if fn.shape[0] == n else n
-    return x.new_empty(N, H), x.new_empty(N, k, dtype=torch.float32), x.new_empty(N, k, k, dtype=torch.float32)
+    M, k = fn.shape[0], 0 if fn.shape[0] == n else n
+    f32 = {"dtype": torch.float32}
+    return (
+        x.new_empty(N, H),
+        x.new_empty(N, k, **f32),
+        x.new_empty(N, k, k, **f32),
+        x.new_empty(M, N, **f32),
+        x.new_empty(N, **f32),
+    )
+
+
+def _hc_split_backward_shapes(x, fn, gains, mix, inv_rms, s_pre, g_u, g_z_rest, eps: float):
+    """-> g_x [N, n, H], g_fn [M, n·H], g_z_pre [n, N] (float32): for torch.compile's tracing."""
+    return torch.empty_like(x), torch.empty_like(fn), s_pre.new_empty(s_pre.shape)
+
+
+def _hc_merge_backward_shapes(x, y, post, comb, g):
+    """-> g_x, g_y, g_post, g_comb, shaped as x, y, post, comb: for torch.compile's tracing."""
+    return tuple(torch.empty_like(t) for t in (x, y, post, comb))
 
 
 def _hc_merge_shapes(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
@@ -145,15 +165,25 @@ def _register_flop_formulas() -> None:
         N, n, H = x
         return 2 * N * fn[0] * fn[1] + 2 * N * n * H  # the mixing logits, the collapse
 
+    def hc_split_backward(x, fn, *args, out_shape=None, **kwargs):  # ∂X = g_rawᵀ fn, ∂fn = g_raw X, ∂pre
+        N, n, H = x
+        return 4 * N * fn[0] * fn[1] + 2 * N * n * H
+
     def hc_merge(x, *args, out_shape=None, **kwargs):  # the stream mix combᵀ X
         N, n, H = x
         return 2 * N * n * n * H
+
+    def hc_merge_backward(x, *args, out_shape=None, **kwargs):  # ∂X = comb g, ∂comb = X gᵀ, ∂y, ∂post
+        N, n, H = x
+        return 4 * N * n * n * H + 4 * N * n * H
 
     for op, formula in [
         (torch.ops.ctxlab.matvec, matvec),
         (torch.ops.ctxlab.decode_attention, decode_attention),
         (torch.ops.ctxlab.hc_split, hc_split),
+        (torch.ops.ctxlab.hc_split_backward, hc_split_backward),
         (torch.ops.ctxlab.hc_merge, hc_merge),
+        (torch.ops.ctxlab.hc_merge_backward, hc_merge_backward),
     ]:
         if op not in flop_registry:  # a rebuild after ``_build.cache_clear()`` registers again
             register_flop_formula(op)(formula)

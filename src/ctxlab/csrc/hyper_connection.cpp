@@ -2,7 +2,8 @@
 // computes before its block (the split) and after it (the merge), one call each.
 //
 // hc_split: x [N, n, H] float32 or bf16 (the n streams of N tokens), fn [M, n·H], base [M], scale [3] (float32)
-//   -> u [N, H] (x's dtype; the block's input), post [N, n], comb [N, n, n] (float32)
+//   -> u [N, H] (x's dtype; the block's input), post [N, n], comb [N, n, n], and for the backward
+//      (hyper_connection_backward.cpp) mix = (x · fnᵀ) · inv_rms [M, N] and inv_rms [N] (all float32)
 // hc_merge: x [N, n, H], the block's output y [N, H] (x's dtype), post [N, n], comb [N, n, n] (float32)
 //   -> X' [N, n, H] (x's dtype), X'_j = Σ_i comb_ij x_i + post_j y
 //
@@ -24,6 +25,7 @@
 #include <torch/library.h>
 #include <immintrin.h>
 
+#include "hyper_connection.h"
 #include "simd.h"
 #include "sinkhorn.h"
 
@@ -35,19 +37,12 @@
 
 namespace {
 
+using ctxlab_hc::lanes;
+using ctxlab_hc::MAX_LOGITS;
+using ctxlab_hc::ROWS;
+using ctxlab_hc::TOKENS;
+using ctxlab_simd::dot;
 using ctxlab_simd::load_bf16x16;
-
-// Σ a[k] b[k] over K floats (a masked load for the last K % 16).
-inline float dot(const float* a, const float* b, int64_t K) {
-  __m512 acc = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
-  if (k < K) {
-    const __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
-    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + k), _mm512_maskz_loadu_ps(tail, b + k), acc);
-  }
-  return _mm512_reduce_add_ps(acc);
-}
 
 // One token's n·H inputs as float32: read in place (float32) or widened into buf (bf16).
 inline const float* token_row(const at::Tensor& x, int64_t t, int64_t K, float* buf) {
@@ -61,7 +56,29 @@ inline const float* token_row(const at::Tensor& x, int64_t t, int64_t K, float* 
 
 inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split(const at::Tensor& x, const at::Tensor& fn,
+// dots[b][m] = rows[b] · fn[m] for a block of TOKENS rows of K floats and the M_pad rows of fn (a multiple of
+// ROWS, `ld` floats apart): ROWS rows of fn against the TOKENS tokens, 24 accumulators in registers, each
+// vector of fn loaded once for all the tokens.
+void project(const float* const* rows, const float* fn, int64_t M_pad, int64_t K, int64_t ld, float (*dots)[MAX_LOGITS + ROWS]) {
+  for (int64_t m0 = 0; m0 < M_pad; m0 += ROWS) {
+    __m512 acc[TOKENS][ROWS];
+    for (int64_t b = 0; b < TOKENS; ++b)
+      for (int64_t r = 0; r < ROWS; ++r) acc[b][r] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K; k += 16) {
+      const __mmask16 in = lanes(K - k);
+      __m512 xv[TOKENS];
+      for (int64_t b = 0; b < TOKENS; ++b) xv[b] = _mm512_maskz_loadu_ps(in, rows[b] + k);
+      for (int64_t r = 0; r < ROWS; ++r) {
+        const __m512 f = _mm512_maskz_loadu_ps(in, fn + (m0 + r) * ld + k);
+        for (int64_t b = 0; b < TOKENS; ++b) acc[b][r] = _mm512_fmadd_ps(xv[b], f, acc[b][r]);
+      }
+    }
+    for (int64_t b = 0; b < TOKENS; ++b)
+      for (int64_t r = 0; r < ROWS; ++r) dots[b][m0 + r] = _mm512_reduce_add_ps(acc[b][r]);
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_split(const at::Tensor& x, const at::Tensor& fn,
                                                        const at::Tensor& base, const at::Tensor& scale,
                                                        int64_t iters, double eps, double norm_eps) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "hc_split: x must be a contiguous [N, n, H], got ", x.sizes());
@@ -71,37 +88,50 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split(const at::Tensor& x, con
   const bool mix = M != n;  // false: the head's pre-only collapse
   TORCH_CHECK(!mix || M == 2 * n + n * n, "hc_split: fn has ", M, " rows; n = ", n, " streams need ", 2 * n + n * n,
               " (a connection) or ", n, " (the head)");
+  TORCH_CHECK(M <= MAX_LOGITS, "hc_split: n = ", n, " streams; allowed up to 8 (", MAX_LOGITS, " mixing logits)");
   for (const auto* t : {&fn, &base, &scale})
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous(), "hc_split: fn, base and scale must be contiguous float32");
   TORCH_CHECK(fn.dim() == 2 && fn.size(1) == K && base.numel() == M && scale.numel() == (mix ? 3 : 1),
               "hc_split: fn ", fn.sizes(), ", base ", base.sizes(), ", scale ", scale.sizes(), " do not fit x ", x.sizes());
   const float e = static_cast<float>(eps), ne = static_cast<float>(norm_eps);
-  const float *w = fn.data_ptr<float>(), *b = base.data_ptr<float>(), *g = scale.data_ptr<float>();
+  const auto fn_padded = ctxlab_hc::padded_rows(fn, ROWS);
+  const int64_t ld = fn_padded.size(1);
+  const float *w = fn_padded.data_ptr<float>(), *b = base.data_ptr<float>(), *g = scale.data_ptr<float>();
   auto u32 = at::empty({N, H}, x.options().dtype(at::kFloat));
   auto post = at::empty({N, mix ? n : 0}, x.options().dtype(at::kFloat));
   auto comb_logits = at::empty({mix ? n * n : 0, N}, x.options().dtype(at::kFloat));  // tokens last, for Sinkhorn
+  auto mixing = at::empty({M, N}, x.options().dtype(at::kFloat));  // (x · fnᵀ) · inv_rms, tokens last
+  auto inv_rms = at::empty({N}, x.options().dtype(at::kFloat));
   float *up = u32.data_ptr<float>(), *pp = post.data_ptr<float>(), *cp = comb_logits.data_ptr<float>();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(x.scalar_type() == at::kFloat ? 0 : K), pre(n);
-    for (int64_t t = begin; t < end; ++t) {
-      const float* row = token_row(x, t, K, buf.data());
-      const float inv_rms = 1.f / std::sqrt(dot(row, row, K) / static_cast<float>(K) + ne);
-      for (int64_t m = 0; m < M; ++m) {
-        const float gain = g[!mix ? 0 : m < n ? 0 : m < 2 * n ? 1 : 2];
-        const float z = gain * (dot(w + m * K, row, K) * inv_rms) + b[m];
-        if (m < n) pre[m] = sigmoid(z) + e;
-        else if (m < 2 * n) pp[t * n + m - n] = 2.f * sigmoid(z);
-        else cp[(m - 2 * n) * N + t] = z;
+  float *mp = mixing.data_ptr<float>(), *rp = inv_rms.data_ptr<float>();
+  at::parallel_for(0, (N + TOKENS - 1) / TOKENS, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(x.scalar_type() == at::kFloat ? 0 : TOKENS * K), zero_row(K, 0.f), pre(n);
+    float dots[TOKENS][MAX_LOGITS + ROWS];
+    for (int64_t t0 = begin * TOKENS; t0 < std::min(end * TOKENS, N); t0 += TOKENS) {
+      const float* rows[TOKENS];  // a short last block is padded with zero rows
+      for (int64_t k = 0; k < TOKENS; ++k) rows[k] = t0 + k < N ? token_row(x, t0 + k, K, buf.data() + k * K) : zero_row.data();
+      project(rows, w, fn_padded.size(0), K, ld, dots);
+      for (int64_t k = 0; k < TOKENS && t0 + k < N; ++k) {
+        const int64_t t = t0 + k;
+        const float* row = rows[k];
+        const float r = rp[t] = 1.f / std::sqrt(dot(row, row, K) / static_cast<float>(K) + ne);
+        for (int64_t m = 0; m < M; ++m) {
+          const float gain = g[!mix ? 0 : m < n ? 0 : m < 2 * n ? 1 : 2];
+          const float z = gain * (mp[m * N + t] = dots[k][m] * r) + b[m];
+          if (m < n) pre[m] = sigmoid(z) + e;
+          else if (m < 2 * n) pp[t * n + m - n] = 2.f * sigmoid(z);
+          else cp[(m - 2 * n) * N + t] = z;
+        }
+        float* u = up + t * H;  // Σ_i pre_i x_i
+        for (int64_t h = 0; h < H; ++h) u[h] = 0.f;
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t h = 0; h < H; ++h) u[h] += pre[i] * row[i * H + h];
       }
-      float* u = up + t * H;  // Σ_i pre_i x_i
-      for (int64_t h = 0; h < H; ++h) u[h] = 0.f;
-      for (int64_t i = 0; i < n; ++i)
-        for (int64_t h = 0; h < H; ++h) u[h] += pre[i] * row[i * H + h];
     }
   });
   auto comb = mix ? ctxlab_native::sinkhorn_projection(comb_logits.view({n, n, N}), iters, eps).permute({2, 0, 1}).contiguous()
                   : at::empty({N, 0, 0}, x.options().dtype(at::kFloat));
-  return {x.scalar_type() == at::kFloat ? u32 : u32.to(x.scalar_type()), post, comb};
+  return {x.scalar_type() == at::kFloat ? u32 : u32.to(x.scalar_type()), post, comb, mixing, inv_rms};
 }
 
 // A value as x's dtype would hold it (post and comb are rounded so before mixing, as in the reference).
@@ -149,7 +179,7 @@ at::Tensor hc_merge(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
 
 TORCH_LIBRARY_FRAGMENT(ctxlab, m) {
   m.def("hc_split(Tensor x, Tensor fn, Tensor base, Tensor scale, int iters, float eps, float norm_eps) "
-        "-> (Tensor, Tensor, Tensor)");
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("hc_merge(Tensor x, Tensor y, Tensor post, Tensor comb) -> Tensor");
 }
 

@@ -12,6 +12,18 @@ inline __m512 load_bf16x16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
+// Σ a[k] b[k] over K floats (a masked load for the last K % 16).
+inline float dot(const float* a, const float* b, int64_t K) {
+  __m512 acc = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + k), _mm512_loadu_ps(b + k), acc);
+  if (k < K) {
+    const __mmask16 tail = (__mmask16)((1u << (K - k)) - 1);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, a + k), _mm512_maskz_loadu_ps(tail, b + k), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 // x[j] -> one vector whose lane j is the sum of x[j]'s 16 lanes (a transpose tree, 15 adds and shuffles).
 inline __m512 sum_lanes_16(const __m512* x) {
   __m512 a[8], b[4], c[2];

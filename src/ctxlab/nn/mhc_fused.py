@@ -201,26 +201,65 @@ class HyperSplit(torch.autograd.Function):
     def backward(ctx, g_u, g_post=None, g_comb=None):
         x, fn, inv_rms, raw, gains, s, pre, comb_logits = ctx.saved_tensors
         N, n, H = ctx.shape
-        iters, eps = ctx.consts
         flat = x.reshape(N, n * H).float()
         g_u = g_u.float().contiguous()
         g_pre = torch.bmm(g_u[:, None, :], flat.view(N, n, H).transpose(1, 2)).view(N, n).t()  # [n, N]: X_i · g_u
-        if g_post is None:  # the head: pre only
-            g_z = g_pre * s * (1 - s)
-        else:
-            g_s = torch.cat([g_pre, 2 * g_post.t()])  # [2n, N]
-            g_c = sinkhorn_backward(g_comb.permute(1, 2, 0), comb_logits, iters, eps)
-            g_z = torch.cat([g_s * s * (1 - s), g_c.reshape(n * n, N)])  # [M, N]
+        g_rest = _mixing_grads(g_post, g_comb, s, comb_logits, *ctx.consts)
+        g_z = torch.cat([g_pre * s[:n] * (1 - s[:n]), g_rest])  # [M, N]
         mix = raw * inv_rms
-        g_base = g_z.sum(1)
-        g_scale = torch.stack([part.sum() for part in (g_z * mix).split(ctx.sizes)])
         g_mix = g_z * gains
         g_raw = g_mix * inv_rms  # [M, N]
         g_fn = g_raw @ flat  # [M, n·H]
         g_rms = (g_mix * raw).sum(0).mul_(inv_rms.pow(3)).mul_(-1.0 / (n * H))  # [N]; ∂inv_rms/∂x = -inv_rms³ x / (n·H)
         g_x = (g_raw.t() @ fn).addcmul_(g_rms[:, None], flat).view(N, n, H)
         g_x.addcmul_(pre[:, :, None], g_u[:, None, :])  # + pre ⊗ g_u
-        return g_x.to(x.dtype), g_fn, g_base, g_scale, None, None, None, None
+        return g_x.to(x.dtype), g_fn, *_logit_param_grads(g_z, mix, ctx.sizes), None, None, None, None
+
+
+def _mixing_grads(g_post, g_comb, s, comb_logits, iters: int, eps: float) -> torch.Tensor:
+    """The gradient of the post and comb logits (rows n.. of z) [n + n², N], from those of post [N, n]
+    and comb [N, n, n] through ``2σ`` and Sinkhorn; [0, N] for the head (no post or comb). s is σ(z[:2n])."""
+    if g_post is None:
+        return s.new_zeros(0, s.shape[1])
+    n, N = g_post.shape[1], s.shape[1]
+    g_c = sinkhorn_backward(g_comb.permute(1, 2, 0), comb_logits, iters, eps)
+    return torch.cat([2 * g_post.t() * s[n:] * (1 - s[n:]), g_c.reshape(n * n, N)])
+
+
+def _logit_param_grads(g_z: torch.Tensor, mix: torch.Tensor, sizes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """∂base [M] and ∂scale [parts] of ``z = gains ⊙ mix + base`` from ∂z [M, N]."""
+    return g_z.sum(1), torch.stack([part.sum() for part in (g_z * mix).split(sizes)])
+
+
+class NativeHyperSplit(torch.autograd.Function):
+    """:class:`HyperSplit` on ctxlab's native kernels (float32 stream): the forward is ``ctxlab::hc_split``,
+    which also returns the normalised projection ``mix`` [M, N] and the inverse RMS [N] for the
+    backward; the backward is ``ctxlab::hc_split_backward`` (∂X, ∂fn and the pre logits' gradient in
+    one pass over the stream) around the small [M, N] steps of :func:`_mixing_grads`. Under
+    ``torch.compile`` both are opaque calls, as Sinkhorn is."""
+
+    @staticmethod
+    def forward(ctx, x, fn, base, scale, iters: int, eps: float, norm_eps: float, mix_weights: bool):
+        u, post, comb, mix, inv_rms = torch.ops.ctxlab.hc_split(x, fn, base, scale, iters, eps, norm_eps)
+        ctx.save_for_backward(x, fn, base, scale, mix, inv_rms)
+        ctx.consts, ctx.mix_weights = (iters, eps), mix_weights
+        return (u, post, comb) if mix_weights else u
+
+    @staticmethod
+    def backward(ctx, g_u, g_post=None, g_comb=None):
+        x, fn, base, scale, mix, inv_rms = ctx.saved_tensors
+        N, n, _ = x.shape
+        sizes = [n, n, n * n] if ctx.mix_weights else [n]
+        gains = _gains(scale, sizes)  # [M, 1]
+        z = torch.addcmul(base[:, None], mix, gains)  # [M, N], as the forward computed it
+        s = torch.sigmoid(z[: 2 * n])
+        comb_logits = z[2 * n :].view(n, n, N) if ctx.mix_weights else None
+        g_rest = _mixing_grads(g_post, g_comb, s, comb_logits, *ctx.consts).contiguous()
+        g_x, g_fn, g_z_pre = torch.ops.ctxlab.hc_split_backward(
+            x, fn, gains.view(-1), mix, inv_rms, s[:n].contiguous(), g_u.float().contiguous(), g_rest, ctx.consts[1]
+        )
+        g_z = torch.cat([g_z_pre, g_rest])
+        return g_x, g_fn, *_logit_param_grads(g_z, mix, sizes), None, None, None, None
 
 
 class HyperMerge(torch.autograd.Function):
@@ -242,6 +281,20 @@ class HyperMerge(torch.autograd.Function):
         g_post = torch.bmm(y[:, None, :], g.transpose(1, 2)).view(N, n)  # y · g_j
         g_comb = torch.bmm(x, g.transpose(1, 2))  # [N, n, n]: [i, j] = X_i · g_j
         return g_x, g_y, g_post, g_comb
+
+
+class NativeHyperMerge(torch.autograd.Function):
+    """:class:`HyperMerge` on ctxlab's native kernels (float32): ``ctxlab::hc_merge`` forward,
+    ``ctxlab::hc_merge_backward`` (all four gradients in one pass over the stream) backward."""
+
+    @staticmethod
+    def forward(ctx, x, y, post, comb):
+        ctx.save_for_backward(x, y, post, comb)
+        return torch.ops.ctxlab.hc_merge(x, y, post, comb)
+
+    @staticmethod
+    def backward(ctx, g):
+        return torch.ops.ctxlab.hc_merge_backward(*ctx.saved_tensors, g.contiguous())
 
 
 def _mix_traceable(x, y, post, comb):
@@ -271,10 +324,17 @@ def _connects_natively(x: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and _native_kernels_take(x, x.shape[-2], (torch.float32, torch.bfloat16))
 
 
+def _trains_natively(x: torch.Tensor) -> bool:
+    """With autograd, the split of a float32 x [N, n, H] runs as :class:`NativeHyperSplit`."""
+    return torch.is_grad_enabled() and _native_kernels_take(x, x.shape[-2], (torch.float32,))
+
+
 def _split(x, fn, base, scale, iters, eps, norm_eps, mix_weights):
     if _connects_natively(x):
-        u, post, comb = torch.ops.ctxlab.hc_split(x.contiguous(), fn, base, scale, iters, eps, norm_eps)
+        u, post, comb, _, _ = torch.ops.ctxlab.hc_split(x.contiguous(), fn, base, scale, iters, eps, norm_eps)
         return (u, post, comb) if mix_weights else u
+    if _trains_natively(x):
+        return NativeHyperSplit.apply(x.contiguous(), fn, base, scale, iters, eps, norm_eps, mix_weights)
     if torch.compiler.is_compiling():
         return _split_traceable(x, fn, base, scale, iters, eps, norm_eps, mix_weights)
     return HyperSplit.apply(x, fn, base, scale, iters, eps, norm_eps, mix_weights)
@@ -292,9 +352,10 @@ def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, tor
     """Fast ``HyperConnection.merge``: x [B, T, n, H], branch [B, T, H] -> X' [B, T, n, H]."""
     B, T, n, H = x.shape
     x3, y = x.reshape(B * T, n, H), branch.reshape(B * T, H)
-    if _connects_natively(x) and branch.dtype == x.dtype:
+    if (_connects_natively(x) or _trains_natively(x)) and branch.dtype == x.dtype:
         post, comb = (m.float().reshape(B * T, *m.shape[2:]).contiguous() for m in mixing)
-        return torch.ops.ctxlab.hc_merge(x3.contiguous(), y.contiguous(), post, comb).view(B, T, n, H)
+        mix = torch.ops.ctxlab.hc_merge if _connects_natively(x) else NativeHyperMerge.apply
+        return mix(x3.contiguous(), y.contiguous(), post, comb).view(B, T, n, H)
     post, comb = (m.to(x.dtype).reshape(B * T, *m.shape[2:]) for m in mixing)
     mix = _mix_traceable if torch.compiler.is_compiling() else HyperMerge.apply
     return mix(x3, y, post, comb).view(B, T, n, H)
