@@ -38,6 +38,8 @@
 namespace {
 
 using ctxlab_hc::lanes;
+using ctxlab_hc::load16;
+using ctxlab_hc::store16;
 using ctxlab_hc::MAX_LOGITS;
 using ctxlab_hc::ROWS;
 using ctxlab_hc::TOKENS;
@@ -134,8 +136,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_split(
   return {x.scalar_type() == at::kFloat ? u32 : u32.to(x.scalar_type()), post, comb, mixing, inv_rms};
 }
 
-// A value as x's dtype would hold it (post and comb are rounded so before mixing, as in the reference).
-inline float as_dtype(float v, bool bf16) { return bf16 ? static_cast<float>(c10::BFloat16(v)) : v; }
+// X'_j = Σ_i comb_ij x_i + post_j y for one token, 16 columns at a time, its n rows of x in registers; post and
+// comb as x's dtype holds them (the reference mixes in the residual's dtype), one rounding of the float32 sum.
+template <int64_t n, typename T>
+void merge_token(const T* x, const T* y, const float* post, const float* comb, int64_t H, T* out) {
+  float p[n], c[n * n];
+  for (int64_t j = 0; j < n; ++j) p[j] = static_cast<float>(static_cast<T>(post[j]));
+  for (int64_t k = 0; k < n * n; ++k) c[k] = static_cast<float>(static_cast<T>(comb[k]));
+  for (int64_t h = 0; h < H; h += 16) {
+    const __mmask16 in = lanes(H - h);
+    __m512 xv[n];
+    for (int64_t i = 0; i < n; ++i) xv[i] = load16(x + i * H + h, in);
+    const __m512 yv = load16(y + h, in);
+    for (int64_t j = 0; j < n; ++j) {
+      __m512 v = _mm512_mul_ps(_mm512_set1_ps(p[j]), yv);
+      for (int64_t i = 0; i < n; ++i) v = _mm512_fmadd_ps(_mm512_set1_ps(c[i * n + j]), xv[i], v);
+      store16(out + j * H + h, v, in);
+    }
+  }
+}
 
 at::Tensor hc_merge(const at::Tensor& x, const at::Tensor& y, const at::Tensor& post, const at::Tensor& comb) {
   TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "hc_merge: x must be a contiguous [N, n, H], got ", x.sizes());
@@ -148,30 +167,22 @@ at::Tensor hc_merge(const at::Tensor& x, const at::Tensor& y, const at::Tensor& 
               "hc_merge: post must be a contiguous float32 [N, n], got ", post.sizes(), " ", post.scalar_type());
   TORCH_CHECK(comb.is_contiguous() && comb.scalar_type() == at::kFloat && comb.sizes() == at::IntArrayRef({N, n, n}),
               "hc_merge: comb must be a contiguous float32 [N, n, n], got ", comb.sizes(), " ", comb.scalar_type());
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
   auto out = at::empty_like(x);
   const float *pp = post.data_ptr<float>(), *cp = comb.data_ptr<float>();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> rows(bf16 ? (n + 1) * H : 0), acc(H);
-    for (int64_t t = begin; t < end; ++t) {
-      const float* xt = token_row(x, t, n * H, rows.data());  // [n, H]
-      const float* yt = bf16 ? token_row(y, t, H, rows.data() + n * H) : y.data_ptr<float>() + t * H;
-      for (int64_t j = 0; j < n; ++j) {
-        const float p = as_dtype(pp[t * n + j], bf16);
-        for (int64_t h = 0; h < H; ++h) acc[h] = p * yt[h];
-        for (int64_t i = 0; i < n; ++i) {
-          const float c = as_dtype(cp[(t * n + i) * n + j], bf16);
-          for (int64_t h = 0; h < H; ++h) acc[h] += c * xt[i * H + h];
-        }
-        if (bf16) {
-          auto* o = reinterpret_cast<at::BFloat16*>(out.data_ptr()) + (t * n + j) * H;
-          for (int64_t h = 0; h < H; ++h) o[h] = static_cast<at::BFloat16>(acc[h]);
-        } else {
-          std::copy(acc.begin(), acc.end(), out.data_ptr<float>() + (t * n + j) * H);
-        }
-      }
-    }
-  });
+  auto run = [&](auto* xp, auto* op) {  // float32 or bf16 rows
+    const auto* yp = reinterpret_cast<decltype(xp)>(y.data_ptr());
+    ctxlab_hc::with_streams(n, [&](auto streams) {
+      constexpr int64_t S = decltype(streams)::value;
+      at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t)
+          merge_token<S>(xp + t * S * H, yp + t * H, pp + t * S, cp + t * S * S, H, op + t * S * H);
+      });
+    });
+  };
+  if (x.scalar_type() == at::kBFloat16)
+    run(static_cast<const c10::BFloat16*>(x.data_ptr()), static_cast<c10::BFloat16*>(out.data_ptr()));
+  else
+    run(x.data_ptr<float>(), out.data_ptr<float>());
   return out;
 }
 

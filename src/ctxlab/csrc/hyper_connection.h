@@ -3,8 +3,11 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/util/BFloat16.h>
+#include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace ctxlab_hc {
 
@@ -26,6 +29,37 @@ inline at::Tensor padded_rows(const at::Tensor& fn, int64_t rows_of = 1) {
   auto out = at::zeros({(M + rows_of - 1) / rows_of * rows_of, K + 16}, fn.options());
   out.narrow(0, 0, M).narrow(1, 0, K).copy_(fn);
   return out;
+}
+
+constexpr int64_t MAX_STREAMS = 8;  // n
+
+// f(std::integral_constant<int64_t, n>{}) for the runtime n in 1..MAX_STREAMS: loops over the streams unroll,
+// and per-stream vectors stay in registers.
+template <typename F>
+void with_streams(int64_t n, F&& f) {
+  switch (n) {
+    case 1: return f(std::integral_constant<int64_t, 1>{});
+    case 2: return f(std::integral_constant<int64_t, 2>{});
+    case 3: return f(std::integral_constant<int64_t, 3>{});
+    case 4: return f(std::integral_constant<int64_t, 4>{});
+    case 5: return f(std::integral_constant<int64_t, 5>{});
+    case 6: return f(std::integral_constant<int64_t, 6>{});
+    case 7: return f(std::integral_constant<int64_t, 7>{});
+    case 8: return f(std::integral_constant<int64_t, 8>{});
+    default: TORCH_CHECK(false, "mHC kernels: n = ", n, " streams; allowed 1 to ", MAX_STREAMS);
+  }
+}
+
+// 16 values of a float32 or bf16 row (the lanes in `in`; the rest read as 0), as float32.
+inline __m512 load16(const float* p, __mmask16 in) { return _mm512_maskz_loadu_ps(in, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 in) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, p)), 16));
+}
+
+// v into the lanes `in` of a float32 row, or of a bf16 row rounded to nearest even (as c10::BFloat16 rounds).
+inline void store16(float* p, __m512 v, __mmask16 in) { _mm512_mask_storeu_ps(p, in, v); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 in) {
+  _mm256_mask_storeu_epi16(p, in, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
 }  // namespace ctxlab_hc

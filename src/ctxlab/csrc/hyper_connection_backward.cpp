@@ -24,8 +24,8 @@
 // split across torch's thread pool, each part with its own g_fn, summed at the end.
 //
 // The merge X'_j = Σ_i comb_ij x_i + post_j y (HyperMerge in mhc_fused.py) has, per token, g_x_i = Σ_j comb_ij g_j,
-// g_y = Σ_j post_j g_j, g_post_j = y · g_j and g_comb_ij = x_i · g_j: n² + n dot products and two mixes of
-// rows that stay in L1, where PyTorch runs four batched matrix products, each a pass over the stream.
+// g_y = Σ_j post_j g_j, g_post_j = y · g_j and g_comb_ij = x_i · g_j: one pass over a token's rows, where
+// PyTorch runs four batched matrix products, each a pass over the stream.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -154,6 +154,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split_backward(
   return {g_x, g_fn, g_z_pre};
 }
 
+// One token of the merge's backward, 16 columns at a time: the n rows of x and of g in registers, the n² + n
+// dot products accumulated as vectors and summed across lanes at the end.
+template <int64_t n>
+void merge_backward_token(const float* x, const float* y, const float* post, const float* comb, const float* g,
+                          int64_t H, float* g_x, float* g_y, float* g_post, float* g_comb) {
+  __m512 dot_y[n], dot_x[n * n];  // y · g_j, x_i · g_j
+  for (int64_t j = 0; j < n; ++j) dot_y[j] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < n * n; ++k) dot_x[k] = _mm512_setzero_ps();
+  for (int64_t h = 0; h < H; h += 16) {
+    const __mmask16 in = lanes(H - h);
+    __m512 xv[n], gv[n];
+    for (int64_t i = 0; i < n; ++i) xv[i] = _mm512_maskz_loadu_ps(in, x + i * H + h), gv[i] = _mm512_maskz_loadu_ps(in, g + i * H + h);
+    const __m512 yv = _mm512_maskz_loadu_ps(in, y + h);
+    __m512 gy = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      dot_y[j] = _mm512_fmadd_ps(yv, gv[j], dot_y[j]);
+      for (int64_t i = 0; i < n; ++i) dot_x[i * n + j] = _mm512_fmadd_ps(xv[i], gv[j], dot_x[i * n + j]);
+      gy = _mm512_fmadd_ps(_mm512_set1_ps(post[j]), gv[j], gy);
+    }
+    _mm512_mask_storeu_ps(g_y + h, in, gy);
+    for (int64_t i = 0; i < n; ++i) {
+      __m512 gx = _mm512_setzero_ps();
+      for (int64_t j = 0; j < n; ++j) gx = _mm512_fmadd_ps(_mm512_set1_ps(comb[i * n + j]), gv[j], gx);
+      _mm512_mask_storeu_ps(g_x + i * H + h, in, gx);
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) g_post[j] = _mm512_reduce_add_ps(dot_y[j]);
+  for (int64_t k = 0; k < n * n; ++k) g_comb[k] = _mm512_reduce_add_ps(dot_x[k]);
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_merge_backward(const at::Tensor& x, const at::Tensor& y,
                                                                              const at::Tensor& post, const at::Tensor& comb,
                                                                              const at::Tensor& g) {
@@ -172,24 +202,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_merge_backward(con
   const float *cp = comb.data_ptr<float>(), *gp = g.data_ptr<float>();
   float *gxp = g_x.data_ptr<float>(), *gyp = g_y.data_ptr<float>(), *gpp = g_post.data_ptr<float>();
   float* gcp = g_comb.data_ptr<float>();
-  at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const float *xt = xp + t * n * H, *gt = gp + t * n * H, *yt = yp + t * H, *c = cp + t * n * n, *p = pp + t * n;
-      for (int64_t j = 0; j < n; ++j) {
-        gpp[t * n + j] = dot(yt, gt + j * H, H);
-        for (int64_t i = 0; i < n; ++i) gcp[(t * n + i) * n + j] = dot(xt + i * H, gt + j * H, H);
-      }
-      float* gy = gyp + t * H;
-      for (int64_t h = 0; h < H; ++h) gy[h] = 0.f;
-      for (int64_t j = 0; j < n; ++j)
-        for (int64_t h = 0; h < H; ++h) gy[h] += p[j] * gt[j * H + h];
-      for (int64_t i = 0; i < n; ++i) {
-        float* gx = gxp + (t * n + i) * H;
-        for (int64_t h = 0; h < H; ++h) gx[h] = 0.f;
-        for (int64_t j = 0; j < n; ++j)
-          for (int64_t h = 0; h < H; ++h) gx[h] += c[i * n + j] * gt[j * H + h];
-      }
-    }
+  ctxlab_hc::with_streams(n, [&](auto streams) {
+    constexpr int64_t S = decltype(streams)::value;
+    at::parallel_for(0, N, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t)
+        merge_backward_token<S>(xp + t * S * H, yp + t * H, pp + t * S, cp + t * S * S, gp + t * S * H, H,
+                                gxp + t * S * H, gyp + t * H, gpp + t * S, gcp + t * S * S);
+    });
   });
   return {g_x, g_y, g_post, g_comb};
 }
