@@ -58,25 +58,38 @@ inline const float* token_row(const at::Tensor& x, int64_t t, int64_t K, float* 
 
 inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
 
-// dots[b][m] = rows[b] · fn[m] for a block of TOKENS rows of K floats and the M_pad rows of fn (a multiple of
-// ROWS, `ld` floats apart): ROWS rows of fn against the TOKENS tokens, 24 accumulators in registers, each
-// vector of fn loaded once for all the tokens.
-void project(const float* const* rows, const float* fn, int64_t M_pad, int64_t K, int64_t ld, float (*dots)[MAX_LOGITS + ROWS]) {
-  for (int64_t m0 = 0; m0 < M_pad; m0 += ROWS) {
-    __m512 acc[TOKENS][ROWS];
-    for (int64_t b = 0; b < TOKENS; ++b)
-      for (int64_t r = 0; r < ROWS; ++r) acc[b][r] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < K; k += 16) {
-      const __mmask16 in = lanes(K - k);
-      __m512 xv[TOKENS];
-      for (int64_t b = 0; b < TOKENS; ++b) xv[b] = _mm512_maskz_loadu_ps(in, rows[b] + k);
-      for (int64_t r = 0; r < ROWS; ++r) {
-        const __m512 f = _mm512_maskz_loadu_ps(in, fn + (m0 + r) * ld + k);
-        for (int64_t b = 0; b < TOKENS; ++b) acc[b][r] = _mm512_fmadd_ps(xv[b], f, acc[b][r]);
-      }
+// dots[b][m0 + r] = rows[b] · fn[m0 + r] for b < T, r < R: R rows of fn (`ld` floats apart) against T rows of
+// K floats, T · R ≤ 24 accumulators in registers, each vector of fn loaded once for all T tokens.
+template <int64_t T, int64_t R>
+void project_rows(const float* const* rows, const float* fn, int64_t m0, int64_t K, int64_t ld, float (*dots)[MAX_LOGITS]) {
+  __m512 acc[T][R];
+  for (int64_t b = 0; b < T; ++b)
+    for (int64_t r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 in = lanes(K - k);
+    __m512 xv[T];
+    for (int64_t b = 0; b < T; ++b) xv[b] = _mm512_maskz_loadu_ps(in, rows[b] + k);
+    for (int64_t r = 0; r < R; ++r) {
+      const __m512 f = _mm512_maskz_loadu_ps(in, fn + (m0 + r) * ld + k);
+      for (int64_t b = 0; b < T; ++b) acc[b][r] = _mm512_fmadd_ps(xv[b], f, acc[b][r]);
     }
-    for (int64_t b = 0; b < TOKENS; ++b)
-      for (int64_t r = 0; r < ROWS; ++r) dots[b][m0 + r] = _mm512_reduce_add_ps(acc[b][r]);
+  }
+  for (int64_t b = 0; b < T; ++b)
+    for (int64_t r = 0; r < R; ++r) dots[b][m0 + r] = _mm512_reduce_add_ps(acc[b][r]);
+}
+
+// dots[b][m] = rows[b] · fn[m] for T tokens and all M rows of fn: ROWS at a time, then the remaining M % ROWS.
+template <int64_t T>
+void project(const float* const* rows, const float* fn, int64_t M, int64_t K, int64_t ld, float (*dots)[MAX_LOGITS]) {
+  int64_t m0 = 0;
+  for (; m0 + ROWS <= M; m0 += ROWS) project_rows<T, ROWS>(rows, fn, m0, K, ld, dots);
+  switch (M - m0) {
+    case 1: return project_rows<T, 1>(rows, fn, m0, K, ld, dots);
+    case 2: return project_rows<T, 2>(rows, fn, m0, K, ld, dots);
+    case 3: return project_rows<T, 3>(rows, fn, m0, K, ld, dots);
+    case 4: return project_rows<T, 4>(rows, fn, m0, K, ld, dots);
+    case 5: return project_rows<T, 5>(rows, fn, m0, K, ld, dots);
+    default: return;
   }
 }
 
@@ -96,9 +109,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_split(
   TORCH_CHECK(fn.dim() == 2 && fn.size(1) == K && base.numel() == M && scale.numel() == (mix ? 3 : 1),
               "hc_split: fn ", fn.sizes(), ", base ", base.sizes(), ", scale ", scale.sizes(), " do not fit x ", x.sizes());
   const float e = static_cast<float>(eps), ne = static_cast<float>(norm_eps);
-  const auto fn_padded = ctxlab_hc::padded_rows(fn, ROWS);
-  const int64_t ld = fn_padded.size(1);
-  const float *w = fn_padded.data_ptr<float>(), *b = base.data_ptr<float>(), *g = scale.data_ptr<float>();
+  // More than one block of tokens: fn's rows padded off the 4 KiB stride (a decode step's one block reads fn once)
+  const auto fn_rows = N > TOKENS ? ctxlab_hc::padded_rows(fn) : fn;
+  const int64_t ld = fn_rows.size(1);
+  const float *w = fn_rows.data_ptr<float>(), *b = base.data_ptr<float>(), *g = scale.data_ptr<float>();
   auto u32 = at::empty({N, H}, x.options().dtype(at::kFloat));
   auto post = at::empty({N, mix ? n : 0}, x.options().dtype(at::kFloat));
   auto comb_logits = at::empty({mix ? n * n : 0, N}, x.options().dtype(at::kFloat));  // tokens last, for Sinkhorn
@@ -107,13 +121,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_split(
   float *up = u32.data_ptr<float>(), *pp = post.data_ptr<float>(), *cp = comb_logits.data_ptr<float>();
   float *mp = mixing.data_ptr<float>(), *rp = inv_rms.data_ptr<float>();
   at::parallel_for(0, (N + TOKENS - 1) / TOKENS, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> buf(x.scalar_type() == at::kFloat ? 0 : TOKENS * K), zero_row(K, 0.f), pre(n);
-    float dots[TOKENS][MAX_LOGITS + ROWS];
+    std::vector<float> buf(x.scalar_type() == at::kFloat ? 0 : TOKENS * K), pre(n);
+    float dots[TOKENS][MAX_LOGITS];
     for (int64_t t0 = begin * TOKENS; t0 < std::min(end * TOKENS, N); t0 += TOKENS) {
-      const float* rows[TOKENS];  // a short last block is padded with zero rows
-      for (int64_t k = 0; k < TOKENS; ++k) rows[k] = t0 + k < N ? token_row(x, t0 + k, K, buf.data() + k * K) : zero_row.data();
-      project(rows, w, fn_padded.size(0), K, ld, dots);
-      for (int64_t k = 0; k < TOKENS && t0 + k < N; ++k) {
+      const int64_t count = std::min(TOKENS, N - t0);  // a short last block goes one token at a time
+      const float* rows[TOKENS];
+      for (int64_t k = 0; k < count; ++k) rows[k] = token_row(x, t0 + k, K, buf.data() + k * K);
+      if (count == TOKENS) project<TOKENS>(rows, w, M, K, ld, dots);
+      for (int64_t k = 0; k < count && count < TOKENS; ++k) project<1>(rows + k, w, M, K, ld, dots + k);
+      for (int64_t k = 0; k < count; ++k) {
         const int64_t t = t0 + k;
         const float* row = rows[k];
         const float r = rp[t] = 1.f / std::sqrt(dot(row, row, K) / static_cast<float>(K) + ne);

@@ -21,10 +21,14 @@ is in dozens of tiny ops per connection and in passes over the n-times wider str
 * Under ``torch.compile`` the collapse and the mix are written as broadcasts over the stream axis
   (``(pre · X).sum``, ``(combᵀ[..., None] · X[:, None]).sum``) so inductor fuses them with their
   neighbours instead of calling out to a batched-matmul kernel.
-* **At inference** (no autograd), where the native kernels run, a connection's split and its merge
-  are one call each (``ctxlab::hc_split``, ``ctxlab::hc_merge``): a decode step would otherwise
-  dispatch ~30 ops per connection on a handful of numbers. :func:`pytorch_ops` turns the native
-  kernels off for a block of code (the benchmark's comparison).
+* **Where the native kernels run** (float32 / bf16 stream, n ≤ 8), a connection's split and its merge
+  are one call each (``ctxlab::hc_split``, ``ctxlab::hc_merge``): at inference a decode step would
+  otherwise dispatch ~30 ops per connection on a handful of numbers. In training (float32 stream)
+  :class:`NativeHyperSplit` / :class:`NativeHyperMerge` wrap them with their one-pass backward
+  kernels (``ctxlab::hc_split_backward``: ∂X, ∂fn and the pre logits' gradient; ``ctxlab::hc_merge_backward``),
+  eager and under ``torch.compile`` (opaque calls with registered shapes), where PyTorch runs three
+  skinny matrix products with the [M, n·H] projection and a dozen passes over the stream.
+  :func:`pytorch_ops` turns the native kernels off for a block of code (the benchmark's comparison).
 
 Numerics: equal to the reference within float rounding (the tests hold outputs and every
 parameter's gradient to 1e-5 in float32; at very sharp mixing logits, where float32 itself
