@@ -16,7 +16,8 @@ from torch import nn
 import ctxlab
 from ctxlab.nn.fusion import fuse_projections_
 from ctxlab.nn.moe import Experts
-from ctxlab.nn.packing import READ_DIRECTLY, PackedLinear, pack_linears_, packable
+from ctxlab import native
+from ctxlab.nn.packing import MATVEC_ROWS, READ_DIRECTLY, PackedLinear, grouped_linear, pack_linears_, packable
 from ctxlab.quant import quantize_, weight_bytes
 from test_fusion import CONFIGS, decode_logits, randomized
 
@@ -156,3 +157,23 @@ def test_cli_packs_a_tied_head_only_with_pack_tied_head(capsys, monkeypatch):
     for clash in (["--no-pack"], ["--compile"], ["--quantize", "int8"]):
         assert cli.main([*base, "--pack-tied-head", *clash]) == 2
         assert f"--pack-tied-head with {' '.join(clash)}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows", [1, MATVEC_ROWS, MATVEC_ROWS + 1])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_grouped_linear_is_each_group_through_its_own_block(rows, dtype):
+    """DeepSeek V4's grouped output projection: a decode step's few bf16 rows go through the native
+    matvec one group at a time, everything else through one einsum; both are the block-diagonal map,
+    to float32 accumulation of bf16 products."""
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(1, rows, 4, 40, generator=gen).to(dtype)  # [B, T, g, in]
+    weight = torch.randn(4, 24, 40, generator=gen).to(dtype)  # [g, out, in]
+    got = grouped_linear(x, weight)
+    exact = torch.cat([x[..., k, :].double() @ weight[k].double().T for k in range(4)], dim=-1)
+    assert got.shape == (1, rows, 96) and got.dtype == dtype
+    tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
+    torch.testing.assert_close(got.double(), exact, **tol)
+    if dtype == torch.bfloat16 and rows <= MATVEC_ROWS and native.available():
+        with torch.profiler.profile() as prof:
+            grouped_linear(x, weight)
+        assert sum(e.count for e in prof.key_averages() if e.key == "ctxlab::matvec") == 4

@@ -28,6 +28,7 @@ from ..config import IndexerSpec, LayerSpec
 from ..errors import InputError
 from ..nn.fusion import project
 from ..nn.norms import RMSNorm
+from ..nn.packing import grouped_linear
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
 from .context import ForwardContext
@@ -245,7 +246,7 @@ class CompressedAttention(nn.Module):
         """[B, T, H·D] -> g groups, each through its own block of ``o_a_proj`` -> [B, T, g·c]."""
         g = self.spec.compress.o_groups
         weight = self.o_a_proj.weight.view(g, -1, self.o_a_proj.in_features)  # [g, c, H·D/g]
-        return torch.einsum("btgi,gci->btgc", out.view(*out.shape[:2], g, -1), weight).flatten(2)
+        return grouped_linear(out.view(*out.shape[:2], g, -1), weight)
 
     # --- declarations read by the validation, the cache planner and the accounting --------
 
