@@ -14,9 +14,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import ctxlab
+from ctxlab import native
 from ctxlab.nn.fusion import fuse_projections_
 from ctxlab.nn.moe import Experts
-from ctxlab import native
 from ctxlab.nn.packing import MATVEC_ROWS, READ_DIRECTLY, PackedLinear, grouped_linear, pack_linears_, packable
 from ctxlab.quant import quantize_, weight_bytes
 from test_fusion import CONFIGS, decode_logits, randomized
