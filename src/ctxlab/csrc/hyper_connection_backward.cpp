@@ -18,7 +18,7 @@
 //   g_fn   += g_raw ⊗ x                                         (summed over tokens)
 //
 // In PyTorch that is two skinny matrix products with the [M, K] projection (g_rawᵀ fn and g_raw x: each
-// reads or writes the n-times-wide stream, and runs at ~60 GFLOP/s at M = 24) and three element-wise
+// reads or writes the n-times-wide stream; ~60-100 GFLOP/s at M = 24 here) and three element-wise
 // passes; here a block of 4 tokens reads its rows once, and each row of fn (and of the thread's g_fn
 // accumulator) is loaded once per block for all four tokens, 32 columns at a time in registers. Tokens
 // split across torch's thread pool, each part with its own g_fn, summed at the end.
@@ -100,16 +100,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split_backward(
   check_float(g_u, "g_u", {N, H});
   check_float(g_z_rest, "g_z_rest", {M - n, N});
   const float e = static_cast<float>(eps);
-  const float *xp = x.data_ptr<float>(), *w = nullptr, *gp = gains.data_ptr<float>();
+  const float *xp = x.data_ptr<float>(), *gp = gains.data_ptr<float>();
   const float *mp = mix.data_ptr<float>(), *rp = inv_rms.data_ptr<float>(), *sp = s_pre.data_ptr<float>();
   const float *up = g_u.data_ptr<float>(), *zp = g_z_rest.data_ptr<float>();
   auto g_x = at::empty_like(x);
   auto g_z_pre = at::empty({n, N}, x.options());
   float *gxp = g_x.data_ptr<float>(), *gzp = g_z_pre.data_ptr<float>();
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + TOKENS - 1) / TOKENS));
-  auto fn_padded = ctxlab_hc::padded_rows(fn);  // and g_fn's rows as far apart
+  const auto fn_padded = ctxlab_hc::padded_rows(fn);  // and g_fn's rows as far apart
   const int64_t ld = fn_padded.size(1);
-  w = fn_padded.data_ptr<float>();
+  const float* w = fn_padded.data_ptr<float>();
   auto g_fn_parts = at::zeros({parts, M, ld}, x.options());  // one accumulator per part of the tokens
   at::parallel_for(0, parts, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> zero_row(K, 0.f), scratch_row(K);
