@@ -39,7 +39,7 @@ import torch
 SOURCES = sorted(Path(__file__).with_name("csrc").glob("*.cpp"))
 ISA_FLAGS = ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma"]
 ENV_SWITCH = "CTXLAB_NATIVE_KERNELS"  # "0" keeps PyTorch's kernels everywhere
-SINKHORN_MAX_STREAMS = 8  # ctxlab::sinkhorn's largest n (sinkhorn.cpp's MAX_STREAMS)
+SINKHORN_MAX_STREAMS = 8  # the native mHC kernels' largest n (csrc/sinkhorn.h's SINKHORN_MAX_STREAMS)
 
 
 def cpu_has_avx512_bf16() -> bool:

@@ -44,15 +44,12 @@ using ctxlab_hc::MAX_LOGITS;
 using ctxlab_hc::ROWS;
 using ctxlab_hc::TOKENS;
 using ctxlab_simd::dot;
-using ctxlab_simd::load_bf16x16;
 
 // One token's n·H inputs as float32: read in place (float32) or widened into buf (bf16).
 inline const float* token_row(const at::Tensor& x, int64_t t, int64_t K, float* buf) {
   if (x.scalar_type() == at::kFloat) return x.data_ptr<float>() + t * K;
-  const auto* src = reinterpret_cast<const uint16_t*>(x.data_ptr()) + t * K;
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(buf + k, load_bf16x16(src + k));
-  for (; k < K; ++k) buf[k] = static_cast<float>(c10::BFloat16(src[k], c10::BFloat16::from_bits()));
+  const auto* src = static_cast<const c10::BFloat16*>(x.data_ptr()) + t * K;
+  for (int64_t k = 0; k < K; k += 16) _mm512_mask_storeu_ps(buf + k, lanes(K - k), load16(src + k, lanes(K - k)));
   return buf;
 }
 

@@ -2,6 +2,8 @@
 // their gradients).
 #pragma once
 
+#include "sinkhorn.h"
+
 #include <ATen/ATen.h>
 #include <c10/util/BFloat16.h>
 #include <immintrin.h>
@@ -11,8 +13,9 @@
 
 namespace ctxlab_hc {
 
+constexpr int64_t MAX_STREAMS = ctxlab_native::SINKHORN_MAX_STREAMS;          // n: comb goes through Sinkhorn
+constexpr int64_t MAX_LOGITS = 2 * MAX_STREAMS + MAX_STREAMS * MAX_STREAMS;  // M = 2n + n²
 constexpr int64_t TOKENS = 4;       // tokens per block: each row of fn is loaded once for all of them
-constexpr int64_t MAX_LOGITS = 80;  // M = 2n + n² for n ≤ 8 (sinkhorn.cpp's MAX_STREAMS)
 constexpr int64_t ROWS = 6;         // rows of fn per register tile of hc_split's projection (4 tokens x 6 rows)
 
 // The lanes of a 16-float vector that hold columns, when `left` columns remain.
@@ -28,8 +31,6 @@ inline at::Tensor padded_rows(const at::Tensor& fn) {
   out.narrow(1, 0, fn.size(1)).copy_(fn);
   return out;
 }
-
-constexpr int64_t MAX_STREAMS = 8;  // n
 
 // f(std::integral_constant<int64_t, n>{}) for the runtime n in 1..MAX_STREAMS: loops over the streams unroll,
 // and per-stream vectors stay in registers.

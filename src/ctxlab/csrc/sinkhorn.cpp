@@ -30,7 +30,7 @@ namespace {
 
 using ctxlab_simd::exp_ps;
 
-constexpr int64_t MAX_STREAMS = 8;  // n (mHC uses 4): a block's matrix is n·n vectors on the stack
+constexpr int64_t MAX_STREAMS = ctxlab_native::SINKHORN_MAX_STREAMS;
 constexpr int64_t LANES = 16;       // tokens per block, one per float32 lane
 constexpr int64_t GRAIN = 4;        // blocks per task of the thread pool
 

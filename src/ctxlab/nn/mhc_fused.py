@@ -329,7 +329,8 @@ def _connects_natively(x: torch.Tensor) -> bool:
 
 
 def _trains_natively(x: torch.Tensor) -> bool:
-    """With autograd, the split of a float32 x [N, n, H] runs as :class:`NativeHyperSplit`."""
+    """With autograd, the split and the merge of a float32 x [..., n, H] run as :class:`NativeHyperSplit`
+    and :class:`NativeHyperMerge`."""
     return torch.is_grad_enabled() and _native_kernels_take(x, x.shape[-2], (torch.float32,))
 
 
@@ -356,10 +357,12 @@ def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, tor
     """Fast ``HyperConnection.merge``: x [B, T, n, H], branch [B, T, H] -> X' [B, T, n, H]."""
     B, T, n, H = x.shape
     x3, y = x.reshape(B * T, n, H), branch.reshape(B * T, H)
-    if (_connects_natively(x) or _trains_natively(x)) and branch.dtype == x.dtype:
+    native = (
+        torch.ops.ctxlab.hc_merge if _connects_natively(x) else NativeHyperMerge.apply if _trains_natively(x) else None
+    )
+    if native is not None and branch.dtype == x.dtype:
         post, comb = (m.float().reshape(B * T, *m.shape[2:]).contiguous() for m in mixing)
-        mix = torch.ops.ctxlab.hc_merge if _connects_natively(x) else NativeHyperMerge.apply
-        return mix(x3.contiguous(), y.contiguous(), post, comb).view(B, T, n, H)
+        return native(x3.contiguous(), y.contiguous(), post, comb).view(B, T, n, H)
     post, comb = (m.to(x.dtype).reshape(B * T, *m.shape[2:]) for m in mixing)
     mix = _mix_traceable if torch.compiler.is_compiling() else HyperMerge.apply
     return mix(x3, y, post, comb).view(B, T, n, H)
