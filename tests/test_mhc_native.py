@@ -126,6 +126,28 @@ def random_connection(hidden: int, n: int, sharpness: float, gen: torch.Generato
     return module
 
 
+def float32_spread(formulas, module, x: torch.Tensor, seed: int, draws: int = 2) -> list[torch.Tensor]:
+    """How far ``formulas(module, x)`` (float64, a list of tensors) move, largest change per tensor over
+    ``draws`` draws, when every entry of x and of the parameters is moved by ±64 float32 ulps (2⁻¹⁸
+    relative, random signs): the scale of the error a float32 evaluation of them may make,
+    cancellation included. ∂scale, for one, is a sum over tokens and logits whose terms can add up to
+    far more than its value; logits of ~80 carry their rounding into the sigmoids."""
+    exact = formulas(module, x)
+    spread = [torch.zeros((), dtype=torch.float64) for _ in exact]
+    signs = torch.Generator().manual_seed(seed)
+
+    def jitter(t: torch.Tensor) -> torch.Tensor:
+        return t.double() * (1 + 2**-18 * (2 * torch.randint(0, 2, t.shape, generator=signs) - 1))
+
+    for _ in range(draws):
+        moved = copy.deepcopy(module).double()
+        with torch.no_grad():
+            for p in moved.parameters():
+                p.copy_(jitter(p))
+        spread = [torch.maximum(s, (o - e).abs().max()) for s, o, e in zip(spread, formulas(moved, jitter(x)), exact)]
+    return spread
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     n=st.integers(1, native.SINKHORN_MAX_STREAMS),
@@ -139,9 +161,10 @@ def random_connection(hidden: int, n: int, sharpness: float, gen: torch.Generato
 def test_split_at_inference_equals_the_reference(n, hidden, tokens, dtype, sharpness, head, seed):
     """No-grad split (the native call) against the split's formulas in float64, beside the reference
     path (which computes in float32 whatever the stream's dtype): the kernel is no further from float64
-    than twice the reference, or than float32 rounding (1e-5 relative), and for a bf16 block input one
-    rounding to bf16. (Against each other the two float32 paths can differ by more than 1e-5 with sharp
-    parameters: logits of ~80 carry ~1e-5 of rounding into the sigmoids.)"""
+    than twice the reference, or than float32 rounding (1e-5 relative) or the formulas' own spread
+    (:func:`float32_spread`), and for a bf16 block input one rounding to bf16. (Against each other the
+    two float32 paths can differ by more than 1e-5 with sharp parameters: logits of ~80 carry ~1e-5 of
+    rounding into the sigmoids.)"""
     gen = torch.Generator().manual_seed(seed)
     module = random_connection(hidden, n, sharpness, gen, head)
     x = torch.randn(1, tokens, n, hidden, generator=gen).to(dtype)
@@ -150,12 +173,14 @@ def test_split_at_inference_equals_the_reference(n, hidden, tokens, dtype, sharp
         got = module(x) if head else module.split(x)
         oracle = set_hc_impl(copy.deepcopy(module), "reference")
         reference = oracle(x) if head else oracle.split(x)
-        exact = split_in_float64(module, x)
-    flat = (lambda out: [out]) if head else (lambda out: [out[0], *out[1]])  # u (, post, comb)
-    for i, (g, r, e) in enumerate(zip(flat(got), flat(reference), flat(exact))):
+        flat = (lambda out: [out]) if head else (lambda out: [out[0], *out[1]])  # u (, post, comb)
+        exact = flat(split_in_float64(module, x))
+        spread = float32_spread(lambda m, x: flat(split_in_float64(m, x)), module, x, seed)
+    for i, (g, r, e, s) in enumerate(zip(flat(got), flat(reference), exact, spread)):
         assert g.dtype == (dtype if i == 0 else torch.float32)
         floor = 2**-8 if i == 0 and dtype == torch.bfloat16 else 1e-5  # half a bf16 ulp / float32 rounding
-        assert relative_error(g, e) <= max(2 * relative_error(r, e), floor), (i, relative_error(r, e))
+        within = relative_error(g, e) <= max(2 * relative_error(r, e), floor) or (g.double() - e).abs().max() <= s
+        assert within, (i, relative_error(g, e), relative_error(r, e), s)
 
 
 def relative_error(got: torch.Tensor, exact: torch.Tensor) -> float:
@@ -244,14 +269,17 @@ def train_connection(module, x: torch.Tensor, head: bool, gen: torch.Generator, 
     seed=st.integers(0, 2**16),
 )
 @example(n=8, hidden=60, tokens=30, sharpness=0.5, head=True, seed=0)  # ∂scale's terms cancel (CI, 2026-12-05)
+@example(n=6, hidden=62, tokens=30, sharpness=0.5, head=True, seed=107)  # ∂scale: 229 of terms for 0.125 (CI)
 def test_training_kernels_equal_the_pytorch_ops(n, hidden, tokens, sharpness, head, seed):
     """With gradients (float32), the native split and merge (``NativeHyperSplit`` / ``NativeHyperMerge``:
     hc_split, hc_split_backward, hc_merge, hc_merge_backward) beside the same fast path on PyTorch's ops
     (``HyperSplit`` / ``HyperMerge``, which tests/test_mhc_fused.py holds to the reference), both against
     the formulas in float64: the output and the gradients of x and of every parameter are no further
-    from float64 than a few times the PyTorch path, or float32 rounding (1e-5 of each tensor's largest
-    entry). ∂fn, ∂base and ∂scale are sums over tokens and logits, rounded in different orders; where
-    their terms cancel (∂scale of 0.44 from terms near 10) both float32 paths are off by 1e-5 to 3e-5."""
+    from float64 than a few times the PyTorch path, or than the formulas' own spread under 64-ulp moves
+    of their inputs (:func:`float32_spread`). The second bound is needed: where a sum's terms cancel,
+    the PyTorch path's error is luck (∂scale of 0.125 from terms summing to 229 in absolute value:
+    PyTorch 1.5e-6 off, native 4.6e-5, the spread 3e-4); a wrong or lower-precision gradient is off by
+    far more."""
     module = random_connection(hidden, n, sharpness, torch.Generator().manual_seed(seed), head)
     x = torch.randn(1, tokens, n, hidden, generator=torch.Generator().manual_seed(seed + 1))
     assert mhc_fused._trains_natively(x)
@@ -259,9 +287,15 @@ def test_training_kernels_equal_the_pytorch_ops(n, hidden, tokens, sharpness, he
     with mhc_fused.pytorch_ops():
         pytorch = train_connection(module, x, head, torch.Generator().manual_seed(seed + 2))
     exact = train_connection(module, x, head, torch.Generator().manual_seed(seed + 2), exact=True)
-    for i, (g, r, e) in enumerate(zip(got, pytorch, exact)):
+    spread = float32_spread(
+        lambda m, x: [t.double() for t in train_connection(m, x, head, torch.Generator().manual_seed(seed + 2), True)],
+        module,
+        x,
+        seed,
+    )
+    for i, (g, r, e, s) in enumerate(zip(got, pytorch, exact, spread)):
         error, pytorch_error = ((t.double() - e).abs().max() for t in (g, r))
-        assert error <= 4 * pytorch_error + 1e-5 * (1 + e.abs().max()), (i, error, pytorch_error)
+        assert error <= 4 * pytorch_error + s + 1e-6 * (1 + e.abs().max()), (i, error, pytorch_error, s)
 
 
 def producer(t: torch.Tensor) -> str:
