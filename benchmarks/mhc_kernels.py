@@ -51,7 +51,7 @@ def steps(tokens: int, width: int, streams: int) -> dict[str, Callable[[], objec
     g_u, g_post, g_comb, g_x = torch.randn_like(y), torch.randn_like(post), torch.randn_like(comb), torch.randn_like(x)
 
     def train_split():
-        u, (p, c) = hc.split(x_leaf)
+        u, (p, c, *_) = hc.split(x_leaf)  # (the stream handed back for the merge: not used here)
         torch.autograd.backward([u, p, c], [g_u, g_post, g_comb])
 
     def infer_split():

@@ -323,16 +323,41 @@ def test_training_runs_the_native_kernels_on_float32_only():
         assert x.grad is not None and module.fn.grad is not None
 
 
+def test_split_backward_adds_the_merges_gradient():
+    """``g_stream`` (x's gradient from the merge, handed to the split's backward through the stream view
+    :func:`mhc_fused.split` returns) is added into ∂x and changes nothing else; a connection's training
+    split hands x back as a view, and the merge refuses a stream of another shape."""
+    gen = torch.Generator().manual_seed(3)
+    N, n, H = 7, 4, 20
+    x, fn = torch.randn(N, n, H, generator=gen), torch.randn(24, n * H, generator=gen)
+    small = [torch.rand(24, generator=gen), torch.randn(24, N, generator=gen), torch.rand(N, generator=gen)]
+    rest = [torch.rand(n, N, generator=gen), torch.randn(N, H, generator=gen), torch.randn(20, N, generator=gen)]
+    g_stream = torch.randn(N, n, H, generator=gen)
+    alone = torch.ops.ctxlab.hc_split_backward(x, fn, *small, *rest, None, 1e-6)
+    added = torch.ops.ctxlab.hc_split_backward(x, fn, *small, *rest, g_stream, 1e-6)
+    torch.testing.assert_close(added[0], alone[0] + g_stream, atol=1e-6, rtol=1e-6)
+    for a, b in zip(added[1:], alone[1:]):
+        assert torch.equal(a, b)
+    module = random_connection(H, n, 0.5, gen)
+    stream = torch.randn(1, N, n, H, generator=gen, requires_grad=True)
+    post, comb, handed_back = module.split(stream)[1]
+    assert handed_back._base is stream and handed_back.shape == stream.shape
+    with pytest.raises(ValueError, match=r"merge: x has shape \(1, 6, 4, 20\), but the split's stream \(1, 7, 4, 20\)"):
+        module.merge(stream[:, :6], torch.randn(1, 6, H), (post, comb, handed_back))
+
+
 def test_backward_kernels_reject_what_they_do_not_take():
     x, fn = torch.randn(2, 4, 16), torch.randn(24, 64)
     ok = {"gains": torch.rand(24), "mix": torch.randn(24, 2), "inv_rms": torch.rand(2), "s_pre": torch.rand(4, 2)}
     g_u, rest = torch.randn(2, 16), torch.randn(20, 2)
     with pytest.raises(RuntimeError, match=r"g_u must be a contiguous float32 \[2, 16\], got Float \[2, 15\]"):
-        torch.ops.ctxlab.hc_split_backward(x, fn, *ok.values(), torch.randn(2, 15), rest, 1e-6)
+        torch.ops.ctxlab.hc_split_backward(x, fn, *ok.values(), torch.randn(2, 15), rest, None, 1e-6)
     with pytest.raises(RuntimeError, match="x must be a contiguous float32"):
-        torch.ops.ctxlab.hc_split_backward(x.double(), fn, *ok.values(), g_u, rest, 1e-6)
+        torch.ops.ctxlab.hc_split_backward(x.double(), fn, *ok.values(), g_u, rest, None, 1e-6)
     with pytest.raises(RuntimeError, match="fn has 2 rows; allowed n = 4 to 80"):
-        torch.ops.ctxlab.hc_split_backward(x, fn[:2], *ok.values(), g_u, rest, 1e-6)
+        torch.ops.ctxlab.hc_split_backward(x, fn[:2], *ok.values(), g_u, rest, None, 1e-6)
+    with pytest.raises(RuntimeError, match=r"g_stream must be a contiguous float32 \[2, 4, 16\], got Float \[2, 16\]"):
+        torch.ops.ctxlab.hc_split_backward(x, fn, *ok.values(), g_u, rest, g_u, 1e-6)
     y, post, comb = torch.randn(2, 16), torch.rand(2, 4), torch.rand(2, 4, 4)
     with pytest.raises(RuntimeError, match=r"g must be a contiguous float32 \[2, 4, 16\]"):
         torch.ops.ctxlab.hc_merge_backward(x, y, post, comb, x.transpose(0, 1).contiguous())

@@ -133,7 +133,7 @@ def _hc_split_shapes(x: torch.Tensor, fn: torch.Tensor, base, scale, iters: int,
     )
 
 
-def _hc_split_backward_shapes(x, fn, gains, mix, inv_rms, s_pre, g_u, g_z_rest, eps: float):
+def _hc_split_backward_shapes(x, fn, gains, mix, inv_rms, s_pre, g_u, g_z_rest, g_stream, eps: float):
     """-> g_x [N, n, H], g_fn [M, n·H], g_z_pre [n, N] (float32): for torch.compile's tracing."""
     return torch.empty_like(x), torch.empty_like(fn), s_pre.new_empty(s_pre.shape)
 

@@ -2,7 +2,7 @@
 // the merge's vector-Jacobian products, one pass over the n-times-wide stream each.
 //
 //   hc_split_backward(x [N, n, H], fn [M, K = n·H], gains [M], mix [M, N], inv_rms [N], s_pre [n, N],
-//                     g_u [N, H], g_z_rest [M - n, N], eps)
+//                     g_u [N, H], g_z_rest [M - n, N], g_stream [N, n, H]?, eps)
 //     -> g_x [N, n, H], g_fn [M, K], g_z_pre [n, N]
 //   hc_merge_backward(x [N, n, H], y [N, H], post [N, n], comb [N, n, n], g [N, n, H])
 //     -> g_x [N, n, H], g_y [N, H], g_post [N, n], g_comb [N, n, n]
@@ -16,6 +16,9 @@
 //   g_raw   = g_z ⊙ gains · inv_rms                             [M]
 //   g_x     = Σ_m g_raw[m] fn[m] + c · x + pre_i g_u (stream i), c = -(Σ_m g_z[m] gains[m] mix[m]) inv_rms² / K
 //   g_fn   += g_raw ⊗ x                                         (summed over tokens)
+//
+// g_stream, when given, is the gradient x has from its other consumer, the merge after the block: it is added
+// into g_x in the same pass (autograd would otherwise sum the two in a pass of its own over three streams).
 //
 // In PyTorch that is two skinny matrix products with the [M, K] projection (g_rawᵀ fn and g_raw x: each
 // reads or writes the n-times-wide stream; ~60-100 GFLOP/s at M = 24 here) and three element-wise
@@ -87,7 +90,8 @@ void check_float(const at::Tensor& t, const char* name, at::IntArrayRef shape) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split_backward(
     const at::Tensor& x, const at::Tensor& fn, const at::Tensor& gains, const at::Tensor& mix,
-    const at::Tensor& inv_rms, const at::Tensor& s_pre, const at::Tensor& g_u, const at::Tensor& g_z_rest, double eps) {
+    const at::Tensor& inv_rms, const at::Tensor& s_pre, const at::Tensor& g_u, const at::Tensor& g_z_rest,
+    const c10::optional<at::Tensor>& g_stream, double eps) {
   TORCH_CHECK(x.dim() == 3, "hc_split_backward: x must be [N, n, H], got ", x.sizes());
   const int64_t N = x.size(0), n = x.size(1), H = x.size(2), K = n * H, M = fn.size(0);
   TORCH_CHECK(M >= n && M <= MAX_LOGITS, "hc_split_backward: fn has ", M, " rows; allowed n = ", n, " to ", MAX_LOGITS);
@@ -99,10 +103,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split_backward(
   check_float(s_pre, "s_pre", {n, N});
   check_float(g_u, "g_u", {N, H});
   check_float(g_z_rest, "g_z_rest", {M - n, N});
+  if (g_stream) check_float(*g_stream, "g_stream", {N, n, H});
   const float e = static_cast<float>(eps);
   const float *xp = x.data_ptr<float>(), *gp = gains.data_ptr<float>();
   const float *mp = mix.data_ptr<float>(), *rp = inv_rms.data_ptr<float>(), *sp = s_pre.data_ptr<float>();
   const float *up = g_u.data_ptr<float>(), *zp = g_z_rest.data_ptr<float>();
+  const float* ap = g_stream ? g_stream->data_ptr<float>() : nullptr;
   auto g_x = at::empty_like(x);
   auto g_z_pre = at::empty({n, N}, x.options());
   float *gxp = g_x.data_ptr<float>(), *gzp = g_z_pre.data_ptr<float>();
@@ -141,10 +147,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split_backward(
           const float c = -g_mix_dot * r * r / static_cast<float>(K);
           float* gx = blk.g_x[b] = gxp + t * K;
           blk.x[b] = xt;
-          for (int64_t i = 0; i < n; ++i) {  // c · x + pre_i g_u; accumulate() adds g_rawᵀ fn
+          for (int64_t i = 0; i < n; ++i) {  // c · x + pre_i g_u (+ g_stream); accumulate() adds g_rawᵀ fn
             const float pre = sp[i * N + t] + e;
             for (int64_t h = 0; h < H; ++h) gx[i * H + h] = c * xt[i * H + h] + pre * gu[h];
           }
+          if (ap)
+            for (int64_t k = 0; k < K; ++k) gx[k] += ap[t * K + k];
         }
         accumulate(blk, w, M, K, ld, g_fn);
       }
@@ -217,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_merge_backward(con
 
 TORCH_LIBRARY_FRAGMENT(ctxlab, m) {
   m.def("hc_split_backward(Tensor x, Tensor fn, Tensor gains, Tensor mix, Tensor inv_rms, Tensor s_pre, "
-        "Tensor g_u, Tensor g_z_rest, float eps) -> (Tensor, Tensor, Tensor)");
+        "Tensor g_u, Tensor g_z_rest, Tensor? g_stream, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("hc_merge_backward(Tensor x, Tensor y, Tensor post, Tensor comb, Tensor g) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 

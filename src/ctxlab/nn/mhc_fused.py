@@ -240,17 +240,21 @@ class NativeHyperSplit(torch.autograd.Function):
     which also returns the normalised projection ``mix`` [M, N] and the inverse RMS [N] for the
     backward; the backward is ``ctxlab::hc_split_backward`` (∂X, ∂fn and the pre logits' gradient in
     one pass over the stream) around the small [M, N] steps of :func:`_mixing_grads`. Under
-    ``torch.compile`` both are opaque calls, as Sinkhorn is."""
+    ``torch.compile`` both are opaque calls, as Sinkhorn is.
+
+    A connection's split also hands x back (a view of it, the ``stream`` :func:`merge` mixes): x's
+    gradient from the merge then arrives in this backward as ``g_stream``, and the kernel adds it in
+    its own pass, where autograd would sum the two gradients of x in a pass over three streams."""
 
     @staticmethod
     def forward(ctx, x, fn, base, scale, iters: int, eps: float, norm_eps: float, mix_weights: bool):
         u, post, comb, mix, inv_rms = torch.ops.ctxlab.hc_split(x, fn, base, scale, iters, eps, norm_eps)
         ctx.save_for_backward(x, fn, base, scale, mix, inv_rms)
         ctx.consts, ctx.mix_weights = (iters, eps), mix_weights
-        return (u, post, comb) if mix_weights else u
+        return (u, post, comb, x.view_as(x)) if mix_weights else u
 
     @staticmethod
-    def backward(ctx, g_u, g_post=None, g_comb=None):
+    def backward(ctx, g_u, g_post=None, g_comb=None, g_stream=None):
         x, fn, base, scale, mix, inv_rms = ctx.saved_tensors
         N, n, _ = x.shape
         sizes = [n, n, n * n] if ctx.mix_weights else [n]
@@ -259,8 +263,18 @@ class NativeHyperSplit(torch.autograd.Function):
         s = torch.sigmoid(z[: 2 * n])
         comb_logits = z[2 * n :].view(n, n, N) if ctx.mix_weights else None
         g_rest = _mixing_grads(g_post, g_comb, s, comb_logits, *ctx.consts).contiguous()
+        g_stream = None if g_stream is None else g_stream.contiguous()
         g_x, g_fn, g_z_pre = torch.ops.ctxlab.hc_split_backward(
-            x, fn, gains.view(-1), mix, inv_rms, s[:n].contiguous(), g_u.float().contiguous(), g_rest, ctx.consts[1]
+            x,
+            fn,
+            gains.view(-1),
+            mix,
+            inv_rms,
+            s[:n].contiguous(),
+            g_u.float().contiguous(),
+            g_rest,
+            g_stream,
+            ctx.consts[1],
         )
         g_z = torch.cat([g_z_pre, g_rest])
         return g_x, g_fn, *_logit_param_grads(g_z, mix, sizes), None, None, None, None
@@ -345,25 +359,33 @@ def _split(x, fn, base, scale, iters, eps, norm_eps, mix_weights):
     return HyperSplit.apply(x, fn, base, scale, iters, eps, norm_eps, mix_weights)
 
 
-def split(hc, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Fast ``HyperConnection.split``: x [B, T, n, H] -> u [B, T, H], (post [B, T, n], comb [B, T, n, n])."""
+def split(hc, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+    """Fast ``HyperConnection.split``: x [B, T, n, H] -> u [B, T, H], mixing (post [B, T, n], comb
+    [B, T, n, n]); on the native training path mixing also carries the stream the merge mixes, x as
+    handed back by :class:`NativeHyperSplit` (so x's gradient from the merge reaches the split's kernel)."""
     B, T, n, H = x.shape
     params = hc.fn.float(), hc.base.float(), hc.scale.float()
-    u, post, comb = _split(x.reshape(B * T, n, H), *params, hc.iters, hc.eps, hc.norm_eps, True)
-    return u.view(B, T, H), (post.reshape(B, T, n), comb.reshape(B, T, n, n))
+    u, post, comb, *stream = _split(x.reshape(B * T, n, H), *params, hc.iters, hc.eps, hc.norm_eps, True)
+    return u.view(B, T, H), (post.reshape(B, T, n), comb.reshape(B, T, n, n), *(s.view(x.shape) for s in stream))
 
 
-def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Fast ``HyperConnection.merge``: x [B, T, n, H], branch [B, T, H] -> X' [B, T, n, H]."""
+def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Fast ``HyperConnection.merge``: x [B, T, n, H], branch [B, T, H] -> X' [B, T, n, H]. x is the
+    split's input; where :func:`split` handed it back in ``mixing``, that view of it is what is mixed."""
+    post, comb, *stream = mixing
+    if stream:
+        if stream[0].shape != x.shape:
+            raise ValueError(f"merge: x has shape {tuple(x.shape)}, but the split's stream {tuple(stream[0].shape)}")
+        x = stream[0]
     B, T, n, H = x.shape
     x3, y = x.reshape(B * T, n, H), branch.reshape(B * T, H)
     native = (
         torch.ops.ctxlab.hc_merge if _connects_natively(x) else NativeHyperMerge.apply if _trains_natively(x) else None
     )
     if native is not None and branch.dtype == x.dtype:
-        post, comb = (m.float().reshape(B * T, *m.shape[2:]).contiguous() for m in mixing)
+        post, comb = (m.float().reshape(B * T, *m.shape[2:]).contiguous() for m in (post, comb))
         return native(x3.contiguous(), y.contiguous(), post, comb).view(B, T, n, H)
-    post, comb = (m.to(x.dtype).reshape(B * T, *m.shape[2:]) for m in mixing)
+    post, comb = (m.to(x.dtype).reshape(B * T, *m.shape[2:]) for m in (post, comb))
     mix = _mix_traceable if torch.compiler.is_compiling() else HyperMerge.apply
     return mix(x3, y, post, comb).view(B, T, n, H)
 
