@@ -365,13 +365,36 @@ def test_backward_kernels_reject_what_they_do_not_take():
         torch.ops.ctxlab.hc_merge_backward(x, y, post.bfloat16(), comb, x)
 
 
+def test_inference_calls_take_any_leading_dims():
+    """At inference the split and the merge are one native call each on x [..., n, H] as it is (no
+    reshapes or casts dispatched around them: at a decode step those cost as much as the kernels), with
+    the same numbers as on the tokens flattened to [N, n, H]."""
+    from torch.profiler import profile
+
+    gen = torch.Generator().manual_seed(5)
+    module = random_connection(16, 4, 0.5, gen)
+    x, y = torch.randn(2, 3, 4, 16, generator=gen), torch.randn(2, 3, 16, generator=gen)
+    with torch.no_grad(), profile() as prof:
+        u, mixing = module.split(x)
+        out = module.merge(x, y, mixing)
+    top = [e.name for e in prof.events() if e.cpu_parent is None]
+    assert top == ["ctxlab::hc_split", "ctxlab::hc_merge"], top
+    with torch.no_grad():
+        flat_u, flat_mixing = module.split(x.view(1, 6, 4, 16))
+        flat_out = module.merge(x.view(1, 6, 4, 16), y.view(1, 6, 16), flat_mixing)
+    assert u.shape == (2, 3, 16) and [m.shape for m in mixing] == [(2, 3, 4), (2, 3, 4, 4)]
+    assert torch.equal(u.view(1, 6, 16), flat_u) and torch.equal(out.view(1, 6, 4, 16), flat_out)
+    for m, flat in zip(mixing, flat_mixing):
+        assert torch.equal(m.flatten(0, 1), flat[0])
+
+
 def test_split_rejects_mismatched_weights():
     x = torch.randn(2, 4, 16)
     with pytest.raises(RuntimeError, match="fn has 10 rows; n = 4 streams need 24"):
         torch.ops.ctxlab.hc_split(x, torch.randn(10, 64), torch.randn(10), torch.ones(3), 20, 1e-6, 1e-6)
     with pytest.raises(RuntimeError, match="do not fit"):
         torch.ops.ctxlab.hc_split(x, torch.randn(24, 60), torch.randn(24), torch.ones(3), 20, 1e-6, 1e-6)
-    with pytest.raises(RuntimeError, match=r"comb must be a contiguous float32 \[N, n, n\]"):
+    with pytest.raises(RuntimeError, match=r"comb must be a contiguous float32 \[2, 4, 4\], got \[2, 4, 3\]"):
         torch.ops.ctxlab.hc_merge(x, torch.randn(2, 16), torch.rand(2, 4), torch.rand(2, 4, 3))
 
 

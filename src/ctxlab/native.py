@@ -28,6 +28,7 @@ callers keep PyTorch's kernels; if the build fails, one warning says why.
 from __future__ import annotations
 
 import functools
+import math
 import os
 import re
 import shutil
@@ -119,15 +120,15 @@ def _sinkhorn_backward_shapes(grad: torch.Tensor, logits: torch.Tensor, iters: i
 
 
 def _hc_split_shapes(x: torch.Tensor, fn: torch.Tensor, base, scale, iters: int, eps: float, norm_eps: float):
-    """x [N, n, H], fn [M, n·H] -> u [N, H] (x's dtype), post [N, n], comb [N, n, n] (float32; empty
-    when M = n, the head), mix [M, N] and inv_rms [N] (float32): for torch.compile's tracing."""
-    N, n, H = x.shape
-    M, k = fn.shape[0], 0 if fn.shape[0] == n else n
+    """x [..., n, H], fn [M, n·H] -> u [..., H] (x's dtype), post [..., n], comb [..., n, n] (float32;
+    empty when M = n, the head), mix [M, N] and inv_rms [N] (float32, N tokens): for torch.compile's tracing."""
+    *lead, n, H = x.shape
+    N, M, k = x.numel() // (n * H), fn.shape[0], 0 if fn.shape[0] == n else n
     f32 = {"dtype": torch.float32}
     return (
-        x.new_empty(N, H),
-        x.new_empty(N, k, **f32),
-        x.new_empty(N, k, k, **f32),
+        x.new_empty(*lead, H),
+        x.new_empty(*lead, k, **f32),
+        x.new_empty(*lead, k, k, **f32),
         x.new_empty(M, N, **f32),
         x.new_empty(N, **f32),
     )
@@ -144,7 +145,7 @@ def _hc_merge_backward_shapes(x, y, post, comb, g):
 
 
 def _hc_merge_shapes(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
-    """x [N, n, H] -> X' [N, n, H] (x's dtype): for torch.compile's tracing."""
+    """x [..., n, H] -> X' [..., n, H] (x's dtype): for torch.compile's tracing."""
     return torch.empty_like(x)
 
 
@@ -161,17 +162,18 @@ def _register_flop_formulas() -> None:
         B, H, G, D = q
         return 2 * B * H * G * k[2] * (D + (q2[-1] if q2 else 0) + v[-1])  # scores, then values
 
-    def hc_split(x, fn, *args, out_shape=None, **kwargs):  # x [N, n, H], fn [M, n·H]
-        N, n, H = x
+    def hc_split(x, fn, *args, out_shape=None, **kwargs):  # x [..., n, H], fn [M, n·H]
+        *lead, n, H = x
+        N = math.prod(lead)
         return 2 * N * fn[0] * fn[1] + 2 * N * n * H  # the mixing logits, the collapse
 
     def hc_split_backward(x, fn, *args, out_shape=None, **kwargs):  # ∂X = g_rawᵀ fn, ∂fn = g_raw X, ∂pre
         N, n, H = x
         return 4 * N * fn[0] * fn[1] + 2 * N * n * H
 
-    def hc_merge(x, *args, out_shape=None, **kwargs):  # the stream mix combᵀ X
-        N, n, H = x
-        return 2 * N * n * n * H
+    def hc_merge(x, *args, out_shape=None, **kwargs):  # the stream mix combᵀ X, x [..., n, H]
+        *lead, n, H = x
+        return 2 * math.prod(lead) * n * n * H
 
     def hc_merge_backward(x, *args, out_shape=None, **kwargs):  # ∂X = comb g, ∂comb = X gᵀ, ∂y, ∂post
         N, n, H = x

@@ -1,11 +1,12 @@
 // mHC's hyper-connection at inference (no autograd), for x86 CPUs with AVX512: everything a connection
 // computes before its block (the split) and after it (the merge), one call each.
 //
-// hc_split: x [N, n, H] float32 or bf16 (the n streams of N tokens), fn [M, n·H], base [M], scale [3] (float32)
-//   -> u [N, H] (x's dtype; the block's input), post [N, n], comb [N, n, n], and for the backward
-//      (hyper_connection_backward.cpp) mix = (x · fnᵀ) · inv_rms [M, N] and inv_rms [N] (all float32)
-// hc_merge: x [N, n, H], the block's output y [N, H] (x's dtype), post [N, n], comb [N, n, n] (float32)
-//   -> X' [N, n, H] (x's dtype), X'_j = Σ_i comb_ij x_i + post_j y
+// hc_split: x [..., n, H] float32 or bf16 (the n streams of N tokens, any leading dims), fn [M, n·H], base [M],
+//   scale [3] (float32) -> u [..., H] (x's dtype; the block's input), post [..., n], comb [..., n, n], and for the
+//   backward (hyper_connection_backward.cpp) mix = (x · fnᵀ) · inv_rms [M, N] and inv_rms [N] (all float32)
+// hc_merge: x [..., n, H], the block's output y [..., H] (x's dtype), post [..., n], comb [..., n, n] (float32)
+//   -> X' [..., n, H] (x's dtype), X'_j = Σ_i comb_ij x_i + post_j y
+// (The leading dims are the caller's [B, T]: a decode step calls these with no reshapes around them.)
 //
 // The arithmetic of HF `DeepseekV4HyperConnection` and ctxlab's reference (ctxlab/nn/residual.py): per token,
 // the inverse RMS of the n·H inputs, the M = 2n + n² mixing logits z = gain · (x · fnᵀ) · inv_rms + base
@@ -55,6 +56,13 @@ inline const float* token_row(const at::Tensor& x, int64_t t, int64_t K, float* 
 
 inline float sigmoid(float z) { return 1.f / (1.f + std::exp(-z)); }
 
+// x's leading dims (all but the last two, the streams and the width) followed by `tail`.
+inline std::vector<int64_t> leading(const at::Tensor& x, std::initializer_list<int64_t> tail) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 2);
+  shape.insert(shape.end(), tail);
+  return shape;
+}
+
 // dots[b][m0 + r] = rows[b] · fn[m0 + r] for b < T, r < R: R rows of fn (`ld` floats apart) against T rows of
 // K floats, T · R ≤ 24 accumulators in registers, each vector of fn loaded once for all T tokens.
 template <int64_t T, int64_t R>
@@ -93,10 +101,10 @@ void project(const float* const* rows, const float* fn, int64_t M, int64_t K, in
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_split(const at::Tensor& x, const at::Tensor& fn,
                                                        const at::Tensor& base, const at::Tensor& scale,
                                                        int64_t iters, double eps, double norm_eps) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "hc_split: x must be a contiguous [N, n, H], got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(), "hc_split: x must be a contiguous [..., n, H], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "hc_split: x must be float32 or bfloat16, got ", x.scalar_type());
-  const int64_t N = x.size(0), n = x.size(1), H = x.size(2), K = n * H, M = fn.size(0);
+  const int64_t n = x.size(-2), H = x.size(-1), K = n * H, N = K ? x.numel() / K : 0, M = fn.size(0);
   const bool mix = M != n;  // false: the head's pre-only collapse
   TORCH_CHECK(!mix || M == 2 * n + n * n, "hc_split: fn has ", M, " rows; n = ", n, " streams need ", 2 * n + n * n,
               " (a connection) or ", n, " (the head)");
@@ -110,8 +118,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_split(
   const auto fn_rows = N > TOKENS ? ctxlab_hc::padded_rows(fn) : fn;
   const int64_t ld = fn_rows.size(1);
   const float *w = fn_rows.data_ptr<float>(), *b = base.data_ptr<float>(), *g = scale.data_ptr<float>();
-  auto u32 = at::empty({N, H}, x.options().dtype(at::kFloat));
-  auto post = at::empty({N, mix ? n : 0}, x.options().dtype(at::kFloat));
+  auto u32 = at::empty(leading(x, {H}), x.options().dtype(at::kFloat));
+  auto post = at::empty(leading(x, {mix ? n : 0}), x.options().dtype(at::kFloat));
   auto comb_logits = at::empty({mix ? n * n : 0, N}, x.options().dtype(at::kFloat));  // tokens last, for Sinkhorn
   auto mixing = at::empty({M, N}, x.options().dtype(at::kFloat));  // (x · fnᵀ) · inv_rms, tokens last
   auto inv_rms = at::empty({N}, x.options().dtype(at::kFloat));
@@ -144,8 +152,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_split(
       }
     }
   });
-  auto comb = mix ? ctxlab_native::sinkhorn_projection(comb_logits.view({n, n, N}), iters, eps).permute({2, 0, 1}).contiguous()
-                  : at::empty({N, 0, 0}, x.options().dtype(at::kFloat));
+  auto comb = mix ? ctxlab_native::sinkhorn_projection(comb_logits.view({n, n, N}), iters, eps)
+                        .permute({2, 0, 1})
+                        .contiguous()
+                        .view(leading(x, {n, n}))
+                  : at::empty(leading(x, {0, 0}), x.options().dtype(at::kFloat));
   return {x.scalar_type() == at::kFloat ? u32 : u32.to(x.scalar_type()), post, comb, mixing, inv_rms};
 }
 
@@ -170,16 +181,20 @@ void merge_token(const T* x, const T* y, const float* post, const float* comb, i
 }
 
 at::Tensor hc_merge(const at::Tensor& x, const at::Tensor& y, const at::Tensor& post, const at::Tensor& comb) {
-  TORCH_CHECK(x.dim() == 3 && x.is_contiguous(), "hc_merge: x must be a contiguous [N, n, H], got ", x.sizes());
+  TORCH_CHECK(x.dim() >= 2 && x.is_contiguous(), "hc_merge: x must be a contiguous [..., n, H], got ", x.sizes());
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16,
               "hc_merge: x must be float32 or bfloat16, got ", x.scalar_type());
-  const int64_t N = x.size(0), n = x.size(1), H = x.size(2);
-  TORCH_CHECK(y.is_contiguous() && y.scalar_type() == x.scalar_type() && y.sizes() == at::IntArrayRef({N, H}),
-              "hc_merge: y must be a contiguous [N, H] of x's dtype, got ", y.sizes(), " ", y.scalar_type());
-  TORCH_CHECK(post.is_contiguous() && post.scalar_type() == at::kFloat && post.sizes() == at::IntArrayRef({N, n}),
-              "hc_merge: post must be a contiguous float32 [N, n], got ", post.sizes(), " ", post.scalar_type());
-  TORCH_CHECK(comb.is_contiguous() && comb.scalar_type() == at::kFloat && comb.sizes() == at::IntArrayRef({N, n, n}),
-              "hc_merge: comb must be a contiguous float32 [N, n, n], got ", comb.sizes(), " ", comb.scalar_type());
+  const int64_t n = x.size(-2), H = x.size(-1), N = n * H ? x.numel() / (n * H) : 0;
+  TORCH_CHECK(y.is_contiguous() && y.scalar_type() == x.scalar_type() && y.sizes() == at::IntArrayRef(leading(x, {H})),
+              "hc_merge: y must be a contiguous ", at::IntArrayRef(leading(x, {H})), " of x's dtype, got ", y.sizes(), " ",
+              y.scalar_type());
+  TORCH_CHECK(post.is_contiguous() && post.scalar_type() == at::kFloat && post.sizes() == at::IntArrayRef(leading(x, {n})),
+              "hc_merge: post must be a contiguous float32 ", at::IntArrayRef(leading(x, {n})), ", got ", post.sizes(), " ",
+              post.scalar_type());
+  TORCH_CHECK(comb.is_contiguous() && comb.scalar_type() == at::kFloat &&
+                  comb.sizes() == at::IntArrayRef(leading(x, {n, n})),
+              "hc_merge: comb must be a contiguous float32 ", at::IntArrayRef(leading(x, {n, n})), ", got ", comb.sizes(),
+              " ", comb.scalar_type());
   auto out = at::empty_like(x);
   const float *pp = post.data_ptr<float>(), *cp = comb.data_ptr<float>();
   auto run = [&](auto* xp, auto* op) {  // float32 or bf16 rows

@@ -348,10 +348,11 @@ def _trains_natively(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and _native_kernels_take(x, x.shape[-2], (torch.float32,))
 
 
+def _float32(p: torch.Tensor) -> torch.Tensor:
+    return p if p.dtype == torch.float32 else p.float()  # no dispatched no-op cast per parameter at a decode step
+
+
 def _split(x, fn, base, scale, iters, eps, norm_eps, mix_weights):
-    if _connects_natively(x):
-        u, post, comb, _, _ = torch.ops.ctxlab.hc_split(x.contiguous(), fn, base, scale, iters, eps, norm_eps)
-        return (u, post, comb) if mix_weights else u
     if _trains_natively(x):
         return NativeHyperSplit.apply(x.contiguous(), fn, base, scale, iters, eps, norm_eps, mix_weights)
     if torch.compiler.is_compiling():
@@ -363,8 +364,11 @@ def split(hc, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """Fast ``HyperConnection.split``: x [B, T, n, H] -> u [B, T, H], mixing (post [B, T, n], comb
     [B, T, n, n]); on the native training path mixing also carries the stream the merge mixes, x as
     handed back by :class:`NativeHyperSplit` (so x's gradient from the merge reaches the split's kernel)."""
+    params = _float32(hc.fn), _float32(hc.base), _float32(hc.scale)
+    if _connects_natively(x):  # one call on x as it is: a decode step dispatches nothing else
+        u, post, comb, _, _ = torch.ops.ctxlab.hc_split(x.contiguous(), *params, hc.iters, hc.eps, hc.norm_eps)
+        return u, (post, comb)
     B, T, n, H = x.shape
-    params = hc.fn.float(), hc.base.float(), hc.scale.float()
     u, post, comb, *stream = _split(x.reshape(B * T, n, H), *params, hc.iters, hc.eps, hc.norm_eps, True)
     return u.view(B, T, H), (post.reshape(B, T, n), comb.reshape(B, T, n, n), *(s.view(x.shape) for s in stream))
 
@@ -377,14 +381,14 @@ def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, ...
         if stream[0].shape != x.shape:
             raise ValueError(f"merge: x has shape {tuple(x.shape)}, but the split's stream {tuple(stream[0].shape)}")
         x = stream[0]
+    if _connects_natively(x) and branch.dtype == x.dtype:  # one call on the tensors as they are
+        post, comb = (_float32(m).contiguous() for m in (post, comb))
+        return torch.ops.ctxlab.hc_merge(x.contiguous(), branch.contiguous(), post, comb)
     B, T, n, H = x.shape
     x3, y = x.reshape(B * T, n, H), branch.reshape(B * T, H)
-    native = (
-        torch.ops.ctxlab.hc_merge if _connects_natively(x) else NativeHyperMerge.apply if _trains_natively(x) else None
-    )
-    if native is not None and branch.dtype == x.dtype:
+    if _trains_natively(x) and branch.dtype == x.dtype:
         post, comb = (m.float().reshape(B * T, *m.shape[2:]).contiguous() for m in (post, comb))
-        return native(x3.contiguous(), y.contiguous(), post, comb).view(B, T, n, H)
+        return NativeHyperMerge.apply(x3.contiguous(), y.contiguous(), post, comb).view(B, T, n, H)
     post, comb = (m.to(x.dtype).reshape(B * T, *m.shape[2:]) for m in (post, comb))
     mix = _mix_traceable if torch.compiler.is_compiling() else HyperMerge.apply
     return mix(x3, y, post, comb).view(B, T, n, H)
@@ -392,6 +396,8 @@ def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, ...
 
 def collapse(head, x: torch.Tensor) -> torch.Tensor:
     """Fast ``HyperHead.forward``: x [B, T, n, H] -> [B, T, H]."""
+    params = _float32(head.hc_fn), _float32(head.hc_base), _float32(head.hc_scale)
+    if _connects_natively(x):
+        return torch.ops.ctxlab.hc_split(x.contiguous(), *params, 0, head.eps, head.norm_eps)[0]
     B, T, n, H = x.shape
-    params = head.hc_fn.float(), head.hc_base.float(), head.hc_scale.float()
     return _split(x.reshape(B * T, n, H), *params, 0, head.eps, head.norm_eps, False).view(B, T, H)
