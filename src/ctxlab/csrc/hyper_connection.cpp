@@ -152,11 +152,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hc_split(
       }
     }
   });
-  auto comb = mix ? ctxlab_native::sinkhorn_projection(comb_logits.view({n, n, N}), iters, eps)
-                        .permute({2, 0, 1})
-                        .contiguous()
-                        .view(leading(x, {n, n}))
-                  : at::empty(leading(x, {0, 0}), x.options().dtype(at::kFloat));
+  auto comb = at::empty(leading(x, {mix ? n : 0, mix ? n : 0}), x.options().dtype(at::kFloat));
+  if (mix) ctxlab_native::sinkhorn_token_major(cp, n, N, iters, eps, comb.data_ptr<float>());
   return {x.scalar_type() == at::kFloat ? u32 : u32.to(x.scalar_type()), post, comb, mixing, inv_rms};
 }
 

@@ -71,6 +71,15 @@ inline __mmask16 lanes_from(int64_t t, int64_t N) {
   return N - t >= LANES ? (__mmask16)0xFFFF : (__mmask16)((1u << (N - t)) - 1);
 }
 
+// The doubly stochastic matrices m [n·n] (one token per lane) of the tokens t.. (the lanes set) of logits z.
+void project_block(const float* z, int64_t si, int64_t sj, int64_t n, int64_t t, __mmask16 lanes, int64_t iters,
+                   __m512 e, __m512* m) {
+  __m512 r[MAX_STREAMS];
+  row_softmax(z, si, sj, n, t, lanes, m);
+  for (int64_t k = 0; k < n * n; ++k) m[k] = _mm512_add_ps(m[k], e);
+  for (int64_t step = 0; step < step_count(iters); ++step) normalise(m, n, step_axis(step), e, r);
+}
+
 at::Tensor sinkhorn(const at::Tensor& logits, int64_t iters, double eps) {
   check(logits, "logits");
   const int64_t n = logits.size(0), N = logits.size(2), si = logits.stride(0), sj = logits.stride(1);
@@ -79,13 +88,11 @@ at::Tensor sinkhorn(const at::Tensor& logits, int64_t iters, double eps) {
   const float* z = logits.data_ptr<float>();
   float* o = out.data_ptr<float>();
   at::parallel_for(0, (N + LANES - 1) / LANES, GRAIN, [&](int64_t begin, int64_t end) {
-    __m512 m[MAX_STREAMS * MAX_STREAMS], r[MAX_STREAMS];
+    __m512 m[MAX_STREAMS * MAX_STREAMS];
     for (int64_t block = begin; block < end; ++block) {
       const int64_t t = block * LANES;
       const __mmask16 lanes = lanes_from(t, N);
-      row_softmax(z, si, sj, n, t, lanes, m);
-      for (int64_t k = 0; k < n * n; ++k) m[k] = _mm512_add_ps(m[k], e);
-      for (int64_t step = 0; step < step_count(iters); ++step) normalise(m, n, step_axis(step), e, r);
+      project_block(z, si, sj, n, t, lanes, iters, e, m);
       for (int64_t k = 0; k < n * n; ++k) _mm512_mask_storeu_ps(o + k * N + t, lanes, m[k]);
     }
   });
@@ -147,8 +154,21 @@ at::Tensor sinkhorn_backward(const at::Tensor& grad, const at::Tensor& logits, i
 
 }  // namespace
 
-at::Tensor ctxlab_native::sinkhorn_projection(const at::Tensor& logits, int64_t iters, double eps) {
-  return sinkhorn(logits, iters, eps);
+void ctxlab_native::sinkhorn_token_major(const float* logits, int64_t n, int64_t N, int64_t iters, double eps,
+                                         float* out) {
+  const __m512 e = _mm512_set1_ps(static_cast<float>(eps));
+  const int64_t nn = n * n;
+  at::parallel_for(0, (N + LANES - 1) / LANES, GRAIN, [&](int64_t begin, int64_t end) {
+    __m512 m[MAX_STREAMS * MAX_STREAMS];
+    alignas(64) float lanes_of[MAX_STREAMS * MAX_STREAMS][LANES];
+    for (int64_t block = begin; block < end; ++block) {
+      const int64_t t = block * LANES;
+      project_block(logits, n * N, N, n, t, lanes_from(t, N), iters, e, m);
+      for (int64_t k = 0; k < nn; ++k) _mm512_store_ps(lanes_of[k], m[k]);
+      for (int64_t b = 0; b < std::min(LANES, N - t); ++b)  // lane b is token t + b
+        for (int64_t k = 0; k < nn; ++k) out[(t + b) * nn + k] = lanes_of[k][b];
+    }
+  });
 }
 
 TORCH_LIBRARY_FRAGMENT(ctxlab, m) {
