@@ -162,13 +162,18 @@ class HyperConnection(nn.Module):
         n = self.n
         return sinkhorn(comb.view(*comb.shape[:-1], n, n) * gain + base, self.iters, self.eps)
 
-    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """x [B, T, n, H] -> the block input u [B, T, H] and the mixing weights for :meth:`merge`:
+        (post [B, T, n], comb [B, T, n, n]), and on the fused native training path a view of x as
+        the third entry (see :func:`ctxlab.nn.mhc_fused.split`)."""
         if self.impl == "fused":
             return mhc_fused.split(self, x)
         pre, post, comb = self.mixing(x)
         return (pre[..., None] * x).sum(dim=2).to(x.dtype), (post, comb)
 
-    def merge(self, x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def merge(self, x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``X' = post ⊗ branch + combᵀ X`` [B, T, n, H], with x the input of the :meth:`split` that
+        gave ``mixing``."""
         if self.impl == "fused":
             return mhc_fused.merge(x, branch, mixing)
         post, comb = (m.to(x.dtype) for m in mixing)
