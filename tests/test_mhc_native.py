@@ -326,7 +326,7 @@ def test_training_runs_the_native_kernels_on_float32_only():
 def test_split_backward_adds_the_merges_gradient():
     """``g_stream`` (x's gradient from the merge, handed to the split's backward through the stream view
     :func:`mhc_fused.split` returns) is added into ∂x and changes nothing else; a connection's training
-    split hands x back as a view, and the merge refuses a stream of another shape."""
+    split hands x back as a view, and the merge refuses an x that is not the split's input."""
     gen = torch.Generator().manual_seed(3)
     N, n, H = 7, 4, 20
     x, fn = torch.randn(N, n, H, generator=gen), torch.randn(24, n * H, generator=gen)
@@ -342,8 +342,31 @@ def test_split_backward_adds_the_merges_gradient():
     stream = torch.randn(1, N, n, H, generator=gen, requires_grad=True)
     post, comb, handed_back = module.split(stream)[1]
     assert handed_back._base is stream and handed_back.shape == stream.shape
-    with pytest.raises(ValueError, match=r"merge: x has shape \(1, 6, 4, 20\), but the split's stream \(1, 7, 4, 20\)"):
+    with pytest.raises(
+        ValueError, match=r"merge: x \[1, 6, 4, 20\] is not the tensor the split was given \(\[1, 7, 4, 20\]\)"
+    ):
         module.merge(stream[:, :6], torch.randn(1, 6, H), (post, comb, handed_back))
+    with pytest.raises(ValueError, match="is not the tensor the split was given"):  # same shape, other values
+        module.merge(stream.detach().clone(), torch.randn(1, N, H), (post, comb, handed_back))
+
+
+def test_a_strided_stream_trains_natively():
+    """A non-contiguous x: the native split works on its contiguous copy and hands that back; the merge
+    accepts it, and the output and x's gradient equal the reference path's."""
+    gen = torch.Generator().manual_seed(6)
+    module = random_connection(20, 4, 0.5, gen)
+    base = torch.randn(1, 4, 5, 20, generator=gen)
+    outs, grads = [], []
+    for impl in ("fused", "reference"):
+        x = base.clone().requires_grad_()
+        strided = x.transpose(1, 2)  # [1, 5, 4, 20], not contiguous
+        m = set_hc_impl(copy.deepcopy(module), impl)
+        u, mixing = m.split(strided)
+        out = m.merge(strided, torch.tanh(u), mixing)
+        out.sum().backward()
+        outs.append(out.detach()), grads.append(x.grad)
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-5, rtol=1e-5)
 
 
 def test_backward_kernels_reject_what_they_do_not_take():

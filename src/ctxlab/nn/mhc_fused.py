@@ -378,9 +378,16 @@ def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, ...
     split's input; where :func:`split` handed it back in ``mixing``, that view of it is what is mixed."""
     post, comb, *stream = mixing
     if stream:
-        if stream[0].shape != x.shape:
-            raise ValueError(f"merge: x has shape {tuple(x.shape)}, but the split's stream {tuple(stream[0].shape)}")
-        x = stream[0]
+        handed_back = stream[0]  # x itself, or the split's contiguous copy of a strided x
+        other_tensor = (
+            x.is_contiguous() and not torch.compiler.is_compiling() and handed_back.data_ptr() != x.data_ptr()
+        )
+        if handed_back.shape != x.shape or other_tensor:
+            raise ValueError(
+                f"merge: x [{', '.join(map(str, x.shape))}] is not the tensor the split was given "
+                f"([{', '.join(map(str, handed_back.shape))}]): pass the split's input, which these mixing weights are of"
+            )
+        x = handed_back
     if _connects_natively(x) and branch.dtype == x.dtype:  # one call on the tensors as they are
         post, comb = (_float32(m).contiguous() for m in (post, comb))
         return torch.ops.ctxlab.hc_merge(x.contiguous(), branch.contiguous(), post, comb)
