@@ -7,6 +7,10 @@ call it are skipped (and the decode paths keep SDPA, which the rest of the suite
 
 from __future__ import annotations
 
+import os
+import shutil
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -105,6 +109,18 @@ def test_compiled_decode_attention_calls_the_kernel_in_one_graph():
     k, v = (torch.randn(1, 2, 100, 64, generator=gen).bfloat16() for _ in range(2))
     compiled = torch.compile(lambda q, k, v: grouped_attention(q, k, v, None, 0.125), fullgraph=True)
     torch.testing.assert_close(compiled(q, k, v), grouped_attention(q, k, v, None, 0.125), atol=0, rtol=0)
+
+
+@pytest.mark.skipif(
+    not native.cpu_has_avx512_bf16() or shutil.which("c++") is None or os.environ.get(native.ENV_SWITCH) == "0",
+    reason="no AVX512-BF16 CPU, no C++ compiler, or the kernels switched off: nothing to build",
+)
+def test_the_kernels_build_where_they_can_run():
+    """Where the CPU and a compiler are there, a failed build is a defect, not a reason to skip: every
+    test marked ``needs_kernel`` (here and in the matvec / mHC files) would otherwise pass by skipping."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the build's failure warning carries the compiler's message
+        assert native.available()
 
 
 def test_switch_off_keeps_sdpa(monkeypatch):
