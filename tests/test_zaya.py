@@ -9,9 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import ctxlab
+from ctxlab.attention.cca import grouped_conv1d
 
 from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 
@@ -212,3 +215,22 @@ def test_report_puts_cca_beside_gqa_and_mla_of_the_same_width():
     gflops = {k: round(r["attention_flops"] / 1e9, 3) for k, r in rows.items()}
     assert gflops["zaya1-8b"] == 21.475 and gflops["GQA (16q/4kv)"] == 42.950
     assert gflops["MLA (16 heads, latent 512 + rope 64)"] == 182.536  # absorbed decode: 2·16·(576+512)·S·40
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    groups=st.integers(1, 5),
+    in_per_group=st.integers(1, 6),
+    out_per_group=st.integers(1, 6),
+    kernel=st.integers(1, 4),
+    extra=st.integers(0, 9),  # windows beyond the first
+    bias=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_grouped_conv1d_is_the_convolution(batch, groups, in_per_group, out_per_group, kernel, extra, bias, seed):
+    """CCA's convolutions as batched matmuls (``cca.grouped_conv1d``) == ``nn.Conv1d`` (depthwise included)."""
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv1d(groups * in_per_group, groups * out_per_group, kernel, groups=groups, bias=bias).double()
+    x = torch.randn(batch, groups * in_per_group, kernel + extra, dtype=torch.float64)
+    torch.testing.assert_close(grouped_conv1d(x, conv), conv(x), rtol=1e-12, atol=1e-12)

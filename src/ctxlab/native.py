@@ -8,7 +8,15 @@ run them close to it, in bf16 with float32 accumulation (docs/benchmarks.md):
 * ``ctxlab::matvec`` (``matvec.cpp``): a bf16 linear map of a few rows, the weights read once in
   PyTorch's own layout, used by :mod:`ctxlab.nn.packing`.
 
-Two more replace chains of small steps with one pass each:
+Two replace the chains of small ops that a decode step dispatches around its products, at inference
+(no backward; under ``torch.compile`` inductor fuses those ops itself, so they run eager only):
+
+* ``ctxlab::rms_norm`` (``rms_norm.cpp``): an RMSNorm in one call instead of ~8 ops, used by
+  :class:`ctxlab.nn.norms.RMSNorm`;
+* ``ctxlab::rope`` (``rope.cpp``): RoPE by halves on bf16 in one call instead of ~8, bit for bit, used
+  by :class:`ctxlab.nn.rope.Rotary`.
+
+Four more replace chains of small steps with one pass each:
 
 * ``ctxlab::sinkhorn`` / ``ctxlab::sinkhorn_backward`` (``sinkhorn.cpp``): mHC's Sinkhorn projection of
   one small matrix per token, ~40 dependent steps in registers instead of ~40 kernels over all tokens,
@@ -58,6 +66,19 @@ def available() -> bool:
     return _build()
 
 
+def runs_at_inference(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16)) -> bool:
+    """Whether an inference-only kernel (``ctxlab::rms_norm``, ``ctxlab::rope``: no backward) takes x: autograd
+    off, eager (under ``torch.compile`` inductor fuses the PyTorch ops into one loop itself), x on the CPU and
+    of one of ``dtypes``, the kernels built."""
+    return (
+        not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and x.device.type == "cpu"
+        and x.dtype in dtypes
+        and available()
+    )
+
+
 def _ninja_on_path() -> None:
     """torch's extension builder runs ``ninja`` from PATH; a venv that is not activated has the pip
     package's binary (a ctxlab dependency) off PATH, so put it there when no other ninja is."""
@@ -89,6 +110,8 @@ def _build() -> bool:
         return False
     torch.library.register_fake("ctxlab::decode_attention")(_decode_attention_shapes)
     torch.library.register_fake("ctxlab::matvec")(_matvec_shapes)
+    torch.library.register_fake("ctxlab::rms_norm")(_same_shape)
+    torch.library.register_fake("ctxlab::rope")(_rope_shapes)
     torch.library.register_fake("ctxlab::sinkhorn")(_sinkhorn_shapes)
     torch.library.register_fake("ctxlab::sinkhorn_backward")(_sinkhorn_backward_shapes)
     torch.library.register_fake("ctxlab::hc_split")(_hc_split_shapes)
@@ -107,6 +130,16 @@ def _decode_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def _matvec_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """x [M, K], weight [N, K] -> [M, N]: for torch.compile's tracing."""
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _same_shape(x: torch.Tensor, *args):
+    """An output shaped and typed as x (contiguous): for torch.compile's tracing."""
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rope_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int):
+    """x [B, H, T, D] -> [B, H, T, D] contiguous: for torch.compile's tracing."""
+    return x.new_empty(x.shape)
 
 
 def _sinkhorn_shapes(logits: torch.Tensor, iters: int, eps: float):

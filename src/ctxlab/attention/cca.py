@@ -37,6 +37,23 @@ def _conv_shape(spec: LayerSpec) -> tuple[int, int]:
     return (spec.num_heads + spec.num_kv_heads) * spec.head_dim, (k0 - 1) + (k1 - 1)
 
 
+def grouped_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """``conv(x)`` for a grouped ``nn.Conv1d`` (stride 1, no padding or dilation) as one batched matmul over
+    its groups: x [B, C_in, L] -> [B, C_out, L − k + 1]. Each group's output is its weight [C_out/G, C_in/G·k]
+    times the group's windows; at a decode step (one window) oneDNN's convolution costs ~2.5× this
+    (162 against 61 µs for CCA's 10 groups of 128 channels, measured), and a prefill costs the same either way."""
+    B, C, _ = x.shape
+    G, k, c_out = conv.groups, conv.kernel_size[0], conv.out_channels // conv.groups
+    windows = x.unfold(-1, k, 1)  # [B, C_in, T, k]
+    T = windows.shape[2]
+    windows = windows.reshape(B, G, C // G, T, k).permute(1, 0, 3, 2, 4).reshape(G, B * T, C // G * k)
+    weight = conv.weight.view(G, c_out, -1).transpose(1, 2)  # [G, C_in/G·k, C_out/G]
+    out = (
+        torch.bmm(windows, weight) if conv.bias is None else torch.baddbmm(conv.bias.view(G, 1, c_out), windows, weight)
+    )
+    return out.view(G, B, T, c_out).permute(1, 0, 3, 2).reshape(B, G * c_out, T)
+
+
 class CCAProjection(nn.Module):
     """The latent q/k/v of CCA (HF name ``qkv_proj``)."""
 
@@ -76,7 +93,7 @@ class CCAProjection(nn.Module):
         latent = torch.cat((before, latent), dim=-1)  # [B, C, P + T]
         if layer_cache is not None:
             layer_cache.state["conv"].copy_(latent[..., latent.shape[-1] - self.state_columns :])
-        mixed = self.conv_qk_grouped(self.conv_qk_depthwise(latent)).transpose(1, 2)  # [B, T, C]
+        mixed = grouped_conv1d(self.conv_qk_depthwise(latent), self.conv_qk_grouped).transpose(1, 2)  # [B, T, C]
         q = mixed[..., : q_raw.shape[-1]].view(B, T, s.num_heads, -1) + q_res
         k = mixed[..., q_raw.shape[-1] :].view(B, T, s.num_kv_heads, -1) + k_res
 

@@ -1,11 +1,35 @@
-// Helpers shared by ctxlab's AVX512 kernels (decode_attention.cpp, matvec.cpp, sinkhorn.cpp).
+// Helpers shared by ctxlab's AVX512 kernels.
 #pragma once
 
+#include <c10/util/BFloat16.h>
 #include <immintrin.h>
 
 #include <cstdint>
 
 namespace ctxlab_simd {
+
+// The lanes of a 16-float vector that hold columns, when `left` columns remain.
+inline __mmask16 lanes(int64_t left) {
+  return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
+}
+
+// 16 values of a float32 or bf16 row (the lanes in `in`; the rest read as 0), as float32.
+inline __m512 load16(const float* p, __mmask16 in) { return _mm512_maskz_loadu_ps(in, p); }
+inline __m512 load16(const c10::BFloat16* p, __mmask16 in) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, p)), 16));
+}
+
+// v into the lanes `in` of a float32 row, or of a bf16 row rounded to nearest even (as c10::BFloat16 rounds).
+inline void store16(float* p, __m512 v, __mmask16 in) { _mm512_mask_storeu_ps(p, in, v); }
+inline void store16(c10::BFloat16* p, __m512 v, __mmask16 in) {
+  _mm256_mask_storeu_epi16(p, in, (__m256i)_mm512_cvtneps_pbh(v));
+}
+
+// v rounded to float32's or bf16's precision (to nearest even), kept as float32: where PyTorch rounds a result.
+inline __m512 round_to(const float*, __m512 v) { return v; }
+inline __m512 round_to(const c10::BFloat16*, __m512 v) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+}
 
 // 16 bf16 values -> 16 float32 (a bf16 is the upper half of a float32).
 inline __m512 load_bf16x16(const uint16_t* p) {

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import native
 from ..config import LayerSpec, RopeSpec, yarn_mscale
 from ..registry import ROPE_TYPES
 
@@ -167,9 +168,25 @@ class Rotary:
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotate the first ``rotary_dim`` dims of x [B, H, T, D]; the rest pass through."""
+        """Rotate the first ``rotary_dim`` dims of x [B, H, T, D]; the rest pass through. At inference on
+        bf16 one native call (``ctxlab::rope``), bit for bit the PyTorch ops' numbers."""
         if self.rotary_dim == 0:
             return x
+        if self._kernel_takes(x, cos, sin):
+            return torch.ops.ctxlab.rope(x, cos, sin, self.rotary_dim)
+        return self.pytorch_apply(x, cos, sin)
+
+    def _kernel_takes(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        B, _, T, _ = x.shape
+        return (
+            native.runs_at_inference(x, (torch.bfloat16,))
+            and all(t.dtype == torch.bfloat16 and t.shape == (B, 1, T, self.rotary_dim) for t in (cos, sin))
+            and all(t.stride(-1) == 1 for t in (x, cos, sin))
+        )
+
+    def pytorch_apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """:meth:`apply` in PyTorch ops (HF ``rotate_half``): with autograd, under ``torch.compile``, in float32,
+        and as the native kernel's oracle."""
         rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
         half = self.rotary_dim // 2
         rotated = torch.cat((-rot[..., half:], rot[..., :half]), dim=-1)
