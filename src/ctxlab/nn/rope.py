@@ -177,10 +177,11 @@ class Rotary:
         return self.pytorch_apply(x, cos, sin)
 
     def _kernel_takes(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> bool:
+        if x.dim() != 4 or not native.runs_at_inference(x, (torch.bfloat16,)):
+            return False
         B, _, T, _ = x.shape
         return (
-            native.runs_at_inference(x, (torch.bfloat16,))
-            and all(t.dtype == torch.bfloat16 and t.shape == (B, 1, T, self.rotary_dim) for t in (cos, sin))
+            all(t.dtype == torch.bfloat16 and t.shape == (B, 1, T, self.rotary_dim) for t in (cos, sin))
             and all(t.stride(-1) == 1 for t in (x, cos, sin))
         )
 
