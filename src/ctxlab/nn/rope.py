@@ -180,9 +180,8 @@ class Rotary:
         if x.dim() != 4 or not native.runs_at_inference(x, (torch.bfloat16,)):
             return False
         B, _, T, _ = x.shape
-        return (
-            all(t.dtype == torch.bfloat16 and t.shape == (B, 1, T, self.rotary_dim) for t in (cos, sin))
-            and all(t.stride(-1) == 1 for t in (x, cos, sin))
+        return all(t.dtype == torch.bfloat16 and t.shape == (B, 1, T, self.rotary_dim) for t in (cos, sin)) and all(
+            t.stride(-1) == 1 for t in (x, cos, sin)
         )
 
     def pytorch_apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
