@@ -187,6 +187,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
     q2p = reinterpret_cast<const uint16_t*>(q2->data_ptr());
     k2p = reinterpret_cast<const uint16_t*>(k2->data_ptr());
   }
+  const bool values_are_keys = v.data_ptr() == k.data_ptr() && v.strides() == k.strides();  // MLA's latent
   const int64_t splits = (S + SPLIT - 1) / SPLIT, tasks = B * H * splits;
   std::vector<float> part_o(tasks * G * Dv), part_m(tasks * G), part_l(tasks * G);  // per (b, h, split, g)
   const auto* qp = reinterpret_cast<const uint16_t*>(q.data_ptr());
@@ -201,7 +202,6 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
       KeyPart parts[2] = {{qp + bh * G * D, kh, k.stride(2), D}, {nullptr, nullptr, 0, 0}};
       if (D2 > 0)
         parts[1] = {q2p + bh * G * D2, k2p + b * k2->stride(0) + h * k2->stride(1) + t0 * k2->stride(2), k2->stride(2), D2};
-      const bool values_are_keys = v.data_ptr() == k.data_ptr() && v.strides() == k.strides();  // MLA's latent
       const ValueRows vr = {vh, v.stride(2), values_are_keys ? 0 : Dv};
       scores(parts, vr, G, n, static_cast<float>(scale), s.data(), SPLIT);
       for (int64_t g = 0; g < G; ++g)
