@@ -8,6 +8,9 @@
 
 namespace ctxlab_simd {
 
+// 16 bf16 values (bit patterns) -> 16 float32: a bf16 is the upper half of a float32.
+inline __m512 widen_bf16(__m256i bits) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)); }
+
 // The lanes of a 16-float vector that hold columns, when `left` columns remain.
 inline __mmask16 lanes(int64_t left) {
   return left >= 16 ? (__mmask16)0xFFFF : left <= 0 ? (__mmask16)0 : (__mmask16)((1u << left) - 1);
@@ -16,7 +19,7 @@ inline __mmask16 lanes(int64_t left) {
 // 16 values of a float32 or bf16 row (the lanes in `in`; the rest read as 0), as float32.
 inline __m512 load16(const float* p, __mmask16 in) { return _mm512_maskz_loadu_ps(in, p); }
 inline __m512 load16(const c10::BFloat16* p, __mmask16 in) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(in, p)), 16));
+  return widen_bf16(_mm256_maskz_loadu_epi16(in, p));
 }
 
 // v into the lanes `in` of a float32 row, or of a bf16 row rounded to nearest even (as c10::BFloat16 rounds).
@@ -25,15 +28,16 @@ inline void store16(c10::BFloat16* p, __m512 v, __mmask16 in) {
   _mm256_mask_storeu_epi16(p, in, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// v rounded to float32's or bf16's precision (to nearest even), kept as float32: where PyTorch rounds a result.
+// v rounded to float32's or bf16's precision (to nearest even), kept as float32: where PyTorch rounds a result. The
+// first argument, a pointer of the row's type, only picks the precision (as load16 / store16 are picked).
 inline __m512 round_to(const float*, __m512 v) { return v; }
 inline __m512 round_to(const c10::BFloat16*, __m512 v) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32((__m256i)_mm512_cvtneps_pbh(v)), 16));
+  return widen_bf16((__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// 16 bf16 values -> 16 float32 (a bf16 is the upper half of a float32).
+// 16 bf16 values -> 16 float32.
 inline __m512 load_bf16x16(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
+  return widen_bf16(_mm256_loadu_si256((const __m256i*)p));
 }
 
 // Σ a[k] b[k] over K floats (a masked load for the last K % 16).
