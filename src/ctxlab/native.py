@@ -1,12 +1,14 @@
 """ctxlab's native kernels (``ctxlab/csrc/*.cpp``): how they are built, and the shapes of their ops.
 
-Two steps of a decode run far from the memory bandwidth in PyTorch's CPU kernels, and the kernels here
+Three steps of a decode run far from the memory bandwidth in PyTorch's CPU kernels, and the kernels here
 run them close to it, in bf16 with float32 accumulation (docs/benchmarks.md):
 
 * ``ctxlab::decode_attention`` (``decode_attention.cpp``): one decoded token's grouped-query attention
   over a bf16 cache, used by :mod:`ctxlab.attention.decode_kernel`;
 * ``ctxlab::matvec`` (``matvec.cpp``): a bf16 linear map of a few rows, the weights read once in
-  PyTorch's own layout, used by :mod:`ctxlab.nn.packing`.
+  PyTorch's own layout, used by :mod:`ctxlab.nn.packing`;
+* ``ctxlab::indexer_scores`` (``indexer.cpp``): the lightning indexer's float32 scores of a few queries
+  against every cached bf16 indexer key, read once as stored, used by :mod:`ctxlab.attention.dsa`.
 
 Two replace the chains of small ops that a decode step dispatches around its products, at inference
 (no backward; under ``torch.compile`` inductor fuses those ops itself, so they run eager only):
@@ -110,6 +112,7 @@ def _build() -> bool:
         return False
     torch.library.register_fake("ctxlab::decode_attention")(_decode_attention_shapes)
     torch.library.register_fake("ctxlab::matvec")(_matvec_shapes)
+    torch.library.register_fake("ctxlab::indexer_scores")(_indexer_scores_shapes)
     torch.library.register_fake("ctxlab::rms_norm")(_same_shape)
     torch.library.register_fake("ctxlab::rope")(_rope_shapes)
     torch.library.register_fake("ctxlab::sinkhorn")(_sinkhorn_shapes)
@@ -130,6 +133,11 @@ def _decode_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
 def _matvec_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
     """x [M, K], weight [N, K] -> [M, N]: for torch.compile's tracing."""
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def _indexer_scores_shapes(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor, scale: float):
+    """q [B, H, T, D], keys [B, 1, S, D] -> [B, T, S] float32: for torch.compile's tracing."""
+    return q.new_empty(q.shape[0], q.shape[2], keys.shape[2], dtype=torch.float32)
 
 
 def _same_shape(x: torch.Tensor, *args):
@@ -195,6 +203,10 @@ def _register_flop_formulas() -> None:
         B, H, G, D = q
         return 2 * B * H * G * k[2] * (D + (q2[-1] if q2 else 0) + v[-1])  # scores, then values
 
+    def indexer_scores(q, keys, *args, out_shape=None, **kwargs):  # q [B, H, T, D], keys [B, 1, S, D]
+        B, H, T, D = q
+        return 2 * B * H * T * keys[2] * (D + 1)  # q kᵀ, then the weighted sum over the heads (as torch's einsum)
+
     def hc_split(x, fn, *args, out_shape=None, **kwargs):  # x [..., n, H], fn [M, n·H]
         *lead, n, H = x
         N = math.prod(lead)
@@ -215,6 +227,7 @@ def _register_flop_formulas() -> None:
     for op, formula in [
         (torch.ops.ctxlab.matvec, matvec),
         (torch.ops.ctxlab.decode_attention, decode_attention),
+        (torch.ops.ctxlab.indexer_scores, indexer_scores),
         (torch.ops.ctxlab.hc_split, hc_split),
         (torch.ops.ctxlab.hc_split_backward, hc_split_backward),
         (torch.ops.ctxlab.hc_merge, hc_merge),

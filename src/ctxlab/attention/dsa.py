@@ -6,8 +6,11 @@ token (LayerNorm, RoPE half-split on its first dims; cached next to the MLA late
 weights ``w`` projected from the hidden state. Scores are computed in fp32 from the queries of
 the MLA query bottleneck.
 
-Ties: selection sorts the scores with a *stable* descending sort, so among equal scores the
-earlier cache slot (the earlier position) wins; ``torch.topk`` gives no such guarantee.
+Ties: selection orders the scores as a *stable* descending sort would, so among equal scores the
+earlier cache slot (the earlier position) wins; ``torch.topk`` of the scores gives no such
+guarantee (:func:`best_first` runs it on keys that break the ties). At a decode step the scores come
+from ``ctxlab::indexer_scores`` (``csrc/indexer.cpp``), which reads the bf16 keys as cached instead of
+converting them all to fp32 first.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..config import IndexerSpec, LayerSpec
 
 
@@ -60,6 +64,9 @@ class LightningIndexer(nn.Module):
         return {"indexer_projections": projections, "indexer_scan": scan}
 
 
+DECODE_TOKENS = 8  # queries per sequence up to which the native scorer runs (a decode step's; prefill: matmuls)
+
+
 def indexer_topk(
     q: torch.Tensor, keys: torch.Tensor, weights: torch.Tensor, allowed: torch.Tensor | None, topk: int
 ) -> torch.Tensor:
@@ -67,16 +74,50 @@ def indexer_topk(
 
     q [B, H_I, T, D_I] (rotated), keys [B, 1, S, D_I], weights [B, T, H_I] (projected from the
     hidden state), allowed [B, T, S] (None: every key, as in decode) -> indices [B, T, min(topk, S)] of each query's best keys by
-    ``sum_h w_h / sqrt(H_I) * ReLU(q_h . k / sqrt(D_I))`` in fp32, ties to the earlier key.
+    ``sum_h w_h / sqrt(H_I) * ReLU(q_h . k / sqrt(D_I))`` in fp32, best first, ties to the earlier key.
     """
     n_heads, head_dim = q.shape[1], q.shape[-1]
-    scores = F.relu(q.float() @ keys.float().transpose(-1, -2) * head_dim**-0.5)  # [B, H_I, T, S]
     w = weights.float() * n_heads**-0.5  # [B, T, H_I]
-    index = torch.einsum("bth,bhts->bts", w, scores)
+    if _native_scores(q, keys):
+        index = torch.ops.ctxlab.indexer_scores(
+            q.detach().contiguous(), keys.detach(), w.detach().contiguous(), head_dim**-0.5
+        )
+    else:
+        scores = F.relu(q.float() @ keys.float().transpose(-1, -2) * head_dim**-0.5)  # [B, H_I, T, S]
+        index = torch.einsum("bth,bhts->bts", w, scores)
     if allowed is not None:
         index = index.masked_fill(~allowed, float("-inf"))
-    k = min(topk, index.shape[-1])
-    return torch.sort(index, dim=-1, descending=True, stable=True).indices[..., :k]
+    return best_first(index, min(topk, index.shape[-1]))
+
+
+def _native_scores(q: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether ``ctxlab::indexer_scores`` computes the scores: a decode step's few queries, bf16 on the CPU."""
+    return (
+        q.shape[2] <= DECODE_TOKENS
+        and q.dtype == keys.dtype == torch.bfloat16
+        and q.device.type == "cpu"
+        and keys.stride(-1) == 1
+        and native.available()
+    )
+
+
+def best_first(index: torch.Tensor, k: int) -> torch.Tensor:
+    """index [..., S] float32 -> the positions [..., k] of its k largest values, largest first, ties to the
+    earlier position: ``torch.sort(index, descending=True, stable=True).indices[..., :k]``.
+
+    With k < S, one ``torch.topk`` over int64 keys instead of a sort of all S (at 16K scores ~6x faster):
+    each score's bits mapped to an int32 of the same order (negative floats: the 31 low bits flipped;
+    -0.0 first made +0.0, as the sort ties them), shifted up, with ``2³² - 1 - position`` below, so that
+    every key is distinct and, among equal scores, the earlier position is the larger key.
+    """
+    S = index.shape[-1]
+    if k >= S:  # every position: the sort itself (cheaper than top-k of all)
+        return torch.sort(index, dim=-1, descending=True, stable=True).indices
+    bits = (index + 0.0).view(torch.int32)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # [..., S] int32, ordered as the floats
+    low = 0xFFFFFFFF - torch.arange(S, device=index.device)  # [S] int64, larger for earlier positions
+    keys = (ordered.long() << 32) | low
+    return 0xFFFFFFFF - (torch.topk(keys, k, dim=-1).values & 0xFFFFFFFF)
 
 
 def tiny_indexer(spec: IndexerSpec) -> IndexerSpec:

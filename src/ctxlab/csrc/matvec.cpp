@@ -32,36 +32,17 @@
 
 namespace {
 
+using ctxlab_simd::dot_bf16;
+using ctxlab_simd::dot_rows16;
 using ctxlab_simd::load_bf16x16;
 using ctxlab_simd::sum_lanes_16;
 
-constexpr int64_t ROWS = 16;      // output rows per tile (one float32 vector of results)
+constexpr int64_t ROWS = ctxlab_simd::ROWS16;  // output rows per tile (one float32 vector of results)
 constexpr int64_t COLUMNS = 512;  // with several rows of x: columns per block of a tile (16 KiB of w, in L1)
-
-inline __m512bh load_bf16x32(const uint16_t* p, __mmask32 mask) {  // masked lanes read as 0
-  return (__m512bh)_mm512_maskz_loadu_epi16(mask, p);
-}
 
 inline float bf16_value(uint16_t bits) { return static_cast<float>(c10::BFloat16(bits, c10::BFloat16::from_bits())); }
 
 inline uint16_t bf16_bits(float value) { return c10::BFloat16(value).x; }  // round to nearest even, as PyTorch
-
-// acc[j] += the products of x and w_j = w + j·ldw over columns [d0, d1), for the 16 rows of a tile.
-inline void accumulate(const uint16_t* x, const uint16_t* w, int64_t ldw, int64_t d0, int64_t d1, __m512* acc) {
-  __m512 a[ROWS];
-  for (int j = 0; j < ROWS; ++j) a[j] = acc[j];
-  int64_t d = d0;
-  for (; d + 32 <= d1; d += 32) {
-    const __m512bh xd = (__m512bh)_mm512_loadu_si512(x + d);
-    for (int j = 0; j < ROWS; ++j) a[j] = _mm512_dpbf16_ps(a[j], xd, (__m512bh)_mm512_loadu_si512(w + j * ldw + d));
-  }
-  if (d < d1) {  // the last K % 32 columns
-    const __mmask32 tail = (__mmask32)((1ULL << (d1 - d)) - 1);
-    const __m512bh xd = load_bf16x32(x + d, tail);
-    for (int j = 0; j < ROWS; ++j) a[j] = _mm512_dpbf16_ps(a[j], xd, load_bf16x32(w + j * ldw + d, tail));
-  }
-  for (int j = 0; j < ROWS; ++j) acc[j] = a[j];
-}
 
 // out[0, 16) = the 16 accumulated dot products + bias, rounded to bf16 in one store.
 inline void finish(const __m512* acc, const uint16_t* bias, uint16_t* out) {
@@ -72,12 +53,7 @@ inline void finish(const __m512* acc, const uint16_t* bias, uint16_t* out) {
 
 // The same for the last rows < 16 of w, one row at a time.
 void row(const uint16_t* x, const uint16_t* w, int64_t K, const uint16_t* bias, uint16_t* out) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t d = 0; d < K; d += 32) {
-    const __mmask32 mask = K - d >= 32 ? (__mmask32)~0u : (__mmask32)((1ULL << (K - d)) - 1);
-    acc = _mm512_dpbf16_ps(acc, load_bf16x32(x + d, mask), load_bf16x32(w + d, mask));
-  }
-  *out = bf16_bits(_mm512_reduce_add_ps(acc) + (bias ? bf16_value(*bias) : 0.f));
+  *out = bf16_bits(dot_bf16(x, w, K) + (bias ? bf16_value(*bias) : 0.f));
 }
 
 at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
@@ -105,7 +81,7 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<
       std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
       for (int64_t d = 0; d < K; d += block)  // a block of the tile's 16 rows: from memory for x's first row,
         for (int64_t m = 0; m < M; ++m)        // from L1 for the others
-          accumulate(xp + m * K, wt, ldw, d, std::min(d + block, K), acc.data() + m * ROWS);
+          dot_rows16(xp + m * K, wt, ldw, d, std::min(d + block, K), acc.data() + m * ROWS);
       for (int64_t m = 0; m < M; ++m) finish(acc.data() + m * ROWS, bp ? bp + t * ROWS : nullptr, op + m * N + t * ROWS);
     }
   });

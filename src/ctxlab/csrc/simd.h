@@ -52,6 +52,40 @@ inline float dot(const float* a, const float* b, int64_t K) {
   return _mm512_reduce_add_ps(acc);
 }
 
+// 32 bf16 values as a vdpbf16ps operand (the lanes outside `mask` read as 0).
+inline __m512bh load_bf16x32(const uint16_t* p, __mmask32 mask) { return (__m512bh)_mm512_maskz_loadu_epi16(mask, p); }
+
+constexpr int64_t ROWS16 = 16;  // the rows of a dot_rows16 tile: one float32 vector of results
+
+// acc[j] += Σ_d x[d] w_j[d] over columns [d0, d1), w_j = w + j·ldw, for 16 bf16 rows at once: one AVX512-BF16 dot
+// product (`vdpbf16ps`, exact bf16 products summed in float32) per row and 32 columns, x's 32 values loaded once.
+// Any d1 - d0 (a masked load for the last ones). sum_lanes_16(acc) then gives the 16 sums as one vector.
+inline void dot_rows16(const uint16_t* x, const uint16_t* w, int64_t ldw, int64_t d0, int64_t d1, __m512* acc) {
+  __m512 a[ROWS16];
+  for (int j = 0; j < ROWS16; ++j) a[j] = acc[j];
+  int64_t d = d0;
+  for (; d + 32 <= d1; d += 32) {
+    const __m512bh xd = (__m512bh)_mm512_loadu_si512(x + d);
+    for (int j = 0; j < ROWS16; ++j) a[j] = _mm512_dpbf16_ps(a[j], xd, (__m512bh)_mm512_loadu_si512(w + j * ldw + d));
+  }
+  if (d < d1) {  // the last (d1 - d0) % 32 columns
+    const __mmask32 tail = (__mmask32)((1ULL << (d1 - d)) - 1);
+    const __m512bh xd = load_bf16x32(x + d, tail);
+    for (int j = 0; j < ROWS16; ++j) a[j] = _mm512_dpbf16_ps(a[j], xd, load_bf16x32(w + j * ldw + d, tail));
+  }
+  for (int j = 0; j < ROWS16; ++j) acc[j] = a[j];
+}
+
+// Σ_d x[d] w[d] over K bf16 values, float32 sums of exact products (one row of dot_rows16).
+inline float dot_bf16(const uint16_t* x, const uint16_t* w, int64_t K) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < K; d += 32) {
+    const __mmask32 mask = K - d >= 32 ? (__mmask32)~0u : (__mmask32)((1ULL << (K - d)) - 1);
+    acc = _mm512_dpbf16_ps(acc, load_bf16x32(x + d, mask), load_bf16x32(w + d, mask));
+  }
+  return _mm512_reduce_add_ps(acc);
+}
+
 // x[j] -> one vector whose lane j is the sum of x[j]'s 16 lanes (a transpose tree, 15 adds and shuffles).
 inline __m512 sum_lanes_16(const __m512* x) {
   __m512 a[8], b[4], c[2];
