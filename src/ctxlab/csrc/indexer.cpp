@@ -11,7 +11,7 @@
 //
 // * a tile of 16 keys at a time: per head, one `vdpbf16ps` per key and 32 dims (ctxlab_simd::dot_rows16), the 16
 //   sums as one vector (sum_lanes_16), then ReLU(scale ·) and the head's weight, added into the tile's scores;
-//   the tile's 16 keys (2 KiB at D = 64) stay in L1 across the heads;
+//   the tile's 16 keys (2 KiB at D = 64) stay in L1 across the heads, and the next tile's are prefetched meanwhile;
 // * tiles split across torch's thread pool (at::parallel_for); the last S % 16 keys one by one.
 //
 // Any D. Requirements (checked by the caller): q and w contiguous, the keys' rows contiguous (any strides above:
@@ -56,12 +56,13 @@ at::Tensor indexer_scores(const at::Tensor& q, const at::Tensor& keys, const at:
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bt = task / tiles, b = bt / T, t = bt % T, s0 = (task % tiles) * ROWS16;
       const uint16_t* k = kp + b * kb + s0 * ldk;
+      const uint16_t* next = task + 1 < end && s0 + 2 * ROWS16 <= S ? k + ROWS16 * ldk : nullptr;  // the next tile
       const float* wt = wp + bt * H;
       __m512 index = _mm512_setzero_ps();
       for (int64_t h = 0; h < H; ++h) {
         __m512 acc[ROWS16];
         for (auto& a : acc) a = _mm512_setzero_ps();
-        dot_rows16(qp + ((b * H + h) * T + t) * D, k, ldk, 0, D, acc);
+        dot_rows16(qp + ((b * H + h) * T + t) * D, k, ldk, 0, D, acc, h == 0 ? next : nullptr);
         const __m512 score = _mm512_max_ps(_mm512_mul_ps(sum_lanes_16(acc), _mm512_set1_ps(sc)), _mm512_setzero_ps());
         index = _mm512_fmadd_ps(_mm512_set1_ps(wt[h]), score, index);
       }

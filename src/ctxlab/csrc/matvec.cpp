@@ -14,6 +14,7 @@
 //   results rounded to bf16 (round to nearest even, as PyTorch rounds);
 // * with several rows of x, a tile is walked in blocks of 512 columns, every row of x in turn, so the
 //   block is read from memory once and from L1 by the other rows (their accumulators kept in memory);
+// * the next tile's rows prefetched into L1 as the current one is read (ctxlab_simd::dot_rows16's `next`);
 // * tiles split across torch's thread pool (at::parallel_for).
 //
 // Any K (a masked load for the last K % 32 columns) and any N (the last N % 16 rows one by one). Requirements
@@ -78,10 +79,11 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<
     std::vector<__m512> acc(M * ROWS);  // [M, 16] accumulators of the current tile
     for (int64_t t = begin; t < end; ++t) {
       const uint16_t* wt = wp + t * ROWS * ldw;
+      const uint16_t* next = t + 1 < end ? wt + ROWS * ldw : nullptr;  // prefetched while this tile is read
       std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
       for (int64_t d = 0; d < K; d += block)  // a block of the tile's 16 rows: from memory for x's first row,
         for (int64_t m = 0; m < M; ++m)        // from L1 for the others
-          dot_rows16(xp + m * K, wt, ldw, d, std::min(d + block, K), acc.data() + m * ROWS);
+          dot_rows16(xp + m * K, wt, ldw, d, std::min(d + block, K), acc.data() + m * ROWS, m == 0 ? next : nullptr);
       for (int64_t m = 0; m < M; ++m) finish(acc.data() + m * ROWS, bp ? bp + t * ROWS : nullptr, op + m * N + t * ROWS);
     }
   });

@@ -60,12 +60,21 @@ constexpr int64_t ROWS16 = 16;  // the rows of a dot_rows16 tile: one float32 ve
 // acc[j] += Σ_d x[d] w_j[d] over columns [d0, d1), w_j = w + j·ldw, for 16 bf16 rows at once: one AVX512-BF16 dot
 // product (`vdpbf16ps`, exact bf16 products summed in float32) per row and 32 columns, x's 32 values loaded once.
 // Any d1 - d0 (a masked load for the last ones). sum_lanes_16(acc) then gives the 16 sums as one vector.
-inline void dot_rows16(const uint16_t* x, const uint16_t* w, int64_t ldw, int64_t d0, int64_t d1, __m512* acc) {
+//
+// `next` (or null): the 16 rows (ldw apart) the caller reads after these, whose same columns are prefetched into L1
+// as these are read, one prefetch per line loaded, so that the next tile's loads are in flight while this one
+// computes. A stream of 16-row tiles reads ~20% faster so (the matvec over a llama model's weights on the Xeon host:
+// 25 -> 30 GB/s, alternating in one process), where prefetching the whole next tile at once, or two or more tiles
+// ahead, gained less or lost.
+inline void dot_rows16(const uint16_t* x, const uint16_t* w, int64_t ldw, int64_t d0, int64_t d1, __m512* acc,
+                       const uint16_t* next = nullptr) {
   __m512 a[ROWS16];
   for (int j = 0; j < ROWS16; ++j) a[j] = acc[j];
   int64_t d = d0;
   for (; d + 32 <= d1; d += 32) {
     const __m512bh xd = (__m512bh)_mm512_loadu_si512(x + d);
+    if (next != nullptr)
+      for (int j = 0; j < ROWS16; ++j) _mm_prefetch(reinterpret_cast<const char*>(next + j * ldw + d), _MM_HINT_T0);
     for (int j = 0; j < ROWS16; ++j) a[j] = _mm512_dpbf16_ps(a[j], xd, (__m512bh)_mm512_loadu_si512(w + j * ldw + d));
   }
   if (d < d1) {  // the last (d1 - d0) % 32 columns
