@@ -6,7 +6,8 @@
 // A decode step reads every weight once for a handful of multiply-adds each, so it runs at the speed the
 // weights stream from memory. oneDNN's kernel on its own blocked layout reads them at ~21-23 GB/s here
 // (2 cores, ~30 GB/s for a plain read of the same bytes), PyTorch's F.linear on the plain layout at
-// ~16-17 GB/s; this kernel reads the plain layout at ~25-27 GB/s (docs/benchmarks.md, "Weights"):
+// ~16-17 GB/s; this kernel reads the plain layout at ~25-27 GB/s (docs/benchmarks.md, "Weights"; the EPYC and
+// the Xeon hosts):
 //
 // * a tile of 16 output rows at a time: for every 32 columns, one AVX512-BF16 dot product (`vdpbf16ps`,
 //   exact bf16 products summed in float32) per row with the same 32 values of x, 16 accumulators;
