@@ -161,19 +161,33 @@ def test_cli_packs_a_tied_head_only_with_pack_tied_head(capsys, monkeypatch):
 
 @pytest.mark.parametrize("rows", [1, MATVEC_ROWS, MATVEC_ROWS + 1])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_grouped_linear_is_each_group_through_its_own_block(rows, dtype):
-    """DeepSeek V4's grouped output projection: a decode step's few bf16 rows go through the native
-    matvec one group at a time, everything else through one einsum; both are the block-diagonal map,
+@pytest.mark.parametrize("out", [24, 32])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_grouped_linear_is_each_group_through_its_own_block(rows, dtype, out, with_bias):
+    """DeepSeek V4's grouped output projection and CCA's grouped convolution: a decode step's few bf16 rows go
+    through the native matvec, in one call over the groups where each group's outputs are a multiple of 16 and
+    one group at a time otherwise, everything else through one einsum; all are the block-diagonal map (+ bias),
     to float32 accumulation of bf16 products."""
     gen = torch.Generator().manual_seed(rows)
     x = torch.randn(1, rows, 4, 40, generator=gen).to(dtype)  # [B, T, g, in]
-    weight = torch.randn(4, 24, 40, generator=gen).to(dtype)  # [g, out, in]
-    got = grouped_linear(x, weight)
+    weight = torch.randn(4, out, 40, generator=gen).to(dtype)  # [g, out, in]
+    bias = torch.randn(4 * out, generator=gen).to(dtype) if with_bias else None
+    got = grouped_linear(x, weight, bias)
     exact = torch.cat([x[..., k, :].double() @ weight[k].double().T for k in range(4)], dim=-1)
-    assert got.shape == (1, rows, 96) and got.dtype == dtype
+    exact = exact if bias is None else exact + bias.double()
+    assert got.shape == (1, rows, 4 * out) and got.dtype == dtype
     tol = {"atol": 2e-2, "rtol": 2e-2} if dtype == torch.bfloat16 else {"atol": 1e-5, "rtol": 1e-5}
     torch.testing.assert_close(got.double(), exact, **tol)
     if dtype == torch.bfloat16 and rows <= MATVEC_ROWS and native.available():
         with torch.profiler.profile() as prof:
-            grouped_linear(x, weight)
-        assert sum(e.count for e in prof.key_averages() if e.key == "ctxlab::matvec") == 4
+            grouped_linear(x, weight, bias)
+        assert sum(e.count for e in prof.key_averages() if e.key == "ctxlab::matvec") == (4 if out % 16 else 1)
+
+
+@pytest.mark.skipif(not native.available(), reason="no AVX512-BF16 CPU or no C++ compiler: the kernel cannot run here")
+def test_grouped_matvec_refuses_groups_it_cannot_tile():
+    x, w = torch.randn(1, 80).bfloat16(), torch.randn(40, 40).bfloat16()
+    with pytest.raises(RuntimeError, match="each group's rows \\(N / groups\\) must be a multiple of 16"):
+        torch.ops.ctxlab.matvec(x, w, None, 2)
+    with pytest.raises(RuntimeError, match="x \\[M, groups·K\\], w \\[N, K\\]"):
+        torch.ops.ctxlab.matvec(x, w, None, 3)

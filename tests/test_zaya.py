@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import ctxlab
-from ctxlab.attention.cca import grouped_conv1d
+from ctxlab.attention.cca import depthwise_conv1d, grouped_conv1d
 
 from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
 
@@ -234,3 +234,25 @@ def test_grouped_conv1d_is_the_convolution(batch, groups, in_per_group, out_per_
     conv = torch.nn.Conv1d(groups * in_per_group, groups * out_per_group, kernel, groups=groups, bias=bias).double()
     x = torch.randn(batch, groups * in_per_group, kernel + extra, dtype=torch.float64)
     torch.testing.assert_close(grouped_conv1d(x, conv), conv(x), rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    batch=st.integers(1, 3),
+    channels=st.integers(1, 40),
+    kernel=st.integers(1, 4),
+    extra=st.integers(0, 9),  # columns beyond the first window
+    bias=st.booleans(),
+    dtype=st.sampled_from([torch.float64, torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_depthwise_conv1d_is_the_convolution(batch, channels, kernel, extra, bias, dtype, seed):
+    """CCA's depthwise stage as shifted multiply-adds (``cca.depthwise_conv1d``) == ``nn.Conv1d``: float32 sums
+    (float64 kept) rounded once to the input's dtype, within that dtype's rounding of the convolution."""
+    torch.manual_seed(seed)
+    conv = torch.nn.Conv1d(channels, channels, kernel, groups=channels, bias=bias).double()
+    x = torch.randn(batch, channels, kernel + extra, dtype=torch.float64)
+    out = depthwise_conv1d(x.to(dtype), conv.to(dtype))
+    assert out.dtype == dtype and out.shape == (batch, channels, extra + 1)
+    tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
+    torch.testing.assert_close(out.double(), conv.double()(x.to(dtype).double()), rtol=tolerance, atol=tolerance)

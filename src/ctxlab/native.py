@@ -130,8 +130,8 @@ def _decode_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _matvec_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-    """x [M, K], weight [N, K] -> [M, N]: for torch.compile's tracing."""
+def _matvec_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1):
+    """x [M, groups·K], weight [N, K] -> [M, N]: for torch.compile's tracing."""
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -196,8 +196,8 @@ def _register_flop_formulas() -> None:
     multiply-add; softmax, norms and Sinkhorn's steps are not counted, as torch counts none)."""
     from torch.utils.flop_counter import flop_registry, register_flop_formula
 
-    def matvec(x, w, bias, *args, out_shape=None, **kwargs):  # x [M, K], w [N, K]
-        return 2 * x[0] * x[1] * w[0]
+    def matvec(x, w, bias, groups=1, *args, out_shape=None, **kwargs):  # x [M, groups·K], w [N, K]
+        return 2 * x[0] * w[1] * w[0]
 
     def decode_attention(q, k, v, scale, q2=None, k2=None, *args, out_shape=None, **kwargs):  # q [B, H, G, D]
         B, H, G, D = q

@@ -25,6 +25,7 @@ from torch import nn
 from ..cache.spec import CacheSpec
 from ..config import LayerSpec
 from ..nn.fusion import project
+from ..nn.packing import grouped_linear
 from ..nn.rope import Rotary
 from ..registry import ATTENTION_KINDS
 from .context import ForwardContext, scope
@@ -38,20 +39,36 @@ def _conv_shape(spec: LayerSpec) -> tuple[int, int]:
 
 
 def grouped_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """``conv(x)`` for a grouped ``nn.Conv1d`` (stride 1, no padding or dilation) as one batched matmul over
-    its groups: x [B, C_in, L] -> [B, C_out, L − k + 1]. Each group's output is its weight [C_out/G, C_in/G·k]
-    times the group's windows; at a decode step (one window) oneDNN's convolution costs ~2.5× this
-    (162 against 61 µs for CCA's 10 groups of 128 channels, measured), and a prefill costs the same either way."""
+    """``conv(x)`` for a grouped ``nn.Conv1d`` (stride 1, no padding or dilation) as a block-diagonal linear
+    map of its windows (:func:`~ctxlab.nn.packing.grouped_linear`): x [B, C_in, L] -> [B, C_out, L − k + 1].
+    Each group's output is its weight [C_out/G, C_in/G·k] times the group's window; at a decode step (one
+    window) that is one native matvec over the groups, where oneDNN's convolution cost 162 µs and a batched
+    matmul 61 µs for CCA's 10 groups of 128 channels (measured); a prefill is a batched matmul."""
     B, C, _ = x.shape
     G, k, c_out = conv.groups, conv.kernel_size[0], conv.out_channels // conv.groups
     windows = x.unfold(-1, k, 1)  # [B, C_in, T, k]
     T = windows.shape[2]
-    windows = windows.reshape(B, G, C // G, T, k).permute(1, 0, 3, 2, 4).reshape(G, B * T, C // G * k)
-    weight = conv.weight.view(G, c_out, -1).transpose(1, 2)  # [G, C_in/G·k, C_out/G]
-    out = (
-        torch.bmm(windows, weight) if conv.bias is None else torch.baddbmm(conv.bias.view(G, 1, c_out), windows, weight)
-    )
-    return out.view(G, B, T, c_out).permute(1, 0, 3, 2).reshape(B, G * c_out, T)
+    windows = windows.reshape(B, G, C // G, T, k).permute(0, 3, 1, 2, 4).reshape(B, T, G, C // G * k)
+    out = grouped_linear(windows, conv.weight.view(G, c_out, -1), conv.bias)  # [B, T, C_out]
+    return out.transpose(1, 2)
+
+
+def depthwise_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
+    """``conv(x)`` for a depthwise ``nn.Conv1d`` (one input channel per group, stride 1, no padding or dilation):
+    x [B, C, L] -> [B, C, L − k + 1], as k multiply-adds over shifted views of x in float32 (as a bf16
+    convolution accumulates; float64 stays float64), rounded once to x's dtype. At a decode step (a few
+    columns) oneDNN's convolution costs ~75 µs for CCA's 1280 channels (~130 µs inside a step: primitive
+    setup), this a few small ops."""
+    k = conv.kernel_size[0]
+    L = x.shape[-1] - k + 1
+    acc = torch.promote_types(x.dtype, torch.float32)
+    xf, w = x.to(acc), conv.weight.to(acc)[:, 0, :, None]  # [B, C, L + k - 1], [C, k, 1]
+    out = xf[..., :L] * w[:, 0]  # [B, C, L]
+    for j in range(1, k):
+        out = out.addcmul_(xf[..., j : j + L], w[:, j])
+    if conv.bias is not None:
+        out = out.add_(conv.bias.to(acc)[:, None])
+    return out.to(x.dtype)
 
 
 class CCAProjection(nn.Module):
@@ -93,7 +110,9 @@ class CCAProjection(nn.Module):
         latent = torch.cat((before, latent), dim=-1)  # [B, C, P + T]
         if layer_cache is not None:
             layer_cache.state["conv"].copy_(latent[..., latent.shape[-1] - self.state_columns :])
-        mixed = grouped_conv1d(self.conv_qk_depthwise(latent), self.conv_qk_grouped).transpose(1, 2)  # [B, T, C]
+        mixed = grouped_conv1d(depthwise_conv1d(latent, self.conv_qk_depthwise), self.conv_qk_grouped).transpose(
+            1, 2
+        )  # [B, T, C]
         q = mixed[..., : q_raw.shape[-1]].view(B, T, s.num_heads, -1) + q_res
         k = mixed[..., q_raw.shape[-1] :].view(B, T, s.num_kv_heads, -1) + k_res
 
@@ -204,14 +223,16 @@ class CCAttention(nn.Module):
 
     @staticmethod
     def decode_flops(hidden_size: int, spec: LayerSpec, positions: int) -> dict[str, int]:
-        """Matmul/conv FLOPs of one decoded token. The depthwise stage recomputes its k1 output
-        columns from the cached raw latent each step (as HF does), hence ``k0·k1`` per channel."""
+        """Matmul/conv FLOPs of one decoded token, as torch counts them: the grouped convolution's k1 taps
+        of C_in/G channels per output channel. The depthwise stage (``k0·k1`` multiply-adds per channel: it
+        recomputes its k1 output columns from the cached raw latent each step, as HF does) runs as elementwise
+        multiply-adds (:func:`depthwise_conv1d`), which torch counts no more than a norm's."""
         keys = positions if spec.window is None else min(positions, spec.window)
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         channels, _ = _conv_shape(spec)
-        k0, k1 = spec.conv_kernels
+        k1 = spec.conv_kernels[1]
         return {
             "projections": 2 * hidden_size * (2 * q + 2 * kv),
-            "conv": 2 * channels * k0 * k1 + 2 * channels * spec.head_dim * k1,
+            "conv": 2 * channels * spec.head_dim * k1,
             "attention": 2 * 2 * spec.num_heads * spec.head_dim * keys,
         }

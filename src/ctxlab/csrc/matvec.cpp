@@ -3,6 +3,10 @@
 //   x [M, K] bf16 (M small: the tokens of one decode step), w [N, K] bf16 (PyTorch's nn.Linear layout),
 //   bias [N] bf16 or none -> x wᵀ + bias [M, N] bf16, accumulated in float32 and rounded once
 //
+// With groups = G > 1, a block-diagonal map: x [M, G·K], w [N, K] holds the G groups' N / G rows each (a multiple of
+// 16), and group g's rows multiply x's columns [g·K, (g+1)·K) (DeepSeek V4's grouped output projection, CCA's
+// grouped convolution at a decode step: one call instead of one per group).
+//
 // A decode step reads every weight once for a handful of multiply-adds each, so it runs at the speed the
 // weights stream from memory. oneDNN's kernel on its own blocked layout reads them at ~21-23 GB/s here
 // (2 cores, ~30 GB/s for a plain read of the same bytes), PyTorch's F.linear on the plain layout at
@@ -58,11 +62,16 @@ void row(const uint16_t* x, const uint16_t* w, int64_t K, const uint16_t* bias, 
   *out = bf16_bits(dot_bf16(x, w, K) + (bias ? bf16_value(*bias) : 0.f));
 }
 
-at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
+at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias, int64_t groups) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "ctxlab::matvec takes bf16 x and w");
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "ctxlab::matvec: x [M, K], w [N, K]");
+  TORCH_CHECK(groups >= 1 && x.dim() == 2 && w.dim() == 2 && x.size(1) == groups * w.size(1),
+              "ctxlab::matvec: x [M, groups·K], w [N, K], groups >= 1; got x ", x.sizes(), ", w ", w.sizes(), ", groups ",
+              groups);
+  TORCH_CHECK(w.size(0) % groups == 0 && (groups == 1 || (w.size(0) / groups) % ROWS == 0),
+              "ctxlab::matvec: with groups > 1, each group's rows (N / groups) must be a multiple of ", ROWS, "; got N = ",
+              w.size(0), ", groups ", groups);
   TORCH_CHECK(x.is_contiguous() && w.stride(1) == 1, "ctxlab::matvec: x contiguous, w's rows contiguous");
-  const int64_t M = x.size(0), K = x.size(1), N = w.size(0), ldw = w.stride(0);
+  const int64_t M = x.size(0), K = w.size(1), N = w.size(0), ldw = w.stride(0), ldx = x.size(1), R = N / groups;
   const uint16_t* bp = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK(bias->scalar_type() == at::kBFloat16 && bias->dim() == 1 && bias->size(0) == N && bias->is_contiguous(),
@@ -80,21 +89,22 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<
     std::vector<__m512> acc(M * ROWS);  // [M, 16] accumulators of the current tile
     for (int64_t t = begin; t < end; ++t) {
       const uint16_t* wt = wp + t * ROWS * ldw;
+      const uint16_t* xt = xp + (t * ROWS / R) * K;  // the group's columns of x
       const uint16_t* next = t + 1 < end ? wt + ROWS * ldw : nullptr;  // prefetched while this tile is read
       std::fill(acc.begin(), acc.end(), _mm512_setzero_ps());
       for (int64_t d = 0; d < K; d += block)  // a block of the tile's 16 rows: from memory for x's first row,
         for (int64_t m = 0; m < M; ++m)        // from L1 for the others
-          dot_rows16(xp + m * K, wt, ldw, d, std::min(d + block, K), acc.data() + m * ROWS, m == 0 ? next : nullptr);
+          dot_rows16(xt + m * ldx, wt, ldw, d, std::min(d + block, K), acc.data() + m * ROWS, m == 0 ? next : nullptr);
       for (int64_t m = 0; m < M; ++m) finish(acc.data() + m * ROWS, bp ? bp + t * ROWS : nullptr, op + m * N + t * ROWS);
     }
   });
-  for (int64_t n = tiles * ROWS; n < N; ++n)
-    for (int64_t m = 0; m < M; ++m) row(xp + m * K, wp + n * ldw, K, bp ? bp + n : nullptr, op + m * N + n);
+  for (int64_t n = tiles * ROWS; n < N; ++n)  // (one group: with several, N is a multiple of 16)
+    for (int64_t m = 0; m < M; ++m) row(xp + m * ldx, wp + n * ldw, K, bp ? bp + n : nullptr, op + m * N + n);
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(ctxlab, m) { m.def("matvec(Tensor x, Tensor w, Tensor? bias) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(ctxlab, m) { m.def("matvec(Tensor x, Tensor w, Tensor? bias, int groups=1) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(ctxlab, CPU, m) { m.impl("matvec", &matvec); }

@@ -61,16 +61,23 @@ def _onednn_packable(dtype: torch.dtype) -> bool:
     return dtype == torch.float32
 
 
-def grouped_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Block-diagonal linear map: x [..., g, in] through each group's own weight [g, out, in] -> [..., g·out]
-    (DeepSeek V4's grouped output projection, HF ``DeepseekV4Attention``'s ``wo_a`` einsum). At a decode
-    step (up to :data:`MATVEC_ROWS` rows, bf16 weight, native kernel here) each group is one native
-    matvec: PyTorch's bf16 batched matmul of one row per group reads the weights at ~6 GB/s (171 µs for
-    4 x [256, 512] per call, measured), the matvec at the copy bandwidth."""
-    rows = x.numel() // (x.shape[-1] * x.shape[-2])
-    if rows <= MATVEC_ROWS and stays_as_is(weight.dtype) and weight.is_contiguous():
-        return torch.cat([native_linear(x[..., k, :], weight[k], None) for k in range(weight.shape[0])], dim=-1)
-    return torch.einsum("...gi,gci->...gc", x, weight).flatten(-2)
+def grouped_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Block-diagonal linear map: x [..., g, in] through each group's own weight [g, out, in] (+ bias [g·out])
+    -> [..., g·out] (DeepSeek V4's grouped output projection, HF ``DeepseekV4Attention``'s ``wo_a`` einsum;
+    CCA's grouped convolution at a decode step). At a decode step (up to :data:`MATVEC_ROWS` rows, bf16 weight,
+    native kernel here) it is one native matvec over the groups (``groups=g``; a call per group where ``out``
+    is not a multiple of 16): PyTorch's bf16 batched matmul of one row per group reads the weights at ~6 GB/s
+    (171 µs for 4 x [256, 512] per call, measured), the matvec at the copy bandwidth."""
+    g, out, inner = weight.shape
+    rows = x.numel() // (inner * g)
+    if rows <= MATVEC_ROWS and stays_as_is(weight.dtype) and weight.is_contiguous() and x.dtype == weight.dtype:
+        if out % 16:
+            y = torch.cat([native_linear(x[..., k, :], weight[k], None) for k in range(g)], dim=-1)
+            return y if bias is None else y + bias
+        flat = x.reshape(rows, g * inner).contiguous()
+        return torch.ops.ctxlab.matvec(flat, weight.view(g * out, inner), bias, g).view(*x.shape[:-2], g * out)
+    y = torch.einsum("...gi,gci->...gc", x, weight).flatten(-2)
+    return y if bias is None else y + bias
 
 
 def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
