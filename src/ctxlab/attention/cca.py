@@ -110,9 +110,8 @@ class CCAProjection(nn.Module):
         latent = torch.cat((before, latent), dim=-1)  # [B, C, P + T]
         if layer_cache is not None:
             layer_cache.state["conv"].copy_(latent[..., latent.shape[-1] - self.state_columns :])
-        mixed = grouped_conv1d(depthwise_conv1d(latent, self.conv_qk_depthwise), self.conv_qk_grouped).transpose(
-            1, 2
-        )  # [B, T, C]
+        convolved = grouped_conv1d(depthwise_conv1d(latent, self.conv_qk_depthwise), self.conv_qk_grouped)
+        mixed = convolved.transpose(1, 2)  # [B, T, C]
         q = mixed[..., : q_raw.shape[-1]].view(B, T, s.num_heads, -1) + q_res
         k = mixed[..., q_raw.shape[-1] :].view(B, T, s.num_kv_heads, -1) + k_res
 
