@@ -44,7 +44,7 @@ using ctxlab_simd::load_bf16x16;
 using ctxlab_simd::sum_lanes_16;
 
 constexpr int64_t SPLIT = 512;  // keys per parallel task
-constexpr int64_t TILE = 16;    // keys per score tile (one float32 vector of scores)
+constexpr int64_t TILE = ctxlab_simd::ROWS16;  // keys per score tile (one float32 vector of scores)
 
 // One part of the keys: rows k + t·rs of D dims (D % 32 == 0), the G queries' matching part at q (row stride D).
 struct KeyPart {
@@ -55,11 +55,7 @@ struct KeyPart {
 
 // acc[j] += q_g · k_{t+j} over one key part, for the 16 keys of a tile.
 inline void dot_tile(const KeyPart& p, int64_t g, int64_t t, __m512* acc) {
-  for (int64_t d = 0; d < p.D; d += 32) {
-    const __m512bh qd = (__m512bh)_mm512_loadu_si512(p.q + g * p.D + d);
-    for (int j = 0; j < TILE; ++j)
-      acc[j] = _mm512_dpbf16_ps(acc[j], qd, (__m512bh)_mm512_loadu_si512(p.k + (t + j) * p.rs + d));
-  }
+  ctxlab_simd::dot_rows16(p.q + g * p.D, p.k + t * p.rs, p.rs, 0, p.D, acc);
 }
 
 inline __m512 dot_one(const KeyPart& p, int64_t g, int64_t t, __m512 a) {
