@@ -1,14 +1,17 @@
 """The linear maps of one decode step, timed through each kernel ctxlab has for them (docs/benchmarks.md).
 
     PYTHONPATH=src nice -n 5 python benchmarks/linears.py --family llama --rows 1
+    PYTHONPATH=src nice -n 5 python benchmarks/linears.py --family llama --rows 2048   # a prefill's products
 
 Takes every linear weight of a tiny-but-wide model of ``benchmarks/families.py`` (bf16, projections
 fused as ``ctxlab bench`` runs them, the LM head included) and multiplies ``--rows`` rows of activations
 by all of them in turn, alternating the kernels within every repeat: ``F.linear`` on PyTorch's layout,
 oneDNN's kernel on its blocked layout (``torch.ops.mkldnn._linear_pointwise``, ctxlab's packing for
 float32), and ctxlab's native matvec on PyTorch's layout (``ctxlab::matvec``, its packing for bf16 where
-the CPU has AVX512-BF16). Prints the median time per pass and the weight bytes read per second beside
-the copy bandwidth measured at the start (``ctxlab.bench``'s roofline uses that bandwidth).
+the CPU has AVX512-BF16) up to 8 rows, and above that (a prefill) ``F.linear`` in blocks of at most
+``GEMM_COLUMNS`` output columns (``packing.column_blocked_linear``, what ctxlab runs there). Prints the median
+time per pass, the weight bytes read per second beside the copy bandwidth measured at the start
+(``ctxlab.bench``'s roofline uses that bandwidth) and the arithmetic rate.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from families import FAMILIES, build  # benchmarks/families.py: the same models
 import ctxlab
 from ctxlab import native
 from ctxlab.bench import copy_bandwidth
+from ctxlab.nn.packing import GEMM_COLUMNS, MATVEC_ROWS, column_blocked_linear
 
 
 def decode_weights(family: str) -> list[torch.Tensor]:
@@ -51,7 +55,11 @@ def main(argv=None) -> int:
             for w, o in zip(weights, onednn, strict=True)
         ],
     }
-    if native.available():
+    if args.rows > MATVEC_ROWS:
+        variants[f"F.linear in blocks of {GEMM_COLUMNS} columns"] = lambda: [
+            column_blocked_linear(inputs[w.shape[1]], w, None) for w in weights
+        ]
+    elif native.available():
         variants["ctxlab::matvec (PyTorch's layout)"] = lambda: [
             torch.ops.ctxlab.matvec(inputs[w.shape[1]], w, None) for w in weights
         ]
@@ -60,13 +68,15 @@ def main(argv=None) -> int:
     bandwidth = copy_bandwidth()
     medians = alternate(lambda name: timed(variants[name]), variants, args.repeats)
     nbytes = sum(w.numel() * w.element_size() for w in weights)
+    flops = 2 * args.rows * sum(w.numel() for w in weights)
     print(
         f"wide-{args.family}: {len(weights)} weights, {nbytes / 1e6:.0f} MB bf16, {args.rows} row(s); "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; copy bandwidth {bandwidth / 1e9:.1f} GB/s"
     )
     base = medians["oneDNN (its blocked layout)"]
     for name, median in medians.items():
-        print(f"  {name:36s} {1e3 * median:8.2f} ms  {nbytes / median / 1e9:6.1f} GB/s  {base / median:5.2f}× oneDNN")
+        rates = f"{nbytes / median / 1e9:6.1f} GB/s  {flops / median / 1e12:5.2f} TFLOP/s"
+        print(f"  {name:36s} {1e3 * median:8.2f} ms  {rates}  {base / median:5.2f}× oneDNN")
     return 0
 
 

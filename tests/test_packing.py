@@ -10,11 +10,13 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
 import ctxlab
 from ctxlab import native
+from ctxlab.nn import packing
 from ctxlab.nn.fusion import fuse_projections_
 from ctxlab.nn.moe import Experts
 from ctxlab.nn.packing import MATVEC_ROWS, READ_DIRECTLY, PackedLinear, grouped_linear, pack_linears_, packable
@@ -191,3 +193,31 @@ def test_grouped_matvec_refuses_groups_it_cannot_tile():
         torch.ops.ctxlab.matvec(x, w, None, 2)
     with pytest.raises(RuntimeError, match="x \\[M, groups·K\\], w \\[N, K\\]"):
         torch.ops.ctxlab.matvec(x, w, None, 3)
+
+
+@pytest.mark.parametrize(
+    "columns, blocked",
+    [(30, True), (40, True), (16, False), (10**6, False)],
+    ids=["four-blocks", "uneven-blocks", "too-many-blocks", "narrower-than-a-block"],
+)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_many_rows_run_in_column_blocks_equal_to_one_product(monkeypatch, columns, blocked, with_bias):
+    """A prefill's product through a wide bf16 weight runs as blocks of at most GEMM_COLUMNS output columns
+    (oneDNN is faster on them, see column_blocked_linear), each the same dot products as F.linear's; one
+    product where the weight is narrower than a block or wider than GEMM_BLOCKS blocks (an LM head)."""
+    monkeypatch.setattr(packing, "GEMM_COLUMNS", columns)
+    assert packing.GEMM_BLOCKS == 4
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(100, 48, generator=gen).bfloat16()
+    bias = torch.randn(100, generator=gen).bfloat16() if with_bias else None
+    x = torch.randn(2, MATVEC_ROWS + 3, 48, generator=gen).bfloat16()
+    products = []
+    real_mm = torch.mm
+    monkeypatch.setattr(torch, "mm", lambda a, b, **kw: products.append(b.shape) or real_mm(a, b, **kw))
+    real_addmm = torch.addmm
+    monkeypatch.setattr(torch, "addmm", lambda c, a, b, **kw: products.append(b.shape) or real_addmm(c, a, b, **kw))
+    out = packing.native_linear(x, weight, bias)
+    torch.testing.assert_close(out, F.linear(x, weight, bias), atol=0, rtol=2**-7)  # bf16 rounding of the sums
+    assert out.shape == (2, MATVEC_ROWS + 3, 100) and out.is_contiguous()
+    widths = [shape[1] for shape in products]
+    assert sum(widths) == (100 if blocked else 0) and all(w <= columns for w in widths)

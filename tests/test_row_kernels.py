@@ -1,6 +1,7 @@
-"""ctxlab's inference kernels for the small steps around a decode step's products: ``ctxlab::rms_norm``
+"""ctxlab's inference kernels for the element-wise steps around the products: ``ctxlab::rms_norm``
 (``ctxlab/csrc/rms_norm.cpp``) against :meth:`RMSNorm.pytorch_forward`, ``ctxlab::rope``
-(``ctxlab/csrc/rope.cpp``) against :meth:`Rotary.pytorch_apply` (bit for bit), and where the modules take
+(``ctxlab/csrc/rope.cpp``) against :meth:`Rotary.pytorch_apply` (bit for bit), ``ctxlab::gated_act``
+(``ctxlab/csrc/gated_act.cpp``) against :func:`ctxlab.nn.mlp.pytorch_gated`, and where the modules take
 them: at inference only, eager only.
 
 The kernels need an x86 CPU with AVX512-BF16 and a C++ compiler; where either is absent the tests that call
@@ -15,6 +16,7 @@ from hypothesis import strategies as st
 
 from ctxlab import native
 from ctxlab.config import LayerSpec, RopeSpec
+from ctxlab.nn.mlp import GatedMLP, gated, gelu_tanh, pytorch_gated
 from ctxlab.nn.norms import RMSNorm
 from ctxlab.nn.rope import Rotary
 
@@ -90,22 +92,67 @@ def test_rope_kernel_equals_the_pytorch_ops_bit_for_bit(
 
 
 @needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 40),
+    width=st.integers(1, 300),
+    activation=st.sampled_from(["silu", "gelu_tanh"]),
+    limit=st.sampled_from([None, 0.5, 7.0]),
+    layout=st.sampled_from(["halves", "contiguous", "uneven"]),
+    scale=st.sampled_from([1e-2, 1.0, 4.0, 60.0]),
+    seed=st.integers(0, 2**16),
+)
+@example(rows=1, width=2816, activation="silu", limit=None, layout="halves", scale=1.0, seed=0)  # a decode step
+def test_gated_act_kernel_equals_the_pytorch_ops(rows, width, activation, limit, layout, scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    act = torch.nn.functional.silu if activation == "silu" else gelu_tanh
+    if layout == "halves":  # the fused gate / up product's halves: rows 2·width apart
+        gate, up = (torch.randn(rows, 2 * width, generator=gen) * scale).bfloat16().chunk(2, dim=-1)
+    elif layout == "contiguous":
+        gate, up = (torch.randn(2, 3, rows, width, generator=gen) * scale).bfloat16().unbind(0)
+    else:  # rows not evenly spaced (a slice of a slice): the kernel copies them first
+        gate, up = (torch.randn(2, 3, rows + 1, width + 2, generator=gen) * scale).bfloat16()[:, :, 1:, 1:-1].unbind(0)
+    out = torch.ops.ctxlab.gated_act(gate, up, activation, float("inf") if limit is None else limit)
+    expected = pytorch_gated(act, gate, up, limit)
+    assert out.shape == gate.shape and out.dtype == torch.bfloat16 and out.is_contiguous()
+    differs = (out.float() - expected.float()).abs() > 1e-30  # below: exp's underflow, handled differently
+    if activation == "silu":  # σ from another exp than PyTorch's: equal after the rounding to bf16 but rarely
+        torch.testing.assert_close(out, expected, atol=1e-30, rtol=2**-8)
+        assert differs.float().mean() <= 0.01
+    else:  # 1 + tanh z cancels for negative inputs in both: outputs near zero differ in absolute terms only
+        torch.testing.assert_close(out, expected, atol=2e-5 * max(scale, 1.0), rtol=2**-7)
+        assert differs.float().mean() <= 0.08
+
+
+@needs_kernel
+@pytest.mark.parametrize("limit", [None, 5.0])
+def test_gated_act_kernel_on_nan_and_infinities(limit):
+    gate = torch.tensor([float("nan"), float("inf"), -float("inf"), 1.0, 3.0]).bfloat16()
+    up = torch.tensor([1.0, 1.0, 1.0, float("nan"), float("inf")]).bfloat16()
+    out = torch.ops.ctxlab.gated_act(gate, up, "silu", float("inf") if limit is None else limit)
+    torch.testing.assert_close(out, pytorch_gated(torch.nn.functional.silu, gate, up, limit), equal_nan=True)
+
+
+@needs_kernel
 def test_the_modules_take_the_kernels_at_inference_only(monkeypatch):
     calls = []
-    for name in ("rms_norm", "rope"):
+    for name in ("rms_norm", "rope", "gated_act"):
         real = getattr(torch.ops.ctxlab, name)
         monkeypatch.setattr(torch.ops.ctxlab, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     norm = RMSNorm(64).bfloat16()
     rotary = Rotary(layer(64))
+    mlp = GatedMLP(64, 96).bfloat16()
     x = torch.randn(1, 4, 3, 64).bfloat16()
     cos, sin = rotary.cos_sin(torch.arange(3)[None], torch.bfloat16)
     with torch.no_grad():
-        norm(x), rotary.apply(x, cos, sin)
+        norm(x), rotary.apply(x, cos, sin), mlp(x)
         rotary.apply(x.float(), cos.float(), sin.float())  # float32 rope: PyTorch's ops (see rope.cpp)
-    assert calls == ["rms_norm", "rope"]
+        gated(torch.nn.functional.silu, x.float(), x.float())  # float32 gated activation: PyTorch's ops
+        gated(torch.nn.functional.relu, x, x)  # an activation the kernel does not have
+    assert calls == ["rms_norm", "rope", "gated_act"]
     calls.clear()
     y = norm(x.requires_grad_())  # autograd: the PyTorch ops, which have a backward
-    rotary.apply(y, cos, sin).float().sum().backward()
+    (rotary.apply(y, cos, sin).float().sum() + mlp(y).float().sum()).backward()
     assert calls == [] and x.grad is not None
 
 
@@ -136,3 +183,9 @@ def test_kernels_refuse_what_they_cannot_take():
         torch.ops.ctxlab.rope(q, cos, cos, 63)
     with pytest.raises(RuntimeError, match="cos and sin must be bf16 \\[1, 1, 3, 32\\]"):
         torch.ops.ctxlab.rope(q, cos, cos, 32)
+    with pytest.raises(RuntimeError, match="gate and up must be bf16 \\[..., I\\] of one shape"):
+        torch.ops.ctxlab.gated_act(x, x[:, :4], "silu", 1.0)
+    with pytest.raises(RuntimeError, match="activation must be 'silu' or 'gelu_tanh', got 'relu'"):
+        torch.ops.ctxlab.gated_act(x, x, "relu", 1.0)
+    with pytest.raises(RuntimeError, match="limit must be positive"):
+        torch.ops.ctxlab.gated_act(x, x, "silu", 0.0)

@@ -10,13 +10,16 @@ run them close to it, in bf16 with float32 accumulation (docs/benchmarks.md):
 * ``ctxlab::indexer_scores`` (``indexer.cpp``): the lightning indexer's float32 scores of a few queries
   against every cached bf16 indexer key, read once as stored, used by :mod:`ctxlab.attention.dsa`.
 
-Two replace the chains of small ops that a decode step dispatches around its products, at inference
+Three replace chains of small element-wise ops around the products (a decode step dispatches them one by one), at inference
 (no backward; under ``torch.compile`` inductor fuses those ops itself, so they run eager only):
 
 * ``ctxlab::rms_norm`` (``rms_norm.cpp``): an RMSNorm in one call instead of ~8 ops, used by
   :class:`ctxlab.nn.norms.RMSNorm`;
 * ``ctxlab::rope`` (``rope.cpp``): RoPE by halves on bf16 in one call instead of ~8, bit for bit, used
-  by :class:`ctxlab.nn.rope.Rotary`.
+  by :class:`ctxlab.nn.rope.Rotary`;
+* ``ctxlab::gated_act`` (``gated_act.cpp``): a gated MLP's ``act(gate) * up`` (SiLU, tanh-GELU, V4's
+  clamp) in one pass over the fused gate / up product's halves instead of two, used by
+  :func:`ctxlab.nn.mlp.gated`.
 
 Four more replace chains of small steps with one pass each:
 
@@ -115,6 +118,7 @@ def _build() -> bool:
     torch.library.register_fake("ctxlab::indexer_scores")(_indexer_scores_shapes)
     torch.library.register_fake("ctxlab::rms_norm")(_same_shape)
     torch.library.register_fake("ctxlab::rope")(_rope_shapes)
+    torch.library.register_fake("ctxlab::gated_act")(_gated_act_shapes)
     torch.library.register_fake("ctxlab::sinkhorn")(_sinkhorn_shapes)
     torch.library.register_fake("ctxlab::sinkhorn_backward")(_sinkhorn_backward_shapes)
     torch.library.register_fake("ctxlab::hc_split")(_hc_split_shapes)
@@ -143,6 +147,11 @@ def _indexer_scores_shapes(q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor,
 def _same_shape(x: torch.Tensor, *args):
     """An output shaped and typed as x (contiguous): for torch.compile's tracing."""
     return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _gated_act_shapes(gate: torch.Tensor, up: torch.Tensor, activation: str, limit: float):
+    """gate, up [rows, I] -> [rows, I] contiguous: for torch.compile's tracing."""
+    return gate.new_empty(gate.shape)
 
 
 def _rope_shapes(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary_dim: int):

@@ -40,6 +40,8 @@ from .moe import Experts, routed_sum
 
 READ_DIRECTLY = ("kv_b_proj", "o_a_proj")  # MLA's absorbed path, V4's grouped output: their `.weight` is read
 MATVEC_ROWS = 8  # up to this many rows the native kernel beats F.linear on the same weights (benchmarks/linears.py)
+GEMM_COLUMNS = 2816  # bf16 products of more rows run in blocks of at most this many output columns ...
+GEMM_BLOCKS = 4  # ... where that makes at most this many blocks (column_blocked_linear)
 
 
 def packable(dtype: torch.dtype) -> bool:
@@ -85,9 +87,33 @@ def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     (a decode step) through ctxlab's native matvec, more through ``F.linear``. [..., in] -> [..., out]."""
     rows = x.numel() // x.shape[-1]
     if rows > MATVEC_ROWS:
-        return F.linear(x, weight, bias)
+        return column_blocked_linear(x, weight, bias)
     out = torch.ops.ctxlab.matvec(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)  # [rows, out]
     return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def column_blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear`` as products of at most :data:`GEMM_COLUMNS` output columns each, written into one output,
+    for weights up to :data:`GEMM_BLOCKS` such blocks wide. oneDNN's bf16 GEMM of many rows slows down on a
+    wide weight: through the wide llama's fused gate / up weight [5632, 1024], 2048 rows ran at 2.0 TFLOP/s
+    against 2.4 for its two halves (the halves are what transformers multiplies; 512 rows: the same either
+    way), while a [32000, 1024] LM head ran slower in blocks (1.09 → 0.98), so vocabulary-wide products stay
+    whole (ad hoc, alternating, 2026-12-05; ``benchmarks/linears.py --rows 2048`` times a model's mix).
+    [..., in] -> [..., out]."""
+    out_features = weight.shape[0]
+    blocks = -(-out_features // GEMM_COLUMNS)
+    if blocks == 1 or blocks > GEMM_BLOCKS:
+        return F.linear(x, weight, bias)
+    step = -(-out_features // blocks)
+    x2 = x.reshape(-1, x.shape[-1])
+    out = x2.new_empty(x2.shape[0], out_features)  # [rows, out]
+    for start in range(0, out_features, step):
+        part = slice(start, start + step)
+        if bias is None:
+            torch.mm(x2, weight[part].t(), out=out[:, part])
+        else:
+            torch.addmm(bias[part], x2, weight[part].t(), out=out[:, part])
+    return out.view(*x.shape[:-1], out_features)
 
 
 class PackedLinear(nn.Module):
