@@ -33,6 +33,8 @@ def test_bench_reports_cache_bytes_and_a_consistent_roofline(model):
     assert result["bandwidth_gb_s"] > 0 and result["peak_rss_bytes"] > 0
     assert "speedup" not in result["decode"][0]
     assert messages[0] == "copy bandwidth" and any("decode at 40" in m for m in messages)
+    prefills = [m for m in messages if m.startswith("prefill 16 tokens")]  # an untimed one first
+    assert prefills == ["prefill 16 tokens: ctxlab (warm-up)", "prefill 16 tokens: ctxlab (1/1)"]
 
 
 def test_compiled_bench_compiles_in_its_warm_up_not_in_the_timed_steps(model):

@@ -4,6 +4,9 @@ the same weights in transformers (or llama.cpp on a GGUF file) in the same run.
 
 * Bandwidth: a copy benchmark (``dst.copy_(src)`` of 256 MiB, median of 5) at the start; bytes
   moved (read + write) per second.
+* Prefill of ``P`` tokens: one untimed prefill per engine first (oneDNN creates and JIT-compiles its
+  kernels for each new product shape at first use; an MoE layer's expert batches bring new shapes), then
+  ``repeats`` timed ones, the engines alternating; tokens/s from the median.
 * Decode at context ``C``: a cache of ``C + steps`` tokens is filled with ``C`` random tokens by a
   prefill (not timed; chunks of 16,384 tokens in ctxlab, 2,048 in transformers, whose masked
   attention would otherwise materialize C × C), then ``steps`` one-token decode steps are timed; ms/token is their
@@ -205,6 +208,9 @@ def _measure(model, engines, contexts, prompts, steps, repeats, compile, say, se
     for n in prompts:
         ids = _random_ids(vocab, n, seed)
         seconds = {e.name: [] for e in engines}
+        for e in engines:
+            say(f"prefill {n} tokens: {e.name} (warm-up)")
+            e.prefill_seconds(ids)
         for r in range(repeats):
             for e in engines:
                 say(f"prefill {n} tokens: {e.name} ({r + 1}/{repeats})")
