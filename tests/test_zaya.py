@@ -7,6 +7,8 @@ every class, "skip" included, receives tokens) are compared with ctxlab in fp32,
 
 from __future__ import annotations
 
+from unittest.mock import patch
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,6 +16,7 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file
 
 import ctxlab
+from ctxlab.attention import cca
 from ctxlab.attention.cca import depthwise_conv1d, grouped_conv1d
 
 from conftest import assert_chunked_decode_matches, assert_matches_reference, assert_round_trip, randomize_
@@ -229,11 +232,15 @@ def test_report_puts_cca_beside_gqa_and_mla_of_the_same_width():
     seed=st.integers(0, 2**16),
 )
 def test_grouped_conv1d_is_the_convolution(batch, groups, in_per_group, out_per_group, kernel, extra, bias, seed):
-    """CCA's convolutions as batched matmuls (``cca.grouped_conv1d``) == ``nn.Conv1d`` (depthwise included)."""
+    """CCA's convolutions as batched matmuls on channels-last input (``cca.grouped_conv1d``) == ``nn.Conv1d``
+    (depthwise included), with windows gathered channel-major (few positions) and position-major (many)."""
     torch.manual_seed(seed)
     conv = torch.nn.Conv1d(groups * in_per_group, groups * out_per_group, kernel, groups=groups, bias=bias).double()
-    x = torch.randn(batch, groups * in_per_group, kernel + extra, dtype=torch.float64)
-    torch.testing.assert_close(grouped_conv1d(x, conv), conv(x), rtol=1e-12, atol=1e-12)
+    x = torch.randn(batch, kernel + extra, groups * in_per_group, dtype=torch.float64)  # [B, L, C]
+    expected = conv(x.mT).mT
+    torch.testing.assert_close(grouped_conv1d(x, conv), expected, rtol=1e-12, atol=1e-12)
+    with patch.object(cca, "POSITION_MAJOR_FROM", -1 if extra + 1 <= cca.POSITION_MAJOR_FROM else 10**6):
+        torch.testing.assert_close(grouped_conv1d(x, conv), expected, rtol=1e-12, atol=1e-12)  # the other order
 
 
 @settings(max_examples=30, deadline=None)
@@ -251,8 +258,9 @@ def test_depthwise_conv1d_is_the_convolution(batch, channels, kernel, extra, bia
     (float64 kept) rounded once to the input's dtype, within that dtype's rounding of the convolution."""
     torch.manual_seed(seed)
     conv = torch.nn.Conv1d(channels, channels, kernel, groups=channels, bias=bias).double()
-    x = torch.randn(batch, channels, kernel + extra, dtype=torch.float64)
+    x = torch.randn(batch, kernel + extra, channels, dtype=torch.float64)  # [B, L, C]
     out = depthwise_conv1d(x.to(dtype), conv.to(dtype))
-    assert out.dtype == dtype and out.shape == (batch, channels, extra + 1)
+    assert out.dtype == dtype and out.shape == (batch, extra + 1, channels)
     tolerance = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2}[dtype]
-    torch.testing.assert_close(out.double(), conv.double()(x.to(dtype).double()), rtol=tolerance, atol=tolerance)
+    expected = conv.double()(x.to(dtype).double().mT).mT
+    torch.testing.assert_close(out.double(), expected, rtol=tolerance, atol=tolerance)

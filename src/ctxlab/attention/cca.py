@@ -39,35 +39,48 @@ def _conv_shape(spec: LayerSpec) -> tuple[int, int]:
 
 
 def grouped_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """``conv(x)`` for a grouped ``nn.Conv1d`` (stride 1, no padding or dilation) as a block-diagonal linear
-    map of its windows (:func:`~ctxlab.nn.packing.grouped_linear`): x [B, C_in, L] -> [B, C_out, L − k + 1].
-    Each group's output is its weight [C_out/G, C_in/G·k] times the group's window; at a decode step (one
-    window) that is one native matvec over the groups, where oneDNN's convolution cost 162 µs and a batched
-    matmul 61 µs for CCA's 10 groups of 128 channels (measured); a prefill is a batched matmul."""
-    B, C, _ = x.shape
+    """``conv`` for a grouped ``nn.Conv1d`` (stride 1, no padding or dilation) on channels-last input, as a
+    block-diagonal linear map of its windows (:func:`~ctxlab.nn.packing.grouped_linear`): x [B, L, C_in] ->
+    [B, L − k + 1, C_out] (= ``conv(x.mT).mT``). Each group's output is its weight [C_out/G, C_in/G·k] times the
+    group's window. At a decode step (one window) that is one native matvec over the groups, where oneDNN's
+    convolution cost 162 µs and a batched matmul 61 µs for CCA's 10 groups of 128 channels (measured); a
+    prefill is a batched matmul. A window is gathered channel-major (the weight's own order, no copy of it)
+    for a few positions, position-major for many: runs of C_in/G channels copy as blocks, where the
+    channel-major gather of a 2048-token prefill moved k = 2 elements at a time (4.6 ms a layer, 2.3 GB/s;
+    the weight, reordered to match, is one small copy per call)."""
+    B, L, C = x.shape
     G, k, c_out = conv.groups, conv.kernel_size[0], conv.out_channels // conv.groups
-    windows = x.unfold(-1, k, 1)  # [B, C_in, T, k]
-    T = windows.shape[2]
-    windows = windows.reshape(B, G, C // G, T, k).permute(0, 3, 1, 2, 4).reshape(B, T, G, C // G * k)
-    out = grouped_linear(windows, conv.weight.view(G, c_out, -1), conv.bias)  # [B, T, C_out]
-    return out.transpose(1, 2)
+    T, width = L - k + 1, C // G
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    sb, st = x.stride(0), x.stride(1)
+    weight = conv.weight.view(G, c_out, width, k)  # [G, C_out/G, C_in/G, k]
+    if T <= POSITION_MAJOR_FROM:
+        windows = x.as_strided((B, T, G, width, k), (sb, st, width, 1, st))  # [B, T, G, C_in/G, k]
+    else:
+        windows = x.as_strided((B, T, G, k, width), (sb, st, width, st, 1))  # [B, T, G, k, C_in/G]
+        weight = weight.transpose(-1, -2)
+    windows = windows.reshape(B, T, G, width * k)
+    return grouped_linear(windows, weight.reshape(G, c_out, width * k), conv.bias)  # [B, T, C_out]
+
+
+POSITION_MAJOR_FROM = 16  # positions: grouped_conv1d's windows in position-major order above
 
 
 def depthwise_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
-    """``conv(x)`` for a depthwise ``nn.Conv1d`` (one input channel per group, stride 1, no padding or dilation):
-    x [B, C, L] -> [B, C, L − k + 1], as k multiply-adds over shifted views of x in float32 (as a bf16
-    convolution accumulates; float64 stays float64), rounded once to x's dtype. At a decode step (a few
-    columns) oneDNN's convolution costs ~75 µs for CCA's 1280 channels (~130 µs inside a step: primitive
-    setup), this a few small ops."""
+    """``conv`` for a depthwise ``nn.Conv1d`` (one input channel per group, stride 1, no padding or dilation) on
+    channels-last input: x [B, L, C] -> [B, L − k + 1, C] (= ``conv(x.mT).mT``), as k multiply-adds over shifted
+    views of x in float32 (as a bf16 convolution accumulates; float64 stays float64), rounded once to x's dtype.
+    At a decode step (a few positions) oneDNN's convolution costs ~75 µs for CCA's 1280 channels (~130 µs inside
+    a step: primitive setup), this a few small ops."""
     k = conv.kernel_size[0]
-    L = x.shape[-1] - k + 1
+    L = x.shape[1] - k + 1
     acc = torch.promote_types(x.dtype, torch.float32)
-    xf, w = x.to(acc), conv.weight.to(acc)[:, 0, :, None]  # [B, C, L + k - 1], [C, k, 1]
-    out = xf[..., :L] * w[:, 0]  # [B, C, L]
+    xf, w = x.to(acc), conv.weight.to(acc)[:, 0, :]  # [B, L + k - 1, C], [C, k]
+    out = xf[:, :L] * w[:, 0]  # [B, L, C]
     for j in range(1, k):
-        out = out.addcmul_(xf[..., j : j + L], w[:, j])
+        out = out.addcmul_(xf[:, j : j + L], w[:, j])
     if conv.bias is not None:
-        out = out.add_(conv.bias.to(acc)[:, None])
+        out = out.add_(conv.bias.to(acc))
     return out.to(x.dtype)
 
 
@@ -102,16 +115,15 @@ class CCAProjection(nn.Module):
         k_res = q_res.view(B, T, s.num_kv_heads, group, -1).mean(dim=-2)
 
         real = (ctx.positions >= 0).to(x.dtype)  # left padding contributes nothing, even through biases
-        latent = torch.cat((q_raw, k_raw), dim=-1).transpose(1, 2) * real[:, None, :]  # [B, C, T]
+        latent = torch.cat((q_raw, k_raw), dim=-1) * real[..., None]  # [B, T, C], channels last
         if layer_cache is None:  # no earlier tokens: the state is zeros
-            before = latent.new_zeros(B, latent.shape[1], self.state_columns)
+            before = latent.new_zeros(B, self.state_columns, latent.shape[-1])
         else:
-            before = layer_cache.state["conv"]
-        latent = torch.cat((before, latent), dim=-1)  # [B, C, P + T]
+            before = layer_cache.state["conv"].transpose(1, 2)  # stored [B, C, P] (HF's layout)
+        latent = torch.cat((before, latent), dim=1)  # [B, P + T, C]
         if layer_cache is not None:
-            layer_cache.state["conv"].copy_(latent[..., latent.shape[-1] - self.state_columns :])
-        convolved = grouped_conv1d(depthwise_conv1d(latent, self.conv_qk_depthwise), self.conv_qk_grouped)
-        mixed = convolved.transpose(1, 2)  # [B, T, C]
+            layer_cache.state["conv"].copy_(latent[:, latent.shape[1] - self.state_columns :].transpose(1, 2))
+        mixed = grouped_conv1d(depthwise_conv1d(latent, self.conv_qk_depthwise), self.conv_qk_grouped)  # [B, T, C]
         q = mixed[..., : q_raw.shape[-1]].view(B, T, s.num_heads, -1) + q_res
         k = mixed[..., q_raw.shape[-1] :].view(B, T, s.num_kv_heads, -1) + k_res
 
