@@ -46,7 +46,10 @@ def test_chunked_prefill_then_decode_equals_full_forward(cfg, seq, chunk, batch,
         cache = model.new_cache(batch, seq + spare)
         stepped = stepped_logits(model, ids, chunks, cache)
     assert cache.length == seq
-    assert (stepped - full).abs().max().item() <= TOL
+    # float32 roundoff grows with the logits of these random models (std 0.3): CI once drew a 4-layer MoE + PLE
+    # model whose 16 decoded steps differed from the full forward by 1.4e-4 at logits up to 3.2 (2026-12-05, the
+    # same before that day's changes); a cache bug moves logits by ~0.1 or more
+    assert (stepped - full).abs().max().item() <= TOL * max(1.0, full.abs().max().item())
 
 
 @SETTINGS
