@@ -10,8 +10,9 @@ run them close to it, in bf16 with float32 accumulation (docs/benchmarks.md):
 * ``ctxlab::indexer_scores`` (``indexer.cpp``): the lightning indexer's float32 scores of a few queries
   against every cached bf16 indexer key, read once as stored, used by :mod:`ctxlab.attention.dsa`.
 
-Three replace chains of small element-wise ops around the products (a decode step dispatches them one by one), at inference
-(no backward; under ``torch.compile`` inductor fuses those ops itself, so they run eager only):
+Three replace chains of small element-wise ops around the products (which a decode step dispatches one by
+one), at inference (no backward; under ``torch.compile`` inductor fuses those ops itself, so they run eager
+only):
 
 * ``ctxlab::rms_norm`` (``rms_norm.cpp``): an RMSNorm in one call instead of ~8 ops, used by
   :class:`ctxlab.nn.norms.RMSNorm`;
@@ -150,7 +151,7 @@ def _same_shape(x: torch.Tensor, *args):
 
 
 def _gated_act_shapes(gate: torch.Tensor, up: torch.Tensor, activation: str, limit: float):
-    """gate, up [rows, I] -> [rows, I] contiguous: for torch.compile's tracing."""
+    """gate, up [..., I] -> [..., I] contiguous: for torch.compile's tracing."""
     return gate.new_empty(gate.shape)
 
 

@@ -38,6 +38,9 @@ def _conv_shape(spec: LayerSpec) -> tuple[int, int]:
     return (spec.num_heads + spec.num_kv_heads) * spec.head_dim, (k0 - 1) + (k1 - 1)
 
 
+POSITION_MAJOR_FROM = 16  # grouped_conv1d gathers its windows position-major for more positions than this
+
+
 def grouped_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
     """``conv`` for a grouped ``nn.Conv1d`` (stride 1, no padding or dilation) on channels-last input, as a
     block-diagonal linear map of its windows (:func:`~ctxlab.nn.packing.grouped_linear`): x [B, L, C_in] ->
@@ -61,9 +64,6 @@ def grouped_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
         weight = weight.transpose(-1, -2)
     windows = windows.reshape(B, T, G, width * k)
     return grouped_linear(windows, weight.reshape(G, c_out, width * k), conv.bias)  # [B, T, C_out]
-
-
-POSITION_MAJOR_FROM = 16  # positions: grouped_conv1d's windows in position-major order above
 
 
 def depthwise_conv1d(x: torch.Tensor, conv: nn.Conv1d) -> torch.Tensor:
