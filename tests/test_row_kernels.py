@@ -103,6 +103,7 @@ def test_rope_kernel_equals_the_pytorch_ops_bit_for_bit(
     seed=st.integers(0, 2**16),
 )
 @example(rows=1, width=2816, activation="silu", limit=None, layout="halves", scale=1.0, seed=0)  # a decode step
+@example(rows=1, width=3, activation="gelu_tanh", limit=None, layout="contiguous", scale=60.0, seed=3)  # 1 in 9 differs
 def test_gated_act_kernel_equals_the_pytorch_ops(rows, width, activation, limit, layout, scale, seed):
     gen = torch.Generator().manual_seed(seed)
     act = torch.nn.functional.silu if activation == "silu" else gelu_tanh
@@ -118,10 +119,10 @@ def test_gated_act_kernel_equals_the_pytorch_ops(rows, width, activation, limit,
     differs = (out.float() - expected.float()).abs() > 1e-30  # below: exp's underflow, handled differently
     if activation == "silu":  # σ from another exp than PyTorch's: equal after the rounding to bf16 but rarely
         torch.testing.assert_close(out, expected, atol=1e-30, rtol=2**-8)
-        assert differs.float().mean() <= 0.01
-    else:  # 1 + tanh z cancels for negative inputs in both: outputs near zero differ in absolute terms only
+        assert differs.sum() <= 1 + 0.01 * differs.numel()
+    else:  # 1 + tanh z cancels for gate < -3 in both (< 3e-3): only there outputs differ, in absolute terms only
         torch.testing.assert_close(out, expected, atol=2e-5 * max(scale, 1.0), rtol=2**-7)
-        assert differs.float().mean() <= 0.08
+        assert not differs[gate.float() > -3].any()
 
 
 @needs_kernel
