@@ -62,7 +62,7 @@ def test_rms_norm_kernel_equals_the_module(rows, dim, dtype, weighted, scale, se
         torch.testing.assert_close(out, expected, rtol=4e-7, atol=0)
     else:  # ... which moves a bf16 rounding by one ulp where x·r sits at a rounding boundary, rarely
         ulps = bf16_ulps(out, expected)
-        assert ulps.max() <= 1.0 and (ulps > 0).float().mean() <= 0.02
+        assert ulps.max() <= 1.0 and (ulps > 0).sum() <= 1 + 0.02 * ulps.numel()  # rare: not a fraction of a few
 
 
 @needs_kernel
