@@ -358,6 +358,8 @@ class SparseMoE(nn.Module):
     def forward(self, x: torch.Tensor, ctx=None) -> torch.Tensor:  # [B, T, H] -> [B, T, H]
         flat = x.reshape(-1, x.shape[-1])
         index, weight = self.gate(flat, ctx)
+        # Not torch.add(shared, routed, alpha=routed_scaling) in one pass: torch 2.13's inductor drops add's alpha
+        # when an input is a matmul's output (compiled decode of the tiny Laguna was off by 1e-2; 2026-12-05).
         out = self.experts(flat, index, weight) * self.routed_scaling
         if self.shared_experts is not None:
             out = out + self.shared_experts(flat)
