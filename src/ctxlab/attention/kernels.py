@@ -117,21 +117,36 @@ def sliding_causal_attention(
     (HF's sliding-window mask), computed in bands: each ``block`` of queries attends only to the
     ``window - 1 + block`` keys it can see. A [T, T] mask would make the kernel score every pair
     (T² work, the band T · (window + block)): at T = 2048, window 512 one layer is ~2.6× faster,
-    at T = 8192 ~9× (one thread, bf16). q [B, H_q, T, D], k [B, H_kv, T, D], v [B, H_kv, T, Dv]
-    -> [B, H_q, T, Dv]."""
+    at T = 8192 ~9× (one thread, bf16). Every band whose keys start ``window - 1`` before its first query
+    has the same mask, built once per call as the kernel takes it (additive, q's dtype) and sliced for a
+    short last band; only the first bands, whose keys start at 0, build their own.
+    q [B, H_q, T, D], k [B, H_kv, T, D], v [B, H_kv, T, Dv] -> [B, H_q, T, Dv]."""
     T, gqa = q.shape[2], q.shape[1] != k.shape[1]
+    steady = None  # [block, window - 1 + block]: query i sees keys i .. i + window - 1
     bands = []
     for start in range(0, T, block):
         end = min(start + block, T)
         first = max(0, start - window + 1)  # the oldest key any query of the band sees
         if start == 0 and end <= window:  # the band is its own keys, all in the window: plain causal
             mask, causal = None, True
-        else:
-            q_pos = torch.arange(start, end, device=q.device)[:, None]
-            k_pos = torch.arange(first, end, device=q.device)[None, :]
-            mask, causal = (k_pos <= q_pos) & (q_pos - k_pos < window), False  # [block, keys]
+        elif first > 0:
+            if steady is None:  # the pattern of every such band: queries window - 1 .. against keys 0 ..
+                steady = _band_mask(window - 1, window - 1 + block, 0, window - 1 + block, window, q)
+            mask, causal = steady[: end - start, : window - 1 + end - start], False
+        else:  # keys from 0
+            mask, causal = _band_mask(start, end, 0, end, window, q), False
         qb, kb, vb = q[:, :, start:end], k[:, :, first:end], v[:, :, first:end]
         bands.append(
             F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, is_causal=causal, scale=scale, enable_gqa=gqa)
         )
     return torch.cat(bands, dim=2)
+
+
+def _band_mask(q_start: int, q_end: int, k_start: int, k_end: int, window: int, q: torch.Tensor) -> torch.Tensor:
+    """Additive mask [q_end - q_start, k_end - k_start] of query positions q_start .. q_end - 1 against key
+    positions k_start .. k_end - 1, in q's dtype and device: 0 where the key is at most the query and within
+    ``window`` of it, -inf elsewhere (what SDPA makes of a boolean mask at every call)."""
+    q_pos = torch.arange(q_start, q_end, device=q.device)[:, None]
+    k_pos = torch.arange(k_start, k_end, device=q.device)[None, :]
+    allowed = (k_pos <= q_pos) & (q_pos - k_pos < window)
+    return torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
