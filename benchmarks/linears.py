@@ -61,7 +61,7 @@ def main(argv=None) -> int:
         ]
     elif native.available():
         variants["ctxlab::matvec (PyTorch's layout)"] = lambda: [
-            torch.ops.ctxlab.matvec(inputs[w.shape[1]], w, None) for w in weights
+            torch.ops.ctxlab.matvec(inputs[w.shape[1]], w, None, 1) for w in weights
         ]
     else:
         print("ctxlab's native kernels: off (no AVX512-BF16 CPU, no compiler, or CTXLAB_NATIVE_KERNELS=0)")

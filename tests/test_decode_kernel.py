@@ -244,4 +244,4 @@ def test_flop_counter_counts_the_kernels_as_the_products_they_replace():
     sdpa = flops(lambda: F.scaled_dot_product_attention(torch.cat([q, q2], -1).view(1, 6, 1, 96), *expanded))
     assert flops(lambda: torch.ops.ctxlab.decode_attention(q, k, v, 0.1, q2, k2)) == sdpa
     x, w = torch.randn(3, 64).bfloat16(), torch.randn(40, 64).bfloat16()
-    assert flops(lambda: torch.ops.ctxlab.matvec(x, w, None)) == flops(lambda: F.linear(x, w)) > 0
+    assert flops(lambda: torch.ops.ctxlab.matvec(x, w, None, 1)) == flops(lambda: F.linear(x, w)) > 0

@@ -42,7 +42,7 @@ def test_kernel_is_the_product_within_one_bf16_rounding(rows, inputs, outputs, r
     x = torch.randn(rows, inputs, generator=gen).bfloat16()
     w = torch.randn(outputs, inputs + row_padding, generator=gen).bfloat16()[:, :inputs]
     b = torch.randn(outputs, generator=gen).bfloat16() if with_bias else None
-    out = torch.ops.ctxlab.matvec(x, w, b)
+    out = torch.ops.ctxlab.matvec(x, w, b, 1)
     expected = x.double() @ w.double().T + (0 if b is None else b.double())
     assert out.shape == (rows, outputs) and out.dtype == torch.bfloat16
     # rounding to bf16 (half an ulp: 2^-8 relative) plus float32 accumulation over the products' magnitudes

@@ -190,3 +190,15 @@ def test_kernels_refuse_what_they_cannot_take():
         torch.ops.ctxlab.gated_act(x, x, "relu", 1.0)
     with pytest.raises(RuntimeError, match="limit must be positive"):
         torch.ops.ctxlab.gated_act(x, x, "silu", 0.0)
+
+
+@needs_kernel
+def test_native_op_schemas_take_every_argument_explicitly():
+    """The compiled decode step's C++ wrapper (``generate.compiled_decode_step``: Inductor's ``cpp_wrapper``) calls
+    each custom op through the dispatcher with the arguments the traced call gave: one given by a schema default
+    and left out there fails at run time. No ctxlab op has defaults, so every call site names every argument."""
+    defaults = {
+        name: [a.name for a in getattr(torch.ops.ctxlab, name).default._schema.arguments if a.has_default_value()]
+        for name in native.OUTPUT_SHAPES  # every native op
+    }
+    assert not {name: args for name, args in defaults.items() if args}

@@ -109,6 +109,13 @@ def compiled_decode_step(model: CausalLM):
     per kind, not per position: ``Compressor._step``), and Dynamo's specialization of sizes 0 and 1
     (a layer's first and second compressed entries). On CPU, Inductor needs a C++ compiler and the
     warm-up takes tens of seconds on 2 cores, minutes per graph for the ~150M-parameter models.
+
+    The graph's wrapper, the code that calls its kernels and extern ops in turn, is generated as C++
+    (Inductor's ``cpp_wrapper``) rather than Python: a step runs ~300 such calls, each ~2-7 µs of Python
+    otherwise. Measured alternating in one process (docs/benchmarks.md, "The compiled step's wrapper in
+    C++"): SmolLM2-135M int4 9.27 → 8.77 ms a token, the ~150M llama 11.87 → 11.66 ms at 512 tokens of
+    context, for ~10% more warm-up (24.4 → 26.8 s). It calls ctxlab's native ops through the dispatcher
+    with the traced arguments, so their schemas have no defaults (``tests/test_row_kernels.py``).
     """
     opaque = onednn_packed(model)
     if opaque:
@@ -122,7 +129,7 @@ def compiled_decode_step(model: CausalLM):
         # every model shares the one code object of _decode_logits, and Dynamo's recompile limit
         # (8) counts graphs per code object: each compiled model uses about two, some more
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        fn = torch.compile(_decode_logits, fullgraph=True, dynamic=True)
+        fn = torch.compile(_decode_logits, fullgraph=True, dynamic=True, options={"cpp_wrapper": True})
         model.__dict__["_compiled_decode"] = fn  # a plain attribute, not a submodule or parameter
     return torch.no_grad()(fn)
 

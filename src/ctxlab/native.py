@@ -114,28 +114,18 @@ def _build() -> bool:
     except Exception as error:  # noqa: BLE001 (no compiler, no headers, ...): PyTorch's kernels still work
         warnings.warn(f"ctxlab's native kernels did not build, using PyTorch's ({error})", stacklevel=2)
         return False
-    torch.library.register_fake("ctxlab::decode_attention")(_decode_attention_shapes)
-    torch.library.register_fake("ctxlab::matvec")(_matvec_shapes)
-    torch.library.register_fake("ctxlab::indexer_scores")(_indexer_scores_shapes)
-    torch.library.register_fake("ctxlab::rms_norm")(_same_shape)
-    torch.library.register_fake("ctxlab::rope")(_rope_shapes)
-    torch.library.register_fake("ctxlab::gated_act")(_gated_act_shapes)
-    torch.library.register_fake("ctxlab::sinkhorn")(_sinkhorn_shapes)
-    torch.library.register_fake("ctxlab::sinkhorn_backward")(_sinkhorn_backward_shapes)
-    torch.library.register_fake("ctxlab::hc_split")(_hc_split_shapes)
-    torch.library.register_fake("ctxlab::hc_merge")(_hc_merge_shapes)
-    torch.library.register_fake("ctxlab::hc_split_backward")(_hc_split_backward_shapes)
-    torch.library.register_fake("ctxlab::hc_merge_backward")(_hc_merge_backward_shapes)
+    for name, shapes in OUTPUT_SHAPES.items():
+        torch.library.register_fake(f"ctxlab::{name}")(shapes)
     _register_flop_formulas()
     return True
 
 
-def _decode_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q2=None, k2=None):
+def _decode_attention_shapes(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, q2, k2):
     """out [B, H, G, Dv] (q's dtype), lse [B, H, G] float32: for torch.compile's tracing."""
     return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-def _matvec_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int = 1):
+def _matvec_shapes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, groups: int):
     """x [M, groups·K], weight [N, K] -> [M, N]: for torch.compile's tracing."""
     return x.new_empty(x.shape[0], weight.shape[0])
 
@@ -198,6 +188,22 @@ def _hc_merge_backward_shapes(x, y, post, comb, g):
 def _hc_merge_shapes(x: torch.Tensor, y: torch.Tensor, post: torch.Tensor, comb: torch.Tensor):
     """x [..., n, H] -> X' [..., n, H] (x's dtype): for torch.compile's tracing."""
     return torch.empty_like(x)
+
+
+OUTPUT_SHAPES = {  # every native op, and its output shapes for torch.compile's tracing (registered as its fake)
+    "decode_attention": _decode_attention_shapes,
+    "matvec": _matvec_shapes,
+    "indexer_scores": _indexer_scores_shapes,
+    "rms_norm": _same_shape,
+    "rope": _rope_shapes,
+    "gated_act": _gated_act_shapes,
+    "sinkhorn": _sinkhorn_shapes,
+    "sinkhorn_backward": _sinkhorn_backward_shapes,
+    "hc_split": _hc_split_shapes,
+    "hc_merge": _hc_merge_shapes,
+    "hc_split_backward": _hc_split_backward_shapes,
+    "hc_merge_backward": _hc_merge_backward_shapes,
+}
 
 
 def _register_flop_formulas() -> None:

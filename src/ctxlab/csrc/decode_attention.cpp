@@ -233,7 +233,7 @@ std::tuple<at::Tensor, at::Tensor> decode_attention(const at::Tensor& q, const a
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(ctxlab, m) {
-  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? q2=None, Tensor? k2=None) -> (Tensor, Tensor)");
+  m.def("decode_attention(Tensor q, Tensor k, Tensor v, float scale, Tensor? q2, Tensor? k2) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(ctxlab, CPU, m) { m.impl("decode_attention", &decode_attention); }

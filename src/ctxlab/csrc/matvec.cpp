@@ -105,6 +105,6 @@ at::Tensor matvec(const at::Tensor& x, const at::Tensor& w, const std::optional<
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(ctxlab, m) { m.def("matvec(Tensor x, Tensor w, Tensor? bias, int groups=1) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(ctxlab, m) { m.def("matvec(Tensor x, Tensor w, Tensor? bias, int groups) -> Tensor"); }
 
 TORCH_LIBRARY_IMPL(ctxlab, CPU, m) { m.impl("matvec", &matvec); }

@@ -88,7 +88,7 @@ def native_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     rows = x.numel() // x.shape[-1]
     if rows > MATVEC_ROWS:
         return column_blocked_linear(x, weight, bias)
-    out = torch.ops.ctxlab.matvec(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias)  # [rows, out]
+    out = torch.ops.ctxlab.matvec(x.reshape(rows, x.shape[-1]).contiguous(), weight, bias, 1)  # [rows, out]
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
