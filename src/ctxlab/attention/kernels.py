@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import decode_kernel
+from .context import attention_mask
 
 
 def grouped_attention(
@@ -95,7 +96,7 @@ def attention_with_sinks(
     B, H, T, D = q.shape
     mask = None
     if allowed is not None:  # the kernel takes an additive mask of the query's dtype
-        mask = torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+        mask = additive(allowed, q.dtype)
     if T == 1 and decode_kernel.applies(q.reshape(B, 1, H, D), kv, kv, mask):  # decode, every key attended
         out, lse = decode_kernel.decode_attention(q.reshape(B, 1, H, D), kv, kv, scale)
     elif T == 1:  # decode: the heads folded into the query axis, [B, 1, H, D]; the mask broadcasts over them
@@ -143,10 +144,14 @@ def sliding_causal_attention(
 
 
 def _band_mask(q_start: int, q_end: int, k_start: int, k_end: int, window: int, q: torch.Tensor) -> torch.Tensor:
-    """Additive mask [q_end - q_start, k_end - k_start] of query positions q_start .. q_end - 1 against key
-    positions k_start .. k_end - 1, in q's dtype and device: 0 where the key is at most the query and within
-    ``window`` of it, -inf elsewhere (what SDPA makes of a boolean mask at every call)."""
-    q_pos = torch.arange(q_start, q_end, device=q.device)[:, None]
-    k_pos = torch.arange(k_start, k_end, device=q.device)[None, :]
-    allowed = (k_pos <= q_pos) & (q_pos - k_pos < window)
-    return torch.zeros(allowed.shape, dtype=q.dtype, device=q.device).masked_fill_(~allowed, float("-inf"))
+    """:func:`~ctxlab.attention.context.attention_mask` of query positions q_start .. q_end - 1 against key
+    positions k_start .. k_end - 1, additive in q's dtype and device (what SDPA makes of a boolean mask at
+    every call) -> [q_end - q_start, k_end - k_start]."""
+    q_pos = torch.arange(q_start, q_end, device=q.device)[None]
+    k_pos = torch.arange(k_start, k_end, device=q.device)[None]
+    return additive(attention_mask(q_pos, k_pos, window)[0, 0], q.dtype)
+
+
+def additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean mask (True = attend) as the flash kernel takes it: 0 where allowed, -inf elsewhere."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
