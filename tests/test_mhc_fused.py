@@ -10,6 +10,7 @@ against numerical derivatives, independently of the reference.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -213,3 +214,61 @@ def test_bfloat16_residual_follows_the_reference():
 def test_unknown_impl_is_a_clear_error():
     with pytest.raises(ValueError, match=r"hc impl = 'triton'.*'fused', 'reference'"):
         set_hc_impl(torch.nn.Sequential(), "triton")
+
+
+@pytest.mark.parametrize("native_kernels", [True, False], ids=["native", "pytorch-ops"])
+def test_second_order_gradients_are_refused_on_the_fused_path_and_right_on_the_reference(native_kernels):
+    """The fused backwards are not differentiable themselves: create_graph=True (a gradient penalty) must
+    raise there, not return a constant-folded second-order gradient; the reference path gives the true one."""
+    module = Connection(16, 4, "mild")
+    x = torch.randn(2, 3, 4, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+
+    def penalty_grad(m: Connection, x: torch.Tensor) -> torch.Tensor:
+        x = x.clone().requires_grad_(True)
+        streams, head = m(x)
+        (g,) = torch.autograd.grad(streams.sum() + head.square().sum(), x, create_graph=True)
+        return torch.autograd.grad(g.square().sum(), m.hc.fn)[0]
+
+    blocks = contextlib.nullcontext() if native_kernels else mhc_fused.pytorch_ops()
+    with blocks, pytest.raises(RuntimeError, match=r"first-order gradients only.*set_hc_impl\(model, 'reference'\)"):
+        penalty_grad(module.double(), x)
+    # the reference against central differences of its first-order gradient (its mixing weights are float32
+    # even in a float64 model, so the step is large: 1e-2 is within 1e-5 relative of the limit here)
+    reference = reference_copy(module).double()
+    got = penalty_grad(reference, x)
+    with torch.no_grad():
+        fn, step, i = reference.hc.fn, 1e-2, (3, 5)
+        fn[i] += step
+        up = torch.autograd.grad(*_loss_and_x(reference, x))[0].square().sum()
+        fn[i] -= 2 * step
+        down = torch.autograd.grad(*_loss_and_x(reference, x))[0].square().sum()
+        fn[i] += step
+    torch.testing.assert_close(got[i], (up - down) / (2 * step), atol=0.0, rtol=1e-4)
+
+
+def _loss_and_x(m: Connection, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.enable_grad():
+        x = x.clone().requires_grad_(True)
+        streams, head = m(x)
+        return streams.sum() + head.square().sum(), x
+
+
+def test_a_batch_of_no_tokens_trains_on_the_fused_path():
+    """Zero tokens: empty outputs and zero parameter gradients, as on the reference path."""
+    module = Connection(16, 4, "mild")
+    x = torch.randn(2, 0, 4, 16)
+    got = outputs_and_grads(module, x)
+    assert got["streams"].shape == (2, 0, 4, 16) and got["head"].shape == (2, 0, 16)
+    assert_all_close(got, outputs_and_grads(reference_copy(module), x))
+
+
+def test_a_wider_branch_promotes_the_merge_as_the_reference_does():
+    """A bf16 stream merged with a float32 branch gives float32 streams on both paths (type promotion)."""
+    hc = HyperConnection(16, 4, 20, 1e-6, 1e-6)
+    x = torch.randn(2, 3, 4, 16, generator=torch.Generator().manual_seed(4)).bfloat16()
+    branch = torch.randn(2, 3, 16, generator=torch.Generator().manual_seed(5))
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            outs = [m.merge(x, branch, m.split(x)[1]) for m in (hc, reference_copy(hc))]
+        assert [o.dtype for o in outs] == [torch.float32, torch.float32]
+        torch.testing.assert_close(outs[0], outs[1], atol=2e-2, rtol=2e-2)

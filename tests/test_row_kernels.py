@@ -98,12 +98,14 @@ def test_rope_kernel_equals_the_pytorch_ops_bit_for_bit(
     width=st.integers(1, 300),
     activation=st.sampled_from(["silu", "gelu_tanh"]),
     limit=st.sampled_from([None, 0.5, 7.0]),
-    layout=st.sampled_from(["halves", "contiguous", "uneven"]),
+    layout=st.sampled_from(["halves", "contiguous", "uneven", "size-1 dim between", "size-1 dim moved"]),
     scale=st.sampled_from([1e-2, 1.0, 4.0, 60.0]),
     seed=st.integers(0, 2**16),
 )
 @example(rows=1, width=2816, activation="silu", limit=None, layout="halves", scale=1.0, seed=0)  # a decode step
 @example(rows=1, width=3, activation="gelu_tanh", limit=None, layout="contiguous", scale=60.0, seed=3)  # 1 in 9 differs
+@example(rows=3, width=32, activation="silu", limit=None, layout="size-1 dim between", scale=1.0, seed=0)
+@example(rows=3, width=32, activation="silu", limit=None, layout="size-1 dim moved", scale=1.0, seed=0)
 def test_gated_act_kernel_equals_the_pytorch_ops(rows, width, activation, limit, layout, scale, seed):
     gen = torch.Generator().manual_seed(seed)
     act = torch.nn.functional.silu if activation == "silu" else gelu_tanh
@@ -111,8 +113,13 @@ def test_gated_act_kernel_equals_the_pytorch_ops(rows, width, activation, limit,
         gate, up = (torch.randn(rows, 2 * width, generator=gen) * scale).bfloat16().chunk(2, dim=-1)
     elif layout == "contiguous":
         gate, up = (torch.randn(2, 3, rows, width, generator=gen) * scale).bfloat16().unbind(0)
-    else:  # rows not evenly spaced (a slice of a slice): the kernel copies them first
+    elif layout == "uneven":  # rows not evenly spaced (a slice of a slice): the kernel copies them first
         gate, up = (torch.randn(2, 3, rows + 1, width + 2, generator=gen) * scale).bfloat16()[:, :, 1:, 1:-1].unbind(0)
+    elif layout == "size-1 dim between":  # [3, 1, rows, I] halves of a sliced [3, 1, rows + 1, 2I]: 3 uneven blocks
+        base = (torch.randn(3, 1, rows + 1, 2 * width, generator=gen) * scale).bfloat16()
+        gate, up = base[:, :, :rows].chunk(2, dim=-1)
+    else:  # [rows, 1, I] from a transpose, contiguous, its size-1 dim's stride rows·I
+        gate, up = (torch.randn(2, 1, rows, width, generator=gen) * scale).bfloat16().transpose(1, 2).unbind(0)
     out = torch.ops.ctxlab.gated_act(gate, up, activation, float("inf") if limit is None else limit)
     expected = pytorch_gated(act, gate, up, limit)
     assert out.shape == gate.shape and out.dtype == torch.bfloat16 and out.is_contiguous()

@@ -62,13 +62,16 @@ void gated_row(const bf16* gate, const bf16* up, int64_t I, float limit, bf16* o
 }
 
 // The stride between consecutive rows of x [..., I] when its rows are evenly spaced (any leading shape that
-// a view could flatten to [rows, I]), else -1.
+// a view could flatten to [rows, I]), else -1. Dims of size 1 take no step, whatever stride they carry.
 int64_t row_stride(const at::Tensor& x) {
-  if (x.dim() < 2) return x.size(-1);
-  const int64_t step = x.stride(-2);
-  for (int64_t d = x.dim() - 3; d >= 0; --d)
-    if (x.size(d) != 1 && x.stride(d) != x.stride(d + 1) * x.size(d + 1)) return -1;
-  return step;
+  int64_t step = -1, next = 0;  // the innermost leading dim's stride; the stride the next one must have
+  for (int64_t d = x.dim() - 2; d >= 0; --d) {
+    if (x.size(d) == 1) continue;
+    if (step < 0) step = x.stride(d);
+    else if (x.stride(d) != next) return -1;
+    next = x.stride(d) * x.size(d);
+  }
+  return step < 0 ? x.size(-1) : step;  // one row (or none): any step reads it
 }
 
 // x itself when its rows are evenly spaced with contiguous elements, else a contiguous copy.

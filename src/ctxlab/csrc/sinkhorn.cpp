@@ -63,7 +63,7 @@ void normalise(__m512* m, int64_t n, int axis, __m512 eps, __m512* r) {
 void check(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.dim() == 3 && t.size(0) == t.size(1), "sinkhorn: ", name, " must be [n, n, N], got ", t.sizes());
   TORCH_CHECK(t.scalar_type() == at::kFloat, "sinkhorn: ", name, " must be float32, got ", t.scalar_type());
-  TORCH_CHECK(t.stride(2) == 1 || t.size(2) == 1, "sinkhorn: ", name, " must have tokens last (stride 1), got strides ", t.strides());
+  TORCH_CHECK(t.stride(2) == 1 || t.size(2) <= 1, "sinkhorn: ", name, " must have tokens last (stride 1), got strides ", t.strides());
   TORCH_CHECK(t.size(0) <= MAX_STREAMS, "sinkhorn: n = ", t.size(0), " streams, at most ", MAX_STREAMS);
 }
 

@@ -35,11 +35,17 @@ parameter's gradient to 1e-5 in float32; at very sharp mixing logits, where floa
 resolves a few 1e-5, both paths to the float64 reference within 1e-4). Mixing weights are computed
 in float32 whatever the residual's dtype; the collapse is float32 then cast; the mix runs in the
 residual's dtype — as the reference and HF ``DeepseekV4HyperConnection`` do.
+
+Gradients are first-order: the backwards recompute from saved numbers (or run native kernels) that
+autograd cannot differentiate again, so a second-order gradient through them (``create_graph=True``,
+e.g. a gradient penalty) raises (:func:`first_order`); the reference path (``set_hc_impl(model,
+"reference")``) differentiates twice.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +83,24 @@ def _native_kernels_take(t: torch.Tensor, streams: int, dtypes: tuple[torch.dtyp
         and streams <= native.SINKHORN_MAX_STREAMS
         and native.available()
     )
+
+
+def first_order(backward):
+    """Refuses ``create_graph=True`` in an autograd Function's ``backward`` that is not differentiable itself:
+    autograd would otherwise take its result as a constant and return a wrong second-order gradient (or none).
+    ``torch.autograd.function.once_differentiable`` raises only where the incoming gradients require grad,
+    which a gradient penalty's do not."""
+
+    @functools.wraps(backward)
+    def checked(ctx, *grads):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():  # grad mode in a backward: create_graph
+            raise RuntimeError(
+                "mHC's fused path has first-order gradients only, and create_graph=True asks for more: "
+                "run the model's connections on the reference path, ctxlab.nn.residual.set_hc_impl(model, 'reference')"
+            )
+        return backward(ctx, *grads)
+
+    return checked
 
 
 def _runs_natively(logits: torch.Tensor) -> bool:
@@ -153,6 +177,7 @@ class Sinkhorn(torch.autograd.Function):
         return sinkhorn_forward(logits, iters, eps)
 
     @staticmethod
+    @first_order
     def backward(ctx, grad: torch.Tensor):
         (logits,) = ctx.saved_tensors
         return sinkhorn_backward(grad, logits, ctx.iters, ctx.eps), None, None
@@ -202,6 +227,7 @@ class HyperSplit(torch.autograd.Function):
         return u, (2 * s[n:]).t(), comb.permute(2, 0, 1)
 
     @staticmethod
+    @first_order
     def backward(ctx, g_u, g_post=None, g_comb=None):
         x, fn, inv_rms, raw, gains, s, pre, comb_logits = ctx.saved_tensors
         N, n, H = ctx.shape
@@ -254,6 +280,7 @@ class NativeHyperSplit(torch.autograd.Function):
         return (u, post, comb, x.view_as(x)) if mix_weights else u
 
     @staticmethod
+    @first_order
     def backward(ctx, g_u, g_post=None, g_comb=None, g_stream=None):
         x, fn, base, scale, mix, inv_rms = ctx.saved_tensors
         N, n, _ = x.shape
@@ -311,6 +338,7 @@ class NativeHyperMerge(torch.autograd.Function):
         return torch.ops.ctxlab.hc_merge(x, y, post, comb)
 
     @staticmethod
+    @first_order
     def backward(ctx, g):
         return torch.ops.ctxlab.hc_merge_backward(*ctx.saved_tensors, g.contiguous())
 
@@ -403,7 +431,9 @@ def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, ...
     if _trains_natively(x) and branch.dtype == x.dtype:
         post, comb = (m.float().reshape(B * T, *m.shape[2:]).contiguous() for m in (post, comb))
         return NativeHyperMerge.apply(x3.contiguous(), y.contiguous(), post, comb).view(B, T, n, H)
-    post, comb = (m.to(x.dtype).reshape(B * T, *m.shape[2:]) for m in (post, comb))
+    dtype = torch.promote_types(x.dtype, branch.dtype)  # as the reference's broadcasts promote a wider branch
+    x3, y = x3.to(dtype), y.to(dtype)
+    post, comb = (m.to(dtype).reshape(B * T, *m.shape[2:]) for m in (post, comb))
     mix = _mix_traceable if torch.compiler.is_compiling() else HyperMerge.apply
     return mix(x3, y, post, comb).view(B, T, n, H)
 
