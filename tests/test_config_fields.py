@@ -87,6 +87,22 @@ def test_rope_parameter_of_the_wrong_type_names_it(tmp_path):
     assert "full_attention = 3" in problem and "JSON object" in problem
 
 
+def test_a_partial_rotary_factor_with_scaled_rope_is_refused_where_the_family_turns_the_whole_head(tmp_path):
+    """Llama / Qwen3 drop the factor with the default RoPE, as transformers does (tests/test_hf_parity.py), and
+    refuse it with a scaled one, on which transformers fails."""
+    for family in ("tiny-llama", "tiny-qwen3-sliding"):
+        d = CONFIGS[family]
+        rope = {"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0, "partial_rotary_factor": 0.5}
+        (problem,) = problems(tmp_path, {**d, "rope_parameters": rope})
+        assert "partial_rotary_factor = 0.5 with rope_type 'linear'" in problem and "whole head" in problem
+
+
+def test_an_indexer_narrower_than_its_rotary_dims_is_refused(tmp_path):
+    for family in ("deepseek_v32", "deepseek_v4"):
+        (problem, *_) = problems(tmp_path, {**CONFIGS[family], "index_head_dim": 8})
+        assert "indexer.head_dim = 8 (HF index_head_dim): must be at least the rotary dims" in problem, family
+
+
 def test_zero_layers_names_num_hidden_layers(tmp_path):
     for family, d in CONFIGS.items():
         (problem,) = problems(tmp_path, {**d, "num_hidden_layers": 0})

@@ -88,6 +88,14 @@ CASES = {
         hf, num_key_value_heads=1, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 2.0}
     ),
     "qwen3-sliding-yarn": lambda hf: tiny_qwen3(hf),
+    # keys transformers' Llama / Qwen3 keep in the config but do not act on: the whole head rotates, Qwen3's MLP
+    # has no biases
+    "llama-partial-rotary-factor-unused": lambda hf: tiny_llama(
+        hf, rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, partial_rotary_factor=0.5
+    ),
+    "qwen3-partial-rotary-factor-and-mlp-bias-unused": lambda hf: tiny_qwen3(
+        hf, rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}, mlp_bias=True
+    ),
     "qwen3-all-sliding-untied": lambda hf: tiny_qwen3(
         hf,
         layer_types=["sliding_attention"] * 4,

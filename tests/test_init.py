@@ -7,8 +7,10 @@ import pytest
 import torch
 
 import ctxlab
+from ctxlab import init
 from ctxlab.init import BUILTIN_INIT
 from ctxlab.io.config_file import config_from_dict
+from ctxlab.reporting.measure import tiny_like
 from test_config_fields import CONFIGS
 
 
@@ -66,6 +68,28 @@ def test_bfloat16_build_is_the_float32_build_rounded_and_keeps_declared_tensors_
             assert t.dtype == torch.bfloat16 and torch.equal(t, full[name].bfloat16()), name
         else:
             assert torch.equal(t, full[name]), name
+
+
+@pytest.mark.parametrize("hidden, vocab", [(136, 203), (40, 97)])
+def test_bfloat16_build_is_the_float32_build_rounded_at_sizes_not_a_multiple_of_16(hidden, vocab):
+    """PyTorch's normal sampler takes another path for bfloat16 tensors whose size is not a multiple of 16
+    (its stream then differs for every later tensor): ctxlab draws in float32 whatever the dtype."""
+    cfg = tiny_like(ctxlab.load_config("llama-3-8b"), hidden=hidden, vocab=vocab)
+    full = ctxlab.build_model(cfg, seed=2).state_dict()
+    for name, t in ctxlab.build_model(cfg, dtype="bfloat16", seed=2).state_dict().items():
+        assert torch.equal(t, full[name].bfloat16()), name
+
+
+def test_large_tensors_are_drawn_in_chunks_with_the_same_values_in_every_dtype(monkeypatch):
+    monkeypatch.setattr(init, "DRAW_CHUNK", 48)  # 100 elements: chunks of 48, 48, 4
+    values = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        t = torch.empty(10, 10, dtype=dtype)
+        init.normal_(t, torch.Generator().manual_seed(5), 1.0)
+        values[dtype] = t
+    assert torch.equal(values[torch.bfloat16], values[torch.float32].bfloat16())
+    assert values[torch.float32].std() > 0.5  # drawn, every chunk
+    assert (values[torch.float32].view(-1)[96:] != 0).all()
 
 
 def fp32_names(model):

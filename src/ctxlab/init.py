@@ -22,9 +22,21 @@ from torch import nn
 
 from . import progress
 
+DRAW_CHUNK = 1 << 26  # elements drawn per call: a 256 MB float32 buffer at most
+
 
 def normal_(t: torch.Tensor, generator: torch.Generator | None, std: float) -> None:
-    t.normal_(0.0, std, generator=generator)
+    """normal(0, std) into t, drawn in float32 whatever t's dtype, so one seed gives the same weights in every
+    dtype (bfloat16 ones are the float32 ones rounded): PyTorch's sampler takes another path for bfloat16 on
+    sizes that are not a multiple of 16, and the generator's stream then differs for every later tensor. Drawn
+    ``DRAW_CHUNK`` elements at a time, so a low-precision model never holds a float32 copy of a large weight."""
+    flat = t.view(-1)  # parameters and buffers are contiguous
+    for start in range(0, flat.numel(), DRAW_CHUNK):
+        part = flat[start : start + DRAW_CHUNK]
+        if part.dtype == torch.float32:
+            part.normal_(0.0, std, generator=generator)
+        else:
+            part.copy_(torch.empty(part.shape, dtype=torch.float32).normal_(0.0, std, generator=generator))
 
 
 def _weight_and_bias(module: nn.Module, generator: torch.Generator | None, std: float) -> None:

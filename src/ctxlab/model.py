@@ -12,7 +12,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import blocks  # noqa: F401  (registers the block kinds)
+from . import (
+    blocks,  # noqa: F401  (registers the block kinds)
+    init,
+)
 from .attention.context import ForwardContext
 from .cache import Cache
 from .config import ModelConfig
@@ -48,7 +51,7 @@ class DecoderStack(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
         """The embedding affine: unit scale, bias drawn normal(0, std) as ctxlab always has."""
         self.input_hidden_states_scale.fill_(1.0)
-        self.input_hidden_states_bias.normal_(0.0, std, generator=generator)
+        init.normal_(self.input_hidden_states_bias, generator, std)
 
     def embed(self, ids: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         """ids [B, T] -> embeddings [B, T, H]; fills ``ctx.per_layer_inputs`` for PLE models."""

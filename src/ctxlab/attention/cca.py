@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .. import init
 from ..cache.spec import CacheSpec
 from ..config import LayerSpec
 from ..nn.fusion import project
@@ -148,7 +149,7 @@ class KeyTemperature(nn.Module):
         self.temp = nn.Parameter(torch.zeros(spec.num_kv_heads))
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        self.temp.normal_(0.0, std, generator=generator)
+        init.normal_(self.temp, generator, std)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # [B, T, H, d]
         eps = torch.finfo(q.dtype).eps

@@ -23,6 +23,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from .. import init
 from ..cache.spec import CacheSpec
 from ..config import IndexerSpec, LayerSpec
 from ..errors import InputError
@@ -59,7 +60,7 @@ class Compressor(nn.Module):
     keep_in_fp32 = ("position_bias",)  # HF: _keep_in_fp32_modules_strict
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        self.position_bias.normal_(0.0, std, generator=generator)
+        init.normal_(self.position_bias, generator, std)
 
     @staticmethod
     def state_shapes(dim: int, ratio: int, overlap: bool, prefix: str = "") -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -181,7 +182,7 @@ class CompressedAttention(nn.Module):
     keep_in_fp32 = ("sinks",)  # HF: _keep_in_fp32_modules_strict
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        self.sinks.normal_(0.0, std, generator=generator)
+        init.normal_(self.sinks, generator, std)
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         B, T, _ = x.shape

@@ -132,4 +132,9 @@ def validate_indexer(at: str, spec: LayerSpec) -> list[str]:
         return [f"{at}.indexer = {i}: every field must be a positive integer"]
     if i.rope_dims != spec.rotary_dim:
         return [f"{at}.indexer.rope_dims = {i.rope_dims}: must equal the layer's rotary dims ({spec.rotary_dim})"]
+    if i.rope_dims > i.head_dim:
+        return [
+            f"{at}.indexer.head_dim = {i.head_dim} (HF index_head_dim): must be at least the rotary dims it "
+            f"rotates ({i.rope_dims})"
+        ]
     return []

@@ -25,7 +25,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         for i in range(n)
     ]
     check_layer_types(layer_types, n, where)
-    full = base_layer(d, where, qk_norm=True)
+    full = base_layer(d, where, qk_norm=True, mlp_bias=False)  # HF Qwen3MLP has no biases, whatever mlp_bias says
     sliding = dataclasses.replace(full, window=window)
     layers = [sliding if t == "sliding_attention" else full for t in layer_types]
     return model_config(d, MODEL_TYPE, layers, name)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import init
 from ..config import LayerSpec, MoESpec
 from ..errors import InputError
 from ..registry import ACTIVATIONS, LAYER_CHECKS, MLP_KINDS, ROUTERS
@@ -59,8 +60,8 @@ class Experts(nn.Module):
         self.build_args = (hidden_size, moe, activation, limit)  # to rebuild it (nn.packing.PackedExperts)
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        self.gate_up_proj.normal_(0.0, std, generator=generator)
-        self.down_proj.normal_(0.0, std, generator=generator)
+        init.normal_(self.gate_up_proj, generator, std)
+        init.normal_(self.down_proj, generator, std)
 
     def forward(self, x: torch.Tensor, top_index: torch.Tensor, top_weight: torch.Tensor) -> torch.Tensor:
         """x [N, H], top_index / top_weight [N, K] -> weighted sum of the chosen experts [N, H].
@@ -154,8 +155,8 @@ class BiasedTopKRouter(nn.Module):
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
         """Router weights and the correction bias drawn normal(0, std), as ctxlab always has."""
-        self.weight.normal_(0.0, std, generator=generator)
-        self.e_score_correction_bias.normal_(0.0, std, generator=generator)
+        init.normal_(self.weight, generator, std)
+        init.normal_(self.e_score_correction_bias, generator, std)
 
     def forward(self, x: torch.Tensor, ctx=None) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, H] -> (top_index [N, K], top_weight [N, K] in x's dtype)."""
@@ -271,7 +272,7 @@ class HashRouter(nn.Module):
         self.register_buffer("tid2eid", torch.zeros(vocab_size, moe.top_k, dtype=torch.long))
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        self.weight.normal_(0.0, std, generator=generator)
+        init.normal_(self.weight, generator, std)
 
     def reset_buffers(self, generator: torch.Generator | None = None) -> None:
         """Distinct random experts for every token id."""

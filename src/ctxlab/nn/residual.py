@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import init
 from ..errors import InputError
 from ..registry import BLOCK_KINDS, RESIDUAL_KINDS
 from . import mhc_fused
@@ -35,9 +36,9 @@ class ResidualScaling(nn.Module):
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
         """Unit scales; the biases drawn normal(0, std), as ctxlab always has (seeded builds stay the same)."""
         self.hidden_states_scale.fill_(1.0)
-        self.hidden_states_bias.normal_(0.0, std, generator=generator)
+        init.normal_(self.hidden_states_bias, generator, std)
         self.residual_scale.fill_(1.0)
-        self.residual_bias.normal_(0.0, std, generator=generator)
+        init.normal_(self.residual_bias, generator, std)
 
     def forward(self, branch: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         branch = (branch + self.hidden_states_bias) * self.hidden_states_scale
@@ -141,8 +142,8 @@ class HyperConnection(nn.Module):
     keep_in_fp32 = ("fn", "base", "scale")  # HF: attn_hc / ffn_hc in _keep_in_fp32_modules_strict
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        self.fn.normal_(0.0, std, generator=generator)
-        self.base.normal_(0.0, std, generator=generator)
+        init.normal_(self.fn, generator, std)
+        init.normal_(self.base, generator, std)
         self.scale.fill_(1.0)
 
     def mixing(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -252,8 +253,8 @@ class HyperHead(nn.Module):
     keep_in_fp32 = ("hc_fn", "hc_base", "hc_scale")  # HF: hc_head in _keep_in_fp32_modules_strict
 
     def reset_parameters(self, generator: torch.Generator | None = None, std: float = 0.02) -> None:
-        self.hc_fn.normal_(0.0, std, generator=generator)
-        self.hc_base.normal_(0.0, std, generator=generator)
+        init.normal_(self.hc_fn, generator, std)
+        init.normal_(self.hc_base, generator, std)
         self.hc_scale.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, T, n, H] -> [B, T, H]
