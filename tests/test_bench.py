@@ -145,6 +145,9 @@ def test_llama_cpp_comparison_is_skipped_with_the_reason(model):
 def test_bad_bench_arguments_are_refused(model):
     with pytest.raises(ValueError, match="contexts = \\[0\\]"):
         ctxlab.bench(model, contexts=(0,))
+    for lengths in ((), (True,)):
+        with pytest.raises(ValueError, match="at least one length, each a positive integer"):
+            ctxlab.bench(model, contexts=(4,), prompts=lengths)
     with pytest.raises(ValueError, match="against = 'vllm'"):
         ctxlab.bench(model, contexts=(4,), against="vllm")
 
@@ -194,3 +197,16 @@ def test_cli_bench_table_and_bad_context(capsys):
     assert "ctxlab ms/token" in out and "copy bandwidth" in out
     assert main(["bench", "tiny-llama", "--context", "0"]) == 2
     assert "--context" in capsys.readouterr().err
+    for empty in (",", ""):
+        assert main(["bench", "tiny-llama", "--prompt", empty]) == 2
+        assert "give at least one length" in capsys.readouterr().err
+
+
+def test_cli_bench_past_the_trained_context_warns_in_its_own_name(capsys):
+    """Speed past max_position_embeddings is still speed: a warning, not a refusal; messages say bench."""
+    argv = ["bench", "tiny-llama", "--context", "300", "--prompt", "8", "--steps", "1", "--repeats", "1", "--json"]
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "ctxlab bench: warning: tiny-llama is not a checkpoint directory" in err
+    assert "ctxlab bench: warning:" in err and "max_position_embeddings = 256" in err
+    assert "ctxlab generate" not in err

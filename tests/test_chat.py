@@ -148,6 +148,18 @@ def test_model_without_chat_template(tmp_path):
         ctxlab.load_tokenizer(path).apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_context_past_the_trained_one_or_the_memory_limit_is_refused_before_loading(checkpoint):
+    run = console("chat", str(checkpoint), "--context", "600", "--message", "hi")  # trained for 512
+    assert run.returncode == 2 and "--context = 600 positions" in run.stderr and "Traceback" not in run.stderr
+    argv = ["chat", str(checkpoint), "--context", "1m", "--allow-past-max-positions", "--message", "hi"]
+    run = console(*argv, "--max-memory-gb", "0.01")
+    assert run.returncode == 2 and "--max-memory-gb 0.01" in run.stderr and "Traceback" not in run.stderr
+    run = console("chat", str(checkpoint), "--message", "hi", "--max-new-tokens", "2", "--top-k", "5")
+    assert run.returncode == 0, run.stderr
+    assert "/512;" in run.stderr  # the default context: the trained one, under 4096
+    assert "--top-k has no effect at --temperature 0" in run.stderr
+
+
 def test_context_full(checkpoint):
     run = console("chat", str(checkpoint), "--context", "30", "--message", "hi", "--max-new-tokens", "50")
     assert run.returncode == 0, run.stderr
@@ -210,6 +222,7 @@ def test_ctrl_c_stops_the_answer_not_the_chat(checkpoint):
     exe = Path(sys.executable).with_name("ctxlab")
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     argv = [str(exe), "chat", str(checkpoint), "--max-new-tokens", "3000", "--context", "3000"]
+    argv.append("--allow-past-max-positions")  # a long answer to interrupt, past the 512 trained positions
     proc = subprocess.Popen(
         argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, bufsize=0
     )

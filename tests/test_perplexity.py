@@ -99,6 +99,11 @@ def test_bad_options(checkpoint, tmp_path, capsys):
     assert "missing.txt" in capsys.readouterr().err
     assert main(["perplexity", "tiny-llama", str(text_file)]) == 2
     assert "not a checkpoint directory or .gguf file" in capsys.readouterr().err
+    assert main(["perplexity", str(checkpoint), str(text_file), "--context", "600"]) == 2  # trained for 512
+    assert "--context = 600 positions" in capsys.readouterr().err
+    argv = ["perplexity", str(checkpoint), str(text_file), "--context", "600", "--allow-past-max-positions"]
+    assert main([*argv, "--json"]) == 0
+    assert "max_position_embeddings = 512" in capsys.readouterr().err
 
 
 def test_quantized_perplexity_is_the_quantized_models(checkpoint, tmp_path, capsys):

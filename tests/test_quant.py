@@ -10,12 +10,14 @@ int8 within 4× that, int4 (group 32) within 30× (measured: 1.4-3.3× and 12-22
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import ctxlab
+from ctxlab.io.config_file import export_config
 from ctxlab.quant import Int4Linear, Int8Linear, QuantEmbedding, int4_quantize, quantize_, set_packed, weight_bytes
 from ctxlab.reporting.measure import FAMILY_PRESETS, tiny_like
 
@@ -141,3 +143,20 @@ def test_cli_quantize_embedding_needs_quantize(capsys):
 
     assert main(["generate", "tiny-llama", "--prompt-ids", "1,2", "--quantize-embedding", "int8"]) == 2
     assert "--quantize-embedding needs --quantize" in capsys.readouterr().err
+
+
+def test_layers_int4_cannot_take_are_named_and_the_cli_warns(tmp_path, capsys):
+    """hidden 72 is no multiple of the int4 group (32): every layer reading the hidden state stays bf16, and
+    ``model.quantize_skipped`` says which; the CLI turns that into one warning instead of a silent no-op."""
+    from ctxlab.cli import main
+
+    cfg = tiny_like(ctxlab.load_config("llama-3-8b"), hidden=72, vocab=96)
+    model = quantize_(ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0), "int4")
+    skipped = model.quantize_skipped
+    assert "lm_head (in_features 72)" in skipped and any(s.endswith("q_proj (in_features 72)") for s in skipped)
+    assert quantize_(ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0), "int8").quantize_skipped == []
+    (tmp_path / "config.json").write_text(json.dumps(export_config(cfg)))
+    argv = ["generate", str(tmp_path / "config.json"), "--prompt-ids", "1,2", "--max-new-tokens", "1"]
+    assert main([*argv, "--dtype", "bfloat16", "--quantize", "int4", "--json"]) == 0
+    err = capsys.readouterr().err
+    assert "ctxlab generate: warning: --quantize int4 left" in err and "lm_head (in_features 72)" in err

@@ -147,8 +147,8 @@ def bench(
     when the comparison cannot run, and how often the two pick the same greedy token
     (``agreement_tokens`` positions, 0 = skip). ``progress(message)`` is called before each measurement."""
     for name, values in (("contexts", contexts), ("prompts", prompts)):
-        if any(not isinstance(v, int) or v < 1 for v in values):
-            raise InputError(f"{name} = {list(values)}: every length must be a positive integer")
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+            raise InputError(f"{name} = {list(values)}: give at least one length, each a positive integer")
     if steps < 1 or repeats < 1 or agreement_tokens < 0:
         raise InputError(
             f"steps = {steps}, repeats = {repeats}, agreement_tokens = {agreement_tokens}: "

@@ -215,28 +215,51 @@ def cmd_claims(args, console: Console) -> int:
 # -------------------------------------------------------------------------------------- generate
 
 
-def load_for_generation(source: str, dtype: torch.dtype, max_memory_gb: float, tokens: int, quiet: bool):
-    """A checkpoint directory, or random weights for a preset / config.json; refused when the weights
-    plus the cache of ``tokens`` positions would exceed ``max_memory_gb``."""
-    cfg = load_config(source)
+def check_memory(source: str, cfg, dtype: torch.dtype, max_memory_gb: float, tokens: int) -> dict[str, int]:
+    """The bytes of the weights and of a ``tokens``-position cache; refused above ``max_memory_gb``."""
     need = generation_bytes(cfg, dtype, tokens)
     if need["total"] > max_memory_gb * (1 << 30):
         raise InputError(
-            f"{source}: its weights ({fmt_bytes(need['weights'])} in {dtype_name(dtype)}) and KV cache "
-            f"({fmt_bytes(need['cache'])}) need about {fmt_bytes(need['total'])}, more than --max-memory-gb "
-            f"{max_memory_gb:g} GiB; raise --max-memory-gb if this machine has the memory, or use a small model "
-            f"(tiny presets: {', '.join(n for n in preset_names() if n.startswith('tiny-'))})"
+            f"{source}: its weights ({fmt_bytes(need['weights'])} in {dtype_name(dtype)}) and KV cache of "
+            f"{tokens:,} tokens ({fmt_bytes(need['cache'])}) need about {fmt_bytes(need['total'])}, more than "
+            f"--max-memory-gb {max_memory_gb:g} GiB; raise --max-memory-gb if this machine has the memory, or use "
+            f"a shorter context or a small model (tiny presets: "
+            f"{', '.join(n for n in preset_names() if n.startswith('tiny-'))})"
         )
+    return need
+
+
+def check_trained_context(cfg, positions: int, what: str, allow: bool, command: str) -> None:
+    """Refuse (or with ``allow``, only warn about) more positions than ``max_position_embeddings``."""
+    limit = cfg.max_position_embeddings
+    if positions <= limit:
+        return
+    message = (
+        f"{what} = {positions:,} positions, more than {cfg.name or cfg.family}'s max_position_embeddings = "
+        f"{limit:,} (the context it was trained for)"
+    )
+    if not allow:
+        raise InputError(f"{message}; use at most {limit:,}, or pass --allow-past-max-positions to run on anyway")
+    print(f"ctxlab {command}: warning: {message}", file=sys.stderr)
+
+
+def load_for_generation(
+    source: str, dtype: torch.dtype, max_memory_gb: float, tokens: int, quiet: bool, command: str = "generate"
+):
+    """A checkpoint directory, or random weights for a preset / config.json; refused when the weights
+    plus the cache of ``tokens`` positions would exceed ``max_memory_gb``. Messages name ``command``."""
+    cfg = load_config(source)
+    need = check_memory(source, cfg, dtype, max_memory_gb, tokens)
     checkpoint = preset_path(source) is None and (Path(source).is_dir() or is_gguf(source))
     if not checkpoint:
         print(
-            f"ctxlab generate: warning: {source} is not a checkpoint directory; using RANDOM weights "
+            f"ctxlab {command}: warning: {source} is not a checkpoint directory; using RANDOM weights "
             "(build_model seed 0), so the output is meaningless",
             file=sys.stderr,
         )
     if not quiet:
         print(
-            f"ctxlab generate: memory estimate {fmt_bytes(need['total'])} (weights {fmt_bytes(need['weights'])}"
+            f"ctxlab {command}: memory estimate {fmt_bytes(need['total'])} (weights {fmt_bytes(need['weights'])}"
             f" + KV cache {fmt_bytes(need['cache'])})",
             file=sys.stderr,
         )
@@ -273,8 +296,10 @@ def cmd_generate(args, console: Console) -> int:
         model_tokens += len(prompt)
     else:
         prompt = args.prompt_ids
+    warn_unused_sampling(args, "generate")
     model, need = load_for_generation(args.model, dtype, args.max_memory_gb, model_tokens, quiet=args.json)
     _prepare_weights(model, args)
+    report_quantized(model, args, "generate")
     steps = stream(
         model,
         [prompt],
@@ -358,25 +383,40 @@ def cmd_list(args, console: Console) -> int:
 # ----------------------------------------------------------------------------- chat, perplexity
 
 
-def load_checkpoint(source: str, dtype: torch.dtype, chat: bool = False):
+def load_checkpoint(source: str, dtype: torch.dtype, chat: bool = False, before_weights=None):
     """(model, TextTokenizer) of a real checkpoint: a directory with tokenizer.json, or a .gguf file.
-    With ``chat``, a tokenizer without chat template is refused before the weights are read."""
+    With ``chat``, a tokenizer without chat template is refused before the weights are read;
+    ``before_weights(cfg)`` may refuse the config (its context, its memory) before they are read too."""
     if preset_path(source) is not None or not Path(source).exists():
         raise InputError(
             f"{source}: not a checkpoint directory or .gguf file (random-weight presets are "
             "meaningless here; `ctxlab generate` runs them)"
         )
+    if before_weights is not None:
+        before_weights(load_config(source))
     tokenizer = load_text_tokenizer(source)
     if chat:
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # the "no chat template" error
     return from_pretrained(source, dtype=dtype), tokenizer
 
 
+CHAT_CONTEXT = 4096  # chat's default cache, in tokens
+
+
 def cmd_chat(args, console: Console) -> int:
     from .chat import ChatSession, run_chat, user_messages
 
-    model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype], chat=True)
+    warn_unused_sampling(args, "chat")
+
+    def fits(cfg) -> None:
+        if args.context is None:  # the default: as much as the model was trained for, up to 4096
+            args.context = min(CHAT_CONTEXT, cfg.max_position_embeddings)
+        check_trained_context(cfg, args.context, "--context", args.allow_past_max_positions, "chat")
+        check_memory(args.model, cfg, DTYPES[args.dtype], args.max_memory_gb, args.context)
+
+    model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype], chat=True, before_weights=fits)
     _prepare_weights(model, args)
+    report_quantized(model, args, "chat")
     session = ChatSession(
         model,
         tokenizer,
@@ -426,6 +466,29 @@ def _prepare_weights(model, args) -> None:
         pack_linears_(model, shared=args.pack_tied_head, for_compile=compiled)
 
 
+def report_quantized(model, args, command: str) -> None:
+    """A warning on stderr naming the linear weights ``--quantize`` left as they were, if any."""
+    skipped = getattr(model, "quantize_skipped", None) if args.quantize else None
+    if skipped:
+        shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
+        print(
+            f"ctxlab {command}: warning: --quantize {args.quantize} left {len(skipped)} linear weight(s) in "
+            f"{args.dtype}: {shown} (int4 takes in_features that are a multiple of 32)",
+            file=sys.stderr,
+        )
+
+
+def warn_unused_sampling(args, command: str) -> None:
+    """--top-k / --top-p / --seed do nothing at --temperature 0 (greedy): say so instead of ignoring them."""
+    unused = [f"--{n.replace('_', '-')}" for n in ("top_k", "top_p", "seed") if getattr(args, n) is not None]
+    if unused and args.temperature == 0:
+        print(
+            f"ctxlab {command}: warning: {', '.join(unused)} {'has' if len(unused) == 1 else 'have'} no effect at "
+            "--temperature 0 (greedy decoding); give a temperature > 0 to sample",
+            file=sys.stderr,
+        )
+
+
 def cmd_perplexity(args, console: Console) -> int:
     from rich.progress import Progress
 
@@ -437,8 +500,13 @@ def cmd_perplexity(args, console: Console) -> int:
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
         raise InputError(f"{path}: cannot read the text file: {reason}") from None
-    model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype])
+
+    def fits(cfg) -> None:
+        check_trained_context(cfg, args.context, "--context", args.allow_past_max_positions, "perplexity")
+
+    model, tokenizer = load_checkpoint(args.model, DTYPES[args.dtype], before_weights=fits)
     _prepare_weights(model, args)
+    report_quantized(model, args, "perplexity")
     ids = tokenizer.encode(text)
     stride = args.stride if args.stride is not None else max(1, args.context // 2)
     bar = Console(file=sys.stderr)
@@ -482,8 +550,12 @@ def cmd_bench(args, console: Console) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     tokens = max(args.context + args.prompt) + args.steps
-    model, _ = load_for_generation(args.model, DTYPES[args.dtype], args.max_memory_gb, tokens, quiet=args.json)
+    model, _ = load_for_generation(
+        args.model, DTYPES[args.dtype], args.max_memory_gb, tokens, quiet=args.json, command="bench"
+    )
+    check_trained_context(model.config, tokens, "the longest --context / --prompt + --steps", True, "bench")
     _prepare_weights(model, args)
+    report_quantized(model, args, "bench")
     with Progress(console=Console(file=sys.stderr), transient=True) as progress:
         task = progress.add_task("bench", total=None)
         result = bench(
@@ -515,8 +587,11 @@ def cmd_bench(args, console: Console) -> int:
 
 
 def token_list(text: str) -> list[int]:
-    """``512,4k,16k`` -> [512, 4096, 16384]."""
-    return [tokens(part) for part in text.split(",") if part.strip()]
+    """``512,4k,16k`` -> [512, 4096, 16384]; at least one length."""
+    lengths = [tokens(part) for part in text.split(",") if part.strip()]
+    if not lengths:
+        raise argparse.ArgumentTypeError(f"{text!r}: give at least one length, e.g. 512,4k,16k")
+    return lengths
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -709,9 +784,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ch.add_argument("--system", help="system message at the start of the conversation (None = the template's)")
     ch.add_argument("--max-new-tokens", type=positive, default=256, help="longest answer in tokens")
-    ch.add_argument("--context", type=tokens, default=4096, help="tokens the conversation may hold (the cache size)")
+    ch.add_argument(
+        "--context",
+        type=tokens,
+        help=f"tokens the conversation may hold, the cache size (None = {CHAT_CONTEXT} or the model's "
+        "max_position_embeddings if smaller)",
+    )
     ch.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight and cache element type")
     ch.add_argument("--prefill-chunk", type=tokens, help="feed prompts in chunks of this many tokens (None = all)")
+    ch.add_argument(
+        "--max-memory-gb",
+        type=gibibytes,
+        default=8.0,
+        help="refuse a model whose weights plus a KV cache of --context tokens exceed this many GiB",
+    )
+    ch.add_argument(
+        "--allow-past-max-positions",
+        action="store_true",
+        help="a --context past the model's max_position_embeddings (the context it was trained for); refused otherwise",
+    )
     add_weight_options(ch, "weight-only quantization")
     ch.add_argument(
         "--json",
@@ -736,6 +827,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pp.add_argument("--stride", type=positive, help="tokens between window starts, <= --context (None = context / 2)")
     pp.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weight element type")
+    pp.add_argument(
+        "--allow-past-max-positions",
+        action="store_true",
+        help="windows longer than the model's max_position_embeddings (the context it was trained for); "
+        "refused otherwise",
+    )
     add_weight_options(pp, "weight-only quantization, to measure what it costs in perplexity")
     pp.add_argument("--json", action="store_true", help="print JSON (ppl, nll, tokens, windows, ...)")
     pp.set_defaults(func=cmd_perplexity)
@@ -804,7 +901,9 @@ def add_weight_options(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument(
         "--quantize",
         choices=("int8", "int4"),
-        help=f"{what}: every linear layer, the embedding and the LM head (int4 needs --dtype bfloat16)",
+        help=f"{what}: every linear layer, the embedding and the LM head (MoE expert banks stay in --dtype; int4 "
+        "needs --dtype bfloat16 and leaves layers whose input width is not a multiple of 32 as they are, with a "
+        "warning)",
     )
     parser.add_argument(
         "--quantize-embedding",

@@ -207,5 +207,5 @@ def check_dtype(cfg: ModelConfig, dtype: torch.dtype) -> None:
     if dtype == torch.float16 and not cfg.float16_ok:
         raise InputError(
             f"{cfg.name or cfg.family}: float16 is refused for {cfg.family} models (activations overflow "
-            f"float16's range, HF transformers #36822); use torch.bfloat16 or torch.float32 (got {dtype_name(dtype)})"
+            f"float16's range, HF transformers #36822); use bfloat16 or float32 (got {dtype_name(dtype)})"
         )

@@ -163,7 +163,9 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
     int4 scale (32, 64, 128 or 256). The default 32 is the block of GGUF's 4-bit types (Q4_0, Q4_1,
     the sub-blocks of Q4_K): on a model loaded from such a file, int4 groups of 32 sit on the file's
     own blocks, and measured on SmolLM2-135M-Instruct Q4_1 (benchmarks/quant_perplexity.py) they cost
-    +5.1% perplexity against bfloat16 where groups of 64 cost +66%. Returns the model."""
+    +5.1% perplexity against bfloat16 where groups of 64 cost +66%. Returns the model, with
+    ``model.quantize_skipped`` naming the linear weights left as they were (int4 takes only in_features that
+    are a multiple of ``group_size``); MoE expert banks are not linear layers and stay in the model's dtype."""
     embedding = mode if embedding is None else embedding
     for name, value in (("quantize", mode), ("embedding", embedding)):
         if value not in MODES:
@@ -177,8 +179,11 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
         )
     embed = model.model.embed_tokens
     tied = model.lm_head.weight is embed.weight
+    skipped: list[str] = []  # linear weights left as they were (a shape the mode does not take)
     with torch.no_grad():
         head = _quantized(model.lm_head, embedding, group_size, keep_codes=tied)
+        if head is None:
+            skipped.append(f"lm_head (in_features {model.lm_head.in_features})")
         if head is not None:
             model.lm_head = head
             if tied:
@@ -189,13 +194,18 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
             table = _quantized(as_linear, embedding, group_size, keep_codes=True)
             if table is not None:
                 model.model.embed_tokens = QuantEmbedding(table, dtype)
+            elif not tied:
+                skipped.append(f"embed_tokens (hidden {as_linear.in_features})")
         for name, module in list(model.model.layers.named_modules()):
             for child_name, child in list(module.named_children()):
                 if type(child) is nn.Linear and child_name not in READ_DIRECTLY:
                     replacement = _quantized(child, mode, group_size)
                     if replacement is not None:
                         setattr(module, child_name, replacement)
+                    else:
+                        skipped.append(f"layers.{name}.{child_name} (in_features {child.in_features})")
     model.quantization = mode if embedding == mode else f"{mode}, {embedding} embedding"
+    model.quantize_skipped = skipped
     return model
 
 
