@@ -67,7 +67,7 @@ def test_int4_packed_kernel_equals_the_dequantized_weights():
     linear = torch.nn.Linear(128, 32, bias=False).to(torch.bfloat16)
     with torch.no_grad():
         linear.weight.normal_(0, 0.05, generator=gen)
-    q = Int4Linear(linear, group_size=32, keep_codes=True)
+    q = Int4Linear(linear, group_size=32, rows=True)
     x = torch.randn(4, 128, generator=gen).to(torch.bfloat16)
     rows = torch.arange(32)
     dequantized = q.dequantized_rows(rows)  # [32, 128]
@@ -160,3 +160,28 @@ def test_layers_int4_cannot_take_are_named_and_the_cli_warns(tmp_path, capsys):
     assert main([*argv, "--dtype", "bfloat16", "--quantize", "int4", "--json"]) == 0
     err = capsys.readouterr().err
     assert "ctxlab generate: warning: --quantize int4 left" in err and "lm_head (in_features 72)" in err
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_int4_embedding_keeps_half_a_byte_a_code_and_the_bench_counts_one_row_of_it(tied):
+    """Rows are looked up from codes two to a byte (the kernel's layout interleaves output channels); an
+    untied table keeps nothing else. A decode step reads one row of them, so the bench's bytes leave them out."""
+    from ctxlab.bench import decode_read_bytes
+
+    name = "tiny-qwen3-sliding" if tied else "tiny-llama"
+    model = ctxlab.build_model(ctxlab.load_config(name), dtype=torch.bfloat16, seed=0)
+    assert model.config.tie_word_embeddings == tied
+    table = model.model.embed_tokens.weight.detach().clone()
+    quantize_(model, "int4")
+    embed = model.model.embed_tokens
+    assert isinstance(embed, QuantEmbedding) and (embed.table is model.lm_head) == tied
+    rows = embed.table.row_codes
+    assert rows.dtype == torch.uint8 and rows.shape == (table.shape[0], table.shape[1] // 2)
+    assert (embed.table.packed_codes is not None) == tied  # the head's matmul layout, only where it is the head
+    ids = torch.tensor([[0, 5, table.shape[0] - 1, 5]])
+    codes, scales, zeros = int4_quantize(table, 32)
+    expected = ((codes[ids[0]].float() - 8) * scales[ids[0]].repeat_interleave(32, 1)).bfloat16()
+    expected = (expected.float() + zeros[ids[0]].repeat_interleave(32, 1)).bfloat16()
+    torch.testing.assert_close(embed(ids)[0].float(), expected.float(), atol=2e-2, rtol=1e-2)
+    looked_up = rows.numel() if tied else weight_bytes(embed)
+    assert decode_read_bytes(model, 0) == weight_bytes(model) - looked_up

@@ -37,7 +37,7 @@ from .accounting import count_params
 from .bench_engines import CtxlabEngine, LlamaCppEngine, TransformersEngine
 from .errors import CtxlabError, InputError
 from .generate import generate
-from .quant import weight_bytes
+from .quant import lookup_only_bytes, weight_bytes
 
 AGAINST = ("transformers", "llama.cpp")
 
@@ -61,12 +61,12 @@ def peak_rss_bytes() -> int:
 
 
 def decode_read_bytes(model, cache_bytes: int) -> int:
-    """Bytes one decode step reads at least: the weights a token uses, plus the cache."""
+    """Bytes one decode step reads at least: the weights a token uses, plus the cache. The embedding
+    lookup's own bytes (an untied table, an int4 tied table's row codes) are left out: a token reads one row."""
     counts = count_params(model.config)
-    held = weight_bytes(model)
-    per_param = held / counts["total"]  # the stored bytes per parameter (quantized layers included)
-    used = counts["active"] - (0 if model.config.tie_word_embeddings else counts["embedding"])
-    return int(used * per_param) + cache_bytes
+    looked_up = 0 if model.config.tie_word_embeddings else counts["embedding"]  # parameters only looked up
+    per_param = (weight_bytes(model) - lookup_only_bytes(model)) / (counts["total"] - looked_up)  # quantized too
+    return int((counts["active"] - looked_up) * per_param) + cache_bytes
 
 
 def check_against(against: str | None, quantization: str | None) -> None:

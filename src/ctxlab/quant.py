@@ -95,27 +95,30 @@ class Int8Linear(nn.Module):
 
 
 class Int4Linear(nn.Module):
-    """``nn.Linear`` with int4 group-quantized weights, packed for ``_weight_int4pack_mm_for_cpu``.
-    Keeps the unpacked codes too when it serves a tied embedding (rows are looked up from them)."""
+    """``nn.Linear`` with int4 group-quantized weights, packed for ``_weight_int4pack_mm_for_cpu`` (whose
+    layout interleaves blocks of output channels). An embedding looks rows up: with ``rows``, the codes are
+    also kept row by row, two to a byte (``row_codes`` [N, K/2], the even column in the low nibble); a table
+    only looked up (an untied embedding: ``matmul=False``) keeps those alone."""
 
-    def __init__(self, linear: nn.Linear, group_size: int, keep_codes: bool = False):
+    def __init__(self, linear: nn.Linear, group_size: int, rows: bool = False, matmul: bool = True):
         super().__init__()
         self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, group_size
         codes, scales, zeros = int4_quantize(linear.weight.detach(), group_size)
         dtype = linear.weight.dtype
-        self.register_buffer(
-            "packed_codes", torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        )
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1) if matmul else None
+        self.register_buffer("packed_codes", packed)
         # [K/g, N, 2]: the kernel's layout of (scale, zero) per group and output channel
         self.register_buffer(
             "scales_and_zeros", torch.stack((scales, zeros), dim=-1).transpose(0, 1).contiguous().to(dtype)
         )
-        self.register_buffer("codes", codes if keep_codes else None)
+        self.register_buffer("row_codes", codes[:, 0::2] | (codes[:, 1::2] << 4) if rows or not matmul else None)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.bfloat16:
             raise InputError(f"int4 weights need bfloat16 activations; got {x.dtype} (build the model in bfloat16)")
+        if self.packed_codes is None:
+            raise RuntimeError("this int4 table is kept for row lookups only (an untied embedding)")
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(
             x.reshape(-1, self.in_features).contiguous(), self.packed_codes, self.group_size, self.scales_and_zeros
         )
@@ -123,10 +126,12 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
     def dequantized_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """Weight rows [..., in] in bf16, from the kept codes and the group scales / zeros."""
+        """Weight rows [..., in] in bf16, from the row codes and the group scales / zeros."""
         scales, zeros = self.scales_and_zeros[..., 0].t(), self.scales_and_zeros[..., 1].t()  # [N, K/g]
         flat = rows.reshape(-1)
-        w = int4_dequantize(self.codes[flat], scales[flat], zeros[flat], self.scales_and_zeros.dtype)
+        pairs = self.row_codes[flat]  # [R, K/2]
+        codes = torch.stack((pairs & 15, pairs >> 4), dim=-1).view(len(flat), self.in_features)  # [R, K]
+        w = int4_dequantize(codes, scales[flat], zeros[flat], self.scales_and_zeros.dtype)
         return w.view(*rows.shape, self.in_features)
 
 
@@ -143,13 +148,15 @@ class QuantEmbedding(nn.Module):
         return self.table.dequantized_rows(ids).to(self.dtype)
 
 
-def _quantized(linear: nn.Linear, mode: str, group_size: int, keep_codes: bool = False) -> nn.Module | None:
+def _quantized(linear: nn.Linear, mode: str, group_size: int, rows: bool = False, matmul: bool = True):
+    """``linear`` quantized (an int4 one as :class:`Int4Linear` with ``rows`` / ``matmul``), or None where int4
+    cannot take its shape."""
     if mode == "int8":
         return Int8Linear(linear)
     if linear.in_features % group_size:
         return None  # stays as it is
     try:
-        return Int4Linear(linear, group_size, keep_codes=keep_codes)
+        return Int4Linear(linear, group_size, rows=rows, matmul=matmul)
     except RuntimeError:  # a shape the packing kernel does not take: stays as it is
         return None
 
@@ -181,7 +188,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
     tied = model.lm_head.weight is embed.weight
     skipped: list[str] = []  # linear weights left as they were (a shape the mode does not take)
     with torch.no_grad():
-        head = _quantized(model.lm_head, embedding, group_size, keep_codes=tied)
+        head = _quantized(model.lm_head, embedding, group_size, rows=tied)
         if head is None:
             skipped.append(f"lm_head (in_features {model.lm_head.in_features})")
         if head is not None:
@@ -191,7 +198,7 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
         if not tied or head is None:
             as_linear = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, dtype=dtype)
             as_linear.weight = embed.weight
-            table = _quantized(as_linear, embedding, group_size, keep_codes=True)
+            table = _quantized(as_linear, embedding, group_size, matmul=False)
             if table is not None:
                 model.model.embed_tokens = QuantEmbedding(table, dtype)
             elif not tied:
@@ -214,6 +221,18 @@ def set_packed(model: nn.Module, packed: bool) -> None:
     for module in model.modules():
         if isinstance(module, Int8Linear):
             module.packed = packed and module.packable
+
+
+def lookup_only_bytes(model: nn.Module) -> int:
+    """Bytes of the weights only the embedding lookup reads (a row a token): an untied table, or the row
+    codes of an int4 table tied to the head (the head's matmul reads its own layout)."""
+    embed, head = model.model.embed_tokens, model.lm_head
+    if isinstance(embed, QuantEmbedding) and embed.table is head:
+        row_codes = getattr(head, "row_codes", None)
+        return 0 if row_codes is None else row_codes.numel() * row_codes.element_size()
+    if isinstance(embed, QuantEmbedding) or getattr(head, "weight", None) is not embed.weight:
+        return weight_bytes(embed)
+    return 0
 
 
 def weight_bytes(model: nn.Module) -> int:
