@@ -159,6 +159,30 @@ def test_checkpoint_write_is_atomic(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]  # no temporary file left behind
 
 
+class RunsCode:
+    """An object whose unpickling would run code (``os.system``): what a hostile checkpoint.pt holds."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_checkpoint_holding_other_objects_is_refused_not_unpickled(tmp_path):
+    marker = tmp_path / "ran"
+    run = tmp_path / "run"
+    run.mkdir()
+    torch.save({"train_config": RunsCode(marker)}, run / "checkpoint.pt")
+    task = make_task("mqar", seq_len=32, pairs=2, eval_examples=4)
+    with pytest.raises(ValueError, match=r"checkpoint.pt: not a ctxlab training checkpoint.*never unpickles"):
+        train(tiny_config(1, 16), task, TrainConfig(steps=1, micro_batch=2), run, progress=False)
+    assert not marker.exists()
+    train(tiny_config(1, 16), task, TrainConfig(steps=1, micro_batch=2), tmp_path / "fresh", progress=False)
+    state = load(tmp_path / "fresh" / "checkpoint.pt")  # what ctxlab writes loads as plain data
+    assert isinstance(state["rng"]["numpy"][1], list) and state["step"] == 1
+
+
 def test_mqar_examples_ask_for_the_paired_values():
     task = make_task("mqar", seq_len=64, pairs=6)
     for i in range(20):
