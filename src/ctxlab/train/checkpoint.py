@@ -58,7 +58,8 @@ def load(path: str | Path) -> dict:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError (or RuntimeError) for a forbidden object
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        lines = [line.strip() for line in str(e).splitlines() if "GLOBAL" in line or "Unsupported" in line]
+        reason = lines[0].rstrip(".") if lines else type(e).__name__  # not torch's advice to unpickle anyway
         raise CheckpointError(
             f"{path}: not a ctxlab training checkpoint of tensors and plain data ({reason}); ctxlab never "
             "unpickles other objects: start the run in another --out directory, or delete the file"
