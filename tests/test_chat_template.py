@@ -3,6 +3,7 @@ control, tojson, loop controls, special tokens, raise_exception, the sandbox."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 
 import pytest
@@ -27,6 +28,13 @@ FEATURES = """
 {{ strftime_now('%Y') }}
 """
 
+# tools / documents (None: transformers passes both), a special token the tokenizer lacks (bos_token: None,
+# left undefined, so it renders as nothing), and transformers' {% generation %} block for training masks
+VARIABLES = (
+    "{{ bos_token }}{% if tools is not none %}[TOOLS]{{ tools | tojson }}{% endif %}{% for m in messages %}"
+    "{% generation %}<{{ m.role }}>{{ m.content }}{% endgeneration %}{% endfor %}{{ documents | tojson }}"
+)
+
 MESSAGES = [
     {"role": "system", "content": "be brief"},
     {"role": "user", "content": 'say "hi" <b>&</b> café 日本', "meta": {"k": [1, 2]}},
@@ -43,7 +51,7 @@ def tokenizers(tmp_path_factory):
     return ctxlab.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
 
 
-@pytest.mark.parametrize("template", [FEATURES, CHATML])
+@pytest.mark.parametrize("template", [FEATURES, CHATML, VARIABLES])
 @pytest.mark.parametrize("messages", [MESSAGES, MESSAGES[1:2]])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_renders_like_transformers(tokenizers, template, messages, add_generation_prompt):
@@ -69,3 +77,42 @@ def test_raise_exception_and_sandbox(tokenizers):
         render_chat(escape, MESSAGES)
     with pytest.raises(ChatTemplateError, match="does not compile"):
         render_chat("{% for m in messages %}", MESSAGES)
+
+
+@pytest.mark.parametrize(
+    "template, failure",
+    [
+        ("{{ messages | length + 'x' }}", "TypeError"),  # Python's own error, not a jinja one
+        ("{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}", "RecursionError"),
+    ],
+)
+def test_a_template_that_fails_at_run_time_is_a_chat_template_error(template, failure):
+    with pytest.raises(ChatTemplateError, match=f"failed on the conversation: {failure}"):
+        render_chat(template, MESSAGES)
+    with pytest.raises(ChatTemplateError, match="must be a string of jinja2 text, got int"):
+        render_chat(3, MESSAGES)
+
+
+def test_tokenizer_directories_as_transformers_reads_them(tmp_path):
+    """Special tokens kept only in special_tokens_map.json (older checkpoints); truncation / padding settings a
+    tokenizer.json carries from training (transformers ignores them unless asked); a template file not in UTF-8."""
+    from tokenizers import Tokenizer
+
+    write_tokenizer(tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    eos = config.pop("eos_token")
+    config_path.write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"eos_token": {"content": eos}}))
+    backend = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    backend.enable_truncation(max_length=3)
+    backend.enable_padding(length=12, pad_id=1, pad_token="<|endoftext|>")
+    backend.save(str(tmp_path / "tokenizer.json"))
+    ours, ref = ctxlab.load_tokenizer(tmp_path), transformers.AutoTokenizer.from_pretrained(tmp_path)
+    assert ours.special_tokens["eos_token"] == ref.eos_token == eos
+    text = "you are a helpful ai named smollm"
+    assert ours.encode(text, add_special_tokens=False) == ref.encode(text, add_special_tokens=False)
+    assert len(ours.encode(text, add_special_tokens=False)) == 7
+    (tmp_path / "chat_template.jinja").write_bytes(b"\xff{{ messages }}")
+    with pytest.raises(ctxlab.CheckpointError, match=r"chat_template.jinja: not UTF-8 text"):
+        ctxlab.load_tokenizer(tmp_path)

@@ -134,6 +134,22 @@ def test_legacy_rope_fields_and_multimodal_wrapper_parse_like_transformers(hf):
     assert wrapped.layers == cfg.layers
 
 
+def test_a_multimodal_checkpoint_loads_its_text_decoder_with_transformers_logits(hf, tmp_path):
+    """transformers writes Gemma3ForConditionalGeneration's text weights as ``language_model.model.*`` (as the
+    published multimodal repos name them) beside ``vision_tower.*`` and ``multi_modal_projector.*``."""
+    text = {**BASE, **CASES["mqa-default-pattern"]}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=32)
+    torch.manual_seed(0)
+    config = hf.Gemma3Config(text_config=text, vision_config={**vision, "patch_size": 8}, mm_tokens_per_image=4)
+    ref = randomize_gemma3_(hf.Gemma3ForConditionalGeneration(config)).eval()
+    ref.config.text_config._attn_implementation = "eager"
+    ref.save_pretrained(tmp_path)
+    ours = ctxlab.from_pretrained(tmp_path)
+    ids = torch.randint(3, 128, (1, SEQ), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids), ref(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+
+
 def test_bidirectional_attention_is_refused_with_the_field_named():
     with pytest.raises(ctxlab.ConfigError, match="use_bidirectional_attention"):
         config_from_dict({"model_type": "gemma3_text", **BASE, "use_bidirectional_attention": True})

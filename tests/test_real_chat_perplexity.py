@@ -59,3 +59,36 @@ def test_perplexity_equals_transformers(smollm2, tmp_path, capsys):
     assert (result["tokens"], result["windows"]) == (scored, windows)
     assert abs(result["ppl"] - ppl) <= 1e-4 * ppl
     assert 1 < result["ppl"] < 100  # a real model finds this text predictable
+
+
+def test_perplexity_scores_the_file_as_it_is_crlf_included(smollm2, tmp_path, monkeypatch):
+    """Line ends are tokens to a byte-level BPE: the file's CRLF is scored, not a newline-translated copy."""
+    import importlib
+
+    module = importlib.import_module("ctxlab.perplexity")  # ctxlab.perplexity is also the function
+    path, _ = smollm2
+    text = "first line\r\nsecond line\r\n"
+    (tmp_path / "crlf.txt").write_bytes(text.encode())
+    seen = {}
+
+    def scored(model, ids, context, stride, on_window=None):
+        seen["ids"] = list(ids)
+        return {"ppl": 1.0, "nll": 0.0, "tokens": len(ids) - 1, "windows": 1}
+
+    monkeypatch.setattr(module, "perplexity", scored)
+    assert main(["perplexity", str(path), str(tmp_path / "crlf.txt"), "--json"]) == 0
+    tokenizer = ctxlab.load_tokenizer(path)
+    assert seen["ids"] == tokenizer.encode(text) != tokenizer.encode(text.replace("\r\n", "\n"))
+
+
+def test_a_gguf_file_is_known_by_its_magic_not_only_its_name(smollm2, tmp_path):
+    """Ollama keeps GGUF files as sha256-... blobs."""
+    from ctxlab.io.gguf import is_gguf
+
+    path, _ = smollm2
+    blob = tmp_path / "sha256-0123abcd"
+    blob.symlink_to(path)
+    (tmp_path / "notes").write_text("GGUX")
+    assert is_gguf(blob) and not is_gguf(tmp_path / "notes") and not is_gguf(tmp_path) and not is_gguf(tmp_path / "x")
+    assert ctxlab.load_config(blob).layers == ctxlab.load_config(path).layers  # the names differ: the file's
+    assert ctxlab.load_tokenizer(blob).encode("hello world") == ctxlab.load_tokenizer(path).encode("hello world")

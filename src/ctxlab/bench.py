@@ -37,6 +37,7 @@ from .accounting import count_params
 from .bench_engines import CtxlabEngine, LlamaCppEngine, TransformersEngine
 from .errors import CtxlabError, InputError
 from .generate import generate
+from .io.gguf import is_gguf
 from .quant import lookup_only_bytes, weight_bytes
 
 AGAINST = ("transformers", "llama.cpp")
@@ -90,7 +91,7 @@ def against_unavailable(against: str, source: str | None) -> str | None:
         return None if importlib.util.find_spec("transformers") else "transformers is not installed"
     if importlib.util.find_spec("llama_cpp") is None:
         return "llama-cpp-python is not installed (pip install llama-cpp-python); the llama.cpp column is skipped"
-    if source is None or not str(source).endswith(".gguf"):
+    if source is None or not is_gguf(source):
         return f"--against llama.cpp needs MODEL to be a GGUF file; got {source!r}"
     return None
 
@@ -104,7 +105,7 @@ AGREEMENT_TEXT = (
 def agreement_prompt(model, source: str | None, seed: int) -> torch.Tensor:
     """[1, T] ids of :data:`AGREEMENT_TEXT` by MODEL's tokenizer, or 32 seeded random ids without one."""
     readable = source is not None and (
-        str(source).endswith(".gguf") or (Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file())
+        is_gguf(source) or (Path(source).is_dir() and (Path(source) / "tokenizer.json").is_file())
     )
     if readable:
         from .io.text_tokenizer import load_tokenizer

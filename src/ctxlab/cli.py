@@ -496,7 +496,7 @@ def cmd_perplexity(args, console: Console) -> int:
 
     path = Path(args.file)
     try:  # read first: a bad path should not wait for the model to load
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")  # as it is: read_text would turn CRLF into LF
     except (OSError, UnicodeDecodeError) as e:
         reason = e.strerror if isinstance(e, OSError) else f"not UTF-8 text ({e.reason})"
         raise InputError(f"{path}: cannot read the text file: {reason}") from None

@@ -182,9 +182,15 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
 
 def checkpoint_key(name: str) -> str | None:
     """Map a checkpoint tensor name to ours: text weights of multimodal checkpoints lose the
-    ``language_model`` level; vision / audio weights are not ours (None)."""
+    ``language_model`` level (``model.language_model.*``, or ``language_model.model.*`` /
+    ``language_model.lm_head.*`` as Gemma 3's published multimodal files and transformers' writer name
+    them); vision / audio weights are not ours (None)."""
     if name.startswith(TEXT_PREFIX):
         return "model." + name[len(TEXT_PREFIX) :]
+    if name.startswith("language_model."):
+        return name[len("language_model.") :]
+    if name.startswith(("vision_tower.", "multi_modal_projector.", "audio_tower.")):
+        return None
     if name.startswith("model.") and not name.startswith(
         ("model.layers.", "model.embed_tokens", "model.norm.", "model.per_layer")
     ):

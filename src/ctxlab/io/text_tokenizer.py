@@ -16,11 +16,13 @@ from tokenizers import Tokenizer
 
 from ..chat_template import ChatTemplateError, render_chat
 from ..errors import CheckpointError
+from .gguf import is_gguf
 from .gguf_tokenizer import read_gguf_tokenizer_fields, tokenizer_from_gguf_fields
 from .tokenizer import TOKENIZER_FILE
 from .tokenizer import load_tokenizer as load_tokenizer_file
 
 CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 TEMPLATE_FILE = "chat_template.jinja"  # newer HF checkpoints keep the template in its own file
 GENERATION_CONFIG_FILE = "generation_config.json"
 SPECIAL_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
@@ -93,7 +95,7 @@ class TextTokenizer:
 def load_tokenizer(path: str | Path) -> TextTokenizer:
     """The tokenizer of a checkpoint directory (``tokenizer.json``) or of a ``.gguf`` file."""
     path = Path(path)
-    if path.is_file() and path.suffix.lower() == ".gguf":
+    if path.is_file() and is_gguf(path):
         return gguf_text_tokenizer(path)
     if path.is_dir():
         return directory_text_tokenizer(path)
@@ -131,23 +133,31 @@ def directory_text_tokenizer(directory: Path) -> TextTokenizer:
     if backend is None:
         raise CheckpointError(f"{directory}: no {TOKENIZER_FILE} (ctxlab reads only the fast tokenizer format)")
     config = _json(directory / CONFIG_FILE)
-    special = {name: _content(config.get(name)) for name in SPECIAL_NAMES}
+    older = _json(directory / SPECIAL_TOKENS_MAP_FILE)  # older checkpoints keep the special tokens there only
+    special = {name: _content(config.get(name)) or _content(older.get(name)) for name in SPECIAL_NAMES}
     template = config.get("chat_template")
     if isinstance(template, list):  # [{"name": "default", "template": ...}, {"name": "tool_use", ...}]
         named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
         template = named.get("default")
     if (directory / TEMPLATE_FILE).is_file():
-        template = (directory / TEMPLATE_FILE).read_text()
+        template = _text(directory / TEMPLATE_FILE)
     stops = _json(directory / GENERATION_CONFIG_FILE).get("eos_token_id")
     stops = tuple(stops) if isinstance(stops, list) else (stops,) if isinstance(stops, int) else ()
     return TextTokenizer(backend, special, template, str(directory), stops)
+
+
+def _text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
 
 def _json(path: Path) -> dict:
     if not path.is_file():
         return {}
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(_text(path))
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{path}: not valid JSON ({e})") from None
     return data if isinstance(data, dict) else {}

@@ -21,10 +21,13 @@ def load_tokenizer(directory: str | Path) -> Tokenizer | None:
     if not path.is_file():
         return None
     try:
-        return Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 (the Rust side raises plain Exception for any malformed file)
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CheckpointError(f"{path}: not a readable tokenizer.json ({reason})") from None
+    tok.no_truncation()  # a file may carry truncation / padding settings from training: transformers
+    tok.no_padding()  # ignores them unless asked, and a prompt or a perplexity text must not be cut or padded
+    return tok
 
 
 def encode(tok: Tokenizer, text: str) -> list[int]:

@@ -22,7 +22,7 @@ import torch
 from ...errors import CheckpointError, ConfigError
 from . import dequant
 from .architectures import ARCHITECTURES, Architecture
-from .reader import GGUFFile, TensorInfo, read_header, read_rows
+from .reader import MAGIC, GGUFFile, TensorInfo, read_header, read_rows
 
 SUFFIX = ".gguf"
 INSTALL_HINT = 'pip install "ctxlab[gguf]"'
@@ -31,8 +31,17 @@ __all__ = ["SUFFIX", "hf_config", "is_gguf", "open_gguf", "read_header"]
 
 
 def is_gguf(source: Any) -> bool:
-    """True for a path ending in ``.gguf`` (existing or not: a missing one is reported by the loader)."""
-    return isinstance(source, (str, Path)) and str(source).lower().endswith(SUFFIX)
+    """True for a path ending in ``.gguf`` (existing or not: a missing one is reported by the loader), or a
+    file of another name that starts with the GGUF magic (Ollama keeps its models as ``sha256-...`` blobs)."""
+    if not isinstance(source, (str, Path)):
+        return False
+    if str(source).lower().endswith(SUFFIX):
+        return True
+    try:
+        with open(source, "rb") as f:
+            return f.read(4) == MAGIC
+    except OSError:  # a directory, a missing file: not a GGUF file
+        return False
 
 
 def require_gguf_package() -> None:
