@@ -103,3 +103,18 @@ def test_naive_convention_ignores_windows_and_sharing():
     assert ctxlab.kv_cache_bytes(cfg, 1000, "bfloat16") == (2 * 1000 + 2 * 8) * per_token // 4
     with pytest.raises(ValueError, match="convention"):
         ctxlab.kv_cache_bytes(cfg, 10, convention="gallery")
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, 1.5, True])
+def test_batch_sizes_that_are_not_positive_integers_are_refused(batch_size):
+    from ctxlab.accounting.formats import kv_cache_bytes_stored
+    from ctxlab.reporting.published import DEPLOYED_FORMATS
+
+    name, fmt = next(iter(DEPLOYED_FORMATS.items()))
+    cfg = ctxlab.load_config(name)
+    for measure in (
+        lambda: ctxlab.kv_cache_bytes(cfg, 16, batch_size=batch_size),
+        lambda: kv_cache_bytes_stored(cfg, 16, fmt, batch_size=batch_size),
+    ):
+        with pytest.raises(ctxlab.InputError, match=f"batch_size = {batch_size!r}: must be a positive integer"):
+            measure()

@@ -177,3 +177,11 @@ def test_progress_reports_reach_the_bar_only_while_it_shows(monkeypatch):
     finally:
         progress._current.reset(token)
     assert sum(seen) == sum(p.numel() * 4 for p in ctxlab.build_model(ctxlab.load_config("tiny-llama")).parameters())
+
+
+def test_kv_roles_name_every_run_of_producers():
+    from ctxlab.reporting.rows import kv_roles, layer_ranges
+
+    assert layer_ranges([0, 2, 3, 4, 7]) == "0, 2-4, 7" and layer_ranges([5]) == "5"
+    line = kv_roles(ctxlab.load_config("cla2-tiny"))
+    assert line.startswith("KV producers: layers 0, 2, 4;") and "layers 1 read layer 0" in line

@@ -190,3 +190,14 @@ def test_fuzz_covers_every_family_and_nested_fields():
     assert families == set(CONFIGS) and len(families) == 7
     assert ("deepseek_v32", ("rope_parameters", "factor")) in FIELD_PATHS
     assert not math.isnan(float(torch.tensor(0.0)))
+
+
+def test_mhc_with_per_layer_embeddings_is_refused_by_name():
+    import dataclasses
+
+    from ctxlab.io.config_file import config_from_dict
+
+    g4 = config_from_dict(CONFIGS["gemma4_text"], name="g4")
+    assert g4.per_layer_input_size
+    with pytest.raises(ConfigError, match=r"residual = 'mhc' with per_layer_input_size = \d+"):
+        g4.replace(residual="mhc", layers=tuple(dataclasses.replace(s, block="hyper") for s in g4.layers))

@@ -236,7 +236,7 @@ def test_published_comparison_with_v32_at_1m_tokens():
     assert round(ctxlab.kv_cache_bytes(ctxlab.load_config("deepseek-v4-pro"), n, "bfloat16") / 1e9, 2) == 10.34
 
 
-@pytest.mark.parametrize("prompt_len", [9, 23, 31])
+@pytest.mark.parametrize("prompt_len", [1, 2, 9, 23, 31])  # 1, 2: before the first CSA entry (no indexer queries)
 def test_decode_flops_match_flop_counter(prompt_len):
     """Every V4 term (mHC, compressors, indexer scan, window + chosen entries, experts) as torch counts it."""
     from test_accounting import measured_decode_flops

@@ -77,3 +77,17 @@ def test_building_peaks_at_the_weights_in_their_dtype(config_file, dtype):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_loading_a_bfloat16_checkpoint_peaks_at_the_weights_in_the_target_dtype(bf16_checkpoint, dtype):
     check(probe("load", bf16_checkpoint, dtype))
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-qwen3-sliding", "gemma4_text", "zaya", "deepseek_v4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_estimate_counts_the_rope_tables_a_cache_holds_beside_its_kv_state(family, dtype):
+    from ctxlab.io.config_file import config_from_dict
+    from ctxlab.memory import generation_bytes, rope_table_bytes
+    from test_config_fields import CONFIGS
+
+    cfg = config_from_dict(CONFIGS[family], name=family)
+    cache = ctxlab.build_model(cfg, dtype=dtype, seed=0).new_cache(1, 37)
+    assert cache.rope_nbytes() == rope_table_bytes(cfg, dtype, 37) > 0
+    assert cache.nbytes() == ctxlab.kv_cache_bytes(cfg, 37, dtype)  # the K/V state: the accounting's "realized"
+    assert generation_bytes(cfg, dtype, 37)["cache"] == cache.nbytes() + cache.rope_nbytes()

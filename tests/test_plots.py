@@ -110,3 +110,11 @@ def test_cli_plot_options_write_pngs(tmp_path, capsys):
     assert main(["inspect", "laguna-xs2", "--plot", str(tmp_path / "layers.png")]) == 0
     assert_png(tmp_path / "kv.png")
     assert_png(tmp_path / "layers.png")
+
+
+def test_a_suffix_matplotlib_cannot_write_is_one_line_naming_the_formats(tmp_path, capsys):
+    from ctxlab.cli import main
+
+    assert main(["report", "--models", "tiny-llama", "--plot", str(tmp_path / "kv.txt")]) == 2
+    err = capsys.readouterr().err
+    assert "matplotlib cannot write '.txt' files" in err and ".png" in err and "Traceback" not in err

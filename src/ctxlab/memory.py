@@ -22,8 +22,18 @@ def weights_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
     return count_params(cfg)["total"] * size + tables
 
 
+def rope_table_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int) -> int:
+    """The cos / sin tables a cache of ``tokens`` positions precomputes, one pair per distinct rotation
+    (``Cache.rope_nbytes``): 2 x tokens x rotary dims each."""
+    size = torch.empty((), dtype=dtype).element_size()
+    rotations = {(s.rope, s.rotary_dim) for s in cfg.layers if s.rotary_dim}
+    return sum(2 * tokens * dims * size for _, dims in rotations)
+
+
 def generation_bytes(cfg: ModelConfig, dtype: torch.dtype, tokens: int, batch_size: int = 1) -> dict[str, int]:
-    """{weights, cache, total}: a model in ``dtype`` and a cache of ``tokens`` positions per sequence."""
+    """{weights, cache, total}: a model in ``dtype`` and a cache of ``tokens`` positions per sequence (its
+    K/V state and its RoPE tables)."""
     weights = weights_bytes(cfg, dtype)
-    cache = kv_cache_bytes(cfg, max(tokens, 1), dtype_name(dtype), batch_size)
+    tokens = max(tokens, 1)
+    cache = kv_cache_bytes(cfg, tokens, dtype_name(dtype), batch_size) + rope_table_bytes(cfg, dtype, tokens)
     return {"weights": weights, "cache": cache, "total": weights + cache}

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from ..config import ModelConfig
 from ..errors import InputError
 from ..planner import layer_cache_spec
+from .kv import check_sizes
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class StorageFormat:
 def kv_cache_bytes_stored(cfg: ModelConfig, context_len: int, fmt: StorageFormat, batch_size: int = 1) -> int:
     """Cache bytes if every layer's cached tensors were stored in ``fmt``: token slots and compressed
     entries (fixed decode state, a few KB, is left out, as the published figures do)."""
+    check_sizes(context_len, batch_size)
     total = 0
     for s in cfg.layers:
         spec = layer_cache_spec(s)

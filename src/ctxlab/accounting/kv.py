@@ -21,6 +21,17 @@ from ..planner import layer_cache_spec
 KV_CONVENTIONS = ("realized", "uncapped", "naive")
 
 
+def check_sizes(context_len: int, batch_size: int) -> None:
+    """Both positive integers (not bools), or one InputError naming each that is not."""
+    bad = [
+        f"{name} = {value!r}: must be a positive integer"
+        for name, value in (("context_len", context_len), ("batch_size", batch_size))
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1
+    ]
+    if bad:
+        raise InputError(bad[0] if len(bad) == 1 else "; ".join(bad))
+
+
 def kv_cache_bytes_per_layer(
     cfg: ModelConfig,
     context_len: int,
@@ -31,8 +42,7 @@ def kv_cache_bytes_per_layer(
     """Cache bytes of each layer for ``batch_size`` sequences of ``context_len`` tokens."""
     if convention not in KV_CONVENTIONS:
         raise InputError(f"convention = {convention!r}: allowed: {list(KV_CONVENTIONS)}")
-    if not (isinstance(context_len, int) and context_len > 0):
-        raise InputError(f"context_len = {context_len!r}: must be a positive integer")
+    check_sizes(context_len, batch_size)
     dt = resolve_dtype(dtype)
     out = []
     for layer in cfg.layers:

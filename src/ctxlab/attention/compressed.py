@@ -337,9 +337,8 @@ class CompressedAttention(nn.Module):
             terms["compressor"] = 2 * 2 * hidden_size * (2 * d if c.overlap else d)
             if spec.indexer is not None:
                 i = spec.indexer
-                terms["indexer_projections"] = 2 * (
-                    2 * hidden_size * 2 * i.head_dim + c.q_lora_rank * i.n_heads * i.head_dim + hidden_size * i.n_heads
-                )
+                queries = c.q_lora_rank * i.n_heads * i.head_dim + hidden_size * i.n_heads  # only once entries exist
+                terms["indexer_projections"] = 2 * (2 * hidden_size * 2 * i.head_dim + (queries if entries else 0))
                 terms["indexer_scan"] = 2 * entries * i.n_heads * (i.head_dim + 1)
                 entries = min(entries, i.topk)
             attended += entries

@@ -83,8 +83,13 @@ class Cache:
         self.length += n_new
         self._step_memo.clear()
 
+    def rope_nbytes(self) -> int:
+        """Bytes of the RoPE cos / sin tables the cache also holds (not K/V state: not in :meth:`nbytes`)."""
+        return sum(t.nbytes for pair in self._rope_tables.values() for t in pair)
+
     def nbytes(self) -> int:
-        """Bytes the cache's tensors really hold, each storage counted once (aliases add nothing)."""
+        """Bytes the cache's K/V state really holds, each storage counted once (aliases add nothing); the
+        accounting's "realized" bytes. Its RoPE tables are :meth:`rope_nbytes`."""
         seen, total = set(), 0
         for layer in self.layers:
             for t in layer.tensors():

@@ -234,6 +234,11 @@ class HyperConnection(nn.Module):
                 f"residual = 'mhc' needs block = {' or '.join(map(repr, joining))} in every layer "
                 "(the block that joins the streams)"
             )
+        if cfg.per_layer_input_size:
+            p.append(
+                f"residual = 'mhc' with per_layer_input_size = {cfg.per_layer_input_size}: per-layer embeddings "
+                "are added to one residual stream, not to mHC's streams (no model combines them); set one of them off"
+            )
         return p
 
 

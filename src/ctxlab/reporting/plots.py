@@ -55,7 +55,17 @@ def output_path(path) -> Path:
         raise CtxlabError(f"--plot {path}: cannot write there: directory {parent} {reason}")
     if not os.access(parent, os.W_OK):
         raise CtxlabError(f"--plot {path}: cannot write there: directory {parent} is not writable")
-    return p if p.suffix else p.with_suffix(".png")
+    if not p.suffix:
+        return p.with_suffix(".png")
+    import matplotlib.figure
+
+    formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if p.suffix[1:].lower() not in formats:
+        raise CtxlabError(
+            f"--plot {path}: matplotlib cannot write {p.suffix!r} files; use one of: "
+            f"{', '.join('.' + f for f in sorted(formats))} (or no suffix for .png)"
+        )
+    return p
 
 
 def save(fig, path) -> None:

@@ -129,7 +129,18 @@ def kv_roles(cfg) -> str:
         return "KV: every layer computes and caches its own K/V\n"
     producers = [i for i, s in enumerate(cfg.layers) if s.kv_source is None]
     reads = "; ".join(f"layers {', '.join(map(str, r))} read layer {src}" for src, r in sorted(readers.items()))
-    return f"KV producers: layers {producers[0]}-{producers[-1]}; consumers (no K/V weights, no cache): {reads}\n"
+    return f"KV producers: layers {layer_ranges(producers)}; consumers (no K/V weights, no cache): {reads}\n"
+
+
+def layer_ranges(layers: list[int]) -> str:
+    """[0, 2, 3, 4, 7] -> "0, 2-4, 7": runs of consecutive layers as ranges."""
+    runs: list[list[int]] = []
+    for i in layers:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(str(r[0]) if len(r) == 1 else f"{r[0]}-{r[-1]}" for r in runs)
 
 
 def head_budget_line(cfg, context: int) -> str:

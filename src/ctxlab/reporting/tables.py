@@ -12,7 +12,7 @@ UNITS_NOTE = (
     "params and FLOPs in decimal units (K/M/B = 10^3/10^6/10^9)"
 )
 CONVENTIONS_NOTE = (
-    "realized = what model.new_cache() allocates (sliding layers hold only their window, layers that "
+    "realized = the K/V state model.new_cache() allocates (sliding layers hold only their window, layers that "
     "share K/V hold nothing); naive = every layer stores every token (the convention of most published figures)"
 )
 
