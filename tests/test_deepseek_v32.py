@@ -219,3 +219,11 @@ def test_deployed_format_cache_at_1m_tokens():
     cfg, fmt = ctxlab.load_config("deepseek-v3.2"), DEPLOYED_FORMATS["deepseek-v3.2"]
     assert {fmt.bytes_per_token(layer_cache_spec(s)) for s in cfg.layers} == {656 + 132}
     assert round(kv_cache_bytes_stored(cfg, 1 << 20, fmt) / 1e9, 2) == 50.40
+
+
+def test_an_odd_latent_rank_decodes_as_the_full_forward():
+    """kv_lora_rank 7: the RoPE key starts at an odd offset of the latent row (view_as_complex needs it aligned)."""
+    cfg = ctxlab.io.config_file.config_from_dict({**BASE, "kv_lora_rank": 7, "model_type": "deepseek_v32"})
+    model = ctxlab.build_model(cfg, seed=0)
+    ids = torch.randint(3, BASE["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
+    assert_chunked_decode_matches(model, ids, [5, 1, 1, 1])
