@@ -131,6 +131,43 @@ def test_byte_level_pre_tokenizers():
     assert smollm.decode(smollm.encode("a a12 é").ids) == "a a12 é"
 
 
+def test_default_and_llama3_pre_tokenizers_as_llama_cpp_splits():
+    """llama.cpp's default: punctuation runs, GPT-2's regex, digit runs, groups of three digits; Llama 3's: a word
+    that is itself a token stays whole (ignore_merges) and BOS comes first unless the file says otherwise."""
+    space = "\u0120"
+    tokens = ["<|begin_of_text|>", "1", "2", "3", "4", "5", "12", "123", "1234", "12345", "45", ",", space, space + ","]
+    tokens += ["a", "b", "c", "ab", "abc"]
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "default",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [CONTROL] + [NORMAL] * (len(tokens) - 1),
+        "tokenizer.ggml.merges": ["1 2", "12 3", "123 4", "1234 5", "4 5", f"{space} ,", "a b"],
+        "tokenizer.ggml.bos_token_id": 0,
+    }
+    default = tokenizer_from_gguf_fields(meta)
+    assert pieces(default, "12345") == ["123", "45"] and pieces(default, " ,") == [space, ","]
+    llama3 = tokenizer_from_gguf_fields({**meta, "tokenizer.ggml.pre": "llama-bpe"})
+    assert llama3.encode("abc").tokens == ["<|begin_of_text|>", "abc"]  # not ab + c: the merges are not needed
+    no_bos = tokenizer_from_gguf_fields(
+        {**meta, "tokenizer.ggml.pre": "llama-bpe", "tokenizer.ggml.add_bos_token": False}
+    )
+    assert no_bos.encode("abc").tokens == ["abc"] and default.encode("abc").tokens == ["ab", "c"]
+
+
+def test_damaged_tokenizer_metadata_is_a_checkpoint_error_naming_the_file(tmp_path):
+    from ctxlab.io.text_tokenizer import gguf_text_tokenizer
+
+    meta = {**byte_level_meta("gpt2"), "tokenizer.ggml.merges": ["\u0120 zz"]}  # a merge naming no token
+    pytest.importorskip("gguf", reason="writing a GGUF file needs the gguf package")
+    from gguf_writer import write_gguf
+
+    path = tmp_path / "damaged.gguf"
+    write_gguf(path, "llama", {k: v for k, v in meta.items() if k != "tokenizer.ggml.eos_token_id"}, {})
+    with pytest.raises(CheckpointError, match=r"damaged.gguf: its tokenizer.ggml.\* metadata does not describe"):
+        gguf_text_tokenizer(path)
+
+
 def test_unknown_pre_tokenizer_and_model():
     with pytest.raises(
         CheckpointError, match="tokenizer.ggml.pre = 'nope' is not a known pre-tokenizer; known: .*smollm"

@@ -115,8 +115,17 @@ def gguf_text_tokenizer(path: Path) -> TextTokenizer:
     stops = tuple(
         i for i in (meta.get("tokenizer.ggml.eot_token_id"), meta.get("tokenizer.ggml.eom_token_id")) if i is not None
     )
+    try:
+        backend = tokenizer_from_gguf_fields(meta, str(path))
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 (damaged metadata: an index out of range, merges naming no token, ...)
+        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CheckpointError(
+            f"{path}: its tokenizer.ggml.* metadata does not describe a usable tokenizer ({type(e).__name__}: {reason})"
+        ) from None
     return TextTokenizer(
-        backend=tokenizer_from_gguf_fields(meta, str(path)),
+        backend=backend,
         special_tokens=special,
         chat_template=meta.get("tokenizer.chat_template"),
         source=str(path),
