@@ -288,3 +288,16 @@ def test_cli_generate_runs_the_gguf_weights(written, capsys):
             torch.tensor([[3, 4, 5]]), max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0
         )
     assert json.loads(out.out)["generated_ids"] == expected[0, 3:].tolist()
+
+
+def test_a_file_without_a_rope_base_takes_llama_cpps_default(written):
+    """llama.cpp's load_hparams reads 10,000 when ``{arch}.rope.freq_base`` is absent, for every architecture."""
+    from ctxlab.io.gguf import ARCHITECTURES, read_header
+    from ctxlab.io.gguf import hf_config as gguf_hf_config
+
+    arch, _ref, path = written
+    f = read_header(path)
+    f.metadata.pop(f"{arch}.rope.freq_base", None)
+    d = gguf_hf_config(f, ARCHITECTURES[arch])
+    full = d["rope_parameters"].get("full_attention", d["rope_parameters"])
+    assert full["rope_theta"] == 10_000.0

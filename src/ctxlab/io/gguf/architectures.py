@@ -183,7 +183,8 @@ def _common(meta: dict[str, Any], arch: str, tensors: dict[str, tuple[int, ...]]
 
 
 def _rope(meta: dict[str, Any], arch: str, theta: float, where: str) -> dict[str, Any]:
-    """``rope_parameters`` from ``{arch}.rope.freq_base`` and ``{arch}.rope.scaling.*``."""
+    """``rope_parameters`` from ``{arch}.rope.freq_base`` and ``{arch}.rope.scaling.*``; without the key,
+    ``theta`` (llama.cpp's ``load_hparams`` reads 10,000 for every architecture)."""
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": float(_get(meta, arch, "rope.freq_base", theta))}
     kind = _get(meta, arch, "rope.scaling.type", "none")
     if kind == "linear":
@@ -235,7 +236,7 @@ class Qwen3(Architecture):
 
     def config(self, meta, tensors, values):
         out = {"model_type": "qwen3", **_common(meta, "qwen3", tensors)}
-        out["rope_parameters"] = _rope(meta, "qwen3", 1_000_000.0, "qwen3")
+        out["rope_parameters"] = _rope(meta, "qwen3", 10_000.0, "qwen3")
         return out
 
 
@@ -258,7 +259,7 @@ class Gemma3(Architecture):
         else:
             out["layer_types"] = ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(n)]
         out["sliding_window"] = _get(meta, a, "attention.sliding_window", 4096)
-        full = _rope(meta, a, 1_000_000.0, a)
+        full = _rope(meta, a, 10_000.0, a)
         local = {"rope_type": "default", "rope_theta": float(_get(meta, a, "rope.freq_base_swa", 10_000.0))}
         out["rope_parameters"] = {"sliding_attention": local, "full_attention": full}
         scalar = out["hidden_size"] // out["num_attention_heads"] if n == self.LAYERS_27B else head_dim
