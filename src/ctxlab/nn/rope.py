@@ -164,10 +164,10 @@ class Rotary:
             c, s = cos[..., :half].float(), sin[..., :half].float()
             return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2).to(x.dtype)
         rotation = torch.complex(cos[..., :half].float(), sin[..., :half].float())
-        x = x.float().contiguous()
-        if x.storage_offset() % 2:  # view_as_complex needs pairs aligned in storage (an odd slice of a latent)
-            x = x.clone()
-        pairs = torch.view_as_complex(x.unflatten(-1, (half, 2)))
+        flat = x.float().contiguous()
+        if flat.storage_offset() % 2:  # view_as_complex needs pairs aligned in storage (an odd slice of a latent)
+            flat = flat.clone()
+        pairs = torch.view_as_complex(flat.unflatten(-1, (half, 2)))
         return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
