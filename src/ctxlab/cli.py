@@ -36,7 +36,7 @@ from . import __version__, progress
 from .accounting import count_params, decode_flops_terms, kv_cache_bytes
 from .dtypes import DTYPES, dtype_name
 from .errors import ConfigError, CtxlabError, InputError
-from .generate import stream
+from .generate import past_trained_context, stream
 from .io.checkpoint import from_pretrained
 from .io.config_file import load_config
 from .io.gguf import is_gguf
@@ -231,16 +231,11 @@ def check_memory(source: str, cfg, dtype: torch.dtype, max_memory_gb: float, tok
 
 def check_trained_context(cfg, positions: int, what: str, allow: bool, command: str) -> None:
     """Refuse (or with ``allow``, only warn about) more positions than ``max_position_embeddings``."""
-    limit = cfg.max_position_embeddings
-    if positions <= limit:
-        return
-    message = (
-        f"{what} = {positions:,} positions, more than {cfg.name or cfg.family}'s max_position_embeddings = "
-        f"{limit:,} (the context it was trained for)"
-    )
-    if not allow:
-        raise InputError(f"{message}; use at most {limit:,}, or pass --allow-past-max-positions to run on anyway")
-    print(f"ctxlab {command}: warning: {message}", file=sys.stderr)
+    past = past_trained_context(cfg, positions, what)
+    if past and not allow:
+        raise InputError(f"{past}; use at most {cfg.max_position_embeddings}, or pass --allow-past-max-positions")
+    if past:
+        print(f"ctxlab {command}: warning: {past}", file=sys.stderr)
 
 
 def load_for_generation(

@@ -188,14 +188,25 @@ def stream(
         logits = step(model, tokens, cache)
 
 
+def past_trained_context(cfg, positions: int, what: str) -> str | None:
+    """Why ``positions`` (``what`` names them) run past the trained context (``max_position_embeddings``), or None."""
+    limit = cfg.max_position_embeddings
+    if positions <= limit:
+        return None
+    return (
+        f"{what} = {positions} positions, more than {cfg.name or cfg.family}'s max_position_embeddings = {limit} "
+        "(the context it was trained for)"
+    )
+
+
 def check_positions(cfg, prompt_tokens: int, new_tokens: int, allow: bool) -> None:
     """Refuse to run past the trained context (``max_position_embeddings``) unless allowed."""
-    limit = cfg.max_position_embeddings
-    if prompt_tokens + new_tokens > limit and not allow:
+    past = past_trained_context(
+        cfg, prompt_tokens + new_tokens, f"{prompt_tokens} prompt tokens + {new_tokens} new tokens"
+    )
+    if past and not allow:
         raise InputError(
-            f"{prompt_tokens} prompt tokens + {new_tokens} new tokens = {prompt_tokens + new_tokens} positions, more "
-            f"than {cfg.name or cfg.family}'s max_position_embeddings = {limit} (the context it was trained for); "
-            "shorten the prompt or max_new_tokens, or pass allow_past_max_positions=True "
+            f"{past}; shorten the prompt or max_new_tokens, or pass allow_past_max_positions=True "
             "(CLI: --allow-past-max-positions) to run on anyway"
         )
 
