@@ -23,7 +23,8 @@ is in dozens of tiny ops per connection and in passes over the n-times wider str
   neighbours instead of calling out to a batched-matmul kernel.
 * **Where the native kernels run** (float32 / bf16 stream, n ≤ 8), a connection's split and its merge
   are one call each (``ctxlab::hc_split``, ``ctxlab::hc_merge``): at inference a decode step would
-  otherwise dispatch ~30 ops per connection on a handful of numbers. In training (float32 stream)
+  otherwise dispatch ~30 ops per connection on a handful of numbers (under ``torch.compile`` the merge
+  is left to inductor, which fuses its broadcasts; the split stays one call). In training (float32 stream)
   :class:`NativeHyperSplit` / :class:`NativeHyperMerge` wrap them with their one-pass backward
   kernels (``ctxlab::hc_split_backward``: ∂X, ∂fn and the pre logits' gradient; ``ctxlab::hc_merge_backward``),
   eager and under ``torch.compile`` (opaque calls with registered shapes), where PyTorch runs three
@@ -366,7 +367,7 @@ def _split_traceable(x, fn, base, scale, iters, eps, norm_eps, mix_weights):
 
 def _connects_natively(x: torch.Tensor) -> bool:
     """At inference, the whole split and the whole merge of x [..., n, H] are one native call each
-    (``ctxlab::hc_split``, ``ctxlab::hc_merge``)."""
+    (``ctxlab::hc_split``, ``ctxlab::hc_merge``; a compiled merge is inductor's, see :func:`merge`)."""
     return not torch.is_grad_enabled() and _native_kernels_take(x, x.shape[-2], (torch.float32, torch.bfloat16))
 
 
@@ -423,7 +424,9 @@ def merge(x: torch.Tensor, branch: torch.Tensor, mixing: tuple[torch.Tensor, ...
                 f"([{', '.join(map(str, handed_back.shape))}]): pass the split's input, which these mixing weights are of"
             )
         x = handed_back
-    if _connects_natively(x) and branch.dtype == x.dtype:  # one call on the tensors as they are
+    # one call on the tensors as they are; a compiled decode step's merge is left to inductor, which fuses it (the
+    # native call stays an opaque extern call): 0.03-0.04 ms a token faster at widths 256 and 512 (docs/benchmarks.md)
+    if _connects_natively(x) and branch.dtype == x.dtype and not torch.compiler.is_compiling():
         post, comb = _float32(post).contiguous(), _float32(comb).contiguous()
         return torch.ops.ctxlab.hc_merge.default(x.contiguous(), branch.contiguous(), post, comb)
     B, T, n, H = x.shape
