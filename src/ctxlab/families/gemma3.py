@@ -62,7 +62,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     layers = [
         LayerSpec(
             num_heads=heads,
-            num_kv_heads=text.get("num_key_value_heads") or heads,
+            num_kv_heads=text.get("num_key_value_heads") or 4,  # HF Gemma3TextConfig's defaults
             head_dim=text.get("head_dim") or 256,
             intermediate_size=text["intermediate_size"],
             window=text.get("sliding_window", 4096) if kind == "sliding_attention" else None,
@@ -97,18 +97,16 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
 
 def _rope_parameters(text: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Per layer type, as HF ``Gemma3TextConfig.convert_rope_params_to_dict``: ``rope_parameters``
-    (transformers 5), else 4.x's ``rope_theta`` (global), ``rope_local_base_freq`` (local) and
-    ``rope_scaling`` (global layers only)."""
+    (transformers 5), a 4.x ``rope_scaling`` over the global layers' entry, then the top-level ``rope_theta``
+    (global) and ``rope_local_base_freq`` (local) where an entry has no ``rope_theta`` of its own."""
     given = text.get("rope_parameters") or {}
     if given and not set(given) <= set(LAYER_TYPES):  # one dict for every layer type (flat form)
         given = {kind: given for kind in LAYER_TYPES}
     out = {kind: dict(given.get(kind) or {"rope_type": "default"}) for kind in LAYER_TYPES}
-    if not text.get("rope_parameters"):
-        out["full_attention"].update(text.get("rope_scaling") or {})
-        if text.get("rope_theta") is not None:
-            out["full_attention"]["rope_theta"] = text["rope_theta"]
-        if text.get("rope_local_base_freq") is not None:
-            out["sliding_attention"]["rope_theta"] = text["rope_local_base_freq"]
+    out["full_attention"].update(text.get("rope_scaling") or {})
+    for kind, field in (("full_attention", "rope_theta"), ("sliding_attention", "rope_local_base_freq")):
+        if text.get(field) is not None:
+            out[kind].setdefault("rope_theta", text[field])
     return out
 
 

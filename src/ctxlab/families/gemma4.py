@@ -41,6 +41,12 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     where = name or "gemma4 config"
     text = d.get("text_config") or d
     require(text, ["hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"], where)
+    bidirectional = text.get("use_bidirectional_attention")
+    if bidirectional not in (None, False, "vision"):  # "vision": only image tokens see each other (no text effect)
+        raise ConfigError(
+            [f"{where}.use_bidirectional_attention = {bidirectional!r}: only causal Gemma 4 text decoders are "
+             "supported (null, false or 'vision')"]
+        )
     n = text["num_hidden_layers"]
     layer_types = list(
         text.get("layer_types") or ["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(n)]

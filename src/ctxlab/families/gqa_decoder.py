@@ -53,9 +53,10 @@ def check_layer_types(layer_types: list[str], num_layers: int, where: str) -> No
     check_per_layer(where, num_layers, layer_types=(layer_types, LAYER_TYPES))
 
 
-def model_config(d: dict[str, Any], family: str, layers: list[LayerSpec], name: str) -> ModelConfig:
+def model_config(d: dict[str, Any], family: str, layers: list[LayerSpec], name: str, **defaults: Any) -> ModelConfig:
+    """``defaults``: the family's HF config class defaults for fields a file may leave out (:func:`model_fields`)."""
     return ModelConfig(
-        **model_fields(d),
+        **model_fields(d, **defaults),
         family=family,
         layers=tuple(layers),
         name=name,

@@ -53,14 +53,16 @@ def parse_rope(params: dict[str, Any] | None, where: str, default_theta: float =
 
 
 def legacy_rope_params(d: dict[str, Any]) -> dict[str, Any] | None:
-    """``rope_parameters`` of a config, also for 4.x files with ``rope_theta`` + ``rope_scaling``."""
-    if d.get("rope_parameters") is not None:
-        return d["rope_parameters"]
-    params = dict(d.get("rope_scaling") or {})
-    if d.get("rope_theta") is not None:
-        params["rope_theta"] = d["rope_theta"]
-    if d.get("partial_rotary_factor") is not None:
-        params.setdefault("partial_rotary_factor", d["partial_rotary_factor"])
+    """The rope parameters of a config as HF ``convert_rope_params_to_dict`` reads them: a 4.x
+    ``rope_scaling`` over ``rope_parameters``, then a top-level ``rope_theta`` / ``partial_rotary_factor``
+    for what that dict does not say itself."""
+    given = d.get("rope_scaling") or d.get("rope_parameters")
+    if given is not None and not isinstance(given, dict):
+        return given  # parse_rope names the field and the value
+    params = dict(given or {})
+    for field in ("rope_theta", "partial_rotary_factor"):
+        if d.get(field) is not None:
+            params.setdefault(field, d[field])
     return params or None
 
 

@@ -29,7 +29,8 @@ KEY_MAP = KeyMap(
 ARCHITECTURE = "LagunaForCausalLM"
 LAYER_TYPES = ("full_attention", "sliding_attention")
 MLP_TYPES = ("dense", "sparse")
-GATING = {True: "per_head", "per-head": "per_head", "per-element": "per_element", False: None}
+# HF LagunaAttention gates per head for True / "per-head" and per element for anything else, false included
+GATING = {True: "per_head", "per-head": "per_head", "per-element": "per_element", False: "per_element"}
 DEFAULT_ROPE = {  # LagunaConfig.__post_init__
     "full_attention": {"rope_type": "default", "rope_theta": 500000.0, "partial_rotary_factor": 0.5},
     "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 1.0},
@@ -99,7 +100,7 @@ def to_hf(cfg: ModelConfig) -> dict[str, Any]:
     moe = next((s.moe for s in cfg.layers if s.moe is not None), None) or MoESpec(256, 8, 512, "biased_topk")
     full = next((s for s in cfg.layers if s.window is None), first)
     sliding = next((s for s in cfg.layers if s.window is not None), None)
-    gating = {v: k for k, v in GATING.items() if not isinstance(k, bool) or k is False}.get(first.output_gate, True)
+    gating = {v: k for k, v in GATING.items() if isinstance(k, str)}.get(first.output_gate, True)
     rope = {"full_attention": rope_to_hf(full.rope)}
     if sliding is not None:
         rope["sliding_attention"] = rope_to_hf(sliding.rope)

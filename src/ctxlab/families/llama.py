@@ -16,7 +16,8 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     where = name or "llama config"
     require(d, REQUIRED, where)
     layer = base_layer(d, where)
-    return model_config(d, MODEL_TYPE, [layer] * d["num_hidden_layers"], name)
+    # HF LlamaConfig's defaults for a file without them
+    return model_config(d, MODEL_TYPE, [layer] * d["num_hidden_layers"], name, max_positions=2048, bos=1, eos=2)
 
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:

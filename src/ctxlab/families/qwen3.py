@@ -19,16 +19,17 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     where = name or "qwen3 config"
     require(d, REQUIRED, where)
     n = d["num_hidden_layers"]
-    window = d.get("sliding_window") if d.get("use_sliding_window", False) else None
+    window = d.get("sliding_window", 4096) if d.get("use_sliding_window", False) else None  # HF Qwen3Config's default
     layer_types = d.get("layer_types") or [
         "sliding_attention" if window is not None and i >= d.get("max_window_layers", 28) else "full_attention"
         for i in range(n)
     ]
     check_layer_types(layer_types, n, where)
-    full = base_layer(d, where, qk_norm=True, mlp_bias=False)  # HF Qwen3MLP has no biases, whatever mlp_bias says
+    # HF Qwen3MLP has no biases, whatever mlp_bias says; Qwen3Config's head_dim is 128 when the file has none
+    full = base_layer(d, where, qk_norm=True, mlp_bias=False, head_dim=d.get("head_dim") or 128)
     sliding = dataclasses.replace(full, window=window)
     layers = [sliding if t == "sliding_attention" else full for t in layer_types]
-    return model_config(d, MODEL_TYPE, layers, name)
+    return model_config(d, MODEL_TYPE, layers, name, max_positions=32768)
 
 
 def to_hf(cfg: ModelConfig) -> dict[str, Any]:

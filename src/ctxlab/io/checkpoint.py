@@ -7,6 +7,7 @@ unexpected and mis-shaped tensor before any data is read: nothing is ever partly
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Iterator
@@ -109,6 +110,13 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | str = torch.floa
     cfg = load_config(directory)
     files = weight_files(directory)
     found = _headers(files)
+    if cfg.tie_word_embeddings and _stored_head_differs(cfg, found, files):
+        log.warning(
+            "%s: the config ties the LM head to the embedding, but the checkpoint holds an lm_head.weight with other "
+            "values; loading it untied, as transformers does",
+            directory,
+        )
+        cfg = dataclasses.replace(cfg, tie_word_embeddings=False)
 
     check_dtype(cfg, dtype)
     with torch.device("meta"):
@@ -125,6 +133,22 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | str = torch.floa
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model.eval()
+
+
+def _stored_head_differs(cfg, found: dict[str, tuple[int, ...]], files: dict[str, Path]) -> bool:
+    """Whether the files hold both ``lm_head.weight`` and the embedding with different values (transformers then
+    leaves a tied config's head untied). Reads the two tensors only when both are there."""
+    rename = getattr(FAMILIES.get(cfg.family), "checkpoint_key", lambda n: n)
+    stored = {rename(n): n for n in found}
+    head, embedding = stored.get("lm_head.weight"), stored.get("model.embed_tokens.weight")
+    if head is None or embedding is None:
+        return False
+    if found[head] != found[embedding]:
+        return True
+    with open_safetensors(files[head]) as f:
+        head_values = f.get_tensor(head)
+    with open_safetensors(files[embedding]) as f:
+        return not torch.equal(head_values, f.get_tensor(embedding))
 
 
 READ_BATCH_BYTES = 64 << 20  # reopen a file after this much: its mapped pages leave the process's memory
@@ -158,7 +182,8 @@ def checkpoint_names(cfg, found: dict[str, tuple]) -> dict[str, str]:
     Drops, with one info line per reason, what no forward uses: tensors a family maps away
     (e.g. vision/audio towers of a multimodal checkpoint), K/V weights of layers that read
     another layer's K/V (published Gemma 4 checkpoints still carry them), a tied model's
-    ``lm_head.weight``, and old exports' ``rotary_emb.inv_freq``. Anything else unexpected
+    ``lm_head.weight`` (equal to the embedding: :func:`from_pretrained` unties the model where it is not), and
+    old exports' ``rotary_emb.inv_freq``. Anything else unexpected
     stays, so ``check_tensor_names`` reports it.
     """
     family = FAMILIES.get(cfg.family)
