@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import ctxlab
+import test_deepseek_v4
 import test_gemma3
 import test_gemma4
 import test_laguna
@@ -81,7 +82,12 @@ CASES = {  # name: (the transformers model, saved as it is; the edit of its conf
         lambda hf: hf.LagunaForCausalLM(hf.LagunaConfig(**{**test_laguna.BASE, "gating": False})),
         lambda c: None,
     ),
+    "gemma4: global layers as wide as the others (transformers saves per_layer_config {})": (
+        lambda hf: hf.Gemma4ForCausalLM(hf.Gemma4TextConfig(**{**test_gemma4.BASE, "global_head_dim": 16})),
+        lambda c: None,
+    ),
 }
+RANDOMIZE = {"Gemma3ForCausalLM": test_gemma3.randomize_gemma3_, "Gemma4ForCausalLM": test_gemma4.randomize_gemma_}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -89,7 +95,7 @@ def test_edited_config_gives_transformers_logits(hf, case, tmp_path):
     build, edit = CASES[case]
     torch.manual_seed(0)
     model = build(hf)
-    (test_gemma3.randomize_gemma3_ if isinstance(model, hf.Gemma3ForCausalLM) else randomize_)(model, seed=0)
+    RANDOMIZE.get(type(model).__name__, randomize_)(model, seed=0)
     model.save_pretrained(tmp_path)
     path = tmp_path / "config.json"
     config = json.loads(path.read_text())
@@ -98,6 +104,31 @@ def test_edited_config_gives_transformers_logits(hf, case, tmp_path):
     ref = hf.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
     ours = ctxlab.from_pretrained(tmp_path)
     ids = torch.randint(0, ref.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= TOL
+
+
+V4_CASES = {  # name: (fields of the transformers config, the edit of its config.json)
+    "no partial_rotary_factor nor qk_rope_head_dim: 64 / 512 of the head rotates": (
+        {"qk_rope_head_dim": None},
+        without("partial_rotary_factor", "qk_rope_head_dim"),
+    ),
+    "n_shared_experts 2: transformers builds one shared expert": ({"n_shared_experts": 2}, lambda c: None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(V4_CASES))
+def test_deepseek_v4_config_gives_transformers_logits(hf, case, tmp_path, monkeypatch):
+    fields, edit = V4_CASES[case]
+    monkeypatch.setitem(test_deepseek_v4.CASES, case, fields)
+    model = test_deepseek_v4.hf_v4(hf, case)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    edit(config)
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    ref = hf.DeepseekV4ForCausalLM.from_pretrained(tmp_path, experts_implementation="eager").eval()
+    ours = ctxlab.from_pretrained(tmp_path)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max().item() <= TOL
 

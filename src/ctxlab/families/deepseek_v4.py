@@ -12,6 +12,7 @@ weights (``mtp.*``) are skipped.
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
@@ -19,6 +20,8 @@ from ..config import CompressSpec, IndexerSpec, LayerSpec, ModelConfig, MoESpec,
 from ..errors import ConfigError
 from .hf_fields import check_per_layer, hf_fields, model_fields, parse_rope, require, rope_to_hf
 from .keymap import KeyMap
+
+log = logging.getLogger("ctxlab")
 
 MODEL_TYPE = "deepseek_v4"
 ARCHITECTURE = "DeepseekV4ForCausalLM"
@@ -82,7 +85,17 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     )
     check_per_layer(where, n, mlp_layer_types=(mlp_types, MLP_TYPES))
     head_dim = d.get("head_dim", 512)
-    partial = d.get("partial_rotary_factor") or (d.get("qk_rope_head_dim", 64) / head_dim)
+    if d.get("n_shared_experts", 1) != 1:
+        log.warning(
+            "%s: n_shared_experts = %s is not read: transformers' DeepSeek V4 builds one shared expert of "
+            "moe_intermediate_size",
+            where,
+            d["n_shared_experts"],
+        )
+    # HF DeepseekV4Config: a legacy qk_rope_head_dim / head_dim, else its default 64 / 512 (whatever head_dim is)
+    partial = d.get("partial_rotary_factor") or (
+        d["qk_rope_head_dim"] / head_dim if d.get("qk_rope_head_dim") is not None else 64 / 512
+    )
     rope = _rope(d, partial, where)
     rates = {
         **{"compressed_sparse_attention": 4, "heavily_compressed_attention": 128},
@@ -93,7 +106,8 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         top_k=d.get("num_experts_per_tok", 6),
         intermediate_size=d.get("moe_intermediate_size", 2048),
         routed_scaling=float(d.get("routed_scaling_factor", 1.5)),
-        shared_expert_size=d.get("moe_intermediate_size", 2048) * d.get("n_shared_experts", 1),
+        # HF DeepseekV4MLP: one shared expert of moe_intermediate_size, whatever n_shared_experts says
+        shared_expert_size=d.get("moe_intermediate_size", 2048),
         score_fn=d.get("scoring_func", "sqrtsoftplus"),
         router_precision="scores_model_dtype",  # HF DeepseekV4TopKRouter: scores in the model dtype
     )

@@ -44,8 +44,10 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
     bidirectional = text.get("use_bidirectional_attention")
     if bidirectional not in (None, False, "vision"):  # "vision": only image tokens see each other (no text effect)
         raise ConfigError(
-            [f"{where}.use_bidirectional_attention = {bidirectional!r}: only causal Gemma 4 text decoders are "
-             "supported (null, false or 'vision')"]
+            [
+                f"{where}.use_bidirectional_attention = {bidirectional!r}: only causal Gemma 4 text decoders are "
+                "supported (null, false or 'vision')"
+            ]
         )
     n = text["num_hidden_layers"]
     layer_types = list(
@@ -125,11 +127,12 @@ def _kv_sources(layer_types: list[str], shared: int, where: str) -> list[int | N
 
 
 def _geometry(text: dict[str, Any], layer_types: list[str]) -> list[tuple[int, int]]:
-    """(head_dim, kv_heads) per layer, from ``per_layer_config`` (what transformers saves) or
-    from ``global_head_dim`` / ``num_global_key_value_heads`` (the published files)."""
+    """(head_dim, kv_heads) per layer, from ``per_layer_config`` (what transformers saves; ``{}`` when every
+    layer has the base geometry) or, where the file has no such key, from ``global_head_dim`` /
+    ``num_global_key_value_heads`` (the published files), as HF ``Gemma4TextConfig.__post_init__``."""
     head_dim, kv_heads = text.get("head_dim", 256), text.get("num_key_value_heads", 4)
     overrides = {int(k): v for k, v in (text.get("per_layer_config") or {}).items()}
-    if not overrides:
+    if "per_layer_config" not in text:
         full = {"head_dim": text.get("global_head_dim", 512)}
         if text.get("attention_k_eq_v") and text.get("num_global_key_value_heads") is not None:
             full["num_key_value_heads"] = text["num_global_key_value_heads"]
