@@ -227,6 +227,28 @@ def test_resume_refuses_a_checkpoint_of_another_config(tmp_path):
         train(tiny_config(1, 16), task, TrainConfig(steps=2, micro_batch=2, lr=1e-4), tmp_path, progress=False)
 
 
+def test_resume_refuses_a_checkpoint_of_another_model_task_or_batch(tmp_path):
+    """The same training config is not the same run: a checkpoint of another model (whose weights may well fit),
+    another task, or another global batch (another number of processes: the data position and the token count
+    would not continue) is refused by name."""
+    task, cfg = make_task("mqar", seq_len=32, pairs=2, eval_examples=4), TrainConfig(steps=2, micro_batch=2)
+    layer = LayerSpec(num_heads=4, num_kv_heads=2, head_dim=12, intermediate_size=96)
+    sliding = ModelConfig(
+        family="ctxlab", vocab_size=256, hidden_size=16, layers=(LayerSpec(**{**layer.__dict__, "window": 8}),)
+    )
+    train(tiny_config(1, 16), task, cfg, tmp_path, progress=False)
+    with pytest.raises(ValueError, match="different model config"):
+        train(sliding, task, cfg, tmp_path, progress=False)  # the same parameter shapes
+    with pytest.raises(ValueError, match="different task"):
+        train(
+            tiny_config(1, 16), make_task("mqar", seq_len=32, pairs=3, eval_examples=4), cfg, tmp_path, progress=False
+        )
+    state = load(tmp_path / "checkpoint.pt")
+    save_atomic({**state, "global_batch": 4}, tmp_path / "checkpoint.pt")  # as two processes would have written it
+    with pytest.raises(ValueError, match=r"different global batch \(4 examples a step, here 2"):
+        train(tiny_config(1, 16), task, cfg, tmp_path, progress=False)
+
+
 def test_bad_train_config_names_the_field():
     with pytest.raises(ValueError, match="micro_batch = 0"):
         TrainConfig(micro_batch=0)

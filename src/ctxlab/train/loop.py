@@ -87,6 +87,29 @@ def _truncate_metrics(path: Path, completed: int) -> None:
     tmp.replace(path)
 
 
+def _check_same_run(path: Path, state: dict, run: dict) -> None:
+    """Refuses to resume from a checkpoint of another run: another training config, model, task or global batch
+    (whose data positions and token counts would not continue this run's). Checkpoints written before the model,
+    task and batch were recorded are checked on the training config alone."""
+    differs = []
+    fields = sorted(k for k, v in run["train_config"].items() if state["train_config"].get(k) != v)
+    if fields:
+        differs.append(f"training config (differs in {fields})")
+    for key, what in (("model_config", "model config"), ("task", "task")):
+        if key in state and state[key] != run[key]:
+            differs.append(what)
+    if "global_batch" in state and state["global_batch"] != run["global_batch"]:
+        differs.append(
+            f"global batch ({state['global_batch']} examples a step, here {run['global_batch']}: micro batch x "
+            "accumulation x processes)"
+        )
+    if differs:
+        raise InputError(
+            f"{path}: written by a run with a different {'; '.join(differs)}; use another output directory, or "
+            "resume=False (--no-resume) to start over"
+        )
+
+
 def train(
     model_config: ModelConfig,
     task: Task,
@@ -123,14 +146,16 @@ def train(
 
     start = 0
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
+    global_batch = cfg.micro_batch * cfg.grad_accum * world.size
+    run = {  # what a checkpoint must have been written by to be resumed here
+        "train_config": cfg.to_dict(),
+        "model_config": model_config.to_dict(),
+        "task": task.describe(),
+        "global_batch": global_batch,
+    }
     if resume and ckpt_path.exists():
         state = checkpoint.load(ckpt_path)
-        differs = sorted(k for k, v in cfg.to_dict().items() if state["train_config"].get(k) != v)
-        if differs:
-            raise InputError(
-                f"{ckpt_path}: written by a run with a different training config (differs in {differs}); "
-                "use another output directory, or resume=False (--no-resume) to start over"
-            )
+        _check_same_run(ckpt_path, state, run)
         _load_state(model, optimizer, state["model"], state["optimizer"], fsdp)
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng_states(state["rng"])
@@ -141,7 +166,6 @@ def train(
         metrics_path.unlink()
     distributed.barrier(world)
 
-    global_batch = cfg.micro_batch * cfg.grad_accum * world.size
     tokens_per_step = global_batch * task.seq_len
     has_hc = bool(hyper_connections(model))
     autocast = (
@@ -207,7 +231,7 @@ def train(
                             "step": done,
                             "examples": done * global_batch,
                             "rng": checkpoint.rng_states(),
-                            "train_config": cfg.to_dict(),
+                            **run,
                         },
                         ckpt_path,
                     )
