@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import ctxlab
@@ -62,7 +63,8 @@ def measured_decode_flops(model, prompt_len):
     cache = model.new_cache(1, prompt_len + 1)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len + 1))
     with torch.no_grad():
-        model(ids[:, :-1], cache=cache)
+        if prompt_len:
+            model(ids[:, :-1], cache=cache)
         counter = FlopCounterMode(
             display=False,
             custom_mapping={torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: sdpa_with_gqa},
@@ -73,7 +75,7 @@ def measured_decode_flops(model, prompt_len):
 
 
 @pytest.mark.parametrize("name", TINY)
-@pytest.mark.parametrize("prompt_len", [7, 8, 30])
+@pytest.mark.parametrize("prompt_len", [0, 7, 8, 30])  # 0: the first token, into an empty cache
 def test_decode_flops_matches_flop_counter(name, prompt_len):
     """The analytic decode FLOPs equal what torch counts on a real one-token decode."""
     cfg = ctxlab.load_config(name)
@@ -81,9 +83,10 @@ def test_decode_flops_matches_flop_counter(name, prompt_len):
 
 
 @settings(max_examples=30, deadline=None)
-@given(cfg=model_configs())
-def test_decode_flops_matches_flop_counter_for_random_configs(cfg):
-    prompt_len = max(s.window or 1 for s in cfg.layers) + 2  # past every window
+@given(cfg=model_configs(), first_token=st.booleans())
+def test_decode_flops_matches_flop_counter_for_random_configs(cfg, first_token):
+    """Past every window, or the first token into an empty cache (CCA then also projects a zero token)."""
+    prompt_len = 0 if first_token else max(s.window or 1 for s in cfg.layers) + 2
     assert ctxlab.decode_flops(cfg, prompt_len) == measured_decode_flops(ctxlab.build_model(cfg), prompt_len)
 
 

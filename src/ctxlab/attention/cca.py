@@ -243,8 +243,10 @@ class CCAttention(nn.Module):
         q, kv = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
         channels, _ = _conv_shape(spec)
         k1 = spec.conv_kernels[1]
+        # no earlier token: the delayed value starts from one zero token through the fused q / k / value projection
+        zero_token = 2 * hidden_size * (q + 2 * kv) if positions == 1 else 0
         return {
-            "projections": 2 * hidden_size * (2 * q + 2 * kv),
+            "projections": 2 * hidden_size * (2 * q + 2 * kv) + zero_token,
             "conv": 2 * channels * spec.head_dim * k1,
             "attention": 2 * 2 * spec.num_heads * spec.head_dim * keys,
         }
