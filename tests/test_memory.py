@@ -91,3 +91,19 @@ def test_the_estimate_counts_the_rope_tables_a_cache_holds_beside_its_kv_state(f
     assert cache.rope_nbytes() == rope_table_bytes(cfg, dtype, 37) > 0
     assert cache.nbytes() == ctxlab.kv_cache_bytes(cfg, 37, dtype)  # the K/V state: the accounting's "realized"
     assert generation_bytes(cfg, dtype, 37)["cache"] == cache.nbytes() + cache.rope_nbytes()
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "gemma4_text", "laguna", "zaya", "deepseek_v32", "deepseek_v4"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_estimate_counts_each_weight_in_the_dtype_it_is_built_in(family, dtype):
+    """Every family's tiny model, and an mHC one (whose float32 mixing projections are a third of a tiny DeepSeek
+    V4's bytes in bf16): the estimate is the bytes the built model's tensors hold."""
+    from ctxlab.io.config_file import config_from_dict
+    from ctxlab.lab import load_recipe
+    from ctxlab.memory import weights_bytes
+    from test_config_fields import CONFIGS
+
+    for cfg in (config_from_dict(CONFIGS[family], name=family), load_recipe("mhc").config):
+        model = ctxlab.build_model(cfg, dtype=dtype, seed=0)
+        tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+        assert weights_bytes(cfg, getattr(torch, dtype)) == sum(t.numel() * t.element_size() for t in tensors.values())
