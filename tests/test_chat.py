@@ -3,6 +3,7 @@ answers equal to transformers' greedy continuation of the whole conversation, st
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -137,6 +138,28 @@ def test_message_option_streams_text(checkpoint, reference):
     _, answer = hf_greedy(reference, messages, 5)
     assert run.stdout.strip() == hf_tok.decode(answer, skip_special_tokens=True).strip()
     assert "tok/s" in run.stderr
+
+
+def test_an_empty_system_message_replaces_the_templates_default(checkpoint, reference):
+    """``--system ""`` renders an empty system message; only no ``--system`` leaves the template's own."""
+    _, hf_tok = reference
+    run = console("chat", str(checkpoint), "--json", "--message", "hi", "--max-new-tokens", "1", "--system", "")
+    assert run.returncode == 0, run.stderr
+    empty = hf_tok.apply_chat_template(
+        [{"role": "system", "content": ""}, {"role": "user", "content": "hi"}],
+        add_generation_prompt=True,
+        return_dict=False,
+    )
+    default = hf_tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], add_generation_prompt=True, return_dict=False
+    )
+    assert json.loads(run.stdout)["prompt_tokens"] == len(empty) != len(default)
+
+
+def test_piped_crlf_lines_lose_their_carriage_returns():
+    from ctxlab.chat import user_messages
+
+    assert list(user_messages(io.StringIO("what is it?\r\n\r\nthanks\r\n"), io.StringIO())) == ["what is it?", "thanks"]
 
 
 def test_model_without_chat_template(tmp_path):

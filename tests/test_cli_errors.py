@@ -77,10 +77,23 @@ def test_sharded_index_that_is_not_json_names_the_file(checkpoint, tmp_path):
             ["max_position_embeddings = 256", "--allow-past-max-positions"],
         ),
         (["--prompt-ids", "1", "--dtype", "float8"], ["--dtype", "bfloat16"]),
+        (["--prompt-ids", "1", "--temperature", "1", "--seed", str(1 << 64)], ["--seed", "[-2^63, 2^64)"]),
     ],
 )
 def test_generate_argument_errors(argv, needles):
     assert_user_error(ctxlab_run("generate", "tiny-llama", *argv), *needles)
+
+
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["--temperature", "inf"], ["--temperature", "finite"]),
+        (["--temperature", "1", "--top-p", "1.5"], ["--top-p", "(0, 1]"]),
+        (["--temperature", "1", "--seed", str(-(1 << 63) - 1)], ["--seed", "[-2^63, 2^64)"]),
+    ],
+)
+def test_chat_sampling_options_are_checked_before_anything_loads(checkpoint, argv, needles):
+    assert_user_error(ctxlab_run("chat", str(checkpoint), "--message", "hi", *argv), *needles)
 
 
 def test_generation_past_the_trained_context_runs_when_allowed():

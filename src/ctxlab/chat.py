@@ -36,7 +36,7 @@ from typing import TextIO
 import torch
 
 from .errors import CtxlabError, InputError
-from .generate import decode_step, prefill, sample
+from .generate import decode_step, prefill, sample, sampling_generator
 from .io.text_tokenizer import TextTokenizer
 from .model import CausalLM
 
@@ -98,7 +98,7 @@ class ChatSession:
             raise InputError(f"context = {context}: must be a positive number of tokens")
         self.model, self.tokenizer, self.context = model, tokenizer, context
         self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p}
-        self.generator = torch.Generator(device=model.device).manual_seed(seed) if seed is not None else None
+        self.generator = sampling_generator(seed, model.device)
         self.prefill_chunk = prefill_chunk
         self.stop_ids = set(tokenizer.end_of_turn_ids())
         tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])  # no template: the error, up front
@@ -108,7 +108,8 @@ class ChatSession:
 
     def reset(self) -> None:
         """Forget the conversation (the system message stays)."""
-        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system else []
+        # "" is an empty system message (no template default); None leaves the template's own
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system is not None else []
         self.turns = 0
         self.last_generated: list[int] = []  # the last answer's token ids (with its end-of-turn token)
         self._drop_cache()
@@ -228,7 +229,7 @@ def user_messages(stdin: TextIO, err: TextIO) -> Iterator[str]:
         if not line:
             return
         if line.strip():
-            yield line.rstrip("\n")
+            yield line.rstrip("\n").removesuffix("\r")  # a CRLF file piped in (stdin does not translate it)
 
 
 def run_chat(

@@ -36,7 +36,7 @@ from . import __version__, progress
 from .accounting import count_params, decode_flops_terms, kv_cache_bytes
 from .dtypes import DTYPES, dtype_name
 from .errors import ConfigError, CtxlabError, InputError
-from .generate import past_trained_context, stream
+from .generate import past_trained_context, sampling_generator, stream
 from .io.checkpoint import from_pretrained
 from .io.config_file import load_config
 from .io.gguf import is_gguf
@@ -86,6 +86,16 @@ def real(text: str, low: float = 0.0, high: float = math.inf, low_open: bool = F
         )
         raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number {bound}{what}")
     return x
+
+
+def seed(text: str) -> int:
+    """A seed torch's generator takes (:func:`ctxlab.generate.sampling_generator`'s rule)."""
+    try:
+        n = int(text)
+        sampling_generator(n, "cpu")
+    except (ValueError, InputError):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer in [-2^63, 2^64)") from None
+    return n
 
 
 temperature = partial(real, what=" (0 = greedy)")
@@ -707,7 +717,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--seed",
-        type=int,
+        type=seed,
         help="seed of the sampling generator (None = not reproducible when "
         "--temperature > 0); the random weights of a preset always use seed 0",
     )
@@ -750,10 +760,12 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--json", action="store_true", help="print JSON with exact integers instead of a table")
         q.set_defaults(func=cmd_list)
     sampling = argparse.ArgumentParser(add_help=False)  # shared by chat
-    sampling.add_argument("--temperature", type=float, default=0.0, help="sampling temperature; 0 = greedy (argmax)")
+    sampling.add_argument(
+        "--temperature", type=temperature, default=0.0, help="sampling temperature; 0 = greedy (argmax)"
+    )
     sampling.add_argument("--top-k", type=positive, help="sample among the k most likely tokens only (None = all)")
-    sampling.add_argument("--top-p", type=float, help="nucleus sampling mass in (0, 1] (None = off)")
-    sampling.add_argument("--seed", type=int, help="seed of the sampling generator")
+    sampling.add_argument("--top-p", type=probability, help="nucleus sampling mass in (0, 1] (None = off)")
+    sampling.add_argument("--seed", type=seed, help="seed of the sampling generator")
 
     ch = sub.add_parser(
         "chat",
@@ -777,7 +789,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="TEXT",
         help="answer this message and exit (repeat for several turns) instead of reading stdin",
     )
-    ch.add_argument("--system", help="system message at the start of the conversation (None = the template's)")
+    ch.add_argument(
+        "--system", help='system message at the start of the conversation ("" = an empty one; none = the template\'s)'
+    )
     ch.add_argument("--max-new-tokens", type=positive, default=256, help="longest answer in tokens")
     ch.add_argument(
         "--context",

@@ -8,6 +8,7 @@ every row's positions start at 0, exactly as if each prompt ran alone.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -28,8 +29,8 @@ def sample(
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Next tokens [B] from logits [B, V]: greedy at temperature 0, else top-k / nucleus sampling."""
-    if not temperature >= 0:  # also refuses nan
-        raise InputError(f"temperature = {temperature}: must be a number >= 0 (0 = greedy)")
+    if not 0 <= temperature < math.inf:  # also refuses nan
+        raise InputError(f"temperature = {temperature}: must be a finite number >= 0 (0 = greedy)")
     if top_k is not None and top_k <= 0:
         raise InputError(f"top_k = {top_k}: must be a positive integer or None")
     if top_p is not None and not 0 < top_p <= 1:
@@ -49,6 +50,15 @@ def sample(
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+def sampling_generator(seed: int | None, device) -> torch.Generator | None:
+    """A generator seeded with ``seed`` on ``device`` (None: no seed, sampling is not reproducible)."""
+    if seed is None:
+        return None
+    if not isinstance(seed, int) or not -(1 << 63) <= seed < 1 << 64:
+        raise InputError(f"seed = {seed!r}: must be an integer in [-2^63, 2^64) or None")
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def left_pad(prompts: Prompts, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +184,7 @@ def stream(
         return
     cache = model.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
     cache.set_left_padding(pad)
-    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    generator = sampling_generator(seed, device)
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     logits = prefill(model, ids, cache, prefill_chunk)
     step = compiled_decode_step(model) if compile else decode_step
