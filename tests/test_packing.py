@@ -134,8 +134,23 @@ def test_a_onednn_packed_model_refuses_to_compile():
 
     model = ctxlab.build_model(CONFIGS["llama-3-8b"], seed=0)  # float32: oneDNN's layout
     pack_linears_(model)
-    with pytest.raises(ctxlab.InputError, match="packed for oneDNN.*not packed, or packed with for_compile=True"):
+    with pytest.raises(ctxlab.InputError, match="oneDNN-packed linears.*not packed, or packed with for_compile=True"):
         compiled_decode_step(model)
+
+
+@pytest.mark.skipif(not native.available(), reason="ctxlab's native kernels did not build here (bf16 packs on them)")
+def test_packed_moe_experts_refuse_to_compile_and_for_compile_leaves_them():
+    """bf16 experts pack onto the native kernel, whose loop over the chosen experts reads the routing on the host:
+    refused by name, as the oneDNN layout is, and left as they are by ``for_compile=True``."""
+    from ctxlab.generate import compiled_decode_step
+
+    model = ctxlab.build_model(CONFIGS["laguna-xs2"], dtype=torch.bfloat16, seed=0)
+    pack_linears_(model)
+    with pytest.raises(ctxlab.InputError, match="packed MoE experts"):
+        compiled_decode_step(model)
+    model = ctxlab.build_model(CONFIGS["laguna-xs2"], dtype=torch.bfloat16, seed=0)
+    pack_linears_(model, for_compile=True)
+    assert any(type(m) is Experts for m in model.modules()) and packing.uncompilable_packed(model) == 0
 
 
 def test_cli_packs_a_tied_head_only_with_pack_tied_head(capsys, monkeypatch):
@@ -221,3 +236,15 @@ def test_many_rows_run_in_column_blocks_equal_to_one_product(monkeypatch, column
     assert out.shape == (2, MATVEC_ROWS + 3, 100) and out.is_contiguous()
     widths = [shape[1] for shape in products]
     assert sum(widths) == (100 if blocked else 0) and all(w <= columns for w in widths)
+
+
+@pytest.mark.skipif(not native.available(), reason="ctxlab's native kernels did not build here (bf16 packs on them)")
+def test_a_tied_head_packed_in_place_still_counts_as_read_every_step():
+    from ctxlab.bench import decode_read_bytes
+
+    model = ctxlab.build_model(ctxlab.load_config("tiny-qwen3-sliding"), dtype=torch.bfloat16, seed=0)
+    assert model.config.tie_word_embeddings
+    before = decode_read_bytes(model, 0)
+    pack_linears_(model)
+    assert model.lm_head.native and model.lm_head.packed_weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    assert decode_read_bytes(model, 0) == before

@@ -153,13 +153,14 @@ def test_layers_int4_cannot_take_are_named_and_the_cli_warns(tmp_path, capsys):
     cfg = tiny_like(ctxlab.load_config("llama-3-8b"), hidden=72, vocab=96)
     model = quantize_(ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0), "int4")
     skipped = model.quantize_skipped
-    assert "lm_head (in_features 72)" in skipped and any(s.endswith("q_proj (in_features 72)") for s in skipped)
+    reason = "(in_features 72, not a multiple of 32)"
+    assert f"lm_head {reason}" in skipped and f"layers.0.self_attn.q_proj {reason}" in skipped
     assert quantize_(ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0), "int8").quantize_skipped == []
     (tmp_path / "config.json").write_text(json.dumps(export_config(cfg)))
     argv = ["generate", str(tmp_path / "config.json"), "--prompt-ids", "1,2", "--max-new-tokens", "1"]
     assert main([*argv, "--dtype", "bfloat16", "--quantize", "int4", "--json"]) == 0
     err = capsys.readouterr().err
-    assert "ctxlab generate: warning: --quantize int4 left" in err and "lm_head (in_features 72)" in err
+    assert "ctxlab generate: warning: --quantize int4 left" in err and f"lm_head {reason}" in err
 
 
 @pytest.mark.parametrize("tied", [True, False])
@@ -185,3 +186,32 @@ def test_an_int4_embedding_keeps_half_a_byte_a_code_and_the_bench_counts_one_row
     torch.testing.assert_close(embed(ids)[0].float(), expected.float(), atol=2e-2, rtol=1e-2)
     looked_up = rows.numel() if tied else weight_bytes(embed)
     assert decode_read_bytes(model, 0) == weight_bytes(model) - looked_up
+
+
+def test_a_layer_int4_cannot_take_for_its_output_width_is_named_for_it():
+    """int4's kernel packs blocks of 16 output channels: a vocabulary of 250 keeps an untied head in bf16, and the
+    reason names out_features (its in_features, 128, is a multiple of the group); the table, only looked up, is
+    quantized anyway."""
+    cfg = tiny_like(ctxlab.load_config("llama-3-8b"), hidden=128, vocab=250).replace(tie_word_embeddings=False)
+    model = quantize_(ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0), "int4")
+    assert model.quantize_skipped[0] == "lm_head (out_features 250, not a multiple of 16)"
+    assert isinstance(model.model.embed_tokens, QuantEmbedding)
+
+
+def test_stack_level_linears_are_quantized_too():
+    """Gemma 4's per-layer-embedding projection sits beside the layers and is read at every step."""
+    cfg = tiny_like(ctxlab.load_config("gemma4-e2b"), hidden=64, vocab=96)
+    model = quantize_(ctxlab.build_model(cfg, dtype=torch.bfloat16, seed=0), "int8")
+    assert isinstance(model.model.per_layer_model_projection, Int8Linear) and model.quantize_skipped == []
+
+
+def test_an_int8_layer_off_the_packed_kernels_width_compiles():
+    """in_features 24 (not a multiple of 16) takes the reference path; written as ``F.linear(x, q) * s`` inductor
+    rewrote it into the packed kernel, which crashed the process on that width (torch 2.13)."""
+    torch.manual_seed(0)
+    layer = Int8Linear(torch.nn.Linear(24, 128, dtype=torch.bfloat16))
+    assert not layer.packed
+    x = torch.randn(2, 1, 24, dtype=torch.bfloat16)
+    with torch.no_grad():
+        compiled = torch.compile(layer, fullgraph=True)(x)
+        torch.testing.assert_close(compiled.float(), layer(x).float(), atol=2e-2, rtol=1e-2)

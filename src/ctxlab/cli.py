@@ -478,7 +478,7 @@ def report_quantized(model, args, command: str) -> None:
         shown = ", ".join(skipped[:4]) + (f" and {len(skipped) - 4} more" if len(skipped) > 4 else "")
         print(
             f"ctxlab {command}: warning: --quantize {args.quantize} left {len(skipped)} linear weight(s) in "
-            f"{args.dtype}: {shown} (int4 takes in_features that are a multiple of 32)",
+            f"{args.dtype}: {shown}",
             file=sys.stderr,
         )
 

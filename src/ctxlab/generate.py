@@ -16,7 +16,7 @@ import torch
 from .cache import Cache
 from .errors import InputError
 from .model import CausalLM
-from .nn.packing import onednn_packed
+from .nn.packing import uncompilable_packed
 
 Prompts = torch.Tensor | Sequence[Sequence[int]]
 
@@ -127,12 +127,12 @@ def compiled_decode_step(model: CausalLM):
     context, for ~10% more warm-up (24.4 → 26.8 s). It calls ctxlab's native ops through the dispatcher
     with the traced arguments, so their schemas have no defaults (``tests/test_row_kernels.py``).
     """
-    opaque = onednn_packed(model)
+    opaque = uncompilable_packed(model)
     if opaque:
         raise InputError(
-            f"this model has {opaque} linear weights packed for oneDNN (ctxlab.pack_linears), which torch.compile "
-            "cannot lower; compile a model that is not packed, or packed with for_compile=True (as the CLI does "
-            "with --compile)"
+            f"this model has {opaque} packed modules (ctxlab.pack_linears: oneDNN-packed linears, packed MoE "
+            "experts) which torch.compile cannot trace; compile a model that is not packed, or packed with "
+            "for_compile=True (as the CLI does with --compile)"
         )
     fn = model.__dict__.get("_compiled_decode")
     if fn is None:

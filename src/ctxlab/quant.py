@@ -85,6 +85,10 @@ class Int8Linear(nn.Module):
             scales = self.scales if self.scales.dtype == x.dtype else self.scales.to(x.dtype)
             y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, self.in_features).contiguous(), self.codes, scales)
             y = y.view(*x.shape[:-1], self.out_features)
+        elif torch.compiler.is_compiling():
+            # the scales on the weight: inductor rewrites `F.linear(x, q) * s` into _weight_int8pack_mm, which is
+            # what this width cannot take (torch 2.13 crashes)
+            y = F.linear(x, self.codes.to(x.dtype) * self.scales.to(x.dtype)[:, None])
         else:
             y = F.linear(x, self.codes.to(x.dtype)) * self.scales.to(x.dtype)
         return y if self.bias is None else y + self.bias
@@ -148,17 +152,26 @@ class QuantEmbedding(nn.Module):
         return self.table.dequantized_rows(ids).to(self.dtype)
 
 
+def int4_refusal(out_features: int, in_features: int, group_size: int, matmul: bool = True) -> str | None:
+    """Why int4 cannot take a weight [out, in] (None: it can): groups of ``group_size`` input channels share a
+    scale, and the CPU kernel's layout (``matmul``; not for a table only looked up) packs blocks of 16 output
+    channels."""
+    if in_features % group_size:
+        return f"in_features {in_features}, not a multiple of {group_size}"
+    if matmul and out_features % 16:
+        return f"out_features {out_features}, not a multiple of 16"
+    return None
+
+
 def _quantized(linear: nn.Linear, mode: str, group_size: int, rows: bool = False, matmul: bool = True):
-    """``linear`` quantized (an int4 one as :class:`Int4Linear` with ``rows`` / ``matmul``), or None where int4
-    cannot take its shape."""
+    """(``linear`` quantized, None), an int4 one as :class:`Int4Linear` with ``rows`` / ``matmul``; or (None, why)
+    where int4 cannot take its shape (it then stays as it is)."""
     if mode == "int8":
-        return Int8Linear(linear)
-    if linear.in_features % group_size:
-        return None  # stays as it is
-    try:
-        return Int4Linear(linear, group_size, rows=rows, matmul=matmul)
-    except RuntimeError:  # a shape the packing kernel does not take: stays as it is
-        return None
+        return Int8Linear(linear), None
+    refusal = int4_refusal(linear.out_features, linear.in_features, group_size, matmul)
+    if refusal is not None:
+        return None, refusal
+    return Int4Linear(linear, group_size, rows=rows, matmul=matmul), None
 
 
 def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str | None = None) -> nn.Module:
@@ -171,8 +184,10 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
     the sub-blocks of Q4_K): on a model loaded from such a file, int4 groups of 32 sit on the file's
     own blocks, and measured on SmolLM2-135M-Instruct Q4_1 (benchmarks/quant_perplexity.py) they cost
     +5.1% perplexity against bfloat16 where groups of 64 cost +66%. Returns the model, with
-    ``model.quantize_skipped`` naming the linear weights left as they were (int4 takes only in_features that
-    are a multiple of ``group_size``); MoE expert banks are not linear layers and stay in the model's dtype."""
+    ``model.quantize_skipped`` naming the linear weights left as they were, and why (:func:`int4_refusal`: int4
+    takes in_features a multiple of ``group_size`` and out_features a multiple of 16); MoE expert banks are not
+    linear layers and stay in the model's dtype, as do Gemma 4's per-layer embedding tables (a decode step
+    looks up one row of them)."""
     embedding = mode if embedding is None else embedding
     for name, value in (("quantize", mode), ("embedding", embedding)):
         if value not in MODES:
@@ -188,9 +203,9 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
     tied = model.lm_head.weight is embed.weight
     skipped: list[str] = []  # linear weights left as they were (a shape the mode does not take)
     with torch.no_grad():
-        head = _quantized(model.lm_head, embedding, group_size, rows=tied)
+        head, why = _quantized(model.lm_head, embedding, group_size, rows=tied)
         if head is None:
-            skipped.append(f"lm_head (in_features {model.lm_head.in_features})")
+            skipped.append(f"lm_head ({why})")
         if head is not None:
             model.lm_head = head
             if tied:
@@ -198,19 +213,19 @@ def quantize_(model: nn.Module, mode: str, group_size: int = 32, embedding: str 
         if not tied or head is None:
             as_linear = nn.Linear(embed.weight.shape[1], embed.weight.shape[0], bias=False, dtype=dtype)
             as_linear.weight = embed.weight
-            table = _quantized(as_linear, embedding, group_size, matmul=False)
+            table, why = _quantized(as_linear, embedding, group_size, matmul=False)
             if table is not None:
                 model.model.embed_tokens = QuantEmbedding(table, dtype)
             elif not tied:
-                skipped.append(f"embed_tokens (hidden {as_linear.in_features})")
-        for name, module in list(model.model.layers.named_modules()):
+                skipped.append(f"embed_tokens ({why})")
+        for name, module in list(model.model.named_modules()):  # the layers, and stack-level ones (Gemma 4's PLE)
             for child_name, child in list(module.named_children()):
                 if type(child) is nn.Linear and child_name not in READ_DIRECTLY:
-                    replacement = _quantized(child, mode, group_size)
+                    replacement, why = _quantized(child, mode, group_size)
                     if replacement is not None:
                         setattr(module, child_name, replacement)
                     else:
-                        skipped.append(f"layers.{name}.{child_name} (in_features {child.in_features})")
+                        skipped.append(f"{name}.{child_name} ({why})" if name else f"{child_name} ({why})")
     model.quantization = mode if embedding == mode else f"{mode}, {embedding} embedding"
     model.quantize_skipped = skipped
     return model
@@ -230,9 +245,18 @@ def lookup_only_bytes(model: nn.Module) -> int:
     if isinstance(embed, QuantEmbedding) and embed.table is head:
         row_codes = getattr(head, "row_codes", None)
         return 0 if row_codes is None else row_codes.numel() * row_codes.element_size()
-    if isinstance(embed, QuantEmbedding) or getattr(head, "weight", None) is not embed.weight:
+    if isinstance(embed, QuantEmbedding) or not _reads_in_place(head, embed.weight):
         return weight_bytes(embed)
     return 0
+
+
+def _reads_in_place(head: nn.Module, table: torch.Tensor) -> bool:
+    """Whether the head's matmul reads ``table`` itself: a tied ``nn.Linear``, or one packed for the native kernel
+    (which keeps the weight as it is; a oneDNN-packed head holds its own reordered copy)."""
+    weight = getattr(head, "weight", None)
+    if weight is None and getattr(head, "native", False):
+        weight = head.packed_weight
+    return weight is not None and weight.data_ptr() == table.data_ptr() and weight.shape == table.shape
 
 
 def weight_bytes(model: nn.Module) -> int:

@@ -249,9 +249,12 @@ def _packed_children(module: nn.Module) -> Iterator[tuple[nn.Module, str, nn.Mod
             yield from _packed_children(child)
 
 
-def onednn_packed(model: nn.Module) -> int:
-    """How many of the model's weights are opaque oneDNN tensors (which ``torch.compile`` cannot lower)."""
-    return sum(1 for m in model.modules() if isinstance(m, PackedLinear) and not m.native)
+def uncompilable_packed(model: nn.Module) -> int:
+    """How many of the model's packed modules ``torch.compile`` cannot trace: linears whose weights are opaque
+    oneDNN tensors, and packed MoE experts (whose loop over the chosen experts reads the routing on the host)."""
+    return sum(
+        1 for m in model.modules() if isinstance(m, PackedExperts) or (isinstance(m, PackedLinear) and not m.native)
+    )
 
 
 def packed_bytes(tensor: torch.Tensor) -> int:
