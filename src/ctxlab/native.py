@@ -16,7 +16,7 @@ only):
 
 * ``ctxlab::rms_norm`` (``rms_norm.cpp``): an RMSNorm in one call instead of ~8 ops, used by
   :class:`ctxlab.nn.norms.RMSNorm`;
-* ``ctxlab::rope`` (``rope.cpp``): RoPE by halves on bf16 in one call instead of ~8, bit for bit, used
+* ``ctxlab::rope`` (``rope.cpp``): RoPE by halves on bf16 in one call instead of ~8, bit for bit (bar subnormals, flushed to zero), used
   by :class:`ctxlab.nn.rope.Rotary`;
 * ``ctxlab::gated_act`` (``gated_act.cpp``): a gated MLP's ``act(gate) * up`` (SiLU, tanh-GELU, V4's
   clamp) in one pass over the fused gate / up product's halves instead of two, used by

@@ -63,7 +63,8 @@ at::Tensor indexer_scores(const at::Tensor& q, const at::Tensor& keys, const at:
         __m512 acc[ROWS16];
         for (auto& a : acc) a = _mm512_setzero_ps();
         dot_rows16(qp + ((b * H + h) * T + t) * D, k, ldk, 0, D, acc, h == 0 ? next : nullptr);
-        const __m512 score = _mm512_max_ps(_mm512_mul_ps(sum_lanes_16(acc), _mm512_set1_ps(sc)), _mm512_setzero_ps());
+        // ReLU as max(0, x), in this order: vmaxps returns its second operand when one is NaN, so a NaN stays NaN
+        const __m512 score = _mm512_max_ps(_mm512_setzero_ps(), _mm512_mul_ps(sum_lanes_16(acc), _mm512_set1_ps(sc)));
         index = _mm512_fmadd_ps(_mm512_set1_ps(wt[h]), score, index);
       }
       _mm512_storeu_ps(op + bt * S + s0, index);

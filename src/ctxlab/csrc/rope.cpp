@@ -8,7 +8,8 @@
 //   out[i] = x[i]·c[i] − x[i + R/2]·s[i],   out[i + R/2] = x[i + R/2]·c[i + R/2] + x[i]·s[i + R/2]
 //
 // ctxlab/nn/rope.py's `Rotary.apply` (HF rotate_half) in bf16 rounds each product and the sum to bf16 (three
-// bf16 ops); so does this kernel, so the two agree bit for bit. Only bf16: in float32 a compiler may fuse a product
+// bf16 ops); so does this kernel, so the two agree bit for bit (bf16 subnormals, below 1.2e-38, flush to zero here:
+// simd.h's store16). Only bf16: in float32 a compiler may fuse a product
 // and a sum into one FMA, one rounding fewer than PyTorch's.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>

@@ -22,13 +22,15 @@ inline __m512 load16(const c10::BFloat16* p, __mmask16 in) {
   return widen_bf16(_mm256_maskz_loadu_epi16(in, p));
 }
 
-// v into the lanes `in` of a float32 row, or of a bf16 row rounded to nearest even (as c10::BFloat16 rounds).
+// v into the lanes `in` of a float32 row, or of a bf16 row rounded to nearest even (as c10::BFloat16 rounds normal
+// values; vcvtneps2bf16 flushes subnormals, below 1.2e-38, to zero, where c10::BFloat16 keeps them).
 inline void store16(float* p, __m512 v, __mmask16 in) { _mm512_mask_storeu_ps(p, in, v); }
 inline void store16(c10::BFloat16* p, __m512 v, __mmask16 in) {
   _mm256_mask_storeu_epi16(p, in, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-// v rounded to float32's or bf16's precision (to nearest even), kept as float32: where PyTorch rounds a result. The
+// v rounded to float32's or bf16's precision (to nearest even; bf16 subnormals flush to zero, as in store16), kept as
+// float32: where PyTorch rounds a result. The
 // first argument, a pointer of the row's type, only picks the precision (as load16 / store16 are picked).
 inline __m512 round_to(const float*, __m512 v) { return v; }
 inline __m512 round_to(const c10::BFloat16*, __m512 v) {
@@ -114,7 +116,8 @@ inline __m512 sum_lanes_16(const __m512* x) {
 // exp(x) for x <= 0 (scores minus their maximum): 2^(x·log2 e) = 2^n · 2^f, f in [-0.5, 0.5], 2^f by a
 // degree-6 polynomial (relative error ~2e-7), 2^n by vscalefps (which also flushes very negative x to 0).
 inline __m512 exp_ps(__m512 x) {
-  const __m512 y = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-200.f)), _mm512_set1_ps(1.4426950408889634f));
+  // max(-200, x), in this order: vmaxps returns its second operand when one is NaN, so a NaN stays NaN
+  const __m512 y = _mm512_mul_ps(_mm512_max_ps(_mm512_set1_ps(-200.f), x), _mm512_set1_ps(1.4426950408889634f));
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const __m512 f = _mm512_sub_ps(y, n);
   __m512 p = _mm512_set1_ps(1.5353362e-4f);  // Taylor coefficients of 2^f = e^(f ln 2): (ln 2)^k / k!

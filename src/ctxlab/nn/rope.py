@@ -172,7 +172,7 @@ class Rotary:
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate the first ``rotary_dim`` dims of x [B, H, T, D]; the rest pass through. At inference on
-        bf16 one native call (``ctxlab::rope``), bit for bit the PyTorch ops' numbers."""
+        bf16 one native call (``ctxlab::rope``), bit for bit the PyTorch ops' numbers (bar subnormals, flushed to zero)."""
         if self.rotary_dim == 0:
             return x
         if self._kernel_takes(x, cos, sin):
