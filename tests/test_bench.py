@@ -25,7 +25,8 @@ def test_bench_reports_cache_bytes_and_a_consistent_roofline(model):
     result = ctxlab.bench(model, contexts=(8, 40), prompts=(16,), steps=3, repeats=1, progress=messages.append)
     assert [row["context"] for row in result["decode"]] == [8, 40]
     for row in result["decode"]:
-        assert row["cache_bytes"] == ctxlab.kv_cache_bytes(model.config, row["context"] + 3, "bfloat16")
+        # the cache at the context (what a step reads at least), not the room allocated for the timed steps
+        assert row["cache_bytes"] == ctxlab.kv_cache_bytes(model.config, row["context"], "bfloat16")
         assert row["bytes_read_per_token"] == decode_read_bytes(model, row["cache_bytes"])
         assert row["roofline_ms"] == pytest.approx(1e3 * row["bytes_read_per_token"] / (result["bandwidth_gb_s"] * 1e9))
         assert row["roofline_ratio"] == pytest.approx(row["ctxlab_ms_per_token"] / row["roofline_ms"])
@@ -52,6 +53,17 @@ def test_compiled_bench_compiles_in_its_warm_up_not_in_the_timed_steps(model):
     assert result["compile"] and result["compile_seconds"] > 0 and result["decode"][0]["ctxlab_ms_per_token"] > 0
     assert seen["prefill 8 tokens"] > seen["compiling the decode step"]  # the warm-up compiled
     assert graphs["unique_graphs"] == seen["prefill 8 tokens"]  # the timed prefill and decode did not
+
+
+def test_bytes_read_per_token_skip_the_per_layer_embedding_table():
+    """Gemma 4's per-layer embedding table is looked up a row a token, as an untied token embedding is."""
+    from ctxlab.reporting.measure import tiny_like
+
+    model = ctxlab.build_model(tiny_like(ctxlab.load_config("gemma4-e2b"), hidden=64, vocab=512), dtype=torch.bfloat16)
+    assert model.config.tie_word_embeddings
+    assert (
+        decode_read_bytes(model, 1000) == weight_bytes(model) - weight_bytes(model.model.embed_tokens_per_layer) + 1000
+    )
 
 
 def test_bytes_read_per_token_skip_the_untied_input_embedding():
@@ -210,3 +222,23 @@ def test_cli_bench_past_the_trained_context_warns_in_its_own_name(capsys):
     assert "ctxlab bench: warning: tiny-llama is not a checkpoint directory" in err
     assert "ctxlab bench: warning:" in err and "max_position_embeddings = 256" in err
     assert "ctxlab generate" not in err
+
+
+def test_report_tables_follow_the_batch_and_the_layers():
+    """The same-width table's cache is the batch's, as the main table's is; KV-sharing consumers that are not
+    consecutive are listed as they are; DeepSeek V4's per-token growth counts its compressed entries."""
+    from rich.console import Console
+
+    from ctxlab.reporting import rows, tables
+
+    assert (
+        rows.baseline_rows("zaya1-8b", 1024, "bfloat16", 4)[0]["kv_bytes"]
+        == rows.report_row("zaya1-8b", 1024, "bfloat16", 4)["kv_bytes_realized"]
+        == 4 * rows.baseline_rows("zaya1-8b", 1024, "bfloat16")[0]["kv_bytes"]
+    )
+    console = Console(width=200, record=True)
+    console.print(tables.sharing_table([rows.sharing_row("cla2-tiny", 1024, "bfloat16")], 1024, "bfloat16"))
+    assert "3 (1, 3, 5)" in console.export_text()
+    cfg, n = ctxlab.load_config("deepseek-v4-flash"), 1 << 19
+    naive = [ctxlab.kv_cache_bytes(cfg, t, "bfloat16", convention="naive") for t in (n, 2 * n)]
+    assert naive[1] - naive[0] == n * rows.report_row("deepseek-v4-flash", n, "bfloat16", 1)["kv_bytes_per_token_naive"]

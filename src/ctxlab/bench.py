@@ -63,9 +63,10 @@ def peak_rss_bytes() -> int:
 
 def decode_read_bytes(model, cache_bytes: int) -> int:
     """Bytes one decode step reads at least: the weights a token uses, plus the cache. The embedding
-    lookup's own bytes (an untied table, an int4 tied table's row codes) are left out: a token reads one row."""
+    lookups' own bytes (an untied table, an int4 tied table's row codes, Gemma 4's per-layer embedding table)
+    are left out: a token reads one row."""
     counts = count_params(model.config)
-    looked_up = 0 if model.config.tie_word_embeddings else counts["embedding"]  # parameters only looked up
+    looked_up = (0 if model.config.tie_word_embeddings else counts["embedding"]) + counts["per_layer_embedding"]
     per_param = (weight_bytes(model) - lookup_only_bytes(model)) / (counts["total"] - looked_up)  # quantized too
     return int((counts["active"] - looked_up) * per_param) + cache_bytes
 

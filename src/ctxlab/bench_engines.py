@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from .accounting import kv_cache_bytes
 from .errors import CheckpointError
 from .generate import compiled_decode_step, decode_step
 
@@ -51,11 +52,13 @@ class CtxlabEngine:
 
     @torch.no_grad()
     def decode_ms(self, ids: torch.Tensor, steps: int) -> tuple[float, int]:
-        """Fill a cache with ``ids`` (chunked), then time ``steps`` decode steps: (median ms, cache bytes)."""
+        """Fill a cache with ``ids`` (chunked), then time ``steps`` decode steps: (median ms, the cache's bytes at the
+        context, ``ids``' length: not the room allocated for the timed steps beyond it)."""
         cache = self.model.new_cache(1, ids.shape[1] + steps)
         for start in range(0, ids.shape[1], self.chunk):
             logits = self.model(ids[:, start : start + self.chunk], cache=cache, last_only=True)[:, -1]
-        return timed_steps(self.model, cache, logits, steps, self.step)[0], cache.nbytes()
+        ms = timed_steps(self.model, cache, logits, steps, self.step)[0]
+        return ms, kv_cache_bytes(self.model.config, ids.shape[1], self.model.dtype)
 
     def close(self) -> None:
         pass

@@ -125,7 +125,9 @@ def cmd_report(args, console: Console) -> int:
         "kv_sharing": [r for n in names if (r := rows.sharing_row(n, args.context, args.dtype))],
         "head_budgets": [r for n in names if (r := rows.head_budget_row(n, args.context))],
         "deployed_formats": [r for n in names if (r := rows.deployed_row(n, args.context))],
-        "same_width_baselines": [r for n in names for r in rows.baseline_rows(n, args.context, args.dtype)],
+        "same_width_baselines": [
+            r for n in names for r in rows.baseline_rows(n, args.context, args.dtype, args.batch_size)
+        ],
         "published_ratios": [r for n in names if (r := rows.published_ratio_row(n, args.context))],
     }
     if args.plot:
@@ -147,7 +149,7 @@ def cmd_report(args, console: Console) -> int:
         ("kv_sharing", lambda rows: tables.sharing_table(rows, args.context, args.dtype)),
         ("head_budgets", lambda rows: tables.head_budget_table(rows, args.context)),
         ("deployed_formats", lambda rows: tables.deployed_table(rows, args.context)),
-        ("same_width_baselines", lambda rows: tables.baseline_table(rows, args.context, args.dtype)),
+        ("same_width_baselines", lambda rows: tables.baseline_table(rows, args.context, args.dtype, args.batch_size)),
         ("published_ratios", lambda rows: tables.published_ratio_table(rows, args.context)),
     )
     for key, render in extra:
@@ -644,9 +646,11 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         metavar="MODEL",
         help="preset names or config.json / checkpoint paths "
-        f"(None = every preset except tiny-*; presets: {', '.join(preset_names())})",
+        f"(None = every preset except the tiny-* and *-tiny test presets; presets: {', '.join(preset_names())})",
     )
-    r.add_argument("--all", action="store_true", help="also list the tiny-* test presets (ignored with --models)")
+    r.add_argument(
+        "--all", action="store_true", help="also list the tiny-* and *-tiny test presets (ignored with --models)"
+    )
     r.add_argument(
         "--plot",
         metavar="FILE.png",

@@ -239,8 +239,14 @@ def set_packed(model: nn.Module, packed: bool) -> None:
 
 
 def lookup_only_bytes(model: nn.Module) -> int:
-    """Bytes of the weights only the embedding lookup reads (a row a token): an untied table, or the row
-    codes of an int4 table tied to the head (the head's matmul reads its own layout)."""
+    """Bytes of the weights only embedding lookups read (a row a token): an untied table, or the row codes
+    of an int4 table tied to the head (the head's matmul reads its own layout), and Gemma 4's per-layer
+    embedding table."""
+    per_layer = getattr(model.model, "embed_tokens_per_layer", None)
+    return _token_table_only_bytes(model) + (0 if per_layer is None else weight_bytes(per_layer))
+
+
+def _token_table_only_bytes(model: nn.Module) -> int:
     embed, head = model.model.embed_tokens, model.lm_head
     if isinstance(embed, QuantEmbedding) and embed.table is head:
         row_codes = getattr(head, "row_codes", None)

@@ -7,6 +7,8 @@ budget saves, ...) from the accounting and the named conventions; ``tables.py`` 
 
 from __future__ import annotations
 
+import math
+
 from ..accounting import count_params, decode_flops, decode_flops_terms, kv_cache_bytes, kv_cache_bytes_per_layer
 from ..accounting.formats import kv_cache_bytes_stored
 from ..accounting.savings import kv_sharing_saving, same_width_baselines, uniform_head_budget
@@ -31,9 +33,7 @@ def report_row(name: str, context: int, dtype: str, batch_size: int) -> dict:
         "params_total": params["total"],
         "params_effective": params["effective"],
         "params_active": params["active"],
-        "kv_bytes_per_token_naive": (  # the growth per token: fixed decode state excluded
-            kv_cache_bytes(cfg, 2, dtype, convention="naive") - kv_cache_bytes(cfg, 1, dtype, convention="naive")
-        ),
+        "kv_bytes_per_token_naive": naive_growth_per_token(cfg, dtype),
         "kv_bytes_realized": kv_cache_bytes(cfg, context, dtype, batch_size),
         "kv_bytes_naive": kv_cache_bytes(cfg, context, dtype, batch_size, convention="naive"),
         "decode_flops": decode_flops(cfg, context),
@@ -43,6 +43,14 @@ def report_row(name: str, context: int, dtype: str, batch_size: int) -> dict:
         "trained_context": cfg.max_position_embeddings,
         "beyond_trained_context": context > cfg.max_position_embeddings,
     }
+
+
+def naive_growth_per_token(cfg, dtype: str) -> int:
+    """The naive cache's growth per token, fixed decode state excluded: measured over a whole number of every
+    layer's compression blocks (DeepSeek V4's entries pool 4 or 128 tokens), so entries count as they accrue."""
+    span = math.lcm(1, *(s.compress.ratio for s in cfg.layers if s.compress is not None and s.compress.ratio > 0))
+    grown = kv_cache_bytes(cfg, 1 + span, dtype, convention="naive") - kv_cache_bytes(cfg, 1, dtype, convention="naive")
+    return grown // span
 
 
 def sharing_row(name: str, context: int, dtype: str) -> dict | None:
@@ -172,8 +180,9 @@ def deployed_row(name: str, context: int) -> dict | None:
     }
 
 
-def baseline_rows(name: str, context: int, dtype: str) -> list[dict]:
-    """For CCA models: the model beside standard attention of the same width (zaya.md §3)."""
+def baseline_rows(name: str, context: int, dtype: str, batch_size: int = 1) -> list[dict]:
+    """For CCA models: the model beside standard attention of the same width (zaya.md §3); the cache of
+    ``batch_size`` sequences."""
     cfg = load_config(name)
     if not any(s.attention in SAME_WIDTH_COMPARISONS for s in cfg.layers):
         return []
@@ -185,7 +194,7 @@ def baseline_rows(name: str, context: int, dtype: str) -> list[dict]:
                 "model": name,
                 "attention": label,
                 "kv_bytes_per_token_per_layer": per_token // variant.num_layers,
-                "kv_bytes": kv_cache_bytes(variant, context, dtype),
+                "kv_bytes": kv_cache_bytes(variant, context, dtype, batch_size),
                 "attention_flops": decode_flops_terms(variant, context)["attention"],
             }
         )

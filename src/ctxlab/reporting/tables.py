@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.markup import escape
 from rich.table import Table
 
+from .rows import layer_ranges
 from .table_fit import add_name_column, console_width  # noqa: F401  (console_width: the CLI's width)
 
 UNITS_NOTE = (
@@ -126,7 +127,7 @@ def sharing_table(rows: list[dict], context: int, dtype: str) -> Table:
         uniform = r["saving_uniform_estimator"]
         table.add_row(
             escape(r["model"]),
-            f"{len(r['consumer_layers'])} ({r['consumer_layers'][0]}-{r['consumer_layers'][-1]})",
+            f"{len(r['consumer_layers'])} ({layer_ranges(r['consumer_layers'])})",
             f"{r['saving_realized'] / 1e9:.2f} GB",
             f"{r['saving_uncapped'] / 1e9:.2f} GB",
             "-" if uniform is None else f"{uniform / 1e9:.2f} GB",
@@ -211,10 +212,11 @@ def deployed_table(rows: list[dict], context: int) -> Table:
     return table
 
 
-def baseline_table(rows: list[dict], context: int, dtype: str) -> Table:
+def baseline_table(rows: list[dict], context: int, dtype: str, batch_size: int = 1) -> Table:
+    batch = f", batch {batch_size}" if batch_size > 1 else ""
     table = Table(
         title=f"Compressed convolutional attention beside standard attention of the same width "
-        f"({dtype}, {context:,} tokens)",
+        f"({dtype}, {context:,} tokens{batch})",
         caption="every layer global; attention = q·kᵀ + p·v FLOPs of one decoded token (MLA on its "
         "absorbed decode path); the CCA cache also holds a small fixed conv/value state",
     )
