@@ -22,8 +22,8 @@
 //
 // In PyTorch that is two skinny matrix products with the [M, K] projection (g_rawᵀ fn and g_raw x: each
 // reads or writes the n-times-wide stream; ~60-100 GFLOP/s at M = 24 here) and three element-wise
-// passes; here a block of 4 tokens reads its rows once, and each row of fn (and of the thread's g_fn
-// accumulator) is loaded once per block for all four tokens, 32 columns at a time in registers. Tokens
+// passes; here a block of 6 tokens reads its rows once, and each row of fn (and of the thread's g_fn
+// accumulator) is loaded once per block for all six tokens, 32 columns at a time in registers. Tokens
 // split across torch's thread pool, each part with its own g_fn, summed at the end.
 //
 // The merge X'_j = Σ_i comb_ij x_i + post_j y (HyperMerge in mhc_fused.py) has, per token, g_x_i = Σ_j comb_ij g_j,
@@ -46,40 +46,51 @@ namespace {
 
 using ctxlab_hc::lanes;
 using ctxlab_hc::MAX_LOGITS;
-using ctxlab_hc::TOKENS;
 using ctxlab_simd::dot;
+
+// Tokens per block of the split's backward, and 16-float vectors per row and step of accumulate(): each row of fn
+// and of g_fn (200 KB each at M = 24, n·H = 2048: from L2) is read once per block, and the block's rows of x and g_x
+// stay in 2 · BLOCK · VECTORS registers. 6 x 2 (28 of the 32 registers) against the 4 x 2 before it: 1.43-1.49 vs
+// 1.59-1.72 ms warm, 2.45-2.47 vs 2.51-2.61 ms after 256 MiB of other traffic (N = 1024, n = 4, H = 512, 2 threads,
+// medians of 31, ad hoc); 8 x 2 (spilling) measured as 6 x 2, 8 x 1 and 12 x 1 slower than 4 x 2.
+constexpr int64_t BLOCK = 6;
+constexpr int64_t VECTORS = 2;
 
 // A block of tokens: its rows of x and of g_x (a zero row and a scratch row pad a short block), and g_raw.
 struct Block {
-  const float* x[TOKENS];
-  float* g_x[TOKENS];
-  float g_raw[TOKENS][MAX_LOGITS];
+  const float* x[BLOCK];
+  float* g_x[BLOCK];
+  float g_raw[BLOCK][MAX_LOGITS];
 };
 
-// g_x[b] += Σ_m g_raw[b][m] fn[m] and g_fn[m] += Σ_b g_raw[b][m] x[b], 32 columns at a time; the rows of
+// g_x[b] += Σ_m g_raw[b][m] fn[m] and g_fn[m] += Σ_b g_raw[b][m] x[b], 16 · VECTORS columns at a time; the rows of
 // fn and g_fn are `ld` floats apart.
 void accumulate(const Block& blk, const float* fn, int64_t M, int64_t K, int64_t ld, float* g_fn) {
-  for (int64_t k = 0; k < K; k += 32) {
-    const __mmask16 lo = lanes(K - k), hi = lanes(K - k - 16);
-    __m512 xv[TOKENS][2], gv[TOKENS][2];
-    for (int64_t b = 0; b < TOKENS; ++b) {
-      xv[b][0] = _mm512_maskz_loadu_ps(lo, blk.x[b] + k), xv[b][1] = _mm512_maskz_loadu_ps(hi, blk.x[b] + k + 16);
-      gv[b][0] = _mm512_maskz_loadu_ps(lo, blk.g_x[b] + k), gv[b][1] = _mm512_maskz_loadu_ps(hi, blk.g_x[b] + k + 16);
-    }
+  constexpr int64_t C = 16 * VECTORS;
+  for (int64_t k = 0; k < K; k += C) {
+    __mmask16 in[VECTORS];
+    for (int64_t v = 0; v < VECTORS; ++v) in[v] = lanes(K - k - 16 * v);
+    __m512 xv[BLOCK][VECTORS], gv[BLOCK][VECTORS];
+    for (int64_t b = 0; b < BLOCK; ++b)
+      for (int64_t v = 0; v < VECTORS; ++v) {
+        xv[b][v] = _mm512_maskz_loadu_ps(in[v], blk.x[b] + k + 16 * v);
+        gv[b][v] = _mm512_maskz_loadu_ps(in[v], blk.g_x[b] + k + 16 * v);
+      }
     for (int64_t m = 0; m < M; ++m) {
       const float* f = fn + m * ld + k;
       float* acc = g_fn + m * ld + k;
-      const __m512 f0 = _mm512_maskz_loadu_ps(lo, f), f1 = _mm512_maskz_loadu_ps(hi, f + 16);
-      __m512 a0 = _mm512_maskz_loadu_ps(lo, acc), a1 = _mm512_maskz_loadu_ps(hi, acc + 16);
-      for (int64_t b = 0; b < TOKENS; ++b) {
+      __m512 fv[VECTORS], av[VECTORS];
+      for (int64_t v = 0; v < VECTORS; ++v)
+        fv[v] = _mm512_maskz_loadu_ps(in[v], f + 16 * v), av[v] = _mm512_maskz_loadu_ps(in[v], acc + 16 * v);
+      for (int64_t b = 0; b < BLOCK; ++b) {
         const __m512 w = _mm512_set1_ps(blk.g_raw[b][m]);
-        gv[b][0] = _mm512_fmadd_ps(w, f0, gv[b][0]), gv[b][1] = _mm512_fmadd_ps(w, f1, gv[b][1]);
-        a0 = _mm512_fmadd_ps(w, xv[b][0], a0), a1 = _mm512_fmadd_ps(w, xv[b][1], a1);
+        for (int64_t v = 0; v < VECTORS; ++v)
+          gv[b][v] = _mm512_fmadd_ps(w, fv[v], gv[b][v]), av[v] = _mm512_fmadd_ps(w, xv[b][v], av[v]);
       }
-      _mm512_mask_storeu_ps(acc, lo, a0), _mm512_mask_storeu_ps(acc + 16, hi, a1);
+      for (int64_t v = 0; v < VECTORS; ++v) _mm512_mask_storeu_ps(acc + 16 * v, in[v], av[v]);
     }
-    for (int64_t b = 0; b < TOKENS; ++b)
-      _mm512_mask_storeu_ps(blk.g_x[b] + k, lo, gv[b][0]), _mm512_mask_storeu_ps(blk.g_x[b] + k + 16, hi, gv[b][1]);
+    for (int64_t b = 0; b < BLOCK; ++b)
+      for (int64_t v = 0; v < VECTORS; ++v) _mm512_mask_storeu_ps(blk.g_x[b] + k + 16 * v, in[v], gv[b][v]);
   }
 }
 
@@ -112,7 +123,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split_backward(
   auto g_x = at::empty_like(x);
   auto g_z_pre = at::empty({n, N}, x.options());
   float *gxp = g_x.data_ptr<float>(), *gzp = g_z_pre.data_ptr<float>();
-  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + TOKENS - 1) / TOKENS));
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), (N + BLOCK - 1) / BLOCK));
   const auto fn_padded = ctxlab_hc::padded_rows(fn);  // and g_fn's rows as far apart
   const int64_t ld = fn_padded.size(1);
   const float* w = fn_padded.data_ptr<float>();
@@ -121,9 +132,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> hc_split_backward(
     std::vector<float> zero_row(K, 0.f), scratch_row(K);
     for (int64_t part = begin; part < end; ++part) {
       float* g_fn = g_fn_parts.data_ptr<float>() + part * M * ld;
-      for (int64_t t0 = N * part / parts, stop = N * (part + 1) / parts; t0 < stop; t0 += TOKENS) {
+      for (int64_t t0 = N * part / parts, stop = N * (part + 1) / parts; t0 < stop; t0 += BLOCK) {
         Block blk;
-        for (int64_t b = 0; b < TOKENS; ++b) {
+        for (int64_t b = 0; b < BLOCK; ++b) {
           const int64_t t = t0 + b;
           if (t >= stop) {  // pad the block: a zero row whose g_x goes nowhere
             blk.x[b] = zero_row.data(), blk.g_x[b] = scratch_row.data();
