@@ -202,7 +202,9 @@ def test_runner_finishes_a_run_killed_after_its_last_checkpoint(tmp_path):
     (out / "result.json").unlink()  # as if killed between the final checkpoint and result.json
     logs = []
     (again,) = run_recipe("gqa", tmp_path, budget="ci", tasks=["mqar"], seeds=[0], log=logs.append)
-    assert again["eval"] == first["eval"] and again["tokens_per_s"] is None and "gqa mqar seed 0" in logs[0]
+    assert again["eval"] == first["eval"] and "gqa mqar seed 0" in logs[0]
+    # the checkpoint carried the training time: the resumed result reports the run's, not zero seconds
+    assert again["train_seconds"] == first["train_seconds"] and again["tokens_per_s"] == first["tokens_per_s"]
     assert (out / "result.json").exists() and not (out / "checkpoint.pt").exists()
 
 
@@ -253,3 +255,159 @@ def _losses(run) -> list[float]:
 
 def _result(run) -> dict:
     return json.loads((run / "result.json").read_text())
+
+
+# --- found by a bug hunt (2026-12-05): bookkeeping, diverged runs, validation --------------------------------
+
+
+def test_a_finished_run_of_another_model_is_trained_again(tmp_path):
+    """``lab run`` skips a finished run only when its result is of the same model: after the recipe's model
+    changes (here its KV heads), the old result is not reported under the new recipe."""
+    recipe = tmp_path / "myr.json"
+    recipe.write_text(json.dumps({"name": "myr", "base": "gqa", "layer": {"num_kv_heads": 2}}))
+    logs = []
+    run_recipe(str(recipe), tmp_path / "runs", budget="ci", tasks=["mqar"], seeds=[0], log=logs.append)
+    run_recipe(str(recipe), tmp_path / "runs", budget="ci", tasks=["mqar"], seeds=[0], log=logs.append)
+    assert "done already" in logs[-1]
+    recipe.write_text(json.dumps({"name": "myr", "base": "gqa", "layer": {"num_kv_heads": 1}}))
+    (result,) = run_recipe(str(recipe), tmp_path / "runs", budget="ci", tasks=["mqar"], seeds=[0], log=logs.append)
+    assert "another model" in logs[-2] and "done already" not in logs[-1]
+    assert result["recipe"]["config"]["layers"][0]["num_kv_heads"] == 1
+
+
+def test_report_costs_follow_the_accounting_not_the_recorded_numbers(tmp_path):
+    run_recipe("gqa", tmp_path, budget="ci", tasks=["mqar"], seeds=[0], log=lambda m: None)
+    path = tmp_path / "gqa" / "mqar" / "seed0" / "result.json"
+    result = json.loads(path.read_text())
+    result["recipe"]["costs"] = {"params": 1, "kv_bytes_per_token": 1.0, "decode_flops_4k": 1}  # an older accounting
+    path.write_text(json.dumps(result))
+    (row,) = summarize(tmp_path)["rows"]
+    cfg = load_recipe("gqa").config
+    assert row["params"] == count_params(cfg)["total"] and row["decode_flops_4k"] == decode_flops(cfg, 4096)
+
+
+def _diverging_runs(runs, tmp_path):
+    """Code-task runs of gqa (sane) and mhc (lr 1e9: NaN after its first step), two seeds each."""
+    task = make_task("code", seq_len=16, eval_windows=2)
+    for name, lr in (("gqa", 1e-3), ("mhc", 1e9)):
+        recipe = load_recipe(name)
+        for seed in (0, 1):
+            cfg = TrainConfig(steps=2, micro_batch=2, warmup_steps=1, lr=lr, seed=seed, diagnostics_every=1)
+            out = runs / name / "code" / f"seed{seed}"
+            train(recipe.config, task, cfg, out, progress=False, extra_result={"recipe": recipe.to_dict()})
+
+
+def test_report_shows_a_diverged_run_as_nan(tmp_path):
+    """A run whose loss became NaN: the report is written (it crashed in statistics.stdev), its metric reads
+    NaN with no significance mark, and its hyper-connection diagnostics read NaN (max() dropped the NaN)."""
+    runs = tmp_path / "runs"
+    _diverging_runs(runs, tmp_path)
+    summary = write_report(runs, tmp_path / "lab.md", None)
+    rows = {r["recipe"]: r for r in summary["rows"]}
+    cell = rows["mhc"]["metrics"]["held-out bits/byte"]
+    assert math.isnan(cell["mean"]) and math.isnan(cell["std"]) and cell["p"] is None and not cell["significant"]
+    assert math.isnan(rows["mhc"]["diagnostics"]["max_grad_norm"])
+    assert "(`mhc`) |" in (tmp_path / "lab.md").read_text()
+
+
+def test_report_refuses_an_unknown_baseline_and_an_out_directory(tmp_path):
+    run_recipe("gqa", tmp_path / "runs", budget="ci", tasks=["mqar"], seeds=[0], log=lambda m: None)
+    with pytest.raises(InputError, match=r"baseline = 'GQA': .* no runs of it; recipes there: \['gqa'\]"):
+        summarize(tmp_path / "runs", baseline="GQA")
+    with pytest.raises(InputError, match="is a directory"):
+        write_report(tmp_path / "runs", tmp_path, tmp_path / "plots")
+    assert not (tmp_path / "plots").exists()  # refused before anything was written
+
+
+def test_the_baseline_is_listed_once_in_the_diagnostics(tmp_path):
+    from ctxlab.lab.report import markdown
+
+    runs = tmp_path / "runs"
+    _diverging_runs(runs, tmp_path)
+    diagnostics = markdown(summarize(runs, baseline="mhc")).split("Hyper-connection diagnostics")[1]
+    assert diagnostics.count("| `mhc` |") == 1
+
+
+@pytest.mark.parametrize(
+    "task, params, message",
+    [
+        ("mqar", {"eval_examples": 0}, "eval_examples = 0"),
+        ("mqar", {"seq_len": 16.5}, "seq_len = 16.5"),
+        ("code", {"eval_windows": -5}, "eval_windows = -5"),
+        ("code", {"heldout_every": 0}, "heldout_every = 0"),
+        ("passkey", {"eval_per_cell": 0}, "eval_per_cell = 0"),
+        ("passkey", {"eval_depths": []}, "need one or more"),
+        ("passkey", {"eval_depths": [0.5, 1.5]}, "eval_depths entry 1.5"),
+        ("passkey", {"eval_lengths": [64]}, "eval_lengths entry = 64 is too short"),
+    ],
+)
+def test_tasks_refuse_sizes_that_would_fail_after_training(task, params, message):
+    with pytest.raises(InputError, match=message):
+        make_task(task, **params)
+
+
+def test_passkey_evaluates_lengths_without_the_trained_one():
+    """eval_lengths of extrapolation only: the @T metric is None, not a KeyError after training."""
+    task = make_task("passkey", seq_len=128, eval_lengths=[256], eval_per_cell=1, eval_depths=[0.5])
+    model = __import__("ctxlab").build_model(load_recipe("gqa").config, seed=0)
+    out = task.evaluate(model)
+    assert out["passkey_accuracy"] is None and out["passkey_accuracy_2x"] is not None
+
+
+@pytest.mark.parametrize(
+    "field, value", [("weight_decay", math.nan), ("grad_clip", math.nan), ("grad_clip", math.inf), ("beta2", 1.0)]
+)
+def test_train_config_refuses_nan_and_out_of_range_optimizer_values(field, value):
+    with pytest.raises(InputError, match=f"{field} = "):
+        TrainConfig(**{field: value})
+
+
+def test_a_resumed_run_counts_the_training_time_before_it(tmp_path):
+    """train_seconds (and tokens/s) cover every step, those before an interruption included: the checkpoint
+    carries the time trained so far. Each step's time is in metrics.jsonl (tokens per step / tokens/s)."""
+    task = make_task("mqar", seq_len=32, pairs=2, eval_examples=2)
+    cfg = TrainConfig(steps=4, micro_batch=2, checkpoint_every=2)
+    batch = task.batch
+
+    def interrupted(seed, start, count):  # killed while building step 3's batch
+        if start >= 2 * count:
+            raise KeyboardInterrupt
+        return batch(seed, start, count)
+
+    task.batch = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        train(load_recipe("gqa").config, task, cfg, tmp_path, progress=False)
+    task.batch = batch
+    result = train(load_recipe("gqa").config, task, cfg, tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    per_step = [r["tokens"] / r["step"] / r["tokens_per_s"] for r in records]
+    assert result["train_seconds"] == pytest.approx(sum(per_step), rel=1e-9)
+    assert result["tokens_per_s"] == pytest.approx(result["tokens"] / result["train_seconds"], rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["lab", "run", "gqa", "--threads", "-1"], "--threads: '-1': expected an integer in [1,"),
+        (["lab", "run", "gqa", "--threads", "0"], "--threads: '0'"),
+        (["lab", "run", "gqa", "--seeds", "99999999999999999999"], "--seeds: '99999999999999999999'"),
+        (["train", "--recipe", "gqa", "--task", "mqar", "--seed", "99999999999999999999"], "--seed: "),
+        (["train", "--recipe", "gqa", "--task", "mqar", "--weight-decay", "nan"], "--weight-decay: 'nan'"),
+        (["train", "--recipe", "gqa", "--task", "mqar", "--task-param", "seq_len=16.5"], "seq_len = 16.5"),
+        (["train", "--recipe", "gqa", "--task", "code", "--task-param", "heldout_every=0"], "heldout_every = 0"),
+    ],
+)
+def test_lab_cli_bad_values_are_usage_errors(tmp_path, capsys, argv, message):
+    argv = [*argv, "--out" if argv[0] == "train" else "--runs", str(tmp_path / "out")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_lab_cli_refuses_a_file_as_the_run_directory_and_a_directory_as_the_report(tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    argv = ["train", "--recipe", "gqa", "--task", "mqar", "--steps", "1", "--out", str(tmp_path / "file")]
+    assert main(argv) == 2 and "is a file" in capsys.readouterr().err
+    assert main(["lab", "report", "--runs", str(tmp_path), "--out", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -34,9 +33,10 @@ from rich.markup import escape
 
 from . import __version__, progress
 from .accounting import count_params, decode_flops_terms, kv_cache_bytes
+from .argtypes import count, gibibytes, nonnegative, positive, probability, seed, temperature, tokens
 from .dtypes import DTYPES, dtype_name
 from .errors import ConfigError, CtxlabError, InputError
-from .generate import past_trained_context, sampling_generator, stream
+from .generate import past_trained_context, stream
 from .io.checkpoint import from_pretrained
 from .io.config_file import load_config
 from .io.gguf import is_gguf
@@ -50,57 +50,7 @@ from .reporting import rows, tables
 from .reporting.table_fit import fit
 from .reporting.tables import CONVENTIONS_NOTE, UNITS_NOTE, fmt_bytes, fmt_count
 
-MAX_TOKENS = 1 << 40  # no cache or context anywhere near it; larger numbers are typos
 PROGRESS_MIN_BYTES = 256 << 20  # show a progress bar for models at least this large
-
-
-def count(text: str, minimum: int = 1, suffixes: bool = False, maximum: int = MAX_TOKENS) -> int:
-    """An integer in [minimum, maximum]; with ``suffixes``, '128k' = 128 * 1024 and '1m' = 1024 * 1024."""
-    scale = {"k": 1 << 10, "m": 1 << 20}.get(text[-1:].lower(), 1) if suffixes else 1
-    try:
-        n = int(text[:-1] if scale > 1 else text) * scale
-    except ValueError:
-        n = minimum - 1
-    if not minimum <= n <= maximum:
-        example = ", e.g. 4096 or 128k" if suffixes else ""
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer in [{minimum}, 2^40 = {maximum}]{example}")
-    return n
-
-
-tokens = partial(count, suffixes=True)  # argparse types
-positive = partial(count, minimum=1)
-nonnegative = partial(count, minimum=0)
-
-
-def real(text: str, low: float = 0.0, high: float = math.inf, low_open: bool = False, what: str = "") -> float:
-    """A finite number in [low, high] (or (low, high] with ``low_open``); nan and inf are refused."""
-    try:
-        x = float(text)
-    except ValueError:
-        x = math.nan
-    if not (math.isfinite(x) and (x > low if low_open else x >= low) and x <= high):
-        bound = (
-            f"{'(' if low_open else '['}{low:g}, {high:g}]"
-            if math.isfinite(high)
-            else f"{'>' if low_open else '>='} {low:g}"
-        )
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number {bound}{what}")
-    return x
-
-
-def seed(text: str) -> int:
-    """A seed torch's generator takes (:func:`ctxlab.generate.sampling_generator`'s rule)."""
-    try:
-        n = int(text)
-        sampling_generator(n, "cpu")
-    except (ValueError, InputError):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer in [-2^63, 2^64)") from None
-    return n
-
-
-temperature = partial(real, what=" (0 = greedy)")
-probability = partial(real, high=1.0, low_open=True)
-gibibytes = partial(real, low_open=True, what=" GiB")
 
 
 def token_ids(text: str) -> list[int]:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
+
+from ..argtypes import nonnegative, positive, real, seed
 
 
 def _key_value(text: str) -> tuple[str, object]:
@@ -107,19 +110,23 @@ def add_commands(sub, fmt) -> None:
         help="task parameter, repeatable (e.g. seq_len=128, pairs=8)",
     )
     t.add_argument("--out", required=True, help="run directory (metrics.jsonl, checkpoint.pt, result.json)")
-    t.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    t.add_argument("--micro-batch", type=int, default=16, help="sequences per process per forward")
-    t.add_argument("--grad-accum", type=int, default=1, help="forwards per optimizer step")
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (AdamW)")
-    t.add_argument("--min-lr-ratio", type=float, default=0.1, help="final LR as a fraction of the peak (cosine)")
-    t.add_argument("--warmup-steps", type=int, default=20, help="linear warm-up steps")
-    t.add_argument("--weight-decay", type=float, default=0.1, help="AdamW decoupled weight decay (matrices only)")
-    t.add_argument("--grad-clip", type=float, default=1.0, help="global gradient-norm cap (0 = off)")
+    t.add_argument("--steps", type=positive, default=200, help="optimizer steps")
+    t.add_argument("--micro-batch", type=positive, default=16, help="sequences per process per forward")
+    t.add_argument("--grad-accum", type=positive, default=1, help="forwards per optimizer step")
+    t.add_argument("--lr", type=partial(real, low_open=True), default=3e-3, help="peak learning rate (AdamW)")
+    t.add_argument(
+        "--min-lr-ratio", type=partial(real, high=1.0), default=0.1, help="final LR as a fraction of the peak (cosine)"
+    )
+    t.add_argument("--warmup-steps", type=nonnegative, default=20, help="linear warm-up steps")
+    t.add_argument("--weight-decay", type=real, default=0.1, help="AdamW decoupled weight decay (matrices only)")
+    t.add_argument("--grad-clip", type=real, default=1.0, help="global gradient-norm cap (0 = off)")
     t.add_argument("--bf16", action="store_true", help="autocast the forward to bfloat16")
-    t.add_argument("--seed", type=int, default=0, help="seed of the weights and of the data order")
-    t.add_argument("--checkpoint-every", type=int, default=0, help="steps between checkpoints (0 = at the end)")
-    t.add_argument("--eval-every", type=int, default=0, help="steps between held-out evaluations (0 = at the end)")
-    t.add_argument("--diagnostics-every", type=int, default=10, help="steps between hyper-connection gain logs")
+    t.add_argument("--seed", type=seed, default=0, help="seed of the weights and of the data order")
+    t.add_argument("--checkpoint-every", type=nonnegative, default=0, help="steps between checkpoints (0 = at the end)")
+    t.add_argument(
+        "--eval-every", type=nonnegative, default=0, help="steps between held-out evaluations (0 = at the end)"
+    )
+    t.add_argument("--diagnostics-every", type=nonnegative, default=10, help="steps between hyper-connection gain logs")
     t.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp", help="multi-process wrapping under torchrun")
     t.add_argument(
         "--resume",
@@ -142,13 +149,15 @@ def add_commands(sub, fmt) -> None:
     r.add_argument("--runs", default="runs/lab", help="directory of the study's runs")
     r.add_argument("--budget", choices=("full", "reduced", "ci"), default="full", help="steps per run (study.json)")
     r.add_argument("--tasks", nargs="+", choices=("mqar", "passkey", "code"), help="only these tasks (None = all)")
-    r.add_argument("--seeds", nargs="+", type=int, help="seeds (None = the study's: 0 1 2)")
+    r.add_argument("--seeds", nargs="+", type=seed, help="seeds (None = the study's: 0 1 2)")
     r.add_argument(
-        "--threads", type=int, help="torch threads per process (None = torch's default; 1 is faster on a busy machine)"
+        "--threads",
+        type=positive,
+        help="torch threads per process (None = torch's default; 1 is faster on a busy machine)",
     )
     r.add_argument(
         "--jobs",
-        type=int,
+        type=positive,
         default=1,
         help="runs trained at once, each in its own process (e.g. --jobs 2 --threads 1 on a 2-core machine)",
     )

@@ -29,6 +29,16 @@ COST_CONTEXT = 4096  # KV bytes per token and decode FLOPs are quoted at this co
 WIDTH_STEP = 8
 
 
+def costs(config: ModelConfig) -> dict:
+    """Parameters, KV bytes per token (bfloat16 cache, averaged over a 4K context, as ring and compressed caches
+    make it context-dependent) and decode FLOPs per token at position 4K."""
+    return {
+        "params": count_params(config)["total"],
+        "kv_bytes_per_token": kv_cache_bytes(config, COST_CONTEXT, "bfloat16") / COST_CONTEXT,
+        "decode_flops_4k": decode_flops(config, COST_CONTEXT),
+    }
+
+
 @dataclass(frozen=True)
 class Recipe:
     name: str
@@ -40,13 +50,7 @@ class Recipe:
     matched: dict | None = None  # {"field", "value", "baseline_value", "params", "baseline_params"}
 
     def costs(self) -> dict:
-        """Parameters, KV bytes per token (bfloat16 cache, averaged over a 4K context, as ring and
-        compressed caches make it context-dependent) and decode FLOPs per token at position 4K."""
-        return {
-            "params": count_params(self.config)["total"],
-            "kv_bytes_per_token": kv_cache_bytes(self.config, COST_CONTEXT, "bfloat16") / COST_CONTEXT,
-            "decode_flops_4k": decode_flops(self.config, COST_CONTEXT),
-        }
+        return costs(self.config)
 
     def model_transform(self):
         return TRANSFORMS[self.transform] if self.transform else None

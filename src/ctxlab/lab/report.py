@@ -2,19 +2,21 @@
 
 Reads every ``<runs>/<recipe>/<task>/seed<k>/result.json``; per recipe and metric, the mean ± sample
 standard deviation over seeds, and a mark where Welch's t-test against the baseline recipe gives
-p < 0.05. Costs (parameters, KV bytes per token, decode FLOPs) come from the accounting, recorded in
-each result. The markdown goes between ``<!-- lab-report:begin -->`` and ``<!-- lab-report:end -->`` of
+p < 0.05. Costs (parameters, KV bytes per token, decode FLOPs) come from the accounting, of the model
+config each result records (computed again, so an accounting fix reaches finished runs). The markdown goes between ``<!-- lab-report:begin -->`` and ``<!-- lab-report:end -->`` of
 the target file (the hand-written discussion around it is kept), or makes a new file.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import platform
 from pathlib import Path
 
+from ..config import ModelConfig
 from ..errors import InputError
-from .recipes import COST_CONTEXT
+from .recipes import COST_CONTEXT, costs
 from .stats import mean_std, welch_p
 
 BEGIN, END = "<!-- lab-report:begin -->", "<!-- lab-report:end -->"
@@ -53,6 +55,8 @@ def _values(results: list[dict], key: str) -> list[float]:
 
 def summarize(runs: str | Path, baseline: str = "gqa") -> dict:
     data = collect(runs)
+    if baseline not in data:
+        raise InputError(f"baseline = {baseline!r}: {str(runs)!r} holds no runs of it; recipes there: {sorted(data)}")
     rows = []
     for recipe, tasks in sorted(data.items(), key=lambda kv: (kv[0] != baseline, kv[0])):
         any_result = next(iter(tasks.values()))[0]
@@ -60,7 +64,7 @@ def summarize(runs: str | Path, baseline: str = "gqa") -> dict:
         row = {
             "recipe": recipe,
             "mechanism": info["mechanism"],
-            **info["costs"],
+            **costs(ModelConfig.from_dict(info["config"])),  # by today's accounting, not the one the run recorded
             "matched": info["matched"],
             "metrics": {},
         }
@@ -98,8 +102,13 @@ def _diagnostics(runs, recipe: str, tasks: dict) -> dict:
         for rec in _metric_lines(runs, recipe, "code", result["train"]["seed"]):
             for key in ("grad_norm", "hc_composite_gain_fwd", "hc_composite_gain_bwd", "hc_max_layer_gain"):
                 if key in rec:
-                    out[f"max_{key}"] = max(out.get(f"max_{key}", 0.0), rec[key])
+                    out[f"max_{key}"] = _largest(out.get(f"max_{key}", 0.0), rec[key])
     return out
+
+
+def _largest(a: float, b: float) -> float:
+    """max(a, b), NaN if either is: a diverged run shows as NaN (``max`` would keep whichever came first)."""
+    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)
 
 
 def _meta(runs, data: dict) -> dict:
@@ -203,7 +212,8 @@ def markdown(summary: dict, plot_paths: dict[str, str] | None = None) -> str:
         head = "| recipe | composite gain fwd | composite gain bwd | largest single-layer gain | max grad norm |"
         lines += ["", about, "", head, "|---|---|---|---|---|"]
         keys = ("max_hc_composite_gain_fwd", "max_hc_composite_gain_bwd", "max_hc_max_layer_gain", "max_grad_norm")
-        for r in ([base] if base else []) + diag:
+        listed = [r["recipe"] for r in diag]
+        for r in ([base] if base and base["recipe"] not in listed else []) + diag:
             values = " | ".join(f"{r['diagnostics'].get(k, float('nan')):.3g}" for k in keys)
             lines.append(f"| `{r['recipe']}` | {values} |")
     plans = ", ".join(
@@ -309,8 +319,10 @@ def plot_losses(runs: str | Path, summary: dict, path: str | Path) -> None:
 def write_report(runs: str | Path, out: str | Path, plots_dir: str | Path | None = None, baseline: str = "gqa") -> dict:
     """Summarize ``runs``, write plots into ``plots_dir`` (paths in the markdown relative to ``out``) and the
     table into ``out`` (between the report markers if the file has them). Returns the summary."""
-    summary = summarize(runs, baseline)
     out = Path(out)
+    if out.is_dir():
+        raise InputError(f"out = {str(out)!r} is a directory; give the markdown file to write (e.g. docs/lab.md)")
+    summary = summarize(runs, baseline)
     plot_paths = {}
     if plots_dir is not None:
         plots_dir = Path(plots_dir)

@@ -2,7 +2,8 @@
 
 Layout: ``<runs>/<recipe>/<task>/seed<k>/{result.json, metrics.jsonl, checkpoint.pt}`` and
 ``<runs>/corpus.json`` (the code corpus manifest: every file's path, split and SHA-256). A run whose
-``result.json`` exists with the same training config is skipped, and an interrupted run resumes from its
+``result.json`` exists with the same model, task and training config is skipped (one of another model is
+trained again), and an interrupted run resumes from its
 checkpoint (deleted once the run has finished), so rerunning the documented command completes a study instead of repeating it.
 """
 
@@ -19,6 +20,7 @@ from pathlib import Path
 from ..errors import InputError
 from ..train import TrainConfig, make_task, train
 from ..train.loop import CHECKPOINT, RESULT
+from ..validation import positive_int
 from .recipes import load_recipe
 
 BUDGETS = ("full", "reduced", "ci")
@@ -70,10 +72,11 @@ def run_recipe(
             done = out / RESULT
             if done.exists():
                 old = json.loads(done.read_text())
-                if old.get("train") == cfg.to_dict() and old.get("task") == task.describe():
+                if _same_run(old, recipe, cfg, task):
                     log(f"{recipe.name} {task_name} seed {seed}: done already ({done})")
                     results.append(old)
                     continue
+                log(f"{recipe.name} {task_name} seed {seed}: {done} is of another model, task or training; retraining")
             start = time.perf_counter()
             extra = {"recipe": recipe.to_dict(), "budget": budget}
             result = train(
@@ -95,6 +98,18 @@ def run_recipe(
     return results
 
 
+def _same_run(old: dict, recipe, cfg: TrainConfig, task) -> bool:
+    """Whether a finished run's result is of this run: the same model (config and transform), task and training
+    config. (Its recorded costs may be older than the accounting: ``lab report`` recomputes them.)"""
+    trained = old.get("recipe", {})
+    return (
+        old.get("train") == cfg.to_dict()
+        and old.get("task") == task.describe()
+        and trained.get("config") == json.loads(json.dumps(recipe.config.to_dict()))  # as result.json holds it
+        and trained.get("transform") == recipe.transform
+    )
+
+
 def run_study(
     names: list[str],
     runs: str | Path,
@@ -108,8 +123,10 @@ def run_study(
     """:func:`run_recipe` for every recipe; with ``jobs > 1`` the (recipe, task, seed) runs are shared
     out to ``jobs`` worker processes (spawned, ``threads`` torch threads each). Every run writes only
     its own directory, so runs in parallel cannot disturb each other's results."""
-    if not isinstance(jobs, int) or jobs < 1:
+    if not positive_int(jobs):
         raise InputError(f"jobs = {jobs!r}: must be a positive integer")
+    if threads is not None and not positive_int(threads):
+        raise InputError(f"threads = {threads!r}: must be a positive integer (None = torch's default)")
     for name in names:
         load_recipe(name)  # every bad name is reported before anything trains
     run_plan(budget, tasks)

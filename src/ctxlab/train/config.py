@@ -57,8 +57,14 @@ class TrainConfig:
             problems.append(f"lr = {self.lr!r}: must be > 0")
         if not 0 <= self.min_lr_ratio <= 1:
             problems.append(f"min_lr_ratio = {self.min_lr_ratio!r}: must be in [0, 1]")
-        if self.grad_clip < 0 or self.weight_decay < 0:
-            problems.append(f"grad_clip = {self.grad_clip!r}, weight_decay = {self.weight_decay!r}: must be >= 0")
+        for name in ("grad_clip", "weight_decay"):  # written so that NaN fails too
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < float("inf")):
+                problems.append(f"{name} = {v!r}: must be a finite number >= 0")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and 0 <= v < 1):
+                problems.append(f"{name} = {v!r}: must be in [0, 1)")
         if self.strategy not in ("ddp", "fsdp"):
             problems.append(f"strategy = {self.strategy!r}: allowed: 'ddp', 'fsdp'")
         if problems:

@@ -130,6 +130,8 @@ def train(
     OS and fault in again, page by page, at the next step."""
     retain_freed_memory()
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"out = {str(out)!r} is a file; the run writes a directory (result.json, metrics, checkpoint)")
     world = distributed.setup()
     fsdp = world.distributed and cfg.strategy == "fsdp"
     if world.main:
@@ -144,7 +146,7 @@ def train(
     optimizer = make_optimizer(model, cfg)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.steps, cfg.min_lr_ratio)
 
-    start = 0
+    start, train_seconds, trained_steps = 0, 0.0, 0  # steps and seconds trained, the resumed run's included
     ckpt_path, metrics_path = out / CHECKPOINT, out / METRICS
     global_batch = cfg.micro_batch * cfg.grad_accum * world.size
     run = {  # what a checkpoint must have been written by to be resumed here
@@ -160,6 +162,8 @@ def train(
         scheduler.load_state_dict(state["scheduler"])
         checkpoint.restore_rng_states(state["rng"])
         start = state["step"]
+        if "train_seconds" in state:  # (checkpoints written before it was recorded: this process's time only)
+            train_seconds, trained_steps = state["train_seconds"], start
         if world.main:
             _truncate_metrics(metrics_path, start)
     elif world.main and metrics_path.exists():
@@ -173,7 +177,7 @@ def train(
     )
     bar = TrainProgress(cfg.steps, start, f"{task.name} seed {cfg.seed}", enabled=progress if world.main else False)
     metrics = open(metrics_path, "a") if world.main else None  # noqa: SIM115 (closed in finally)
-    train_seconds, trained_steps, last_eval = 0.0, 0, None
+    last_eval = None
     try:
         for step in range(start, cfg.steps):
             t0 = time.perf_counter()
@@ -231,6 +235,7 @@ def train(
                             "step": done,
                             "examples": done * global_batch,
                             "rng": checkpoint.rng_states(),
+                            "train_seconds": train_seconds,
                             **run,
                         },
                         ckpt_path,

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 
 import torch
 
+from ...errors import InputError
+from ...validation import positive_int
+
 IGNORE = -100  # target id that contributes no loss (torch.nn.functional.cross_entropy's ignore_index)
 
 
@@ -20,6 +23,14 @@ def example_generator(seed: int, split: str, index: int) -> torch.Generator:
     """A CPU generator seeded from (seed, split, index) through SHA-256 (no correlation between neighbours)."""
     digest = hashlib.sha256(f"{seed}/{split}/{index}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def require_positive_ints(task: str, **values) -> None:
+    """Refuses, in one error naming each, every value that is not a positive integer (a task's sizes: a
+    fractional or zero one would fail only after training, in the evaluation)."""
+    bad = [f"{name} = {value!r}" for name, value in values.items() if not positive_int(value)]
+    if bad:
+        raise InputError(f"{task}: {', '.join(bad)}: must be positive integers")
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ...errors import InputError
-from .base import Task, example_generator
+from .base import Task, example_generator, require_positive_ints
 
 
 @functools.lru_cache(maxsize=4)
@@ -61,6 +61,7 @@ class CodeLM(Task):
     name = "code"
 
     def __init__(self, seq_len: int = 256, eval_windows: int = 64, root: str | None = None, heldout_every: int = 20):
+        require_positive_ints("code", seq_len=seq_len, eval_windows=eval_windows, heldout_every=heldout_every)
         self.seq_len, self.eval_windows = seq_len, eval_windows
         self.corpus = gather(root, heldout_every)
 

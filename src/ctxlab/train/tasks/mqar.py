@@ -13,13 +13,14 @@ from __future__ import annotations
 import torch
 
 from ...errors import InputError
-from .base import IGNORE, Task, example_generator
+from .base import IGNORE, Task, example_generator, require_positive_ints
 
 
 class MQAR(Task):
     name = "mqar"
 
     def __init__(self, seq_len: int = 128, pairs: int = 8, vocab_size: int = 256, eval_examples: int = 256):
+        require_positive_ints("mqar", seq_len=seq_len, pairs=pairs, vocab_size=vocab_size, eval_examples=eval_examples)
         if pairs < 1 or 4 * pairs > seq_len:
             raise InputError(
                 f"mqar: pairs = {pairs} with seq_len = {seq_len}: need 1 <= pairs and 4 * pairs <= seq_len"

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from ...errors import InputError
-from .base import IGNORE, Task, example_generator
+from ...validation import positive_int
+from .base import IGNORE, Task, example_generator, require_positive_ints
 
 FILLER = b"The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 QUESTION = b" What is the pass key? The pass key is "
@@ -33,11 +34,27 @@ class Passkey(Task):
         eval_depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0),
         eval_per_cell: int = 20,
     ):
-        fixed = len(_key_sentence(b"0" * DIGITS)) + len(QUESTION) + DIGITS
-        if seq_len < fixed + 8:
-            raise InputError(f"passkey: seq_len = {seq_len} is too short; need at least {fixed + 8} bytes")
+        require_positive_ints("passkey", seq_len=seq_len, eval_per_cell=eval_per_cell)
+        shortest = len(_key_sentence(b"0" * DIGITS)) + len(QUESTION) + DIGITS + 8
+        eval_lengths = tuple(eval_lengths or (seq_len, 2 * seq_len))
+        problems = [
+            f"{name} = {length!r} is too short; need at least {shortest} bytes"
+            for name, length in [("seq_len", seq_len), *(("eval_lengths entry", n) for n in eval_lengths)]
+            if not positive_int(length) or length < shortest
+        ]
+        if not eval_lengths or not eval_depths:
+            problems.append(
+                f"eval_lengths = {list(eval_lengths)}, eval_depths = {list(eval_depths)}: need one or more each"
+            )
+        problems += [
+            f"eval_depths entry {d!r}: must be a number in [0, 1]"
+            for d in eval_depths
+            if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 <= d <= 1
+        ]
+        if problems:
+            raise InputError("passkey: " + "; ".join(problems))
         self.seq_len, self.eval_depths, self.eval_per_cell = seq_len, tuple(eval_depths), eval_per_cell
-        self.eval_lengths = tuple(eval_lengths or (seq_len, 2 * seq_len))
+        self.eval_lengths = eval_lengths
 
     def _sequence(self, g: torch.Generator, length: int, depth: float | None = None):
         number = str(int(torch.randint(10 ** (DIGITS - 1), 10**DIGITS, (1,), generator=g))).encode()
@@ -80,7 +97,7 @@ class Passkey(Task):
             ("passkey_by_length", "passkey_accuracy"),
             ("passkey_digits_by_length", "passkey_digit_accuracy"),
         ):
-            out[name] = out[key][str(self.seq_len)]
+            out[name] = out[key].get(str(self.seq_len))  # eval_lengths may leave out the trained length
             out[f"{name}_2x"] = out[key].get(str(2 * self.seq_len))
         return out
 
