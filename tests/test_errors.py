@@ -310,6 +310,45 @@ def test_index_listing_a_tensor_its_shard_lacks(saved, tmp_path):
         ctxlab.from_pretrained(d)
 
 
+@pytest.mark.parametrize("first_shards, then_shards", [(20_000, None), (None, 20_000)])
+def test_saving_over_a_checkpoint_leaves_only_the_new_weights(saved, tmp_path, first_shards, then_shards):
+    """Another model saved where a checkpoint is (sharded over single, or single over sharded): the old shards,
+    index or single file are removed, and the directory loads as the new model (the old index was read first)."""
+    other = ctxlab.build_model(ctxlab.load_config("tiny-llama"), seed=1)
+    saved[1].save_pretrained(tmp_path, max_shard_bytes=first_shards)
+    other.save_pretrained(tmp_path, max_shard_bytes=then_shards)
+    files = sorted(p.name for p in tmp_path.iterdir() if p.name != "config.json")
+    assert (
+        files == ["model.safetensors"]
+        if then_shards is None
+        else all(f.startswith("model-") or "index" in f for f in files)
+    )
+    back = ctxlab.from_pretrained(tmp_path)
+    for name, t in other.state_dict().items():
+        assert torch.equal(back.state_dict()[name], t), name
+
+
+def test_a_single_file_wins_over_a_stale_index(saved, tmp_path):
+    """model.safetensors beside an index whose shards are gone (transformers' own re-save leaves that): the single
+    file is read, as transformers reads it."""
+    d = copy_checkpoint(saved[0], tmp_path / "ckpt")
+    (d / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}})
+    )
+    assert ctxlab.from_pretrained(d).state_dict().keys() == saved[1].state_dict().keys()
+
+
+def test_an_index_mapping_to_something_other_than_file_names(saved, tmp_path):
+    d = tmp_path / "sharded"
+    saved[1].save_pretrained(d, max_shard_bytes=20_000)
+    path = d / "model.safetensors.index.json"
+    index = json.loads(path.read_text())
+    index["weight_map"]["model.norm.weight"] = 3
+    path.write_text(json.dumps(index))
+    with pytest.raises(ctxlab.CheckpointError, match="weight_map"):
+        ctxlab.from_pretrained(d)
+
+
 def test_truncated_safetensors_file_is_a_checkpoint_error(saved, tmp_path):
     """A truncated (e.g. half-downloaded) safetensors file gives a CheckpointError naming the file."""
     d = copy_checkpoint(saved[0], tmp_path / "ckpt")
@@ -495,3 +534,14 @@ def test_float32_residual_stream_works_with_bf16_weights_in_every_block_kind():
     cfg = ctxlab.load_config("tiny-llama").replace(residual_fp32=True)
     model = ctxlab.build_model(cfg, dtype=torch.bfloat16)
     assert model(torch.arange(8)[None]).dtype == torch.bfloat16
+
+
+def test_integer_weights_are_a_checkpoint_error_naming_them(saved, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    d = copy_checkpoint(saved[0], tmp_path / "ckpt")
+    state = load_file(d / "model.safetensors")
+    state["model.norm.weight"] = torch.ones_like(state["model.norm.weight"], dtype=torch.int32)
+    save_file(state, d / "model.safetensors")
+    with pytest.raises(ctxlab.CheckpointError, match=r"model\.norm\.weight \(torch\.int32, in model\.safetensors\)"):
+        ctxlab.from_pretrained(d)

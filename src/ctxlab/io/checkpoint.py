@@ -47,15 +47,16 @@ def open_safetensors(path: Path) -> Iterator:
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
-    """tensor name -> safetensors file holding it (single file or sharded index)."""
+    """tensor name -> safetensors file holding it: ``model.safetensors`` if there is one, else the shards of the
+    index (transformers' order: a stale index beside a single file does not win)."""
     index = directory / INDEX_FILE
-    if index.is_file():
+    if index.is_file() and not (directory / SINGLE_FILE).is_file():
         try:
             weight_map = json.loads(index.read_text()).get("weight_map")
         except (json.JSONDecodeError, AttributeError, UnicodeDecodeError) as e:
             raise CheckpointError(f"{index}: not a JSON object with a 'weight_map' ({e})") from None
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no 'weight_map' object")
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: no 'weight_map' object of tensor name -> shard file name")
         files = {name: directory / shard for name, shard in weight_map.items()}
         absent = sorted({str(p.name) for p in files.values() if not p.is_file()})
         if absent:
@@ -160,7 +161,7 @@ def _read(wanted: dict[str, torch.dtype], files: dict[str, Path], device) -> dic
     ``safe_open`` maps the file; pages it has read stay in the process's resident memory until the
     file is closed, so the file is reopened every ``READ_BATCH_BYTES``: the peak is the loaded
     tensors plus one batch, not plus the whole file."""
-    out = {}
+    out, not_floating = {}, []
     for path in sorted({files[n] for n in wanted}):
         names = [n for n in wanted if files[n] == path]
         while names:
@@ -170,9 +171,16 @@ def _read(wanted: dict[str, torch.dtype], files: dict[str, Path], device) -> dic
                     name = names.pop()
                     t = f.get_tensor(name)
                     done += t.numel() * t.element_size()
+                    if wanted[name].is_floating_point and not t.is_floating_point():
+                        not_floating.append(f"{name} ({t.dtype}, in {path.name})")
                     out[name] = t.to(dtype=wanted[name] if t.is_floating_point() else t.dtype, device=device)
                     del t
                     progress.advance(out[name].numel() * out[name].element_size())
+    if not_floating:
+        raise CheckpointError(
+            f"{len(not_floating)} tensor(s) stored as integers where the model has floating-point weights: "
+            + ", ".join(sorted(not_floating))
+        )
     return out
 
 

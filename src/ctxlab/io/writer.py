@@ -42,6 +42,14 @@ def save_pretrained(model, directory: str | Path, max_shard_bytes: int | None = 
         _write(model, directory, max_shard_bytes)
 
 
+def _remove_old_weights(directory: Path) -> None:
+    """Deletes the weight files an earlier save left in ``directory`` (``model.safetensors``, its shards and
+    index), as transformers' ``save_pretrained`` does: a new single file beside an old index, or new shards beside
+    an old single file, would otherwise be read in place of the new weights."""
+    for path in [directory / SINGLE_FILE, directory / INDEX_FILE, *directory.glob("model-*-of-*.safetensors")]:
+        path.unlink(missing_ok=True)
+
+
 def _write(model, directory: str | Path, max_shard_bytes: int | None) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -58,6 +66,7 @@ def _write(model, directory: str | Path, max_shard_bytes: int | None) -> None:
     (directory / "config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     shards = _split(state, max_shard_bytes)
+    _remove_old_weights(directory)  # (after the tensors are copied out: a model may be saved where it was loaded)
     if len(shards) == 1:
         save_file(shards[0], directory / SINGLE_FILE, metadata={"format": "pt"})
         return
