@@ -87,6 +87,43 @@ CASES = {  # name: (the transformers model, saved as it is; the edit of its conf
         lambda c: None,
     ),
 }
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "rope_theta": 10000.0}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 16,
+    "rope_theta": 10000.0,
+}
+
+
+def original_max_outside(c):  # a top-level original_max_position_embeddings beside the rope dict's: it wins
+    c["original_max_position_embeddings"] = 2
+
+
+def original_max_left_out(c):  # a scaled rope without original_max_position_embeddings: max_position_embeddings
+    c["rope_parameters"].pop("original_max_position_embeddings")
+
+
+CASES.update(
+    {
+        "llama yarn: a top-level original_max_position_embeddings wins": (
+            lambda hf: tiny_llama(
+                hf, rope_parameters={**YARN, "original_max_position_embeddings": 128}, max_position_embeddings=128
+            ),
+            original_max_outside,
+        ),
+        "llama yarn: original_max_position_embeddings left out is max_position_embeddings": (
+            lambda hf: tiny_llama(hf, rope_parameters=YARN, max_position_embeddings=32),
+            original_max_left_out,
+        ),
+        "llama llama3: original_max_position_embeddings left out is max_position_embeddings": (
+            lambda hf: tiny_llama(hf, rope_parameters=LLAMA3, max_position_embeddings=32),
+            original_max_left_out,
+        ),
+    }
+)
 RANDOMIZE = {"Gemma3ForCausalLM": test_gemma3.randomize_gemma3_, "Gemma4ForCausalLM": test_gemma4.randomize_gemma_}
 
 
@@ -114,6 +151,10 @@ V4_CASES = {  # name: (fields of the transformers config, the edit of its config
         without("partial_rotary_factor", "qk_rope_head_dim"),
     ),
     "n_shared_experts 2: transformers builds one shared expert": ({"n_shared_experts": 2}, lambda c: None),
+    "a per-kind rope dict naming its type with the legacy key 'type' only": (
+        {},
+        lambda c: c["rope_parameters"]["compress"].pop("rope_type"),
+    ),
 }
 
 

@@ -227,3 +227,23 @@ def test_an_odd_latent_rank_decodes_as_the_full_forward():
     model = ctxlab.build_model(cfg, seed=0)
     ids = torch.randint(3, BASE["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
     assert_chunked_decode_matches(model, ids, [5, 1, 1, 1])
+
+
+def test_the_published_mtp_layer_is_skipped_as_transformers_skips_it(hf, tmp_path):
+    """DeepSeek's checkpoints hold the multi-token-prediction layer as ``model.layers.61.*`` (after the 61
+    decoder layers); transformers ignores those tensors on load, and ctxlab does too (it refused them)."""
+    from safetensors.torch import load_file, save_file
+
+    ref = hf_v32(hf, sorted(CASES)[0])
+    ref.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    width = ref.config.hidden_size
+    state["model.layers.61.eh_proj.weight"] = torch.zeros(width, 2 * width)
+    state["model.layers.61.enorm.weight"] = torch.ones(width)
+    state["model.layers.61.shared_head.norm.weight"] = torch.ones(width)
+    state["model.layers.61.self_attn.kv_a_layernorm.weight"] = torch.ones(8)
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = ctxlab.from_pretrained(tmp_path)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4

@@ -19,6 +19,13 @@ MLP_TYPES = ("dense", "sparse")
 MODEL_TYPE = "deepseek_v32"
 ARCHITECTURE = "DeepseekV32ForCausalLM"
 EXPERTS_PER_TENSOR = True  # transformers maps deepseek_v32 checkpoints like qwen2_moe
+DROPPED = "the multi-token-prediction (MTP) layer (model.layers.61), not used for next-token decoding"
+
+
+def checkpoint_key(name: str) -> str | None:
+    """The published checkpoints' MTP layer is ``model.layers.61.*``, after the 61 decoder layers: transformers
+    ignores it (``DeepseekV32PreTrainedModel._keys_to_ignore_on_load_unexpected``), and so does ctxlab."""
+    return None if name.startswith("model.layers.61.") else name
 
 
 def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:

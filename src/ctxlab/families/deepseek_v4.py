@@ -18,7 +18,7 @@ from typing import Any
 
 from ..config import CompressSpec, IndexerSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from ..errors import ConfigError
-from .hf_fields import check_per_layer, hf_fields, model_fields, parse_rope, require, rope_to_hf
+from .hf_fields import check_per_layer, fill_scaled_rope, hf_fields, model_fields, parse_rope, require, rope_to_hf
 from .keymap import KeyMap
 
 log = logging.getLogger("ctxlab")
@@ -187,6 +187,9 @@ def _rope(d: dict[str, Any], partial: float, where: str) -> dict[str, RopeSpec]:
     out = {}
     for key in ("main", "compress"):
         p = {k: v for k, v in params[key].items() if k != "type"}
+        if "type" in params[key]:  # the legacy key, read when rope_type is absent (standardize_rope_params)
+            p.setdefault("rope_type", params[key]["type"])
+        p = fill_scaled_rope(p, d.get("max_position_embeddings"))
         p["partial_rotary_factor"] = partial
         spec = parse_rope(p, f"{where}.rope_parameters.{key}")
         out[key] = RopeSpec(**{**spec.__dict__, "interleaved": True})

@@ -63,7 +63,30 @@ def legacy_rope_params(d: dict[str, Any]) -> dict[str, Any] | None:
     for field in ("rope_theta", "partial_rotary_factor"):
         if d.get(field) is not None:
             params.setdefault(field, d[field])
-    return params or None
+    if _rope_type(params) in SCALED_ROPE_TYPES and d.get("original_max_position_embeddings") is not None:
+        params["original_max_position_embeddings"] = d["original_max_position_embeddings"]  # the top-level one wins
+    return fill_scaled_rope(params, d.get("max_position_embeddings")) or None
+
+
+SCALED_ROPE_TYPES = ("llama3", "yarn", "longrope")  # transformers moves the pretraining length into their dict
+
+
+def _rope_type(params: dict[str, Any]) -> str:
+    return params.get("rope_type") or params.get("type") or "default"
+
+
+def fill_scaled_rope(params: dict[str, Any], max_positions: Any) -> dict[str, Any]:
+    """What transformers fills in a scaled rope dict that leaves it out (``standardize_rope_params``,
+    ``_compute_yarn_parameters``): ``original_max_position_embeddings`` = ``max_position_embeddings``, and a yarn
+    ``factor`` = ``max_position_embeddings / original_max_position_embeddings``."""
+    if _rope_type(params) not in SCALED_ROPE_TYPES or not isinstance(max_positions, int) or max_positions < 1:
+        return params
+    params = dict(params)
+    params.setdefault("original_max_position_embeddings", max_positions)
+    original = params["original_max_position_embeddings"]
+    if _rope_type(params) == "yarn" and params.get("factor") is None and isinstance(original, int) and original > 0:
+        params["factor"] = max_positions / original
+    return params
 
 
 def rope_to_hf(rope: RopeSpec) -> dict[str, Any]:
