@@ -227,3 +227,41 @@ def test_gemma4_bidirectional_attention_on_images_only_is_accepted():
     """``"vision"`` (the 26B / 31B files) lets image tokens see each other: the text decoder is unchanged."""
     base = {"model_type": "gemma4_text", **test_gemma4.BASE}
     assert config_from_dict({**base, "use_bidirectional_attention": "vision"}).layers == config_from_dict(base).layers
+
+
+def _load_both(hf, d, **kwargs):
+    ref = hf.AutoModelForCausalLM.from_pretrained(d, **kwargs).eval()
+    ours = ctxlab.from_pretrained(d)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= TOL
+    return ours
+
+
+def test_a_tied_model_stored_as_its_head_only(hf, tmp_path):
+    """A tied checkpoint that stores the shared matrix as ``lm_head.weight`` and no embedding: transformers ties
+    it the other way (ctxlab reported the embedding missing)."""
+    from safetensors.torch import load_file, save_file
+
+    randomize_(tiny_llama(hf, tie_word_embeddings=True), seed=0).save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    state["lm_head.weight"] = state.pop("model.embed_tokens.weight")
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = _load_both(hf, tmp_path, attn_implementation="eager")
+    assert ours.lm_head.weight is ours.model.embed_tokens.weight
+
+
+def test_a_tied_deepseek_v4_with_its_head_stored_under_deepseeks_name(hf, tmp_path, monkeypatch):
+    """DeepSeek V4 names the head ``head.weight``: stored beside the embedding with the same values in a tied
+    config, it is dropped as a tied head (it was refused as unexpected)."""
+    from safetensors.torch import load_file, save_file
+
+    case = sorted(test_deepseek_v4.CASES)[0]
+    test_deepseek_v4.hf_v4(hf, case).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "tie_word_embeddings": True}))
+    state = load_file(tmp_path / "model.safetensors")
+    state["head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    ours = _load_both(hf, tmp_path, experts_implementation="eager")
+    assert ours.config.tie_word_embeddings

@@ -141,7 +141,7 @@ def _stored_head_differs(cfg, found: dict[str, tuple[int, ...]], files: dict[str
     leaves a tied config's head untied). Reads the two tensors only when both are there."""
     rename = getattr(FAMILIES.get(cfg.family), "checkpoint_key", lambda n: n)
     stored = {rename(n): n for n in found}
-    head, embedding = stored.get("lm_head.weight"), stored.get("model.embed_tokens.weight")
+    head, embedding = (stored.get(layout_name(cfg, n)) for n in (HEAD, EMBEDDING))
     if head is None or embedding is None:
         return False
     if found[head] != found[embedding]:
@@ -184,6 +184,15 @@ def _read(wanted: dict[str, torch.dtype], files: dict[str, Path], device) -> dic
     return out
 
 
+HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
+
+
+def layout_name(cfg, ours: str) -> str:
+    """One of our tensor names as the family's checkpoints name it (DeepSeek V4's ``head.weight``)."""
+    key_map = getattr(FAMILIES.get(cfg.family), "KEY_MAP", None)
+    return key_map.to_checkpoint(ours) if key_map else ours
+
+
 def checkpoint_names(cfg, found: dict[str, tuple]) -> dict[str, str]:
     """Name in the family's checkpoint layout -> name in the file, for every tensor to load.
 
@@ -197,8 +206,12 @@ def checkpoint_names(cfg, found: dict[str, tuple]) -> dict[str, str]:
     family = FAMILIES.get(cfg.family)
     rename = getattr(family, "checkpoint_key", lambda n: n)
     consumers = {i for i, s in enumerate(cfg.layers) if s.kv_source is not None}
+    head, embedding = layout_name(cfg, HEAD), layout_name(cfg, EMBEDDING)
     dropped: dict[str, list[str]] = {}
     names = {}
+    stored = {rename(n): n for n in found}
+    if cfg.tie_word_embeddings and head in stored and embedding not in stored:
+        names[embedding] = stored[head]  # a tied model stored as its head only: transformers ties it the other way
     for theirs in found:
         ours = rename(theirs)
         reason = None
@@ -206,7 +219,9 @@ def checkpoint_names(cfg, found: dict[str, tuple]) -> dict[str, str]:
             reason = getattr(family, "DROPPED", "not used by this model")
         elif _is_consumer_kv(ours, consumers):
             reason = "K/V weights of layers that read another layer's K/V"
-        elif ours.endswith(DEAD_KEY_SUFFIXES) or (cfg.tie_word_embeddings and ours == "lm_head.weight"):
+        elif ours == head and embedding in names and names[embedding] == theirs:
+            continue  # (read as the embedding, above)
+        elif ours.endswith(DEAD_KEY_SUFFIXES) or (cfg.tie_word_embeddings and ours == head):
             reason = "unused by the forward (tied head, rotary buffers)"
         if reason:
             dropped.setdefault(reason, []).append(theirs)
