@@ -247,3 +247,13 @@ def test_the_published_mtp_layer_is_skipped_as_transformers_skips_it(hf, tmp_pat
     ids = torch.randint(0, ref.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4
+
+
+def test_transformers_internal_layout_loads(hf, tmp_path):
+    """As tests/test_laguna.py's: transformers' internal names with stacked experts are ctxlab's own."""
+    ref = hf_v32(hf, sorted(CASES)[0])
+    ref.save_pretrained(tmp_path, save_original_format=False)
+    ours = ctxlab.from_pretrained(tmp_path)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4

@@ -146,3 +146,14 @@ def test_published_numbers():
     uniform = ctxlab.decode_flops_terms(uniform_head_budget(cfg), 131071)["attention"]
     assert round(budget / 1e9, 1) == 32.7 and round(uniform / 1e9, 1) == 40.7
     assert budget == 10 * 4 * 48 * 128 * 131072 + 30 * 4 * 64 * 128 * 512
+
+
+def test_transformers_internal_layout_loads(hf, tmp_path):
+    """``save_pretrained(save_original_format=False)`` writes transformers' module names with the experts stacked
+    ([E, 2·I, H], [E, H, I]), which are ctxlab's own: such a file loads as it is (it was refused)."""
+    ref = hf_laguna(hf, sorted(CASES)[0])
+    ref.save_pretrained(tmp_path, save_original_format=False)
+    ours = ctxlab.from_pretrained(tmp_path)
+    ids = torch.randint(0, ref.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (ours(ids) - ref(ids).logits).abs().max().item() <= 1e-4

@@ -122,9 +122,9 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | str = torch.floa
     check_dtype(cfg, dtype)
     with torch.device("meta"):
         model = CausalLM(cfg).to(dtype)  # the dtype of every tensor, fp32-declared ones included
-    plan = layout.sources(model_tensor_shapes(model), FAMILIES.get(cfg.family))
-    expected = {n: s for src in plan.values() for n, s in zip(src.names, src.shapes)}
     names = checkpoint_names(cfg, found)  # checkpoint-layout name -> name in the file
+    plan = layout.for_checkpoint(model_tensor_shapes(model), FAMILIES.get(cfg.family), set(names))
+    expected = {n: s for src in plan.values() for n, s in zip(src.names, src.shapes)}
     check_tensor_names(expected, {canonical: found[raw] for canonical, raw in names.items()}, directory)
 
     dtypes = {n: t.dtype for n, t in model.state_dict().items()}

@@ -7,7 +7,8 @@ some rename submodules (DeepSeek V4 uses DeepSeek's own names). A family declare
 (a :class:`~ctxlab.families.keymap.KeyMap`, our names <-> checkpoint names), ``EXPERTS_PER_TENSOR``
 and, when its per-expert names differ, ``EXPERT_NAMES`` (gate, up, down); :func:`sources` turns
 that into, for each of our tensors, the checkpoint tensors it is made of and how to combine /
-split them.
+split them; :func:`for_checkpoint` reads a file written under our own names (transformers' internal layout)
+as it is.
 """
 
 from __future__ import annotations
@@ -49,6 +50,15 @@ def sources(ours: dict[str, tuple[int, ...]], family) -> dict[str, Source]:
         else:
             out[name] = Source([theirs(name)], [shape])
     return out
+
+
+def for_checkpoint(ours: dict[str, tuple[int, ...]], family, stored: set[str]) -> dict[str, Source]:
+    """:func:`sources` in the family's layout, or in ours where the checkpoint holds every tensor under our own
+    name and not the family's: transformers' ``save_pretrained(save_original_format=False)`` writes its modules'
+    names with experts stacked, which are ours."""
+    plan = sources(ours, family)
+    in_family_layout = {n for src in plan.values() for n in src.names} <= stored
+    return plan if in_family_layout or not set(ours) <= stored else sources(ours, None)
 
 
 def _gate_up(prefix: str, shape: tuple[int, ...], expert_names: tuple[str, str, str]) -> Source:
