@@ -9,6 +9,7 @@ Files are written by gguf-py's ``GGUFWriter`` the way llama.cpp's converter writ
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -301,3 +302,111 @@ def test_a_file_without_a_rope_base_takes_llama_cpps_default(written):
     d = gguf_hf_config(f, ARCHITECTURES[arch])
     full = d["rope_parameters"].get("full_attention", d["rope_parameters"])
     assert full["rope_theta"] == 10_000.0
+
+
+def _config_of(written, **edits):
+    """The HF config dict of the written file with its metadata edited (None removes a key)."""
+    from ctxlab.io.gguf import ARCHITECTURES, read_header
+    from ctxlab.io.gguf import hf_config as gguf_hf_config
+
+    arch, _ref, path = written
+    f = read_header(path)
+    for key, value in edits.items():
+        key = key.replace("ARCH", arch)
+        if value is None:
+            f.metadata.pop(key, None)
+        else:
+            f.metadata[key] = value
+    d = gguf_hf_config(f, ARCHITECTURES[arch])
+    return d["rope_parameters"].get("full_attention", d["rope_parameters"]), d
+
+
+@pytest.mark.parametrize(
+    "edits",
+    [
+        {"ARCH.rope.scaling.type": "linear", "ARCH.rope.scaling.factor": 4.0},
+        {"ARCH.rope.scaling.factor": 4.0},  # no type: llama.cpp's default is linear
+        {"ARCH.rope.scale_linear": 4.0},  # the old key of 2023 conversions
+    ],
+)
+def test_linear_rope_scaling_as_llama_cpp_reads_it(written, edits):
+    """(The second and third were read as unscaled RoPE: logits off by up to 6 against llama.cpp.)"""
+    rope, _ = _config_of(written, **edits)
+    assert rope["rope_type"] == "linear" and rope["factor"] == 4.0
+
+
+@pytest.mark.parametrize("edits", [{"ARCH.rope.scaling.type": "linear"}, {"ARCH.rope.scaling.type": "none"}])
+def test_rope_scaling_without_a_factor_is_no_scaling(written, edits):
+    rope, _ = _config_of(written, **edits)
+    assert rope["rope_type"] == "default"
+
+
+def test_the_head_size_left_out_is_embedding_length_over_heads(written):
+    """As llama.cpp and the GGUF spec read it (qwen3 and gemma3 took their HF defaults, 128 and 256)."""
+    _, d = _config_of(written, **{"ARCH.attention.key_length": None})
+    assert d["head_dim"] == TINY["hidden_size"] // TINY["num_attention_heads"]
+
+
+@pytest.mark.parametrize("alignment", [0, "32 bytes"])
+def test_a_bad_alignment_is_a_checkpoint_error(tmp_path, alignment):
+    """(0 was a ZeroDivisionError, a string a ValueError, both with a traceback.)"""
+    from ctxlab.io.gguf import read_header
+
+    path = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    (w.add_uint32 if isinstance(alignment, int) else w.add_string)("general.alignment", alignment)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.close()
+    with pytest.raises(ctxlab.CheckpointError, match=f"general.alignment = {alignment!r}; allowed: a positive integer"):
+        read_header(path)
+
+
+def test_unknown_type_tokens_are_special_as_in_llama_cpp():
+    """A SentencePiece <unk> typed UNKNOWN (as llama.cpp's converter writes it) is matched whole and hidden when
+    decoding without specials (it was split into '<', 'unk', '>')."""
+    from ctxlab.io.gguf_tokenizer import tokenizer_from_gguf_fields
+
+    tokens = ["<unk>", "<s>", "</s>", "\u2581a", "\u2581b", "a", "b", "<", ">", "u", "n", "k", "\u2581"]
+    meta = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [2, 3, 3] + [1] * (len(tokens) - 3),
+        "tokenizer.ggml.scores": [0.0] * len(tokens),
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": False,
+    }
+    tok = tokenizer_from_gguf_fields(meta)
+    assert tok.encode("a <unk> b").ids.count(0) == 1
+    assert tok.decode([3, 0, 4], skip_special_tokens=True) == "a b"
+
+
+def test_a_file_without_a_vocabulary_is_a_config_error(written):
+    """Neither token_embd.weight nor tokenizer.ggml.tokens: a ConfigError (it was a KeyError)."""
+    from ctxlab.errors import ConfigError
+    from ctxlab.io.gguf import ARCHITECTURES, read_header
+    from ctxlab.io.gguf import hf_config as gguf_hf_config
+
+    arch, _ref, path = written
+    f = read_header(path)
+    f.metadata.pop("tokenizer.ggml.tokens")
+    f.tensors.pop("token_embd.weight")
+    with pytest.raises(ConfigError, match="no vocabulary size"):
+        gguf_hf_config(f, ARCHITECTURES[arch])
+
+
+@pytest.mark.parametrize("written", ["llama"], indirect=True)  # the architecture that reads a config tensor
+def test_a_config_tensor_of_an_unsupported_type_is_a_checkpoint_error(written):
+    """Llama 3's rope_freqs is read for the config before the weights' type check: an unsupported type is named
+    there (it was a TypeError from memoryview, or a ValueError for an unknown type id)."""
+    from ctxlab.io.gguf import ARCHITECTURES, read_header
+    from ctxlab.io.gguf import hf_config as gguf_hf_config
+    from ctxlab.io.gguf.reader import TensorInfo
+
+    arch, _ref, path = written
+    f = read_header(path)
+    assert "rope_freqs.weight" in ARCHITECTURES[arch].config_tensors
+    for type_id, name in ((int(T.Q8_1), "Q8_1"), (99, "unknown type 99")):
+        f.tensors["rope_freqs.weight"] = TensorInfo("rope_freqs.weight", (8,), type_id, 0)
+        with pytest.raises(ctxlab.CheckpointError, match=re.escape(f"rope_freqs.weight ({name})")):
+            gguf_hf_config(f, ARCHITECTURES[arch])

@@ -175,10 +175,13 @@ def vocabulary(tokens: list[str]) -> dict[str, int]:
 
 
 def add_special_tokens(tok: Tokenizer, meta: dict) -> None:
-    """CONTROL tokens as special added tokens, USER_DEFINED ones as plain added tokens (matched whole)."""
+    """CONTROL and UNKNOWN tokens as special added tokens, USER_DEFINED ones as plain added tokens (matched whole)."""
     tokens = meta["tokenizer.ggml.tokens"]
     types = meta.get("tokenizer.ggml.token_type") or []
-    control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == CONTROL and t]
+    # UNKNOWN (<unk> of SentencePiece vocabularies) is matched whole and hidden like CONTROL in llama.cpp
+    control = [
+        AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k in (CONTROL, UNKNOWN) and t
+    ]
     user = [AddedToken(t, special=False, normalized=False) for t, k in zip(tokens, types) if k == USER_DEFINED and t]
     tok.add_special_tokens(control)
     tok.add_tokens(user)

@@ -68,7 +68,13 @@ def open_gguf(path: str | Path) -> tuple[GGUFFile, Architecture]:
 def hf_config(f: GGUFFile, arch: Architecture) -> dict[str, Any]:
     """The HF ``config.json`` dict a GGUF file's metadata describes (its family's ``from_hf`` parses it)."""
     shapes = {n: t.shape for n, t in f.tensors.items()}
-    values = {n: read_float32(f, f.tensors[n]) for n in arch.config_tensors if n in f.tensors}
+    config_tensors = [f.tensors[n] for n in arch.config_tensors if n in f.tensors]
+    unreadable = [
+        f"{t.name} ({dequant.type_name(t.type_id)})" for t in config_tensors if dequant.unsupported_types({t.type_id})
+    ]
+    if unreadable:
+        raise CheckpointError(f"{f.path}: tensor(s) stored in an unsupported GGML type: {', '.join(unreadable)}")
+    values = {t.name: read_float32(f, t) for t in config_tensors}
     return arch.config(f.metadata, shapes, values)
 
 

@@ -157,6 +157,8 @@ def _common(meta: dict[str, Any], arch: str, tensors: dict[str, tuple[int, ...]]
     heads = _get(meta, arch, "attention.head_count")
     if isinstance(heads, list) or isinstance(_get(meta, arch, "feed_forward_length"), list):
         raise ConfigError([f"{arch}: per-layer head counts / FFN widths in GGUF metadata are not supported"])
+    if "token_embd.weight" not in tensors and "tokenizer.ggml.tokens" not in meta:
+        raise ConfigError([f"{arch}: neither a token_embd.weight tensor nor tokenizer.ggml.tokens: no vocabulary size"])
     vocab = tensors["token_embd.weight"][0] if "token_embd.weight" in tensors else len(meta["tokenizer.ggml.tokens"])
     out = {
         "vocab_size": vocab,
@@ -170,8 +172,8 @@ def _common(meta: dict[str, Any], arch: str, tensors: dict[str, tuple[int, ...]]
         "tie_word_embeddings": "output.weight" not in tensors,
         "attention_bias": "blk.0.attn_q.bias" in tensors,
     }
-    if _get(meta, arch, "attention.key_length") is not None:
-        out["head_dim"] = _get(meta, arch, "attention.key_length")
+    # llama.cpp (and the GGUF spec): the head size is embedding_length / head_count when the file does not say
+    out["head_dim"] = _get(meta, arch, "attention.key_length") or out["hidden_size"] // max(heads, 1)
     for ours, key in (
         ("bos_token_id", "bos_token_id"),
         ("eos_token_id", "eos_token_id"),
@@ -186,19 +188,23 @@ def _rope(meta: dict[str, Any], arch: str, theta: float, where: str) -> dict[str
     """``rope_parameters`` from ``{arch}.rope.freq_base`` and ``{arch}.rope.scaling.*``; without the key,
     ``theta`` (llama.cpp's ``load_hparams`` reads 10,000 for every architecture)."""
     params: dict[str, Any] = {"rope_type": "default", "rope_theta": float(_get(meta, arch, "rope.freq_base", theta))}
-    kind = _get(meta, arch, "rope.scaling.type", "none")
-    if kind == "linear":
-        params.update(rope_type="linear", factor=float(_get(meta, arch, "rope.scaling.factor")))
-    elif kind == "yarn":
-        params.update(
-            rope_type="yarn",
-            factor=float(_get(meta, arch, "rope.scaling.factor")),
-            original_max_position_embeddings=_get(meta, arch, "rope.scaling.original_context_length"),
-        )
-    elif kind != "none":
+    # llama.cpp's load_hparams: the type defaults to linear; the factor is rope.scaling.factor, else the old key
+    # rope.scale_linear, and none (or 0) is no scaling; the positions are scaled by 1 / factor whatever the type
+    # says but yarn (which adds its ramp and attention factor)
+    kind = _get(meta, arch, "rope.scaling.type", "linear")
+    factor = _get(meta, arch, "rope.scaling.factor") or _get(meta, arch, "rope.scale_linear") or 0.0
+    if kind not in ("none", "linear", "yarn"):
         raise ConfigError(
             [f"{where}: {arch}.rope.scaling.type = {kind!r} is not supported (allowed: none, linear, yarn)"]
         )
+    if kind == "yarn" and factor:
+        params.update(
+            rope_type="yarn",
+            factor=float(factor),
+            original_max_position_embeddings=_get(meta, arch, "rope.scaling.original_context_length"),
+        )
+    elif factor and float(factor) != 1.0:
+        params.update(rope_type="linear", factor=float(factor))
     return params
 
 

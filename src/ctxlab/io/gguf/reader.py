@@ -170,7 +170,9 @@ def _parse(buf, path: Path, size: int) -> GGUFFile:
         name = cur.string()
         dims = [cur.take("Q") for _ in range(cur.take("I"))]
         infos.append((name, tuple(reversed(dims)), cur.take("I"), cur.take("Q")))
-    alignment = int(metadata.get("general.alignment", DEFAULT_ALIGNMENT))
+    alignment = metadata.get("general.alignment", DEFAULT_ALIGNMENT)
+    if isinstance(alignment, bool) or not isinstance(alignment, int) or alignment < 1:
+        raise CheckpointError(f"{path}: general.alignment = {alignment!r}; allowed: a positive integer (default 32)")
     data_start = -(-cur.pos // alignment) * alignment
     tensors = {name: TensorInfo(name, shape, kind, data_start + offset) for name, shape, kind, offset in infos}
     return GGUFFile(path, version, metadata, tensors, size)
