@@ -410,3 +410,45 @@ def test_a_config_tensor_of_an_unsupported_type_is_a_checkpoint_error(written):
         f.tensors["rope_freqs.weight"] = TensorInfo("rope_freqs.weight", (8,), type_id, 0)
         with pytest.raises(ctxlab.CheckpointError, match=re.escape(f"rope_freqs.weight ({name})")):
             gguf_hf_config(f, ARCHITECTURES[arch])
+
+
+def _spm_fields(extra_tokens, extra_types):
+    tokens = ["<unk>", "<s>", "</s>", "\u2581a", "a", *extra_tokens]
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": [2, 3, 3, 1, 1, *extra_types],
+        "tokenizer.ggml.scores": [0.0] * len(tokens),
+    }
+
+
+def test_a_broken_byte_sequence_costs_only_itself():
+    """SentencePiece byte tokens decode as llama.cpp joins them: the bytes, then UTF-8 with U+FFFD for each broken
+    sequence. HF's ByteFallback turned the whole run into U+FFFD, so an answer cut one byte into a character lost
+    the characters before it ('Math: 𝔘' + 3 bytes of the next decoded as 7 U+FFFD)."""
+    from ctxlab.io.gguf_tokenizer import PieceDecoder
+
+    byte_tokens = [f"<0x{b:02X}>" for b in range(256)]
+    decode = PieceDecoder.from_fields(_spm_fields(byte_tokens, [6] * 256))
+    byte_id = {b: 5 + b for b in range(256)}
+    data = "𝔘𝔘".encode()[:-1] + b"<\x9a"
+    ids = [3] + [byte_id[b] for b in data]
+    assert decode(ids) == ("a" + data.decode("utf-8", errors="replace"))
+    assert decode(ids).startswith("a𝔘\ufffd")
+    assert decode([1, 3], skip_special_tokens=False) == "<s> a"  # the prefix space stays after a shown <s>
+
+
+def test_user_defined_tokens_of_a_byte_level_vocabulary_decode_as_written():
+    """A USER_DEFINED token is written as its text (llama.cpp's token_to_piece); HF's ByteLevel decoder byte-decoded
+    it when all its characters were in GPT-2's alphabet ('café' came out 'caf\\ufffd', 'Ġx' as ' x')."""
+    from ctxlab.io.gguf_tokenizer import PieceDecoder
+
+    fields = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": ["<|endoftext|>", "Ġcaf", "Ã©", "café", "Ġx", "été"],
+        "tokenizer.ggml.token_type": [3, 1, 1, 4, 4, 4],
+    }
+    decode = PieceDecoder.from_fields(fields)
+    assert decode([1, 2]) == " café"  # normal pieces: GPT-2's byte alphabet
+    assert decode([3, 4, 5]) == "caféĠxété"
+    assert decode([0, 3]) == "café" and decode([0, 3], skip_special_tokens=False) == "<|endoftext|>café"

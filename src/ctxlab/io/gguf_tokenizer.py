@@ -23,6 +23,8 @@ as llama.cpp's ``tokenizer_st_partition`` does. BOS / EOS are added per ``add_bo
 
 from __future__ import annotations
 
+import functools
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
@@ -67,6 +69,66 @@ PRE_TOKENIZER_SPLITS: dict[str, tuple[str, ...]] = {
 # Llama 3's pre-tokenizers: a word that is itself a token stays whole (llama.cpp's ignore_merges, HF's
 # tokenizer.json "ignore_merges": true), and BOS is added unless the file says otherwise
 LLAMA3_PRE = ("llama-bpe", "llama3", "llama-v3")
+
+
+@dataclass(frozen=True)
+class PieceDecoder:
+    """Token ids -> text as llama.cpp's detokenizer writes it (``token_to_piece`` per token, the bytes joined, then
+    UTF-8 with U+FFFD for each broken sequence): a NORMAL SentencePiece piece with U+2581 as a space, a BYTE token
+    its byte, a NORMAL byte-level piece through GPT-2's byte alphabet, a USER_DEFINED token (and a CONTROL or
+    UNKNOWN one when specials are shown) as its text; UNUSED tokens write nothing.
+
+    HF's decoders differ in two places, which is why GGUF vocabularies decode here: ``ByteFallback`` turns a whole
+    run of byte tokens into U+FFFD when any of it is broken (an answer cut mid-character lost the characters before
+    it), and ``ByteLevel`` byte-decodes USER_DEFINED tokens too ('café' came out 'caf\ufffd')."""
+
+    pieces: tuple[bytes, ...]  # per token id
+    special: frozenset[int]  # CONTROL and UNKNOWN ids, left out unless specials are shown
+    strip_leading_space: bool  # SentencePiece's add_space_prefix: the space it prepended is taken off again
+
+    @staticmethod
+    def from_fields(meta: dict) -> PieceDecoder:
+        tokens = meta["tokenizer.ggml.tokens"]
+        types = meta.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+        spm = meta.get("tokenizer.ggml.model") == "llama"
+        byte_of = {c: b for b, c in _bytes_to_unicode().items()}
+
+        def piece(text: str, kind: int) -> bytes:
+            if kind in (USER_DEFINED, CONTROL, UNKNOWN):
+                return text.encode()
+            if kind == BYTE and spm:
+                return bytes([int(text[3:5], 16)])  # <0xXX>
+            if kind != NORMAL:
+                return b""
+            if spm:
+                return text.replace(SPACE, " ").encode()
+            return b"".join(bytes([byte_of[c]]) if c in byte_of else c.encode() for c in text)
+
+        return PieceDecoder(
+            tuple(piece(t, k) for t, k in zip(tokens, types)),
+            frozenset(i for i, k in enumerate(types) if k in (CONTROL, UNKNOWN)),
+            spm and meta.get("tokenizer.ggml.add_space_prefix", True),
+        )
+
+    def __call__(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        n = len(self.pieces)
+        shown = (i for i in ids if 0 <= i < n and not (skip_special_tokens and i in self.special))
+        text = b"".join(self.pieces[i] for i in shown).decode("utf-8", errors="replace")
+        return text[1:] if self.strip_leading_space and text.startswith(" ") else text
+
+
+@functools.cache
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (``bytes_to_unicode`` in its encoder.py)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
 
 
 def read_gguf_tokenizer_fields(path: str | Path) -> dict:

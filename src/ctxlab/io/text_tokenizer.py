@@ -8,7 +8,7 @@ implementation; for GGUF built by :mod:`ctxlab.io.gguf_tokenizer`) plus what a c
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,7 @@ from tokenizers import Tokenizer
 from ..chat_template import ChatTemplateError, render_chat
 from ..errors import CheckpointError
 from .gguf import is_gguf
-from .gguf_tokenizer import read_gguf_tokenizer_fields, tokenizer_from_gguf_fields
+from .gguf_tokenizer import PieceDecoder, read_gguf_tokenizer_fields, tokenizer_from_gguf_fields
 from .tokenizer import TOKENIZER_FILE
 from .tokenizer import load_tokenizer as load_tokenizer_file
 
@@ -37,13 +37,17 @@ class TextTokenizer:
     chat_template: str | None = None
     source: str = ""
     extra_stop_ids: tuple[int, ...] = field(default=())  # e.g. generation_config.json's eos_token_id list
+    decoder: Callable[[list[int], bool], str] | None = None  # GGUF: llama.cpp's detokenizer (PieceDecoder)
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` adds BOS / EOS as the model's tokenizer says."""
         return list(self.backend.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-        return self.backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        ids = [int(i) for i in ids]
+        if self.decoder is not None:
+            return self.decoder(ids, skip_special_tokens)
+        return self.backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_id(self, name: str) -> int | None:
         """Id of the special token ``name`` ('bos_token', 'eos_token', ...), None when the model has none."""
@@ -130,6 +134,7 @@ def gguf_text_tokenizer(path: Path) -> TextTokenizer:
         chat_template=meta.get("tokenizer.chat_template"),
         source=str(path),
         extra_stop_ids=stops,
+        decoder=PieceDecoder.from_fields(meta),
     )
 
 
