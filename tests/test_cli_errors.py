@@ -59,6 +59,7 @@ def test_corrupt_tokenizer_is_named_and_not_read_for_prompt_ids(checkpoint, tmp_
 def test_sharded_index_that_is_not_json_names_the_file(checkpoint, tmp_path):
     broken = tmp_path / "ckpt"
     shutil.copytree(checkpoint, broken)
+    (broken / "model.safetensors").rename(broken / "model-00001-of-00001.safetensors")  # a sharded checkpoint
     (broken / "model.safetensors.index.json").write_text("not json")
     assert_user_error(ctxlab_run("generate", str(broken), "--prompt-ids", "1"), "model.safetensors.index.json")
     with pytest.raises(ctxlab.CheckpointError, match="index.json"):
