@@ -242,3 +242,12 @@ def test_report_tables_follow_the_batch_and_the_layers():
     cfg, n = ctxlab.load_config("deepseek-v4-flash"), 1 << 19
     naive = [ctxlab.kv_cache_bytes(cfg, t, "bfloat16", convention="naive") for t in (n, 2 * n)]
     assert naive[1] - naive[0] == n * rows.report_row("deepseek-v4-flash", n, "bfloat16", 1)["kv_bytes_per_token_naive"]
+
+
+def test_cli_bench_against_llama_cpp_refuses_a_model_that_is_no_gguf_before_loading(capsys):
+    """(It built and timed the model, then skipped the comparison with a note and exit 0.)"""
+    from ctxlab.cli import main
+
+    assert main(["bench", "tiny-llama", "--against", "llama.cpp", "--context", "16"]) == 2
+    err = capsys.readouterr().err
+    assert "runs MODEL as a GGUF file" in err and "'tiny-llama' is not one" in err

@@ -536,12 +536,19 @@ def test_float32_residual_stream_works_with_bf16_weights_in_every_block_kind():
     assert model(torch.arange(8)[None]).dtype == torch.bfloat16
 
 
-def test_integer_weights_are_a_checkpoint_error_naming_them(saved, tmp_path):
+def test_integer_weights_are_listed_with_the_other_problems_before_any_data_is_read(saved, tmp_path, monkeypatch):
+    """An integer tensor where the model has a floating-point weight is a CheckpointError naming it, in the same
+    error as a mis-shaped tensor, from the headers alone (it was a torch RuntimeError, then a second error)."""
     from safetensors.torch import load_file, save_file
 
     d = copy_checkpoint(saved[0], tmp_path / "ckpt")
     state = load_file(d / "model.safetensors")
     state["model.norm.weight"] = torch.ones_like(state["model.norm.weight"], dtype=torch.int32)
+    state["model.layers.0.input_layernorm.weight"] = torch.ones(3)
     save_file(state, d / "model.safetensors")
-    with pytest.raises(ctxlab.CheckpointError, match=r"model\.norm\.weight \(torch\.int32, in model\.safetensors\)"):
+    reads = spy_on_tensor_reads(monkeypatch)
+    with pytest.raises(ctxlab.CheckpointError) as info:
         ctxlab.from_pretrained(d)
+    message = str(info.value)
+    assert "stored as integers, not floating point (1):\n    model.norm.weight" in message
+    assert "model.layers.0.input_layernorm.weight: checkpoint [3]" in message and reads == []

@@ -411,3 +411,28 @@ def test_lab_cli_refuses_a_file_as_the_run_directory_and_a_directory_as_the_repo
     assert main(argv) == 2 and "is a file" in capsys.readouterr().err
     assert main(["lab", "report", "--runs", str(tmp_path), "--out", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "--recipe", "gqa", "--task", "mqar", "--steps", "1", "--out", "{file}/run"],
+        ["lab", "run", "gqa", "--budget", "ci", "--tasks", "mqar", "--seeds", "0", "--runs", "{file}"],
+        ["lab", "report", "--runs", "{runs}", "--out", "{file}/x.md", "--plots", "{tmp}/plots"],
+        ["lab", "report", "--runs", "{runs}", "--out", "{tmp}/x.md", "--plots", "{file}"],
+    ],
+)
+def test_output_paths_that_cannot_be_written_are_usage_errors(tmp_path, capsys, argv):
+    """A file where a directory goes: one line naming the path, exit 2 (they were tracebacks)."""
+    (tmp_path / "file").write_text("")
+    runs = tmp_path / "runs"
+    run_recipe("gqa", runs, budget="ci", tasks=["mqar"], seeds=[0], log=lambda m: None)
+    filled = [a.format(file=tmp_path / "file", runs=runs, tmp=tmp_path) for a in argv]
+    assert main(filled) == 2
+    err = capsys.readouterr().err
+    assert "file" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_misspelt_recipe_gets_a_suggestion():
+    with pytest.raises(InputError, match="did you mean 'mla'"):
+        load_recipe("mlaa")

@@ -71,10 +71,12 @@ def decode_read_bytes(model, cache_bytes: int) -> int:
     return int((counts["active"] - looked_up) * per_param) + cache_bytes
 
 
-def check_against(against: str | None, quantization: str | None) -> None:
-    """Refuse a comparison :func:`bench` cannot make (the CLI asks before it loads the model)."""
+def check_against(against: str | None, quantization: str | None, source: str | None = None) -> None:
+    """Refuse a comparison :func:`bench` cannot make (the CLI asks before it loads the model ``source``)."""
     if against is not None and against not in AGAINST:
         raise InputError(f"against = {against!r}: allowed: {list(AGAINST)} or None")
+    if against == "llama.cpp" and source is not None and not is_gguf(source):
+        raise InputError(f"against = 'llama.cpp' runs MODEL as a GGUF file, and {source!r} is not one")
     if against == "transformers" and quantization:
         raise InputError(
             f"against = 'transformers' with a model quantized {quantization}: transformers cannot load "

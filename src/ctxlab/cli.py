@@ -503,7 +503,7 @@ def cmd_bench(args, console: Console) -> int:
     from .bench import bench, check_against
     from .bench import tables as bench_tables
 
-    check_against(args.against, args.quantize)  # before loading: a refusal should not cost a model load
+    check_against(args.against, args.quantize, args.model)  # before loading: a refusal should not cost a model load
     if args.threads:
         torch.set_num_threads(args.threads)
     tokens = max(args.context + args.prompt) + args.steps
@@ -648,8 +648,8 @@ def build_parser() -> argparse.ArgumentParser:
         "generate",
         formatter_class=fmt,
         help="generate tokens from a checkpoint or preset",
-        description="Continue a prompt and print only the generated part: text when the checkpoint "
-        "has a tokenizer.json, else token ids separated by spaces. A preset or config.json gets "
+        description="Continue a prompt and print only the generated part: text for a --prompt (which needs the "
+        "checkpoint's tokenizer), token ids separated by spaces for --prompt-ids. A preset or config.json gets "
         "random weights (a warning on stderr says so).",
     )
     g.add_argument(
@@ -865,8 +865,8 @@ def add_weight_options(parser: argparse.ArgumentParser, what: str) -> None:
         "--quantize",
         choices=("int8", "int4"),
         help=f"{what}: every linear layer, the embedding and the LM head (MoE expert banks stay in --dtype; int4 "
-        "needs --dtype bfloat16 and leaves layers whose input width is not a multiple of 32 as they are, with a "
-        "warning)",
+        "needs --dtype bfloat16 and leaves layers whose input width is not a multiple of 32, or whose output width "
+        "is not a multiple of 16, as they are, with a warning)",
     )
     parser.add_argument(
         "--quantize-embedding",
@@ -930,6 +930,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ctxlab {args.command}: interrupted", file=sys.stderr)
         return 130
+    except (FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        # a path given on the command line that cannot be written where it says (a file where a directory goes, ...)
+        print(f"ctxlab {args.command}: error: {e.filename}: {e.strerror}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

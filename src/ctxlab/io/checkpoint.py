@@ -81,17 +81,23 @@ def weight_files(directory: Path) -> dict[str, Path]:
     )
 
 
-def _headers(files: dict[str, Path]) -> dict[str, tuple[int, ...]]:
+def _headers(files: dict[str, Path]) -> tuple[dict[str, tuple[int, ...]], set[str]]:
+    """Every tensor's shape, and the names of those stored as integers (``get_dtype`` of the header: I*, U*, BOOL),
+    without reading any data."""
     shapes: dict[str, tuple[int, ...]] = {}
+    integers: set[str] = set()
     for path in sorted(set(files.values())):
         with open_safetensors(path) as f:
             for name in f.keys():
                 if files.get(name) == path:
-                    shapes[name] = tuple(f.get_slice(name).get_shape())
+                    info = f.get_slice(name)
+                    shapes[name] = tuple(info.get_shape())
+                    if info.get_dtype().startswith(("I", "U", "BOOL")):
+                        integers.add(name)
     missing_in_shards = sorted(set(files) - set(shapes))
     if missing_in_shards:
         raise CheckpointError(f"the index lists tensors its shards do not contain: {missing_in_shards}")
-    return shapes
+    return shapes, integers
 
 
 def from_pretrained(directory: str | Path, dtype: torch.dtype | str = torch.float32, device=None) -> CausalLM:
@@ -110,7 +116,7 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | str = torch.floa
         raise CheckpointError(f"{directory}: not a directory (expected config.json + *.safetensors)")
     cfg = load_config(directory)
     files = weight_files(directory)
-    found = _headers(files)
+    found, integers = _headers(files)
     if cfg.tie_word_embeddings and _stored_head_differs(cfg, found, files):
         log.warning(
             "%s: the config ties the LM head to the embedding, but the checkpoint holds an lm_head.weight with other "
@@ -125,7 +131,12 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | str = torch.floa
     names = checkpoint_names(cfg, found)  # checkpoint-layout name -> name in the file
     plan = layout.for_checkpoint(model_tensor_shapes(model), FAMILIES.get(cfg.family), set(names))
     expected = {n: s for src in plan.values() for n, s in zip(src.names, src.shapes)}
-    check_tensor_names(expected, {canonical: found[raw] for canonical, raw in names.items()}, directory)
+    check_tensor_names(
+        expected,
+        {canonical: found[raw] for canonical, raw in names.items()},
+        directory,
+        not_floating=sorted(canonical for canonical, raw in names.items() if raw in integers and canonical in expected),
+    )
 
     dtypes = {n: t.dtype for n, t in model.state_dict().items()}
     tensors = _read({names[n]: dtypes[ours] for ours, src in plan.items() for n in src.names}, files, device)
@@ -161,7 +172,7 @@ def _read(wanted: dict[str, torch.dtype], files: dict[str, Path], device) -> dic
     ``safe_open`` maps the file; pages it has read stay in the process's resident memory until the
     file is closed, so the file is reopened every ``READ_BATCH_BYTES``: the peak is the loaded
     tensors plus one batch, not plus the whole file."""
-    out, not_floating = {}, []
+    out = {}
     for path in sorted({files[n] for n in wanted}):
         names = [n for n in wanted if files[n] == path]
         while names:
@@ -171,16 +182,9 @@ def _read(wanted: dict[str, torch.dtype], files: dict[str, Path], device) -> dic
                     name = names.pop()
                     t = f.get_tensor(name)
                     done += t.numel() * t.element_size()
-                    if wanted[name].is_floating_point and not t.is_floating_point():
-                        not_floating.append(f"{name} ({t.dtype}, in {path.name})")
                     out[name] = t.to(dtype=wanted[name] if t.is_floating_point() else t.dtype, device=device)
                     del t
                     progress.advance(out[name].numel() * out[name].element_size())
-    if not_floating:
-        raise CheckpointError(
-            f"{len(not_floating)} tensor(s) stored as integers where the model has floating-point weights: "
-            + ", ".join(sorted(not_floating))
-        )
     return out
 
 

@@ -87,8 +87,11 @@ def abbreviate(items: list[str], keep: int = 4) -> str:
     return ", ".join(items[:keep]) + (f", ... ({len(items) - keep} more)" if len(items) > keep else "")
 
 
-def check_tensor_names(expected: dict[str, tuple], found: dict[str, tuple], where: Path | str) -> None:
-    """One error naming every missing, unexpected and mis-shaped tensor."""
+def check_tensor_names(
+    expected: dict[str, tuple], found: dict[str, tuple], where: Path | str, not_floating: list[str] = ()
+) -> None:
+    """One error naming every missing, unexpected and mis-shaped tensor, and those of ``not_floating`` (stored as
+    integers where the model has floating-point weights)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     misshaped = sorted(
@@ -96,10 +99,11 @@ def check_tensor_names(expected: dict[str, tuple], found: dict[str, tuple], wher
         for n in set(expected) & set(found)
         if tuple(found[n]) != tuple(expected[n])
     )
-    if not (missing or unexpected or misshaped):
+    if not (missing or unexpected or misshaped or not_floating):
         return
     parts = [f"checkpoint {where} does not match the model its config.json describes:"]
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped)):
+    problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshaped))
+    for title, items in (*problems, ("stored as integers, not floating point", list(not_floating))):
         if items:
             parts.append(f"  {title} ({len(items)}):")
             parts.extend(f"    {item}" for item in items)

@@ -145,7 +145,14 @@ def add_commands(sub, fmt) -> None:
         description="Train each RECIPE on every task of the study (src/ctxlab/lab/study.json) "
         "for every seed; finished runs are skipped and interrupted ones resume.",
     )
-    r.add_argument("recipes", nargs="+", metavar="RECIPE", help="recipe names or .json files, or 'all'")
+    from .recipes import recipe_names
+
+    r.add_argument(
+        "recipes",
+        nargs="+",
+        metavar="RECIPE",
+        help=f"shipped recipe names ({', '.join(recipe_names())}), recipe .json files, or 'all'",
+    )
     r.add_argument("--runs", default="runs/lab", help="directory of the study's runs")
     r.add_argument("--budget", choices=("full", "reduced", "ci"), default="full", help="steps per run (study.json)")
     r.add_argument("--tasks", nargs="+", choices=("mqar", "passkey", "code"), help="only these tasks (None = all)")

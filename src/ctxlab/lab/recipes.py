@@ -22,6 +22,7 @@ from ..accounting import count_params, decode_flops, kv_cache_bytes
 from ..config import ModelConfig
 from ..errors import InputError
 from ..nn.hyper_unconstrained import unconstrain
+from ..presets import did_you_mean
 
 TRANSFORMS = {"unconstrained_hc": unconstrain}
 MATCHABLE = ("intermediate_size",)
@@ -84,7 +85,9 @@ def _read(name_or_path: str) -> dict:
         return json.loads(path.read_text())
     entry = recipe_dir() / f"{name_or_path}.json"
     if not entry.is_file():
-        raise InputError(f"recipe {name_or_path!r}: not a recipe file or shipped recipe; shipped: {recipe_names()}")
+        names = recipe_names()
+        hint = did_you_mean(name_or_path, names)
+        raise InputError(f"recipe {name_or_path!r}: not a recipe file or shipped recipe; {hint}shipped: {names}")
     return json.loads(entry.read_text())
 
 
