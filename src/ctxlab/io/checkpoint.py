@@ -131,14 +131,15 @@ def from_pretrained(directory: str | Path, dtype: torch.dtype | str = torch.floa
     names = checkpoint_names(cfg, found)  # checkpoint-layout name -> name in the file
     plan = layout.for_checkpoint(model_tensor_shapes(model), FAMILIES.get(cfg.family), set(names))
     expected = {n: s for src in plan.values() for n, s in zip(src.names, src.shapes)}
-    check_tensor_names(
+    dtypes = {n: t.dtype for n, t in model.state_dict().items()}
+    floating = {n for ours, src in plan.items() if dtypes[ours].is_floating_point for n in src.names}
+    check_tensor_names(  # (integer tensors are fine where ours are integers: V4's hash-routing table tid2eid)
         expected,
         {canonical: found[raw] for canonical, raw in names.items()},
         directory,
-        not_floating=sorted(canonical for canonical, raw in names.items() if raw in integers and canonical in expected),
+        not_floating=sorted(canonical for canonical, raw in names.items() if raw in integers and canonical in floating),
     )
 
-    dtypes = {n: t.dtype for n, t in model.state_dict().items()}
     tensors = _read({names[n]: dtypes[ours] for ours, src in plan.items() for n in src.names}, files, device)
     state = {ours: src.combine([tensors.pop(names[n]) for n in src.names]) for ours, src in plan.items()}
     model.load_state_dict(state, strict=False, assign=True)
