@@ -42,21 +42,27 @@ def bf16_ulps(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     rows=st.integers(1, 40),
     dim=st.integers(1, 300),
     dtype=st.sampled_from([torch.bfloat16, torch.float32]),
-    weighted=st.sampled_from(["none", "weight", "unit_offset"]),
+    weighted=st.sampled_from(["none", "weight", "unit_offset", "weight_float32"]),
     scale=st.sampled_from([1e-3, 1.0, 50.0]),
     seed=st.integers(0, 2**16),
 )
 @example(rows=1, dim=1024, dtype=torch.bfloat16, weighted="weight", scale=1.0, seed=0)  # a decode step's row
 def test_rms_norm_kernel_equals_the_module(rows, dim, dtype, weighted, scale, seed):
     gen = torch.Generator().manual_seed(seed)
-    norm = RMSNorm(dim, eps=1e-6, with_scale=weighted != "none", unit_offset=weighted == "unit_offset").to(dtype)
+    norm = RMSNorm(
+        dim,
+        eps=1e-6,
+        with_scale=weighted != "none",
+        unit_offset=weighted == "unit_offset",
+        weight_float32=weighted == "weight_float32",
+    ).to(dtype)
     if norm.weight is not None:
         with torch.no_grad():
             norm.weight.copy_(torch.randn(dim, generator=gen))
     x = (torch.randn(rows, dim, generator=gen) * scale).to(dtype)
     with torch.no_grad():
         expected = norm.pytorch_forward(x)
-        out = torch.ops.ctxlab.rms_norm(x, norm.weight, norm.eps, norm.unit_offset)
+        out = torch.ops.ctxlab.rms_norm(x, norm.weight, norm.eps, norm.unit_offset, norm.weight_float32)
     assert out.dtype == dtype and out.shape == x.shape
     if dtype == torch.float32:  # the sum of squares in another order: the inverse RMS within a few ulps
         torch.testing.assert_close(out, expected, rtol=4e-7, atol=0)
@@ -182,9 +188,9 @@ def test_compiled_modules_keep_the_pytorch_ops():
 def test_kernels_refuse_what_they_cannot_take():
     x = torch.randn(2, 8).bfloat16()
     with pytest.raises(RuntimeError, match="weight must be a contiguous \\[8\\] of x's dtype"):
-        torch.ops.ctxlab.rms_norm(x, torch.ones(8), 1e-6, False)
+        torch.ops.ctxlab.rms_norm(x, torch.ones(8), 1e-6, False, False)
     with pytest.raises(RuntimeError, match="x must be a contiguous float32 or bf16"):
-        torch.ops.ctxlab.rms_norm(x.double(), None, 1e-6, False)
+        torch.ops.ctxlab.rms_norm(x.double(), None, 1e-6, False, False)
     q = torch.randn(1, 2, 3, 64).bfloat16()
     cos = torch.randn(1, 1, 3, 64).bfloat16()
     with pytest.raises(RuntimeError, match="rotary_dim must be even"):

@@ -208,6 +208,8 @@ class ModelConfig:
     is one stream with ordinary additions (used by ``block = "hyper"`` layers).
     ``norm_unit_offset``: every weighted RMSNorm multiplies by ``1 + w`` (in fp32) instead of ``w``
     (Gemma 1-3, HF ``Gemma3RMSNorm``), so stored norm weights are offsets from 1.
+    ``norm_weight_float32``: every weighted RMSNorm multiplies by ``w`` in fp32 and rounds the product once
+    (HF ``Gemma4RMSNorm``), where Llama's rounds the normalised input first.
     """
 
     family: str
@@ -233,6 +235,7 @@ class ModelConfig:
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
     norm_unit_offset: bool = False
+    norm_weight_float32: bool = False
     name: str = ""
 
     def __post_init__(self):

@@ -84,10 +84,10 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        if cfg.norm_unit_offset:  # Gemma 1-3: every weighted norm scales by (1 + w)
+        if cfg.norm_unit_offset or cfg.norm_weight_float32:  # Gemma 1-3: (1 + w); Gemma 4: w, in float32
             for module in self.modules():
                 if isinstance(module, RMSNorm) and module.weight is not None:
-                    module.unit_offset = True
+                    module.unit_offset, module.weight_float32 = cfg.norm_unit_offset, cfg.norm_weight_float32
         self._kv_sources = frozenset(s.kv_source for s in cfg.layers if s.kv_source is not None)
         # Layers from here on only read K/V shared by earlier layers (Gemma 4's last KV-sharing layers):
         # they write nothing other positions read, so ``last_only`` runs them on the last token alone.

@@ -105,6 +105,7 @@ def from_hf(d: dict[str, Any], name: str = "") -> ModelConfig:
         eos_token_id=token_ids(d.get("eos_token_id", text.get("eos_token_id", 1))),
         pad_token_id=text.get("pad_token_id", 0),
         embedding_scale=text["hidden_size"] ** 0.5,
+        norm_weight_float32=True,  # Gemma4RMSNorm: the weight multiplies in float32, one rounding
         per_layer_input_size=ple,
         per_layer_vocab_size=text.get("vocab_size_per_layer_input", 262_144) if ple else None,
         float16_ok=False,
