@@ -120,7 +120,9 @@ def torchrun(out: Path, steps: int, micro: int, strategy: str = "ddp") -> None:
         strategy,
         "0",
     ]
-    subprocess.run(cmd, env=ENV, check=True, timeout=900, capture_output=True)
+    done = subprocess.run(cmd, env=ENV, timeout=900, capture_output=True, text=True)
+    # a failure shows the processes' output (a CI run once failed with only the exit status to go on)
+    assert done.returncode == 0, f"torchrun exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-6000:]}"
 
 
 @pytest.mark.slow
