@@ -193,9 +193,7 @@ HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"
 
 
 def layout_name(cfg, ours: str) -> str:
-    """One of our tensor names as the family's checkpoints name it (DeepSeek V4's ``head.weight``)."""
-    key_map = getattr(FAMILIES.get(cfg.family), "KEY_MAP", None)
-    return key_map.to_checkpoint(ours) if key_map else ours
+    return layout.checkpoint_name(FAMILIES.get(cfg.family), ours)
 
 
 def checkpoint_names(cfg, found: dict[str, tuple]) -> dict[str, str]:

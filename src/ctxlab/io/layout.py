@@ -32,14 +32,19 @@ class Source:
     split: Callable[[torch.Tensor], list[torch.Tensor]] = lambda t: [t]
 
 
+def checkpoint_name(family, name: str) -> str:
+    """One of our tensor names as the family's checkpoints name it (its ``KEY_MAP``; DeepSeek V4's ``head.weight``)."""
+    key_map = getattr(family, "KEY_MAP", None)
+    return key_map.to_checkpoint(name) if key_map else name
+
+
 def sources(ours: dict[str, tuple[int, ...]], family) -> dict[str, Source]:
     """Our tensor name -> its :class:`Source` in the family's checkpoint layout."""
-    key_map = getattr(family, "KEY_MAP", None)
     per_expert = getattr(family, "EXPERTS_PER_TENSOR", False)
     names = getattr(family, "EXPERT_NAMES", ("gate_proj", "up_proj", "down_proj"))
 
     def theirs(name: str) -> str:
-        return key_map.to_checkpoint(name) if key_map else name
+        return checkpoint_name(family, name)
 
     out = {}
     for name, shape in ours.items():
